@@ -111,7 +111,9 @@ impl Bus {
 
 /// A device's lock; a device that panicked while locked still serves later accesses.
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -136,18 +138,30 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10
+            })
         );
         assert!(bus.insert(dev.clone(), 0x110, 1).is_ok());
         assert_eq!(
             bus.insert(dev.clone(), u64::MAX, 2),
-            Err(BusError::InvalidRange { base: u64::MAX, len: 2 })
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
-        assert_eq!(bus.insert(dev.clone(), 5, 0), Err(BusError::InvalidRange { base: 5, len: 0 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 5, 0),
+            Err(BusError::InvalidRange { base: 5, len: 0 })
+        );
 
         let mut buf = [0u8; 2];
         assert!(bus.read(0x103, &mut buf));

@@ -27,7 +27,10 @@ mod tests {
     #[test]
     fn yields_the_written_value() {
         let mut bell = Doorbell;
-        assert_eq!(bell.write(0, &[1, 2, 3, 4]), WriteOutcome::Yield(0x0403_0201));
+        assert_eq!(
+            bell.write(0, &[1, 2, 3, 4]),
+            WriteOutcome::Yield(0x0403_0201)
+        );
         assert_eq!(bell.write(0, &[0xff; 12]), WriteOutcome::Yield(u64::MAX));
         let mut buf = [7u8; 4];
         bell.read(0, &mut buf);

@@ -12,7 +12,8 @@ use std::process::Command;
 mod abi;
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let source = manifest.join("guest/main.rs");
     let script = manifest.join("guest/link.ld");
@@ -24,10 +25,31 @@ fn main() {
     let elf = out.join("probe.elf");
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let status = Command::new(&rustc)
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "probe_guest"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "probe_guest",
+        ])
         .args(["--target", "x86_64-unknown-linux-gnu"])
-        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "relocation-model=static"])
-        .args(["-C", "debuginfo=0", "-C", "strip=symbols", "-C", "codegen-units=1"])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "relocation-model=static",
+        ])
+        .args([
+            "-C",
+            "debuginfo=0",
+            "-C",
+            "strip=symbols",
+            "-C",
+            "codegen-units=1",
+        ])
         .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
         .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
         .args(["-C", "link-arg=-Wl,--build-id=none"])
@@ -74,7 +96,10 @@ fn flatten(elf: &[u8]) -> (Vec<u8>, u64) {
         let offset = u64_at(ph + 8) as usize;
         let paddr = u64_at(ph + 24);
         let filesz = u64_at(ph + 32) as usize;
-        assert!(paddr >= abi::IMAGE_ADDR, "segment below IMAGE_ADDR: {paddr:#x}");
+        assert!(
+            paddr >= abi::IMAGE_ADDR,
+            "segment below IMAGE_ADDR: {paddr:#x}"
+        );
         let at = (paddr - abi::IMAGE_ADDR) as usize;
         if image.len() < at + filesz {
             image.resize(at + filesz, 0);

@@ -1,1 +1,31 @@
-//! x
+//! The KVM layer of capsule: opening the hypervisor, guest memory, VMs, vCPUs, x86_64 CPU setup
+//! and the vCPU exit loop.
+//!
+//! This crate knows nothing about capsules, templates or snapshots on disk: it builds and runs
+//! virtual machines and exposes every piece of their state to whoever drives them.
+//!
+//! - [`hypervisor`]: `/dev/kvm`, and what kind of KVM the host has ([`HostInfo`]).
+//! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes.
+//! - [`vm`]: a VM with its memory slots.
+//! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled) and how
+//!   another thread interrupts it ([`vcpu::Kicker`]).
+//! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers.
+#![deny(missing_docs)]
+
+pub mod arch;
+mod error;
+pub mod hypervisor;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::{Error, KvmUnavailable, Result};
+pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
+pub use memory::GuestMemory;
+pub use vcpu::{Kicker, Vcpu, VcpuEvent};
+pub use vm::Vm;
+
+/// Re-exported so users of this crate name the same types.
+pub use kvm_bindings;
+/// Re-exported so users of this crate name the same types.
+pub use vm_memory;

@@ -173,7 +173,9 @@ pub enum DecodeError {
 impl core::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            DecodeError::Short => write!(f, "reply header is shorter than {REPLY_HEADER_SIZE} bytes"),
+            DecodeError::Short => {
+                write!(f, "reply header is shorter than {REPLY_HEADER_SIZE} bytes")
+            }
             DecodeError::StdoutTooLong(n) => write!(f, "stdout length {n} exceeds {STDOUT_MAX}"),
             DecodeError::StderrTooLong(n) => write!(f, "stderr length {n} exceeds {STDERR_MAX}"),
             DecodeError::UnknownFlags(b) => write!(f, "unknown reply flags {b:#x}"),

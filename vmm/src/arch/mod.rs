@@ -1,0 +1,3 @@
+//! Architecture-specific CPU and memory setup.
+
+pub mod x86_64;

@@ -1,0 +1,79 @@
+//! The VMM layer's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Why `/dev/kvm` could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmUnavailable {
+    /// The device node does not exist (no KVM module loaded, or not a Linux host).
+    Missing,
+    /// The device exists but this process may not open it (add the user to the `kvm` group).
+    PermissionDenied,
+    /// Opening it failed for another reason.
+    Other,
+}
+
+impl std::fmt::Display for KvmUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvmUnavailable::Missing => "the device does not exist",
+            KvmUnavailable::PermissionDenied => "permission denied",
+            KvmUnavailable::Other => "it could not be opened",
+        })
+    }
+}
+
+/// Errors of the VMM layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `/dev/kvm` (or the configured path) cannot be used.
+    #[error("KVM is unavailable at {}: {kind} ({source})", path.display())]
+    KvmUnavailable {
+        /// The path that was opened.
+        path: PathBuf,
+        /// What went wrong, in categories a caller can act on.
+        kind: KvmUnavailable,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The operation, e.g. `KVM_CREATE_VM`.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Guest memory could not be created or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// A request the VMM cannot satisfy (too many vCPUs, too much memory...).
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+    /// Another OS call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The VMM layer's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps a failed KVM ioctl.
+    pub(crate) fn kvm(op: &'static str, e: kvm_ioctls::Error) -> Self {
+        Error::Kvm {
+            op,
+            source: io::Error::from_raw_os_error(e.errno()),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Opening `/dev/kvm` and telling what kind of KVM the host has.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvm_ioctls::Kvm;
+
+use crate::error::{Error, KvmUnavailable, Result};
+
+/// The default KVM device node.
+pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
+
+/// How the host's KVM runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Virtualization {
+    /// Intel VT-x: hardware virtualization, any guest boots.
+    HardwareVmx,
+    /// AMD-V (SVM): hardware virtualization, any guest boots.
+    HardwareSvm,
+    /// PVM (pagetable-based virtual machine): a software KVM for hosts without nested
+    /// virtualization. Guest user mode runs natively, guest kernel mode is emulated and very slow,
+    /// so a stock Linux kernel cannot boot in useful time; the probe guest runs at full speed.
+    Pvm,
+    /// KVM works but its kind could not be determined.
+    Unknown,
+}
+
+/// What the host's KVM is and can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostInfo {
+    /// How guests are run.
+    pub virtualization: Virtualization,
+    /// `KVM_GET_API_VERSION`.
+    pub api_version: i32,
+    /// The most vCPUs KVM allows in one VM.
+    pub max_vcpus: usize,
+}
+
+impl HostInfo {
+    /// Whether a stock Linux kernel can boot on this host in useful time (hardware
+    /// virtualization). Templates that boot Linux refuse to start when this is false.
+    pub fn can_boot_linux(&self) -> bool {
+        matches!(
+            self.virtualization,
+            Virtualization::HardwareVmx | Virtualization::HardwareSvm
+        )
+    }
+}
+
+impl std::fmt::Display for Virtualization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Virtualization::HardwareVmx => "hardware virtualization (Intel VT-x)",
+            Virtualization::HardwareSvm => "hardware virtualization (AMD-V)",
+            Virtualization::Pvm => "PVM (software KVM: guest kernel mode is emulated)",
+            Virtualization::Unknown => "unknown KVM implementation",
+        })
+    }
+}
+
+/// An open KVM device, shared by every VM an engine creates.
+#[derive(Debug, Clone)]
+pub struct Hypervisor {
+    kvm: Arc<Kvm>,
+    info: HostInfo,
+}
+
+impl Hypervisor {
+    /// Opens [`DEFAULT_KVM_PATH`].
+    pub fn open() -> Result<Self> {
+        Self::open_path(Path::new(DEFAULT_KVM_PATH))
+    }
+
+    /// Opens the KVM device at `path`.
+    pub fn open_path(path: &Path) -> Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            Error::InvalidConfig(format!("KVM path {} contains a NUL byte", path.display()))
+        })?;
+        let kvm = Kvm::new_with_path(c_path.as_c_str()).map_err(|e| {
+            let source = std::io::Error::from_raw_os_error(e.errno());
+            let kind = match e.errno() {
+                libc::ENOENT | libc::ENODEV | libc::ENXIO => KvmUnavailable::Missing,
+                libc::EACCES | libc::EPERM => KvmUnavailable::PermissionDenied,
+                _ => KvmUnavailable::Other,
+            };
+            Error::KvmUnavailable {
+                path: PathBuf::from(path),
+                kind,
+                source,
+            }
+        })?;
+        let info = HostInfo {
+            virtualization: detect_virtualization(),
+            api_version: kvm.get_api_version(),
+            max_vcpus: kvm.get_max_vcpus(),
+        };
+        tracing::debug!(?info, path = %path.display(), "opened KVM");
+        Ok(Hypervisor {
+            kvm: Arc::new(kvm),
+            info,
+        })
+    }
+
+    /// What this host's KVM is.
+    pub fn info(&self) -> &HostInfo {
+        &self.info
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
+
+/// PVM provides /dev/kvm through the `kvm_pvm` module; otherwise the CPU flags tell VMX from SVM.
+fn detect_virtualization() -> Virtualization {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Virtualization::Pvm;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    classify_cpu_flags(&cpuinfo)
+}
+
+fn classify_cpu_flags(cpuinfo: &str) -> Virtualization {
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default();
+    let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+    if has("vmx") {
+        Virtualization::HardwareVmx
+    } else if has("svm") {
+        Virtualization::HardwareSvm
+    } else {
+        Virtualization::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_flags_are_classified() {
+        assert_eq!(
+            classify_cpu_flags("processor: 0\nflags\t: fpu vme vmx sse\n"),
+            Virtualization::HardwareVmx
+        );
+        assert_eq!(
+            classify_cpu_flags("flags\t: fpu svm sse\n"),
+            Virtualization::HardwareSvm
+        );
+        assert_eq!(
+            classify_cpu_flags("flags\t: fpu svmx\n"),
+            Virtualization::Unknown
+        );
+        assert_eq!(classify_cpu_flags(""), Virtualization::Unknown);
+    }
+
+    #[test]
+    fn a_missing_device_is_a_typed_error() {
+        let err = Hypervisor::open_path(Path::new("/nonexistent/kvm")).unwrap_err();
+        match err {
+            Error::KvmUnavailable { kind, .. } => assert_eq!(kind, KvmUnavailable::Missing),
+            other => panic!("unexpected error {other}"),
+        }
+    }
+}

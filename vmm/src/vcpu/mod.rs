@@ -1,0 +1,144 @@
+//! A vCPU and its run loop: this is where VM exits are handled.
+//!
+//! [`Vcpu::run`] enters the guest and handles exits until one needs its owner: port I/O and
+//! MMIO go to the [`Bus`]es (a device may ask to [`WriteOutcome::Yield`]); a triple fault, a
+//! `hlt`, or an error KVM reports end the run with a [`VcpuEvent`]. Another thread can make a
+//! running vCPU return promptly with its [`Kicker`].
+
+mod kick;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+pub use kick::{install_kick_handler, Kicker, KICK_SIGNAL_OFFSET};
+
+use crate::error::{Error, Result};
+use capsule_devices::{Bus, WriteOutcome};
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// A device asked the owner to act (a doorbell rang) with this value.
+    Yield(u64),
+    /// Another thread kicked the vCPU ([`Kicker::kick`]); the guest can be re-entered.
+    Kicked,
+    /// The guest shut down: a triple fault, or a reset/power-off request.
+    Shutdown,
+    /// The guest executed `hlt` with nothing to wake it.
+    Halted,
+    /// KVM could not continue the guest (internal error, failed entry, unexpected exit).
+    Failed(String),
+}
+
+/// One virtual CPU. Owned and run by one thread at a time.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+    kicker: Kicker,
+}
+
+impl Vcpu {
+    pub(crate) fn new(fd: VcpuFd, index: u32) -> Self {
+        Vcpu {
+            fd,
+            index,
+            kicker: Kicker::new(),
+        }
+    }
+
+    /// The vCPU's index in its VM.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// A handle other threads use to interrupt [`Vcpu::run`]. Valid once the running thread
+    /// has called `run` at least once (it records which thread to signal).
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
+    }
+
+    /// General-purpose registers.
+    pub fn regs(&self) -> Result<kvm_regs> {
+        self.fd
+            .get_regs()
+            .map_err(|e| Error::kvm("KVM_GET_REGS", e))
+    }
+
+    /// Sets the general-purpose registers.
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|e| Error::kvm("KVM_SET_REGS", e))
+    }
+
+    /// Segment, control and descriptor-table registers.
+    pub fn sregs(&self) -> Result<kvm_sregs> {
+        self.fd
+            .get_sregs()
+            .map_err(|e| Error::kvm("KVM_GET_SREGS", e))
+    }
+
+    /// Sets the segment, control and descriptor-table registers.
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(|e| Error::kvm("KVM_SET_SREGS", e))
+    }
+
+    /// The KVM vCPU handle, for state this crate does not wrap yet.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Runs the guest until an exit needs the owner. Port I/O goes to `pio`, MMIO to `mmio`;
+    /// accesses no device claims read as all-ones and writes are dropped, as on real hardware.
+    pub fn run(&mut self, pio: &Bus, mmio: &Bus) -> Result<VcpuEvent> {
+        let _armed = self.kicker.arm(self.fd.get_kvm_run());
+        loop {
+            if self.kicker.take() {
+                return Ok(VcpuEvent::Kicked);
+            }
+            match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) => match pio.write(u64::from(port), data) {
+                        Some(WriteOutcome::Yield(value)) => return Ok(VcpuEvent::Yield(value)),
+                        Some(WriteOutcome::Handled) => {}
+                        None => tracing::trace!(port, "write to unclaimed port"),
+                    },
+                    VcpuExit::IoIn(port, data) => {
+                        if !pio.read(u64::from(port), data) {
+                            data.fill(0xff);
+                        }
+                    }
+                    VcpuExit::MmioWrite(addr, data) => match mmio.write(addr, data) {
+                        Some(WriteOutcome::Yield(value)) => return Ok(VcpuEvent::Yield(value)),
+                        Some(WriteOutcome::Handled) => {}
+                        None => tracing::trace!(addr, "write to unclaimed MMIO"),
+                    },
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !mmio.read(addr, data) {
+                            data.fill(0xff);
+                        }
+                    }
+                    VcpuExit::Shutdown => return Ok(VcpuEvent::Shutdown),
+                    VcpuExit::Hlt => return Ok(VcpuEvent::Halted),
+                    VcpuExit::InternalError => {
+                        return Ok(VcpuEvent::Failed("KVM internal error".into()))
+                    }
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        return Ok(VcpuEvent::Failed(format!(
+                            "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                        )))
+                    }
+                    VcpuExit::Intr => {}
+                    other => return Ok(VcpuEvent::Failed(format!("unexpected VM exit {other:?}"))),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.kicker.disarm_immediate_exit(self.fd.get_kvm_run());
+                }
+                Err(e) => return Err(Error::kvm("KVM_RUN", e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! A KVM virtual machine and its guest memory slots.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::error::{Error, Result};
+use crate::hypervisor::Hypervisor;
+use crate::memory::GuestMemory;
+use crate::vcpu::Vcpu;
+
+/// Where KVM may put the three pages Intel VMX needs for real-mode emulation (TSS), just below
+/// the 4 GiB boundary where no guest RAM or MMIO of ours lives.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Options for [`Vm::new`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmOptions {
+    /// Ask KVM to log pages the guest writes (needed for incremental snapshots).
+    pub dirty_log: bool,
+}
+
+/// A VM: the KVM VM file descriptor plus the guest memory registered with it.
+///
+/// Dropping it closes the VM; the memory is unmapped once no other clone of it is alive.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemory,
+    options: VmOptions,
+}
+
+impl Vm {
+    /// Creates a VM and registers every region of `memory` as a memory slot (slot i = region i).
+    pub fn new(hypervisor: &Hypervisor, memory: GuestMemory, options: VmOptions) -> Result<Self> {
+        let fd = hypervisor
+            .kvm()
+            .create_vm()
+            .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+        let flags = if options.dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which this Vm keeps alive
+            // for as long as the VM fd exists (fields drop in declaration order: fd first).
+            unsafe { fd.set_user_memory_region(slot_region) }
+                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        Ok(Vm {
+            fd,
+            memory,
+            options,
+        })
+    }
+
+    /// Creates vCPU number `index`.
+    pub fn create_vcpu(&self, index: u32) -> Result<Vcpu> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
+        Ok(Vcpu::new(fd, index))
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM VM handle, for state this crate does not wrap yet.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The options the VM was created with.
+    pub fn options(&self) -> VmOptions {
+        self.options
+    }
+
+    /// KVM's dirty log for memory slot `slot` (one bit per page; reading it clears it).
+    /// Requires [`VmOptions::dirty_log`].
+    pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        let region = self
+            .memory
+            .iter()
+            .nth(slot as usize)
+            .ok_or_else(|| Error::InvalidConfig(format!("no memory slot {slot}")))?;
+        self.fd
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|e| Error::kvm("KVM_GET_DIRTY_LOG", e))
+    }
+}
