@@ -15,7 +15,7 @@
 mod abi;
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 global_asm!(
     ".section .text.entry, \"ax\"",
@@ -28,8 +28,10 @@ global_asm!(
 
 /// Calls since start: the `count` command.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
-/// Serialises `touch` and `sum`, which share the cursor and the touched pages.
-static TOUCH_LOCK: AtomicBool = AtomicBool::new(false);
+/// Serialises `touch` and `sum`, which share the cursor and the touched pages. Holds the
+/// owning vCPU's index + 1, or 0 when free, so a vCPU the host restarted (after killing a
+/// timed-out command) can release a lock it died holding.
+static TOUCH_LOCK: AtomicU64 = AtomicU64::new(0);
 /// Touch state, only accessed under `TOUCH_LOCK`.
 static mut TOUCH: TouchState = TouchState {
     cursor: 0,
@@ -110,6 +112,8 @@ fn append(mailbox: *mut u8, area: usize, max: usize, used: usize, bytes: &[u8]) 
 
 #[no_mangle]
 extern "C" fn probe_main(cpu: u64, mem_size: u64) -> ! {
+    // The host restarts a vCPU here after killing its command; drop what it held.
+    let _ = TOUCH_LOCK.compare_exchange(cpu + 1, 0, Ordering::AcqRel, Ordering::Relaxed);
     let mailbox = abi::mailbox_addr(cpu) as *mut u8;
     write_reply(
         mailbox,
@@ -137,13 +141,13 @@ extern "C" fn probe_main(cpu: u64, mem_size: u64) -> ! {
             flags: 0,
             exit_code: 0,
         };
-        handle(request, mem_size, &mut out);
+        handle(request, cpu, mem_size, &mut out);
         write_reply(mailbox, &out, seq);
         doorbell(abi::DOORBELL_REPLY);
     }
 }
 
-fn handle(request: &[u8], mem_size: u64, out: &mut Out) {
+fn handle(request: &[u8], cpu: u64, mem_size: u64, out: &mut Out) {
     let line = trim(request);
     let (verb, rest) = match line.iter().position(|&b| b == b' ') {
         Some(i) => (&line[..i], trim(&line[i + 1..])),
@@ -165,11 +169,11 @@ fn handle(request: &[u8], mem_size: u64, out: &mut Out) {
             out.stdout_u64(value);
         }
         b"touch" => match parse_i64(rest) {
-            Some(n) if n >= 0 => touch(n as u64, mem_size, out),
+            Some(n) if n >= 0 => touch(n as u64, cpu, mem_size, out),
             _ => out.fail(2, &[b"touch: not a page count: ", rest]),
         },
         b"sum" => {
-            lock();
+            lock(cpu);
             // SAFETY: TOUCH is only accessed under TOUCH_LOCK.
             let touched = unsafe { (*core::ptr::addr_of!(TOUCH)).touched };
             let sum = checksum_pages(0, touched);
@@ -191,7 +195,7 @@ fn handle(request: &[u8], mem_size: u64, out: &mut Out) {
     }
 }
 
-fn touch(n: u64, mem_size: u64, out: &mut Out) {
+fn touch(n: u64, cpu: u64, mem_size: u64, out: &mut Out) {
     let capacity = abi::touch_capacity(mem_size);
     if n > capacity {
         let mut a = [0u8; 21];
@@ -207,7 +211,7 @@ fn touch(n: u64, mem_size: u64, out: &mut Out) {
         );
         return;
     }
-    lock();
+    lock(cpu);
     // SAFETY: TOUCH is only accessed under TOUCH_LOCK.
     let state = unsafe { &mut *core::ptr::addr_of_mut!(TOUCH) };
     state.generation += 1;
@@ -258,9 +262,9 @@ fn mix(acc: u64, value: u64) -> u64 {
     (acc ^ value).wrapping_mul(0x100_0000_01b3).rotate_left(17)
 }
 
-fn lock() {
+fn lock(cpu: u64) {
     while TOUCH_LOCK
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .compare_exchange_weak(0, cpu + 1, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
         core::hint::spin_loop();
@@ -268,7 +272,7 @@ fn lock() {
 }
 
 fn unlock() {
-    TOUCH_LOCK.store(false, Ordering::Release);
+    TOUCH_LOCK.store(0, Ordering::Release);
 }
 
 /// Faults on purpose. Without an IDT the fault cannot be delivered, so the vCPU shuts down

@@ -1,0 +1,353 @@
+//! A capsule: its shared state, the handle users hold, and running commands in it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::{CapsuleConfig, RunOptions};
+use crate::engine::EngineInner;
+use crate::error::{Error, Result};
+use crate::guest::{GuestEvents, Job, JobControl, Runtime};
+use crate::id::CapsuleId;
+use crate::status::{CapsuleInfo, Status};
+
+/// What a finished command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CommandOutput {
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// Exit code; 127 for an unknown command.
+    pub exit_code: i32,
+    /// Wall-clock time from sending the command to receiving its result.
+    pub duration: Duration,
+    /// Whether stdout was cut at the guest's output limit.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at the guest's output limit.
+    pub stderr_truncated: bool,
+}
+
+impl CommandOutput {
+    /// Whether the command exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+}
+
+/// State shared by every handle to one capsule and by its guest.
+pub(crate) struct CapsuleShared {
+    pub(crate) id: CapsuleId,
+    pub(crate) config: CapsuleConfig,
+    created_at: SystemTime,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    status: Status,
+    error: Option<String>,
+    last_activity: SystemTime,
+    runtime: Option<Arc<dyn Runtime>>,
+}
+
+impl CapsuleShared {
+    pub(crate) fn new(id: CapsuleId, config: CapsuleConfig) -> Arc<Self> {
+        let now = SystemTime::now();
+        Arc::new(CapsuleShared {
+            id,
+            config,
+            created_at: now,
+            state: Mutex::new(State {
+                status: Status::Pending,
+                error: None,
+                last_activity: now,
+                runtime: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        self.state().status
+    }
+
+    pub(crate) fn info(&self) -> CapsuleInfo {
+        let state = self.state();
+        CapsuleInfo {
+            id: self.id.clone(),
+            status: state.status,
+            template: self.config.template.clone(),
+            vcpus: self.config.vcpus,
+            memory_mb: self.config.memory_mb,
+            timeout: self.config.timeout,
+            created_at: self.created_at,
+            last_activity: state.last_activity,
+            error: state.error.clone(),
+        }
+    }
+
+    /// Moves Pending → Starting; false if the capsule was destroyed meanwhile.
+    pub(crate) fn mark_starting(&self) -> bool {
+        let mut state = self.state();
+        if state.status != Status::Pending {
+            return false;
+        }
+        state.status = Status::Starting;
+        self.changed.notify_all();
+        true
+    }
+
+    /// Installs the booted guest and moves Starting → Running. If the capsule was destroyed
+    /// while booting, the guest is shut down instead.
+    pub(crate) fn mark_running(&self, runtime: Arc<dyn Runtime>) {
+        let mut state = self.state();
+        if state.status != Status::Starting {
+            drop(state);
+            runtime.shutdown();
+            return;
+        }
+        state.status = Status::Running;
+        state.runtime = Some(runtime);
+        self.changed.notify_all();
+    }
+
+    /// Moves to Error with `reason`. The guest (if any) is released on another thread, since
+    /// this may be called from one of its own vCPU threads.
+    pub(crate) fn fail(&self, reason: String) {
+        let runtime = {
+            let mut state = self.state();
+            if state.status.is_terminal() {
+                return;
+            }
+            state.status = Status::Error;
+            state.error = Some(reason);
+            self.changed.notify_all();
+            state.runtime.take()
+        };
+        if let Some(runtime) = runtime {
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-teardown", self.id))
+                .spawn({
+                    let runtime = runtime.clone();
+                    move || runtime.shutdown()
+                });
+            if spawned.is_err() {
+                // Cannot tear down now; the VM is released when its last reference drops.
+                tracing::error!(capsule = %self.id, "could not spawn a teardown thread");
+            }
+        }
+    }
+
+    /// Moves to Stopped and releases the guest, waiting for its threads. Irreversible.
+    pub(crate) fn stop(&self) {
+        let runtime = {
+            let mut state = self.state();
+            if state.status != Status::Error {
+                state.status = Status::Stopped;
+            }
+            self.changed.notify_all();
+            state.runtime.take()
+        };
+        if let Some(runtime) = runtime {
+            runtime.shutdown();
+        }
+    }
+
+    fn touch(&self) {
+        self.state().last_activity = SystemTime::now();
+    }
+
+    /// The running guest, or the error that explains why there is none.
+    fn runtime(&self, operation: &'static str) -> Result<Arc<dyn Runtime>> {
+        let state = self.state();
+        match (&state.runtime, state.status) {
+            (Some(runtime), Status::Running) => Ok(runtime.clone()),
+            (_, status) => Err(self.state_error(status, state.error.clone(), operation)),
+        }
+    }
+
+    fn state_error(&self, status: Status, error: Option<String>, operation: &'static str) -> Error {
+        match (status, error) {
+            (Status::Error, Some(reason)) => Error::GuestCrashed {
+                id: self.id.clone(),
+                reason,
+            },
+            (status, _) => Error::InvalidState {
+                id: self.id.clone(),
+                status,
+                operation,
+            },
+        }
+    }
+
+    pub(crate) fn wait_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        loop {
+            match state.status {
+                Status::Running => return Ok(()),
+                Status::Pending | Status::Starting => {}
+                status => {
+                    return Err(Error::InvalidState {
+                        id: self.id.clone(),
+                        status,
+                        operation: "wait until ready",
+                    })
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    operation: "wait until ready",
+                    after: timeout,
+                });
+            }
+            let wait = (deadline - now).min(interval.max(Duration::from_millis(1)));
+            state = self
+                .changed
+                .wait_timeout(state, wait)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    fn run(&self, command: &str, options: &RunOptions) -> Result<CommandOutput> {
+        let bytes = command.as_bytes();
+        let runtime = self.runtime("run a command")?;
+        if bytes.len() > runtime.max_command_len() {
+            return Err(Error::InvalidArgument(format!(
+                "the command is {} bytes; this guest accepts at most {}",
+                bytes.len(),
+                runtime.max_command_len()
+            )));
+        }
+        self.touch();
+        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+        let control = Arc::new(JobControl::default());
+        let job = Job {
+            command: bytes.to_vec(),
+            reply: reply_tx,
+            control: control.clone(),
+        };
+        if runtime.submit(job).is_err() {
+            let state = self.state();
+            return Err(self.state_error(state.status, state.error.clone(), "run a command"));
+        }
+        drop(runtime);
+        let result = match options.timeout {
+            Some(limit) => reply_rx.recv_timeout(limit).map_err(|e| e.is_timeout()),
+            None => reply_rx.recv().map_err(|_| false),
+        };
+        self.touch();
+        match result {
+            Ok(output) => output,
+            Err(true) => {
+                control.cancel();
+                Err(Error::Timeout {
+                    operation: "command",
+                    after: options.timeout.unwrap_or_default(),
+                })
+            }
+            Err(false) => {
+                // The guest stopped before answering.
+                let state = self.state();
+                Err(self.state_error(state.status, state.error.clone(), "run a command"))
+            }
+        }
+    }
+}
+
+impl GuestEvents for CapsuleShared {
+    fn crashed(&self, reason: String) {
+        self.fail(reason);
+    }
+}
+
+/// A handle to a capsule. Cheap to clone; every clone refers to the same capsule, and all are
+/// `Send + Sync`. Dropping handles does not destroy the capsule: call [`Capsule::destroy`].
+#[derive(Clone)]
+pub struct Capsule {
+    pub(crate) shared: Arc<CapsuleShared>,
+    pub(crate) engine: Arc<EngineInner>,
+}
+
+impl std::fmt::Debug for Capsule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capsule")
+            .field("id", &self.shared.id)
+            .field("status", &self.shared.status())
+            .finish()
+    }
+}
+
+impl Capsule {
+    /// The capsule's id.
+    pub fn id(&self) -> &CapsuleId {
+        &self.shared.id
+    }
+
+    /// Blocks until the capsule is running. Wakes as soon as the status changes and
+    /// re-checks at least every `interval`.
+    ///
+    /// Errors: [`Error::Timeout`] if it is not running within `timeout`;
+    /// [`Error::InvalidState`] at once if it is (or becomes) error, stopped or paused.
+    pub fn wait_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
+        self.shared.wait_ready(timeout, interval)
+    }
+
+    /// Whether the capsule is running now.
+    pub fn is_running(&self) -> bool {
+        self.shared.status() == Status::Running
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// Everything known about the capsule now.
+    pub fn info(&self) -> CapsuleInfo {
+        self.shared.info()
+    }
+
+    /// Runs commands in the capsule.
+    pub fn commands(&self) -> Commands<'_> {
+        Commands { capsule: self }
+    }
+
+    /// Stops the capsule and releases everything it holds. Irreversible: afterwards the id is
+    /// unknown to the engine and this handle reports [`Status::Stopped`].
+    pub fn destroy(&self) -> Result<()> {
+        self.engine.remove(&self.shared.id);
+        self.shared.stop();
+        Ok(())
+    }
+}
+
+/// Runs commands in one capsule; see [`Capsule::commands`].
+#[derive(Debug, Clone, Copy)]
+pub struct Commands<'a> {
+    capsule: &'a Capsule,
+}
+
+impl Commands<'_> {
+    /// Runs `command` with the default [`RunOptions`] (30 s timeout).
+    ///
+    /// For the probe template the commands are `echo TEXT`, `exit N`, `count`, `touch N`,
+    /// `sum`, `spin N` and `crash`; see the crate docs.
+    pub fn run(&self, command: &str) -> Result<CommandOutput> {
+        self.run_with(command, RunOptions::default())
+    }
+
+    /// Runs `command` with `options`. A command that outlives its timeout is killed and
+    /// [`Error::Timeout`] returned; the capsule stays usable. If the guest crashes meanwhile
+    /// the result is [`Error::GuestCrashed`].
+    pub fn run_with(&self, command: &str, options: RunOptions) -> Result<CommandOutput> {
+        self.capsule.shared.run(command, &options)
+    }
+}

@@ -1,0 +1,97 @@
+//! The one error type users of the engine see.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::id::CapsuleId;
+use crate::status::Status;
+
+pub use capsule_vmm::KvmUnavailable;
+
+/// Everything that can go wrong, as one typed enum. Causes are kept as `source`s.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// KVM cannot be used on this host: no `/dev/kvm`, no permission, or another open failure.
+    #[error("KVM is unavailable at {}: {kind}", path.display())]
+    KvmUnavailable {
+        /// The device path that was tried.
+        path: PathBuf,
+        /// Missing, permission denied, or other.
+        kind: KvmUnavailable,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// No capsule has this id (never existed, or destroyed).
+    #[error("capsule {0} not found")]
+    NotFound(CapsuleId),
+    /// The text is not a capsule id (`cl-` followed by lowercase letters and digits).
+    #[error("{0:?} is not a capsule id")]
+    InvalidId(String),
+    /// A configuration value is out of range or unknown (0 vCPUs, too little memory, unknown
+    /// template...).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An argument to an operation is unusable (for example a command longer than the
+    /// guest accepts).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The capsule is not in a state that allows the operation.
+    #[error("capsule {id} is {status}: cannot {operation}")]
+    InvalidState {
+        /// The capsule.
+        id: CapsuleId,
+        /// Its status when the operation was attempted.
+        status: Status,
+        /// What was attempted.
+        operation: &'static str,
+    },
+    /// An operation did not finish in time.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        operation: &'static str,
+        /// The limit that was exceeded.
+        after: Duration,
+    },
+    /// The guest crashed (triple fault, KVM internal error, unexpected exit...). The capsule
+    /// is now in [`Status::Error`] with the same reason.
+    #[error("capsule {id} crashed: {reason}")]
+    GuestCrashed {
+        /// The capsule.
+        id: CapsuleId,
+        /// What happened.
+        reason: String,
+    },
+    /// A file-system operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The hypervisor layer failed (a KVM ioctl, guest memory...).
+    #[error("hypervisor: {0}")]
+    Hypervisor(#[source] capsule_vmm::Error),
+}
+
+/// The engine's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<capsule_vmm::Error> for Error {
+    fn from(e: capsule_vmm::Error) -> Self {
+        match e {
+            capsule_vmm::Error::KvmUnavailable { path, kind, source } => {
+                Error::KvmUnavailable { path, kind, source }
+            }
+            capsule_vmm::Error::InvalidConfig(why) => Error::InvalidConfig(why),
+            other => Error::Hypervisor(other),
+        }
+    }
+}

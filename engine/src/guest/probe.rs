@@ -1,0 +1,385 @@
+//! The built-in probe guest: building its VM and serving commands on its vCPUs.
+//!
+//! Every vCPU gets a thread. All threads take jobs from one queue, so a capsule with N vCPUs
+//! runs up to N commands at once. For each job the thread writes the request into its vCPU's
+//! mailbox and enters the guest; the guest's doorbell exit means the reply is ready. An idle
+//! thread blocks on the queue and its vCPU is not running, so idle capsules use no CPU.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use capsule_devices::{Bus, Doorbell};
+use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
+use capsule_vmm::kvm_bindings::kvm_regs;
+use capsule_vmm::vm::VmOptions;
+use capsule_vmm::vm_memory::{Bytes, GuestAddress};
+use capsule_vmm::{memory, Kicker, Vcpu, VcpuEvent, Vm};
+
+use super::{BootContext, GuestEvents, Job, Runtime};
+use crate::capsule::CommandOutput;
+use crate::config::CapsuleConfig;
+use crate::error::{Error, Result};
+use crate::id::CapsuleId;
+
+/// The template name of the probe.
+pub(crate) const TEMPLATE: &str = "probe";
+
+/// Stack for each vCPU thread: the run loop is shallow and only touched pages count.
+const VCPU_THREAD_STACK: usize = 256 * 1024;
+
+const LAYOUT: UserModeLayout = UserModeLayout {
+    gdt: probe_abi::GDT_ADDR,
+    tss: probe_abi::TSS_ADDR,
+    pml4: probe_abi::PML4_ADDR,
+    pdpt: probe_abi::PDPT_ADDR,
+    pd: probe_abi::PD_ADDR,
+    max_pd_pages: probe_abi::MAX_PD_PAGES,
+};
+
+/// Rejects vCPU counts and memory sizes the probe cannot run with.
+pub(crate) fn validate(config: &CapsuleConfig, host_max_vcpus: usize) -> Result<()> {
+    let max_vcpus = (probe_abi::MAX_VCPUS as usize).min(host_max_vcpus.max(1));
+    if config.vcpus == 0 || config.vcpus as usize > max_vcpus {
+        return Err(Error::InvalidConfig(format!(
+            "the probe runs with 1 to {max_vcpus} vCPUs, not {}",
+            config.vcpus
+        )));
+    }
+    let max_mb = probe_abi::MAX_PD_PAGES * 1024;
+    if config.memory_mb < probe_abi::MIN_MEMORY_MIB || config.memory_mb > max_mb {
+        return Err(Error::InvalidConfig(format!(
+            "the probe needs {} to {max_mb} MiB of memory, not {}",
+            probe_abi::MIN_MEMORY_MIB,
+            config.memory_mb
+        )));
+    }
+    Ok(())
+}
+
+/// A running probe VM.
+pub(crate) struct ProbeRuntime {
+    jobs: Sender<Job>,
+    stop: Mutex<Option<Sender<()>>>,
+    stopping: Arc<AtomicBool>,
+    workers: Mutex<Vec<(Kicker, JoinHandle<()>)>>,
+}
+
+impl ProbeRuntime {
+    /// Builds the VM, starts one thread per vCPU and waits until every vCPU is ready.
+    pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
+        let mem_size = ctx.config.memory_mb << 20;
+        let memory = memory::create_anonymous(mem_size as usize)?;
+        user_mode::write_tables(&memory, &LAYOUT, mem_size)?;
+        memory
+            .write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
+            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
+        let vm = Arc::new(Vm::new(&ctx.hypervisor, memory, VmOptions::default())?);
+        let mut pio = Bus::new();
+        pio.insert(
+            Arc::new(Mutex::new(Doorbell)),
+            u64::from(probe_abi::DOORBELL_PORT),
+            4,
+        )
+        .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))?;
+
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        let runtime = Arc::new(ProbeRuntime {
+            jobs: jobs_tx,
+            stop: Mutex::new(Some(stop_tx)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            workers: Mutex::new(Vec::new()),
+        });
+        for index in 0..ctx.config.vcpus {
+            let vcpu = vm.create_vcpu(index)?;
+            let entry = user_mode::regs(
+                probe_guest::ENTRY,
+                probe_abi::stack_top(u64::from(index)),
+                [u64::from(index), mem_size],
+            );
+            vcpu.set_sregs(&user_mode::sregs(vcpu.sregs()?, &LAYOUT))?;
+            vcpu.set_regs(&entry)?;
+            let kicker = vcpu.kicker();
+            let worker = VcpuWorker {
+                id: ctx.id.clone(),
+                vcpu,
+                entry,
+                vm: vm.clone(),
+                pio: pio.clone(),
+                mmio: Bus::new(),
+                jobs: jobs_rx.clone(),
+                stop: stop_rx.clone(),
+                stopping: runtime.stopping.clone(),
+                events: ctx.events.clone(),
+                seq: 0,
+            };
+            let ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-vcpu{index}", ctx.id))
+                .stack_size(VCPU_THREAD_STACK)
+                .spawn(move || worker.serve(ready));
+            match spawned {
+                Ok(handle) => lock(&runtime.workers).push((kicker, handle)),
+                Err(e) => {
+                    runtime.shutdown();
+                    return Err(Error::Hypervisor(capsule_vmm::Error::Os {
+                        op: "spawning a vCPU thread",
+                        source: e,
+                    }));
+                }
+            }
+        }
+        drop(ready_tx);
+
+        let deadline = Instant::now() + ctx.boot_timeout;
+        for _ in 0..ctx.config.vcpus {
+            let outcome = ready_rx
+                .recv_deadline(deadline)
+                .map_err(|_| Error::Timeout {
+                    operation: "boot",
+                    after: ctx.boot_timeout,
+                })
+                .and_then(|report| {
+                    report.map_err(|reason| Error::GuestCrashed {
+                        id: ctx.id.clone(),
+                        reason,
+                    })
+                });
+            if let Err(e) = outcome {
+                runtime.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(runtime)
+    }
+}
+
+impl Runtime for ProbeRuntime {
+    fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(job);
+        }
+        self.jobs.send(job).map_err(|e| e.into_inner())
+    }
+
+    fn max_command_len(&self) -> usize {
+        probe_abi::REQUEST_MAX
+    }
+
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        lock(&self.stop).take();
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for (kicker, _) in &workers {
+            kicker.kick();
+        }
+        for (_, handle) in workers {
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ProbeRuntime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How one command ended, from the vCPU's side.
+enum Outcome {
+    Replied(CommandOutput),
+    Cancelled,
+    Stopped,
+    Crashed(String),
+}
+
+/// Everything one vCPU thread owns.
+struct VcpuWorker {
+    id: CapsuleId,
+    vcpu: Vcpu,
+    /// Registers at `_start`, to restart the vCPU after its command is killed.
+    entry: kvm_regs,
+    vm: Arc<Vm>,
+    pio: Bus,
+    mmio: Bus,
+    jobs: Receiver<Job>,
+    stop: Receiver<()>,
+    stopping: Arc<AtomicBool>,
+    events: Arc<dyn GuestEvents>,
+    seq: u32,
+}
+
+impl VcpuWorker {
+    fn serve(mut self, ready: Sender<std::result::Result<u32, String>>) {
+        let booted = self.run_until_ready();
+        let failed = booted.is_err();
+        let _ = ready.send(booted.map(|()| self.vcpu.index()));
+        drop(ready);
+        if failed {
+            return;
+        }
+        loop {
+            let job = select! {
+                recv(self.jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+                recv(self.stop) -> _ => return,
+            };
+            if !job.control.start(self.vcpu.kicker()) {
+                continue; // the caller already gave up on it
+            }
+            match self.run_job(&job) {
+                Outcome::Replied(output) => {
+                    let _ = job.reply.send(Ok(output));
+                }
+                Outcome::Cancelled => {
+                    // Kill the command: restart the vCPU at its entry point with a fresh stack.
+                    if let Err(reason) = self
+                        .vcpu
+                        .set_regs(&self.entry)
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| self.run_until_ready())
+                    {
+                        self.crash(&job, reason);
+                        return;
+                    }
+                }
+                Outcome::Stopped => return,
+                Outcome::Crashed(reason) => {
+                    self.crash(&job, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn crash(&self, job: &Job, reason: String) {
+        tracing::warn!(capsule = %self.id, vcpu = self.vcpu.index(), %reason, "guest crashed");
+        self.events.crashed(reason.clone());
+        let _ = job.reply.send(Err(Error::GuestCrashed {
+            id: self.id.clone(),
+            reason,
+        }));
+    }
+
+    fn run_until_ready(&mut self) -> std::result::Result<(), String> {
+        loop {
+            match self.vcpu.run(&self.pio, &self.mmio) {
+                Ok(VcpuEvent::Yield(v)) if v == u64::from(probe_abi::DOORBELL_READY) => {
+                    return Ok(())
+                }
+                Ok(VcpuEvent::Kicked) if !self.stopping.load(Ordering::SeqCst) => {}
+                Ok(VcpuEvent::Kicked) => return Err("stopped while starting".into()),
+                Ok(event) => return Err(describe(event)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn run_job(&mut self, job: &Job) -> Outcome {
+        self.seq = self.seq.wrapping_add(1);
+        let started = Instant::now();
+        if let Err(reason) = self.write_request(&job.command) {
+            return Outcome::Crashed(reason);
+        }
+        loop {
+            match self.vcpu.run(&self.pio, &self.mmio) {
+                Ok(VcpuEvent::Yield(v)) if v == u64::from(probe_abi::DOORBELL_REPLY) => {
+                    return match self.read_reply() {
+                        Ok(mut output) => {
+                            output.duration = started.elapsed();
+                            Outcome::Replied(output)
+                        }
+                        Err(reason) => Outcome::Crashed(reason),
+                    };
+                }
+                Ok(VcpuEvent::Kicked) => {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return Outcome::Stopped;
+                    }
+                    if job.control.is_cancelled() {
+                        return Outcome::Cancelled;
+                    }
+                }
+                Ok(event) => return Outcome::Crashed(describe(event)),
+                Err(e) => return Outcome::Crashed(e.to_string()),
+            }
+        }
+    }
+
+    fn mailbox(&self) -> u64 {
+        probe_abi::mailbox_addr(u64::from(self.vcpu.index()))
+    }
+
+    fn write_request(&self, command: &[u8]) -> std::result::Result<(), String> {
+        let header = probe_abi::encode_request_header(self.seq, command.len())
+            .ok_or_else(|| format!("request of {} bytes is too long", command.len()))?;
+        let memory = self.vm.memory();
+        let mailbox = self.mailbox();
+        memory
+            .write_slice(
+                command,
+                GuestAddress(mailbox + probe_abi::REQUEST_OFFSET as u64),
+            )
+            .and_then(|()| memory.write_slice(&header, GuestAddress(mailbox)))
+            .map_err(|e| format!("writing the request: {e}"))
+    }
+
+    /// Reads and validates the reply; anything malformed means the guest misbehaved.
+    fn read_reply(&self) -> std::result::Result<CommandOutput, String> {
+        let memory = self.vm.memory();
+        let mailbox = self.mailbox();
+        let mut raw = [0u8; probe_abi::REPLY_HEADER_SIZE];
+        memory
+            .read_slice(
+                &mut raw,
+                GuestAddress(mailbox + probe_abi::REPLY_HEADER_OFFSET as u64),
+            )
+            .map_err(|e| format!("reading the reply: {e}"))?;
+        let header = probe_abi::decode_reply_header(&raw)
+            .map_err(|e| format!("malformed reply from the guest: {e}"))?;
+        if header.seq != self.seq {
+            return Err(format!(
+                "reply to request {} while {} was running",
+                header.seq, self.seq
+            ));
+        }
+        let read_area = |offset: usize, len: u32| {
+            let mut bytes = vec![0u8; len as usize];
+            memory
+                .read_slice(&mut bytes, GuestAddress(mailbox + offset as u64))
+                .map(|()| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|e| format!("reading the reply: {e}"))
+        };
+        Ok(CommandOutput {
+            stdout: read_area(probe_abi::STDOUT_OFFSET, header.stdout_len)?,
+            stderr: read_area(probe_abi::STDERR_OFFSET, header.stderr_len)?,
+            exit_code: header.exit_code,
+            duration: std::time::Duration::ZERO,
+            stdout_truncated: header.flags & probe_abi::FLAG_STDOUT_TRUNCATED != 0,
+            stderr_truncated: header.flags & probe_abi::FLAG_STDERR_TRUNCATED != 0,
+        })
+    }
+}
+
+fn describe(event: VcpuEvent) -> String {
+    match event {
+        VcpuEvent::Shutdown => "the guest shut down (triple fault)".into(),
+        VcpuEvent::Halted => "the guest halted".into(),
+        VcpuEvent::Failed(why) => why,
+        VcpuEvent::Yield(v) => format!("protocol violation: unexpected doorbell value {v:#x}"),
+        VcpuEvent::Kicked => "interrupted".into(),
+    }
+}
