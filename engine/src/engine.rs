@@ -35,7 +35,7 @@ pub(crate) struct EngineInner {
     config: EngineConfig,
     hypervisor: Hypervisor,
     capsules: RwLock<HashMap<CapsuleId, Arc<CapsuleShared>>>,
-    starts: StartLimiter,
+    starts: Arc<StartLimiter>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -64,7 +64,7 @@ impl Engine {
         tracing::info!(host = %hypervisor.info().virtualization, data_dir = %config.data_dir.display(), "engine ready");
         Ok(Engine {
             inner: Arc::new(EngineInner {
-                starts: StartLimiter::new(config.max_concurrent_starts),
+                starts: Arc::new(StartLimiter::new(config.max_concurrent_starts)),
                 config,
                 hypervisor,
                 capsules: RwLock::new(HashMap::new()),
@@ -149,6 +149,13 @@ impl Engine {
             .ok_or_else(|| Error::NotFound(id.clone()))?;
         shared.stop();
         Ok(())
+    }
+
+    /// Test hook: occupies one start slot until the returned guard drops, so tests can hold
+    /// capsules in [`crate::Status::Pending`] deterministically. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn hold_start_slot(&self) -> impl Drop + std::fmt::Debug {
+        self.inner.starts.acquire()
     }
 
     /// Information about every capsule, oldest first.

@@ -1,6 +1,6 @@
 //! A counting semaphore bounding how many capsules boot at once.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// At most `limit` permits are out at any time; `acquire` blocks for one.
 #[derive(Debug)]
@@ -18,7 +18,7 @@ impl StartLimiter {
     }
 
     /// Blocks until a permit is free; the permit returns when the guard drops.
-    pub(crate) fn acquire(&self) -> Permit<'_> {
+    pub(crate) fn acquire(self: &Arc<Self>) -> Permit {
         let mut available = self.available.lock().unwrap_or_else(|p| p.into_inner());
         while *available == 0 {
             available = self
@@ -27,16 +27,19 @@ impl StartLimiter {
                 .unwrap_or_else(|p| p.into_inner());
         }
         *available -= 1;
-        Permit { limiter: self }
+        Permit {
+            limiter: self.clone(),
+        }
     }
 }
 
 /// One boot slot; released on drop.
-pub(crate) struct Permit<'a> {
-    limiter: &'a StartLimiter,
+#[derive(Debug)]
+pub(crate) struct Permit {
+    limiter: Arc<StartLimiter>,
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         let mut available = self
             .limiter
@@ -52,7 +55,6 @@ impl Drop for Permit<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn never_more_than_the_limit_at_once() {

@@ -10,6 +10,8 @@ pub enum KvmUnavailable {
     Missing,
     /// The device exists but this process may not open it (add the user to the `kvm` group).
     PermissionDenied,
+    /// The path opened, but what answers is not KVM (or a KVM with an unsupported API).
+    NotKvm,
     /// Opening it failed for another reason.
     Other,
 }
@@ -19,6 +21,7 @@ impl std::fmt::Display for KvmUnavailable {
         f.write_str(match self {
             KvmUnavailable::Missing => "the device does not exist",
             KvmUnavailable::PermissionDenied => "permission denied",
+            KvmUnavailable::NotKvm => "it is not a KVM device with API version 12",
             KvmUnavailable::Other => "it could not be opened",
         })
     }

@@ -10,6 +10,9 @@ use crate::error::{Error, KvmUnavailable, Result};
 /// The default KVM device node.
 pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
 
+/// The only KVM API version there has ever been (`KVM_GET_API_VERSION`).
+const KVM_API_VERSION: i32 = 12;
+
 /// How the host's KVM runs guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -91,9 +94,19 @@ impl Hypervisor {
                 source,
             }
         })?;
+        let api_version = kvm.get_api_version();
+        if api_version != KVM_API_VERSION {
+            return Err(Error::KvmUnavailable {
+                path: PathBuf::from(path),
+                kind: KvmUnavailable::NotKvm,
+                source: std::io::Error::other(format!(
+                    "KVM_GET_API_VERSION answered {api_version}"
+                )),
+            });
+        }
         let info = HostInfo {
             virtualization: detect_virtualization(),
-            api_version: kvm.get_api_version(),
+            api_version,
             max_vcpus: kvm.get_max_vcpus(),
         };
         tracing::debug!(?info, path = %path.display(), "opened KVM");
