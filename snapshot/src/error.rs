@@ -131,7 +131,6 @@ impl Error {
     }
 
     /// Builds an [`Error::InvalidMemory`].
-    #[allow(dead_code)]
     pub(crate) fn invalid(reason: impl Into<String>) -> Self {
         Error::InvalidMemory {
             reason: reason.into(),

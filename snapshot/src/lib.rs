@@ -80,9 +80,11 @@
 
 pub mod atomic;
 pub mod bitmap;
+pub mod chain;
 mod codec;
 mod error;
-// MEMORY
+pub mod mapping;
+pub mod memory;
 pub mod state_file;
 
 pub use error::{CodecError, Error, Result};
