@@ -77,8 +77,13 @@ impl MemoryChain {
         Ok(())
     }
 
-    /// Checks the chain's internal consistency: page size, memory size,
-    /// every bitmap's page count, safe and unique file names.
+    /// Checks the chain's internal consistency: page size, memory size, at
+    /// least one layer (the base), every bitmap's page count, safe and unique
+    /// file names.
+    ///
+    /// Requiring a base also bounds memory use on untrusted manifests: every
+    /// layer's bitmap is as large as the memory size implies, so a manifest
+    /// cannot claim a huge memory size without being correspondingly large.
     pub fn validate(&self) -> Result<()> {
         if self.page_size != PAGE_SIZE {
             return Err(Error::invalid(format!(
@@ -91,6 +96,9 @@ impl MemoryChain {
                 "memory size {} is not a positive multiple of {PAGE_SIZE}",
                 self.mem_size
             )));
+        }
+        if self.layers.is_empty() {
+            return Err(Error::invalid("memory chain has no base layer"));
         }
         let mut names = HashSet::new();
         for layer in &self.layers {
