@@ -73,7 +73,23 @@
 //! layers, base first, each as `{ file_name, pages: PageBitmap }`; a
 //! `PageBitmap` encodes as `{ pages: u64, words: [u64] }` in KVM dirty-log bit
 //! order. The contents of a page is that of the newest layer whose bitmap has
-//! it; a page in no layer is zero.
+//! it; a page in no layer is zero. A valid chain has at least one layer (the
+//! base), memory size a positive multiple of 4096, one bitmap per layer of
+//! exactly `mem_size / 4096` pages and plain, unique layer file names.
+//!
+//! # Writing, merging, restoring
+//!
+//! * Full snapshot: [`memory::write_layer`] with all pages (or the resident
+//!   ones from [`bitmap::resident_pages`]) as the base. Incremental snapshot:
+//!   `write_layer` with the dirty bitmap ([`bitmap::PageBitmap::from_kvm_words`]),
+//!   then [`chain::MemoryChain::push_layer`] and [`chain::save_manifest`].
+//! * [`chain::merge`] collapses a chain longer than `max_layers`
+//!   (default [`chain::DEFAULT_MAX_LAYERS`] = 8) into one new base: new base
+//!   first, then the manifest switch, then deletion of the old layers.
+//! * [`mapping::PrivateMapping::map_chain`] restores without copying:
+//!   the base is mapped `MAP_PRIVATE`, newer runs are `MAP_FIXED` over it
+//!   (at most [`mapping::MAX_OVERLAY_MAPPINGS`], the rest copied with
+//!   `pread`). [`chain::restore_into`] is the plain copying alternative.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
