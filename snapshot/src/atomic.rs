@@ -1,0 +1,518 @@
+//! Crash-safe replacement of files and directories.
+//!
+//! # Files
+//!
+//! [`write_file`] / [`write_file_with`] write the new contents to a hidden
+//! temporary `.<name>.tmp-<16 hex digits>` in the *same directory* (so the
+//! final rename never crosses a file system), `fsync` it, `rename(2)` it over
+//! the final name and finally `fsync` the parent directory so the rename
+//! itself is durable. At every instant the final name holds either the
+//! complete previous version or the complete new one. If the writer fails,
+//! the temporary is removed; after a crash a stray temporary may remain, but
+//! it never carries the final name and [`remove_stale_temps`] deletes it.
+//!
+//! # Directories
+//!
+//! [`replace_dir`] builds the new directory as a sibling `<name>.tmp-<hex>`,
+//! fsyncs every file in it, the directory itself and the parent, and then
+//! swaps it into place:
+//!
+//! * If nothing exists at the target yet, a plain `rename(2)` moves it in.
+//! * Otherwise `renameat2(RENAME_EXCHANGE)` swaps the two directories in one
+//!   atomic step (the target name always holds a complete version), the parent
+//!   is fsynced, and the old version (now under the temporary name) is deleted.
+//! * On file systems without `RENAME_EXCHANGE` the *rename-aside* fallback is
+//!   used: the old version is renamed to `<name>.old-<hex>` (parent fsynced),
+//!   the new one renamed to `<name>` (parent fsynced), then the old one deleted.
+//!   A crash between the two renames leaves no `<name>` at all but a complete
+//!   `<name>.old-<hex>`; [`recover_dir`] renames it back.
+//!
+//! Readers of a directory replaced this way should call [`recover_dir`] once
+//! before opening it: it restores a renamed-aside previous version if the
+//! target is missing and removes leftover `.tmp-`/`.old-` siblings. Only one
+//! writer per target is supported at a time.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Marker put between a file's name and the random suffix of its temporary.
+const TMP_MARKER: &str = ".tmp-";
+/// Marker put between a directory's name and the random suffix of its renamed-aside old version.
+const OLD_MARKER: &str = ".old-";
+/// How many random names to try before giving up on creating a temporary.
+const CREATE_ATTEMPTS: usize = 16;
+
+/// Writes `contents` to `path` atomically and durably (see the module docs).
+pub fn write_file(path: &Path, contents: &[u8]) -> Result<()> {
+    write_file_with(path, |file, tmp| file.write_all(contents).at(tmp))
+}
+
+/// Creates a temporary beside `path`, lets `fill` write it, then fsyncs and
+/// renames it over `path` and fsyncs the parent directory.
+///
+/// `fill` receives the open temporary file and its path (for error messages).
+/// If `fill` (or any later step before the rename) fails, the temporary is
+/// removed and `path` is left exactly as it was.
+pub fn write_file_with<F>(path: &Path, fill: F) -> Result<()>
+where
+    F: FnOnce(&mut File, &Path) -> Result<()>,
+{
+    let (parent, name) = split_path(path)?;
+    let (tmp_path, mut file) = create_temp_file(&parent, &name)?;
+    let guard = RemoveOnDrop::new(tmp_path.clone());
+
+    fill(&mut file, &tmp_path)?;
+    file.sync_all().at(&tmp_path)?;
+    drop(file);
+
+    fs::rename(&tmp_path, path).at(path)?;
+    guard.disarm();
+    sync_dir(&parent)?;
+    tracing::debug!(path = %path.display(), "atomically replaced file");
+    Ok(())
+}
+
+/// Builds a directory with `build` and atomically puts it at `target`,
+/// replacing any previous version (see the module docs for the protocol).
+///
+/// `build` receives the path of the (empty) temporary directory to fill.
+/// If it fails, the temporary directory is removed and `target` is untouched.
+pub fn replace_dir<F>(target: &Path, build: F) -> Result<()>
+where
+    F: FnOnce(&Path) -> Result<()>,
+{
+    replace_dir_with(target, build, DirSwap::Exchange)
+}
+
+/// How [`replace_dir_with`] swaps the new directory in. Exposed to the crate
+/// so tests can exercise the fallback explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirSwap {
+    /// `renameat2(RENAME_EXCHANGE)`, falling back to rename-aside when unsupported.
+    Exchange,
+    /// Always rename-aside (used by tests to cover the fallback).
+    #[cfg_attr(not(test), allow(dead_code))]
+    RenameAside,
+}
+
+/// [`replace_dir`] with an explicit swap strategy.
+pub(crate) fn replace_dir_with<F>(target: &Path, build: F, swap: DirSwap) -> Result<()>
+where
+    F: FnOnce(&Path) -> Result<()>,
+{
+    let (parent, name) = split_path(target)?;
+    let tmp = sibling(&parent, &name, TMP_MARKER);
+    fs::create_dir(&tmp).at(&tmp)?;
+    let guard = RemoveOnDrop::new(tmp.clone());
+
+    build(&tmp)?;
+    sync_tree(&tmp)?;
+    sync_dir(&parent)?;
+
+    let target_exists = match fs::symlink_metadata(target) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(target, e)),
+    };
+
+    if !target_exists {
+        fs::rename(&tmp, target).at(target)?;
+        guard.disarm();
+        sync_dir(&parent)?;
+        tracing::debug!(target = %target.display(), "created directory atomically");
+        return Ok(());
+    }
+
+    if swap == DirSwap::Exchange {
+        match rename_exchange(&tmp, target) {
+            Ok(()) => {
+                // `tmp` now holds the previous version; the guard deletes it.
+                sync_dir(&parent)?;
+                drop(guard);
+                sync_dir(&parent)?;
+                tracing::debug!(target = %target.display(), "exchanged directory atomically");
+                return Ok(());
+            }
+            Err(e) if exchange_unsupported(&e) => {
+                tracing::debug!(error = %e, "RENAME_EXCHANGE unsupported, renaming aside");
+            }
+            Err(e) => return Err(Error::io(target, e)),
+        }
+    }
+
+    let old = sibling(&parent, &name, OLD_MARKER);
+    fs::rename(target, &old).at(target)?;
+    sync_dir(&parent)?;
+    if let Err(e) = fs::rename(&tmp, target) {
+        // Put the previous version back; if that fails too, `recover_dir` will.
+        if let Err(back) = fs::rename(&old, target) {
+            tracing::error!(error = %back, old = %old.display(), "could not restore previous directory");
+        }
+        return Err(Error::io(target, e));
+    }
+    guard.disarm();
+    sync_dir(&parent)?;
+    remove_dir_logged(&old);
+    sync_dir(&parent)?;
+    tracing::debug!(target = %target.display(), "replaced directory by renaming aside");
+    Ok(())
+}
+
+/// Repairs the aftermath of a crash during [`replace_dir`] on `target`.
+///
+/// If `target` is missing but a renamed-aside `<name>.old-<hex>` sibling exists,
+/// it is renamed back (the newest one if several). Then every leftover
+/// `<name>.tmp-<hex>` and `<name>.old-<hex>` sibling is removed. Returns
+/// `true` if a previous version was restored.
+pub fn recover_dir(target: &Path) -> Result<bool> {
+    let (parent, name) = split_path(target)?;
+    let mut temps = Vec::new();
+    let mut olds = Vec::new();
+    for entry in fs::read_dir(&parent).at(&parent)? {
+        let entry = entry.at(&parent)?;
+        let file_name = entry.file_name();
+        if has_marker(&file_name, &name, TMP_MARKER) {
+            temps.push(entry.path());
+        } else if has_marker(&file_name, &name, OLD_MARKER) {
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(UNIX_EPOCH);
+            olds.push((modified, entry.path()));
+        }
+    }
+
+    let mut restored = false;
+    let target_exists = fs::symlink_metadata(target).is_ok();
+    if !target_exists {
+        olds.sort();
+        if let Some((_, newest)) = olds.pop() {
+            fs::rename(&newest, target).at(target)?;
+            sync_dir(&parent)?;
+            tracing::warn!(target = %target.display(), from = %newest.display(), "restored previous directory version after interrupted replace");
+            restored = true;
+        }
+    }
+    for path in temps.iter().chain(olds.iter().map(|(_, p)| p)) {
+        remove_dir_logged(path);
+    }
+    if !temps.is_empty() || !olds.is_empty() {
+        sync_dir(&parent)?;
+    }
+    Ok(restored)
+}
+
+/// Removes temporaries left in `dir` by interrupted [`write_file`] calls
+/// (hidden files named `.<name>.tmp-<16 hex digits>`). Returns how many were removed.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        if is_file_temp_name(&name) && entry.file_type().at(&entry.path())?.is_file() {
+            let path = entry.path();
+            fs::remove_file(&path).at(&path)?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// `fsync`s a directory so that entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Returns a fresh 64-bit value that differs between calls, processes and
+/// runs; used for temporary names (uniqueness is enforced separately by
+/// `O_EXCL` / `mkdir`, so this need not be cryptographic).
+pub(crate) fn unique_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = u64::from(std::process::id());
+    splitmix64(nanos ^ pid.rotate_left(32) ^ splitmix64(count))
+}
+
+/// The splitmix64 finalizer: a cheap, well-mixing 64-bit hash.
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Splits `path` into (parent directory, final component).
+fn split_path(path: &Path) -> Result<(PathBuf, OsString)> {
+    let name = path.file_name().ok_or_else(|| {
+        Error::io(
+            path,
+            io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"),
+        )
+    })?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent, name.to_os_string()))
+}
+
+/// `<parent>/<name><marker><16 hex digits>`.
+fn sibling(parent: &Path, name: &OsStr, marker: &str) -> PathBuf {
+    let mut s = name.to_os_string();
+    s.push(format!("{marker}{:016x}", unique_u64()));
+    parent.join(s)
+}
+
+/// Creates `.<name>.tmp-<hex>` in `parent` with `O_EXCL`, retrying on collisions.
+fn create_temp_file(parent: &Path, name: &OsStr) -> Result<(PathBuf, File)> {
+    let mut hidden = OsString::from(".");
+    hidden.push(name);
+    let mut last_err = None;
+    for _ in 0..CREATE_ATTEMPTS {
+        let path = sibling(parent, &hidden, TMP_MARKER);
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some(e),
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    let e = last_err
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::AlreadyExists, "no free temporary name"));
+    Err(Error::io(parent, e))
+}
+
+/// Whether `file_name` is `<name><marker><16 hex digits>`.
+fn has_marker(file_name: &OsStr, name: &OsStr, marker: &str) -> bool {
+    let bytes = file_name.as_bytes();
+    let prefix_len = name.len() + marker.len();
+    bytes.len() == prefix_len + 16
+        && bytes.starts_with(name.as_bytes())
+        && &bytes[name.len()..prefix_len] == marker.as_bytes()
+        && bytes[prefix_len..].iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `file_name` looks like `.<something>.tmp-<16 hex digits>`.
+fn is_file_temp_name(file_name: &OsStr) -> bool {
+    let bytes = file_name.as_bytes();
+    let tail = TMP_MARKER.len() + 16;
+    bytes.len() > tail + 1
+        && bytes[0] == b'.'
+        && &bytes[bytes.len() - tail..bytes.len() - 16] == TMP_MARKER.as_bytes()
+        && bytes[bytes.len() - 16..].iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Fsyncs every regular file and directory below (and including) `dir`.
+/// Symbolic links are not followed.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let path = entry.path();
+        let kind = entry.file_type().at(&path)?;
+        if kind.is_dir() {
+            sync_tree(&path)?;
+        } else if kind.is_file() {
+            File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// `renameat2(from, to, RENAME_EXCHANGE)`.
+fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
+    let from_c = CString::new(from.as_os_str().as_bytes())?;
+    let to_c = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both pointers come from live, NUL-terminated `CString`s that
+    // outlive the call; the syscall only reads them. AT_FDCWD makes relative
+    // paths resolve like the rest of std::fs does.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Errors meaning "this kernel / file system cannot exchange".
+fn exchange_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
+}
+
+/// Best-effort recursive removal, logging instead of failing.
+fn remove_dir_logged(path: &Path) {
+    let res = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = res {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove leftover");
+    }
+}
+
+/// Removes a temporary file or directory when dropped, unless disarmed.
+struct RemoveOnDrop {
+    path: Option<PathBuf>,
+}
+
+impl RemoveOnDrop {
+    fn new(path: PathBuf) -> Self {
+        Self { path: Some(path) }
+    }
+
+    fn disarm(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            remove_dir_logged(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn write_file_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.bin");
+        write_file(&p, b"one").unwrap();
+        write_file(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(files_in(dir.path()), vec!["a.bin"]);
+    }
+
+    #[test]
+    fn failing_fill_keeps_previous_and_removes_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.bin");
+        write_file(&p, b"good").unwrap();
+        let err = write_file_with(&p, |f, tmp| {
+            f.write_all(b"half").at(tmp)?;
+            Err(Error::invalid("boom"))
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidMemory { .. }));
+        assert_eq!(fs::read(&p).unwrap(), b"good");
+        assert_eq!(files_in(dir.path()), vec!["a.bin"]);
+    }
+
+    #[test]
+    fn stale_temps_are_recognised_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".a.bin.tmp-0123456789abcdef"), b"x").unwrap();
+        fs::write(dir.path().join("a.bin"), b"keep").unwrap();
+        fs::write(dir.path().join("a.tmp-notreally"), b"keep").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
+        assert_eq!(files_in(dir.path()), vec!["a.bin", "a.tmp-notreally"]);
+    }
+
+    fn build_with(content: &'static [u8]) -> impl FnOnce(&Path) -> Result<()> {
+        move |d: &Path| {
+            fs::write(d.join("f"), content).at(d)?;
+            fs::create_dir(d.join("sub")).at(d)?;
+            fs::write(d.join("sub/g"), content).at(d)
+        }
+    }
+
+    #[test]
+    fn replace_dir_both_strategies() {
+        for swap in [DirSwap::Exchange, DirSwap::RenameAside] {
+            let root = tempfile::tempdir().unwrap();
+            let target = root.path().join("snap");
+            replace_dir_with(&target, build_with(b"v1"), swap).unwrap();
+            assert_eq!(fs::read(target.join("sub/g")).unwrap(), b"v1");
+            replace_dir_with(&target, build_with(b"v2"), swap).unwrap();
+            assert_eq!(fs::read(target.join("f")).unwrap(), b"v2");
+            assert_eq!(fs::read(target.join("sub/g")).unwrap(), b"v2");
+            assert_eq!(files_in(root.path()), vec!["snap"], "{swap:?}");
+        }
+    }
+
+    #[test]
+    fn failing_build_keeps_previous_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("snap");
+        replace_dir(&target, build_with(b"v1")).unwrap();
+        let err = replace_dir(&target, |d| {
+            fs::write(d.join("f"), b"partial").at(d)?;
+            Err(Error::invalid("injected"))
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidMemory { .. }));
+        assert_eq!(fs::read(target.join("f")).unwrap(), b"v1");
+        assert_eq!(files_in(root.path()), vec!["snap"]);
+    }
+
+    #[test]
+    fn recover_restores_renamed_aside_version() {
+        // Simulate a crash between the two renames of the fallback protocol.
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("snap");
+        replace_dir(&target, build_with(b"v1")).unwrap();
+        let old = root.path().join("snap.old-00000000000000aa");
+        fs::rename(&target, &old).unwrap();
+        let tmp = root.path().join("snap.tmp-00000000000000bb");
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("f"), b"v2-maybe-partial").unwrap();
+
+        assert!(recover_dir(&target).unwrap());
+        assert_eq!(fs::read(target.join("f")).unwrap(), b"v1");
+        assert_eq!(files_in(root.path()), vec!["snap"]);
+        // Nothing to do the second time.
+        assert!(!recover_dir(&target).unwrap());
+    }
+
+    #[test]
+    fn recover_removes_leftovers_when_target_exists() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("snap");
+        replace_dir(&target, build_with(b"v2")).unwrap();
+        fs::create_dir(root.path().join("snap.tmp-0000000000000001")).unwrap();
+        fs::create_dir(root.path().join("snap.old-0000000000000002")).unwrap();
+        fs::create_dir(root.path().join("snapshot-other")).unwrap();
+        assert!(!recover_dir(&target).unwrap());
+        assert_eq!(files_in(root.path()), vec!["snap", "snapshot-other"]);
+        assert_eq!(fs::read(target.join("f")).unwrap(), b"v2");
+    }
+}

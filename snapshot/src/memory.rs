@@ -1,0 +1,254 @@
+//! Sparse memory layer files.
+//!
+//! A layer is a raw file exactly as long as guest memory. Each present page
+//! is stored at its own guest offset; absent pages are holes, so a layer with
+//! few pages costs few disk blocks. The set of present pages is carried
+//! separately (in the chain manifest) as a [`PageBitmap`].
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::atomic;
+use crate::bitmap::PageBitmap;
+use crate::error::{Error, IoContext, Result};
+use crate::PAGE_SIZE;
+
+/// Options for [`write_layer`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct WriteOptions {
+    /// **Test hook for fault injection.** When `Some(n)`, the writer stops
+    /// after writing `n` bytes of page data and fails with an injected
+    /// [`Error::Io`] (kind `Other`, message `"injected write fault"`), exactly
+    /// as a failing disk would. The partially written temporary is removed,
+    /// and whatever file was at the destination before stays untouched. Keep
+    /// `None` in production.
+    pub fail_after_bytes: Option<u64>,
+}
+
+impl WriteOptions {
+    /// Options that inject a write failure after `bytes` bytes (test hook,
+    /// see [`WriteOptions::fail_after_bytes`]).
+    pub fn failing_after(bytes: u64) -> Self {
+        Self {
+            fail_after_bytes: Some(bytes),
+        }
+    }
+}
+
+/// What [`write_layer`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LayerInfo {
+    /// Final path of the layer file.
+    pub path: PathBuf,
+    /// Length of the layer file (= guest memory size).
+    pub file_len: u64,
+    /// Number of pages written.
+    pub pages_written: u64,
+    /// Number of coalesced runs (= data `pwrite` batches) written.
+    pub runs: u64,
+}
+
+/// The message of the injected fault, see [`WriteOptions::fail_after_bytes`].
+pub const INJECTED_FAULT_MESSAGE: &str = "injected write fault";
+
+/// Writes the pages of `mem` selected by `pages` into a new sparse layer
+/// file at `path`, atomically (temporary + fsync + rename + directory fsync).
+///
+/// `mem` must be exactly `pages.page_count() * PAGE_SIZE` bytes. Each run of
+/// consecutive selected pages is written with one positioned write (split
+/// only by the kernel's per-call limit), so the cost is one syscall per run,
+/// not per page. The file length is set to `mem.len()` so that unselected
+/// pages are holes.
+pub fn write_layer(
+    path: &Path,
+    mem: &[u8],
+    pages: &PageBitmap,
+    opts: &WriteOptions,
+) -> Result<LayerInfo> {
+    let mem_len = mem.len() as u64;
+    if mem_len != pages.page_count().saturating_mul(PAGE_SIZE) {
+        return Err(Error::bitmap(format!(
+            "memory of {mem_len} bytes does not match a bitmap of {} pages",
+            pages.page_count()
+        )));
+    }
+    let mut info = LayerInfo {
+        path: path.to_path_buf(),
+        file_len: mem_len,
+        pages_written: 0,
+        runs: 0,
+    };
+    let mut budget = opts.fail_after_bytes;
+
+    atomic::write_file_with(path, |file, tmp| {
+        file.set_len(mem_len).at(tmp)?;
+        for (first, count) in pages.runs() {
+            let offset = first * PAGE_SIZE;
+            let len = count * PAGE_SIZE;
+            let data = slice(mem, offset, len)?;
+            write_with_budget(file, tmp, data, offset, &mut budget)?;
+            info.pages_written += count;
+            info.runs += 1;
+        }
+        Ok(())
+    })?;
+    tracing::debug!(
+        path = %path.display(),
+        pages = info.pages_written,
+        runs = info.runs,
+        "wrote memory layer"
+    );
+    Ok(info)
+}
+
+/// `pwrite`s `data` at `offset`, honouring the fault-injection budget.
+fn write_with_budget(
+    file: &File,
+    tmp: &Path,
+    data: &[u8],
+    offset: u64,
+    budget: &mut Option<u64>,
+) -> Result<()> {
+    match budget {
+        None => file.write_all_at(data, offset).at(tmp),
+        Some(left) => {
+            let n = (*left).min(data.len() as u64) as usize;
+            file.write_all_at(&data[..n], offset).at(tmp)?;
+            *left -= n as u64;
+            if n < data.len() {
+                tracing::warn!(path = %tmp.display(), "injecting write fault (test hook)");
+                return Err(Error::io(tmp, io::Error::other(INJECTED_FAULT_MESSAGE)));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `mem[offset..offset + len]`, or an error instead of a panic.
+fn slice(mem: &[u8], offset: u64, len: u64) -> Result<&[u8]> {
+    usize::try_from(offset)
+        .ok()
+        .zip(usize::try_from(len).ok())
+        .and_then(|(o, l)| mem.get(o..o.checked_add(l)?))
+        .ok_or_else(|| Error::invalid(format!("range {offset}+{len} outside memory")))
+}
+
+/// Opens the layer file at `path` for reading and checks that it is exactly
+/// `mem_size` bytes long (so that mapping it can never fault past its end).
+pub(crate) fn open_layer(path: &Path, mem_size: u64) -> Result<File> {
+    let file = File::open(path).at(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len != mem_size {
+        return Err(Error::invalid(format!(
+            "layer {} is {len} bytes, expected {mem_size}",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Fills `dst` from `file` at `offset` with positioned reads.
+pub(crate) fn read_exact_at(file: &File, path: &Path, dst: &mut [u8], offset: u64) -> Result<()> {
+    file.read_exact_at(dst, offset).at(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn patterned(pages: u64) -> Vec<u8> {
+        (0..pages * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE) as u8 ^ (i as u8).wrapping_mul(7))
+            .collect()
+    }
+
+    #[test]
+    fn writes_only_selected_pages_sparsely() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 4096u64; // 16 MiB
+        let mem = patterned(pages);
+        let mut bm = PageBitmap::new(pages);
+        bm.set_range(10, 3).unwrap();
+        bm.set(4000).unwrap();
+        let p = dir.path().join("l.layer");
+        let info = write_layer(&p, &mem, &bm, &WriteOptions::default()).unwrap();
+        assert_eq!(info.pages_written, 4);
+        assert_eq!(info.runs, 2);
+
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), pages * PAGE_SIZE);
+        let allocated = meta.blocks() * 512;
+        assert!(
+            allocated <= 64 * PAGE_SIZE,
+            "allocated {allocated} bytes for 4 pages"
+        );
+
+        let data = std::fs::read(&p).unwrap();
+        for page in 0..pages {
+            let r = (page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize;
+            if bm.get(page) {
+                assert_eq!(data[r.clone()], mem[r], "page {page}");
+            } else {
+                assert!(data[r].iter().all(|&b| b == 0), "page {page}");
+            }
+        }
+    }
+
+    #[test]
+    fn size_mismatch_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_layer(
+            &dir.path().join("x"),
+            &[0u8; 100],
+            &PageBitmap::new(1),
+            &WriteOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::BitmapMismatch { .. }));
+    }
+
+    #[test]
+    fn injected_fault_keeps_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.layer");
+        let mut bm = PageBitmap::new(64);
+        bm.set_range(0, 64).unwrap();
+        let old = vec![0x11u8; 64 * PAGE_SIZE as usize];
+        write_layer(&p, &old, &bm, &WriteOptions::default()).unwrap();
+
+        let new = vec![0x22u8; 64 * PAGE_SIZE as usize];
+        for fail_at in [0, 1, PAGE_SIZE * 3 + 5] {
+            let err =
+                write_layer(&p, &new, &bm, &WriteOptions::failing_after(fail_at)).unwrap_err();
+            match err {
+                Error::Io { source, .. } => {
+                    assert_eq!(source.to_string(), INJECTED_FAULT_MESSAGE)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(std::fs::read(&p).unwrap(), old);
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(names.len(), 1, "temporary left behind");
+        }
+        // A budget covering everything succeeds.
+        write_layer(&p, &new, &bm, &WriteOptions::failing_after(u64::MAX)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), new);
+    }
+
+    #[test]
+    fn open_layer_checks_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("short");
+        std::fs::write(&p, [0u8; 10]).unwrap();
+        assert!(matches!(
+            open_layer(&p, PAGE_SIZE),
+            Err(Error::InvalidMemory { .. })
+        ));
+        assert!(open_layer(&p, 10).is_ok());
+    }
+}
