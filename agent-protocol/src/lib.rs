@@ -104,12 +104,18 @@
 //!    drops the connection. The host does not have to wait for `Hello` before
 //!    sending requests.
 //! 2. `Run` → `Started { pid }` → zero or more `Stdout`/`Stderr` chunks (only
-//!    with `stream`) → exactly one `Exit` (or one `Error` if it could not
-//!    start). While it runs the host may send `Stdin`, `CloseStdin` (only with
-//!    `stdin`) and `Signal` on the same id.
+//!    with `stream`) → exactly one `Exit`; or, if it could not start, one
+//!    `Error` whose code [ends the request](ErrorCode::ends_request) and no
+//!    `Started`. While it runs the host may send `Stdin`, `CloseStdin` (only
+//!    with `stdin`) and `Signal` on the same id; those get no reply on
+//!    success and an advisory `Error` (one that does not end the request) when
+//!    refused.
 //! 3. `Ping` → `Pong` with the same data.
 //! 4. `ReadFile` → `FileData`; `WriteFile` → `Ack`; `ListDir` → `DirListing`;
 //!    any of them → `Error` on failure.
+//!
+//! An `Error` on a request id ends that request unless
+//! [`ErrorCode::ends_request`] says it is advisory.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

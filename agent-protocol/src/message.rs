@@ -298,6 +298,27 @@ impl ErrorCode {
     pub const UNSUPPORTED: ErrorCode = ErrorCode(10);
     /// A bug or resource exhaustion in the peer.
     pub const INTERNAL: ErrorCode = ErrorCode(11);
+    /// A signal could not be delivered to the command's process group.
+    pub const SIGNAL_FAILED: ErrorCode = ErrorCode(12);
+
+    /// Whether an `Error` with this code ends the request it is sent on.
+    ///
+    /// Advisory codes ([`ErrorCode::UNEXPECTED`],
+    /// [`ErrorCode::UNKNOWN_REQUEST`], [`ErrorCode::DUPLICATE_REQUEST`],
+    /// [`ErrorCode::INVALID_ARGUMENT`], [`ErrorCode::SIGNAL_FAILED`]) only
+    /// refuse one message (a `Stdin`, a `Signal`, a second `Run` on a busy id)
+    /// while the request, if any, goes on to its own end. Every other code,
+    /// unknown codes included, ends the request.
+    pub fn ends_request(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::UNEXPECTED
+                | ErrorCode::UNKNOWN_REQUEST
+                | ErrorCode::DUPLICATE_REQUEST
+                | ErrorCode::INVALID_ARGUMENT
+                | ErrorCode::SIGNAL_FAILED
+        )
+    }
 }
 
 /// Payload of [`Message::Error`].
