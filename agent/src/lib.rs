@@ -6,7 +6,21 @@
 //! commands on its behalf. Outside a VM it is an ordinary program that serves
 //! one stream, which is how it is tested.
 //!
-//! The testable core is [`serve`]: give it any reader and writer.
+//! The testable core is [`serve()`]: give it any reader and writer.
+//!
+//! Behaviour worth knowing:
+//!
+//! * Each command runs in its own process group; timeouts, [`Message::Signal`]
+//!   and a lost connection act on the whole group.
+//! * Output beyond a command's limit is read and discarded, so the command
+//!   never blocks on a full pipe; the `truncated` flags say so.
+//! * When the command's main process exits, output that background processes
+//!   still hold open is read for at most [`ExecConfig::drain_grace`], then the
+//!   pipes are closed and `Exit` is sent; such processes keep running.
+//! * Stdin data is queued without bound while the command does not read it;
+//!   the host is expected to pace large uploads.
+//!
+//! [`Message::Signal`]: capsule_agent_protocol::Message::Signal
 #![warn(missing_docs)]
 
 pub mod exec;

@@ -111,7 +111,9 @@ pub fn block_sigchld() -> io::Result<()> {
 pub fn wait_sigchld(timeout: Duration) {
     let set = sigchld_set();
     let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        // Capped at a day: the reaper wakes far more often than that anyway,
+        // and the cast cannot truncate whatever width time_t has.
+        tv_sec: timeout.as_secs().min(86_400) as _,
         tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
     // SAFETY: `set` and `ts` are valid for the call; a null siginfo is allowed.
