@@ -1,0 +1,269 @@
+//! Wire protocol between the capsule host engine and the in-guest agent.
+//!
+//! This crate is the *one* definition of the format: the host engine and the
+//! agent (PID 1 inside the microVM) both depend on it. It is `#![no_std]` and
+//! only needs `alloc`.
+//!
+//! # Transport
+//!
+//! Any reliable, ordered byte stream (a virtio-console port, vsock, a Unix
+//! socket in tests). The protocol is symmetric at the framing level; which
+//! side may send which message is documented on [`Message`].
+//!
+//! # Frame layout
+//!
+//! Every frame is a 9-byte header followed by a payload. All integers are
+//! little-endian.
+//!
+//! | offset | size | field                                                      |
+//! |-------:|-----:|------------------------------------------------------------|
+//! | 0      | 4    | `len`: u32, number of bytes that follow this field (`5 + payload length`) |
+//! | 4      | 1    | `kind`: u8, the message kind (see [`Kind`])                  |
+//! | 5      | 4    | `id`: u32, the request id                                  |
+//! | 9      | len-5| payload, layout depends on `kind`                          |
+//!
+//! `len` must satisfy `5 <= len <= MAX_FRAME_LEN`; anything else is a fatal
+//! framing error ([`DecodeError::BadLength`]): the stream cannot be
+//! resynchronised and the receiver should report an [`Message::Error`] on id
+//! [`CONTROL_ID`] and close the connection. A frame whose length is valid but
+//! whose kind is unknown or whose payload is malformed is consumed whole and
+//! reported as a non-fatal error that carries the request id, so the receiver
+//! can answer with an [`Message::Error`] for that id and go on.
+//!
+//! # Request ids
+//!
+//! Id `0` ([`CONTROL_ID`]) is for connection-level messages: [`Message::Hello`]
+//! and errors that concern the whole connection. The host picks a fresh
+//! non-zero id for each request ([`Message::Run`], [`Message::Ping`], file
+//! requests); every message about that request (output chunks, stdin, signals,
+//! the final exit or error) carries the same id. Many requests may be in flight
+//! at once; frames of different requests interleave freely, frames of one
+//! request keep their order. An id may be reused once its request finished.
+//!
+//! # Payload primitives
+//!
+//! Payloads are a sequence of fields, with no padding and no trailing bytes
+//! (trailing bytes are an error, so the encoding is canonical):
+//!
+//! * `u8`, `u16`, `u32`, `u64`, `i32`: fixed-size little-endian.
+//! * `bool`: one byte, `0` or `1`; any other value is an error.
+//! * `bytes`: `u32` length, then that many bytes.
+//! * `string`: `bytes` that must be valid UTF-8.
+//! * `option<T>`: one byte tag, `0` = none, `1` = some followed by `T`.
+//! * `list<T>`: `u32` count, then that many `T`.
+//!
+//! # Messages
+//!
+//! | kind | name        | direction   | payload |
+//! |-----:|-------------|-------------|---------|
+//! | 0x00 | (invalid)   |             | never valid |
+//! | 0x01 | Hello       | agent→host  | `protocol_version: u32, agent_version: string, capabilities: u64` |
+//! | 0x02 | Ping        | either      | `data: bytes` |
+//! | 0x03 | Pong        | either      | `data: bytes` (echo of the ping) |
+//! | 0x04 | Error       | either      | `code: u16, message: string` |
+//! | 0x05 | Ack         | agent→host  | empty (success of a request without other reply) |
+//! | 0x10 | Run         | host→agent  | see [`RunRequest`] below |
+//! | 0x11 | Stdin       | host→agent  | `data: bytes` |
+//! | 0x12 | CloseStdin  | host→agent  | empty |
+//! | 0x13 | Signal      | host→agent  | `sig: i32` |
+//! | 0x18 | Started     | agent→host  | `pid: u32` |
+//! | 0x19 | Stdout      | agent→host  | `data: bytes` |
+//! | 0x1a | Stderr      | agent→host  | `data: bytes` |
+//! | 0x1b | Exit        | agent→host  | see [`ExitInfo`] below |
+//! | 0x20 | ReadFile    | host→agent  | `path: string, offset: u64, len: u32` |
+//! | 0x21 | WriteFile   | host→agent  | `path: string, mode: u32, truncate: bool, append: bool, data: bytes` |
+//! | 0x22 | ListDir     | host→agent  | `path: string` |
+//! | 0x28 | FileData    | agent→host  | `data: bytes, eof: bool` |
+//! | 0x29 | DirListing  | agent→host  | `list<entry>, truncated: bool`; entry = `name: string, file_type: u8, size: u64, mode: u32` |
+//!
+//! Reserved, not yet defined: `0x06..=0x0f` (connection control),
+//! `0x14..=0x17` (more process control, e.g. window size), `0x1c..=0x1f`
+//! (more process events), `0x23..=0x27` (more file requests: stat, remove,
+//! mkdir, rename, chmod), `0x2a..=0x2f` (more file replies), `0x30..=0x7f`
+//! (future core messages), `0x80..=0xff` (experimental extensions). A receiver
+//! answers an unknown kind with an `Error` of code
+//! [`ErrorCode::UNKNOWN_KIND`] on the frame's id.
+//!
+//! `Run` payload, in order: `command` (u8 tag: `0` = shell, followed by
+//! `script: string`, run as `/bin/sh -c script`; `1` = exec, followed by
+//! `program: string, args: list<string>`), `env: list<(string, string)>`,
+//! `clear_env: bool`, `cwd: option<string>`, `timeout_ms: u64` (0 = none),
+//! `stdout_limit: u32`, `stderr_limit: u32`, `stream: bool`, `stdin: bool`.
+//!
+//! `Exit` payload, in order: `status` (u8 tag: `0` = exited, followed by
+//! `code: i32`; `1` = killed by a signal, followed by `signal: i32`),
+//! `duration_us: u64`, `timed_out: bool`, `stdout_truncated: bool`,
+//! `stderr_truncated: bool`, `stdout: bytes`, `stderr: bytes` (both empty when
+//! the output was streamed).
+//!
+//! # Conversation
+//!
+//! 1. On connect the agent sends `Hello` on id 0 with [`PROTOCOL_VERSION`],
+//!    its version string and a [`caps`] bitset. The host may refuse by sending
+//!    `Error { code: VERSION_MISMATCH }` on id 0 (or by closing); the agent then
+//!    drops the connection. The host does not have to wait for `Hello` before
+//!    sending requests.
+//! 2. `Run` → `Started { pid }` → zero or more `Stdout`/`Stderr` chunks (only
+//!    with `stream`) → exactly one `Exit`; or, if it could not start, one
+//!    `Error` whose code [ends the request](ErrorCode::ends_request) and no
+//!    `Started`. While it runs the host may send `Stdin`, `CloseStdin` (only
+//!    with `stdin`) and `Signal` on the same id; those get no reply on
+//!    success and an advisory `Error` (one that does not end the request) when
+//!    refused.
+//! 3. `Ping` → `Pong` with the same data.
+//! 4. `ReadFile` → `FileData`; `WriteFile` → `Ack`; `ListDir` → `DirListing`;
+//!    any of them → `Error` on failure.
+//!
+//! An `Error` on a request id ends that request unless
+//! [`ErrorCode::ends_request`] says it is advisory.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+mod codec;
+mod decoder;
+mod message;
+
+pub use codec::{decode_frame, decode_payload, encode, encode_into, try_encode};
+pub use decoder::FrameDecoder;
+pub use message::{
+    Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
+    RunRequest, WriteFile,
+};
+
+/// Version of the wire protocol described in this crate. Bumped on any
+/// incompatible change; sent in [`Message::Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Bytes in a frame header: length (4), kind (1), request id (4).
+pub const HEADER_LEN: usize = 9;
+
+/// Largest payload a frame may carry (4 MiB + 64 KiB), large enough for an
+/// [`ExitInfo`] carrying [`MAX_BUFFERED_OUTPUT`] bytes of both stdout and stderr.
+pub const MAX_PAYLOAD_LEN: usize = 4 * 1024 * 1024 + 64 * 1024;
+
+/// Largest value of the frame length field: kind + id + [`MAX_PAYLOAD_LEN`].
+pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD_LEN + 5;
+
+/// Largest amount of stdout (and, separately, stderr) the agent buffers for a
+/// non-streamed command; larger `stdout_limit`/`stderr_limit` are clamped.
+pub const MAX_BUFFERED_OUTPUT: u32 = 2 * 1024 * 1024;
+
+/// Recommended largest data chunk for `Stdin`, `Stdout`, `Stderr`, `FileData`
+/// and `WriteFile`, well inside [`MAX_PAYLOAD_LEN`].
+pub const MAX_CHUNK_LEN: usize = 1024 * 1024;
+
+/// Request id reserved for connection-level messages ([`Message::Hello`],
+/// connection errors).
+pub const CONTROL_ID: u32 = 0;
+
+/// Capability bits advertised in [`Hello::capabilities`].
+pub mod caps {
+    /// The agent runs commands ([`crate::Message::Run`]).
+    pub const RUN: u64 = 1 << 0;
+    /// The agent can stream output (`RunRequest::stream`).
+    pub const STREAM: u64 = 1 << 1;
+    /// The agent forwards stdin (`RunRequest::stdin`).
+    pub const STDIN: u64 = 1 << 2;
+    /// The agent forwards signals ([`crate::Message::Signal`]).
+    pub const SIGNAL: u64 = 1 << 3;
+    /// The agent serves `ReadFile`, `WriteFile` and `ListDir`.
+    pub const FILES: u64 = 1 << 4;
+    /// The agent runs as PID 1 (it set up the guest and reaps orphans).
+    pub const PID1: u64 = 1 << 5;
+}
+
+/// One decoded frame: a request id and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The request id (see the crate docs; [`CONTROL_ID`] for connection-level messages).
+    pub id: u32,
+    /// The message.
+    pub message: Message,
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// The payload ended in the middle of a field.
+    #[error("payload truncated")]
+    Truncated,
+    /// Bytes were left after the last field.
+    #[error("{0} trailing bytes after the payload")]
+    TrailingBytes(usize),
+    /// A `bool` byte other than 0 or 1.
+    #[error("invalid bool byte {0}")]
+    InvalidBool(u8),
+    /// A tag byte (option, enum) with no meaning.
+    #[error("invalid tag byte {0}")]
+    InvalidTag(u8),
+    /// A string that is not UTF-8.
+    #[error("string is not valid UTF-8")]
+    InvalidUtf8,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The length field is below 5 or above [`MAX_FRAME_LEN`]. Fatal: the
+    /// stream cannot be resynchronised.
+    #[error("frame length {len} out of range 5..={max}", max = MAX_FRAME_LEN)]
+    BadLength {
+        /// The offending length field.
+        len: u32,
+    },
+    /// The kind byte names no known message. The frame was skipped.
+    #[error("unknown message kind {kind:#04x} on request {id}")]
+    UnknownKind {
+        /// The kind byte.
+        kind: u8,
+        /// The frame's request id.
+        id: u32,
+    },
+    /// The payload does not match its kind. The frame was skipped.
+    #[error("malformed {kind:?} payload on request {id}: {reason}")]
+    Malformed {
+        /// The frame's kind.
+        kind: Kind,
+        /// The frame's request id.
+        id: u32,
+        /// What was wrong.
+        reason: PayloadError,
+    },
+}
+
+impl DecodeError {
+    /// Whether the stream is unusable after this error (framing lost).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, DecodeError::BadLength { .. })
+    }
+
+    /// The request id of the skipped frame, for non-fatal errors.
+    pub fn request_id(&self) -> Option<u32> {
+        match self {
+            DecodeError::BadLength { .. } => None,
+            DecodeError::UnknownKind { id, .. } | DecodeError::Malformed { id, .. } => Some(*id),
+        }
+    }
+
+    /// The [`ErrorCode`] a receiver should answer this error with.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            DecodeError::UnknownKind { .. } => ErrorCode::UNKNOWN_KIND,
+            DecodeError::BadLength { .. } | DecodeError::Malformed { .. } => ErrorCode::MALFORMED,
+        }
+    }
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The payload would exceed [`MAX_PAYLOAD_LEN`] (or a field its `u32` length).
+    #[error("payload of {len} bytes exceeds the maximum of {max}", max = MAX_PAYLOAD_LEN)]
+    TooLarge {
+        /// The payload length that was produced.
+        len: usize,
+    },
+}

@@ -1,0 +1,373 @@
+//! Message types.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// Message kind byte (offset 4 of a frame). See the crate docs for the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// [`Message::Hello`].
+    Hello = 0x01,
+    /// [`Message::Ping`].
+    Ping = 0x02,
+    /// [`Message::Pong`].
+    Pong = 0x03,
+    /// [`Message::Error`].
+    Error = 0x04,
+    /// [`Message::Ack`].
+    Ack = 0x05,
+    /// [`Message::Run`].
+    Run = 0x10,
+    /// [`Message::Stdin`].
+    Stdin = 0x11,
+    /// [`Message::CloseStdin`].
+    CloseStdin = 0x12,
+    /// [`Message::Signal`].
+    Signal = 0x13,
+    /// [`Message::Started`].
+    Started = 0x18,
+    /// [`Message::Stdout`].
+    Stdout = 0x19,
+    /// [`Message::Stderr`].
+    Stderr = 0x1a,
+    /// [`Message::Exit`].
+    Exit = 0x1b,
+    /// [`Message::ReadFile`].
+    ReadFile = 0x20,
+    /// [`Message::WriteFile`].
+    WriteFile = 0x21,
+    /// [`Message::ListDir`].
+    ListDir = 0x22,
+    /// [`Message::FileData`].
+    FileData = 0x28,
+    /// [`Message::DirListing`].
+    DirListing = 0x29,
+}
+
+impl Kind {
+    /// The kind for a byte, if it names one.
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            0x01 => Kind::Hello,
+            0x02 => Kind::Ping,
+            0x03 => Kind::Pong,
+            0x04 => Kind::Error,
+            0x05 => Kind::Ack,
+            0x10 => Kind::Run,
+            0x11 => Kind::Stdin,
+            0x12 => Kind::CloseStdin,
+            0x13 => Kind::Signal,
+            0x18 => Kind::Started,
+            0x19 => Kind::Stdout,
+            0x1a => Kind::Stderr,
+            0x1b => Kind::Exit,
+            0x20 => Kind::ReadFile,
+            0x21 => Kind::WriteFile,
+            0x22 => Kind::ListDir,
+            0x28 => Kind::FileData,
+            0x29 => Kind::DirListing,
+            _ => return None,
+        })
+    }
+}
+
+/// Every message of the protocol. Direction and reply rules are in the crate docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Agent → host on connect, on id 0.
+    Hello(Hello),
+    /// Either way: liveness check; answered with [`Message::Pong`] echoing the data.
+    Ping(Vec<u8>),
+    /// Answer to [`Message::Ping`].
+    Pong(Vec<u8>),
+    /// A request failed, or (on id 0) the connection has a problem.
+    Error(ErrorInfo),
+    /// Success of a request that has no other reply ([`Message::WriteFile`]).
+    Ack,
+    /// Host → agent: run a command.
+    Run(RunRequest),
+    /// Host → agent: bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// Host → agent: close the command's stdin (EOF).
+    CloseStdin,
+    /// Host → agent: send a signal to the command's process group.
+    Signal {
+        /// The signal number (Linux numbering, e.g. 15 for SIGTERM).
+        sig: i32,
+    },
+    /// Agent → host: the command was spawned.
+    Started {
+        /// Pid (and process group id) of the command in the guest.
+        pid: u32,
+    },
+    /// Agent → host: a chunk of stdout (streamed commands only).
+    Stdout(Vec<u8>),
+    /// Agent → host: a chunk of stderr (streamed commands only).
+    Stderr(Vec<u8>),
+    /// Agent → host: the command finished; last message of its request.
+    Exit(ExitInfo),
+    /// Host → agent: read up to `len` bytes of a file from `offset`.
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// Byte offset to start at.
+        offset: u64,
+        /// Most bytes to return (the agent may return fewer; at most [`crate::MAX_CHUNK_LEN`]).
+        len: u32,
+    },
+    /// Host → agent: write a chunk of a file.
+    WriteFile(WriteFile),
+    /// Host → agent: list a directory.
+    ListDir {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Agent → host: answer to [`Message::ReadFile`].
+    FileData {
+        /// The bytes read.
+        data: Vec<u8>,
+        /// Whether the end of the file was reached.
+        eof: bool,
+    },
+    /// Agent → host: answer to [`Message::ListDir`].
+    DirListing {
+        /// The entries, without `.` and `..`, in no particular order.
+        entries: Vec<DirEntry>,
+        /// Whether entries were left out to fit one frame.
+        truncated: bool,
+    },
+}
+
+impl Message {
+    /// This message's kind byte.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::Ping(_) => Kind::Ping,
+            Message::Pong(_) => Kind::Pong,
+            Message::Error(_) => Kind::Error,
+            Message::Ack => Kind::Ack,
+            Message::Run(_) => Kind::Run,
+            Message::Stdin(_) => Kind::Stdin,
+            Message::CloseStdin => Kind::CloseStdin,
+            Message::Signal { .. } => Kind::Signal,
+            Message::Started { .. } => Kind::Started,
+            Message::Stdout(_) => Kind::Stdout,
+            Message::Stderr(_) => Kind::Stderr,
+            Message::Exit(_) => Kind::Exit,
+            Message::ReadFile { .. } => Kind::ReadFile,
+            Message::WriteFile(_) => Kind::WriteFile,
+            Message::ListDir { .. } => Kind::ListDir,
+            Message::FileData { .. } => Kind::FileData,
+            Message::DirListing { .. } => Kind::DirListing,
+        }
+    }
+
+    /// Shorthand for an [`Message::Error`].
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error(ErrorInfo {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+/// Payload of [`Message::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The agent's [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Free-form agent version (e.g. the crate version).
+    pub agent_version: String,
+    /// Bitset of [`crate::caps`].
+    pub capabilities: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `/bin/sh -c SCRIPT`.
+    Shell(String),
+    /// Execute `program` (looked up in `PATH` if it has no `/`) with `args`
+    /// (not including argv\[0\]).
+    Exec {
+        /// The program.
+        program: String,
+        /// The arguments after argv\[0\].
+        args: Vec<String>,
+    },
+}
+
+/// Payload of [`Message::Run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    /// What to run.
+    pub command: Command,
+    /// Variables to set (after clearing, if `clear_env`).
+    pub env: Vec<(String, String)>,
+    /// Start from an empty environment instead of the agent's.
+    pub clear_env: bool,
+    /// Working directory; the agent's (`/` as PID 1) if none.
+    pub cwd: Option<String>,
+    /// Kill the whole process group after this many milliseconds; 0 = never.
+    pub timeout_ms: u64,
+    /// Most stdout bytes to return (buffered: clamped to
+    /// [`crate::MAX_BUFFERED_OUTPUT`]); the rest is read and discarded.
+    pub stdout_limit: u32,
+    /// Most stderr bytes to return, as for `stdout_limit`.
+    pub stderr_limit: u32,
+    /// Send output as [`Message::Stdout`]/[`Message::Stderr`] chunks as it
+    /// comes instead of in [`ExitInfo`].
+    pub stream: bool,
+    /// Give the command a stdin pipe fed by [`Message::Stdin`]; otherwise its
+    /// stdin is `/dev/null`.
+    pub stdin: bool,
+}
+
+impl RunRequest {
+    /// A buffered shell command with no timeout, 1 MiB limits, no stdin.
+    pub fn shell(script: impl Into<String>) -> RunRequest {
+        RunRequest {
+            command: Command::Shell(script.into()),
+            env: Vec::new(),
+            clear_env: false,
+            cwd: None,
+            timeout_ms: 0,
+            stdout_limit: 1024 * 1024,
+            stderr_limit: 1024 * 1024,
+            stream: false,
+            stdin: false,
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+/// Payload of [`Message::Exit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// How the command's main process ended.
+    pub status: ExitStatus,
+    /// Microseconds from spawn to the end of output collection.
+    pub duration_us: u64,
+    /// Whether the agent killed it because `timeout_ms` passed.
+    pub timed_out: bool,
+    /// Whether stdout went past its limit (the excess was discarded).
+    pub stdout_truncated: bool,
+    /// Whether stderr went past its limit (the excess was discarded).
+    pub stderr_truncated: bool,
+    /// Buffered stdout (empty when streamed).
+    pub stdout: Vec<u8>,
+    /// Buffered stderr (empty when streamed).
+    pub stderr: Vec<u8>,
+}
+
+/// Error code of [`Message::Error`]. Unknown codes are kept as they are, so
+/// newer peers can add codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// A frame's payload did not decode, or the stream lost framing (id 0).
+    pub const MALFORMED: ErrorCode = ErrorCode(1);
+    /// A frame's kind is unknown to the receiver.
+    pub const UNKNOWN_KIND: ErrorCode = ErrorCode(2);
+    /// A message that the receiver does not accept in this direction or state.
+    pub const UNEXPECTED: ErrorCode = ErrorCode(3);
+    /// The id names no running request.
+    pub const UNKNOWN_REQUEST: ErrorCode = ErrorCode(4);
+    /// The id is already used by a running request.
+    pub const DUPLICATE_REQUEST: ErrorCode = ErrorCode(5);
+    /// The command could not be spawned.
+    pub const SPAWN_FAILED: ErrorCode = ErrorCode(6);
+    /// An I/O operation failed (file requests, signal delivery).
+    pub const IO: ErrorCode = ErrorCode(7);
+    /// The host refuses the agent's protocol version (sent on id 0).
+    pub const VERSION_MISMATCH: ErrorCode = ErrorCode(8);
+    /// An argument is out of range (bad signal number, oversized read).
+    pub const INVALID_ARGUMENT: ErrorCode = ErrorCode(9);
+    /// The feature is not supported by this peer.
+    pub const UNSUPPORTED: ErrorCode = ErrorCode(10);
+    /// A bug or resource exhaustion in the peer.
+    pub const INTERNAL: ErrorCode = ErrorCode(11);
+    /// A signal could not be delivered to the command's process group.
+    pub const SIGNAL_FAILED: ErrorCode = ErrorCode(12);
+
+    /// Whether an `Error` with this code ends the request it is sent on.
+    ///
+    /// Advisory codes ([`ErrorCode::UNEXPECTED`],
+    /// [`ErrorCode::UNKNOWN_REQUEST`], [`ErrorCode::DUPLICATE_REQUEST`],
+    /// [`ErrorCode::INVALID_ARGUMENT`], [`ErrorCode::SIGNAL_FAILED`]) only
+    /// refuse one message (a `Stdin`, a `Signal`, a second `Run` on a busy id)
+    /// while the request, if any, goes on to its own end. Every other code,
+    /// unknown codes included, ends the request.
+    pub fn ends_request(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::UNEXPECTED
+                | ErrorCode::UNKNOWN_REQUEST
+                | ErrorCode::DUPLICATE_REQUEST
+                | ErrorCode::INVALID_ARGUMENT
+                | ErrorCode::SIGNAL_FAILED
+        )
+    }
+}
+
+/// Payload of [`Message::Error`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Payload of [`Message::WriteFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFile {
+    /// Absolute path in the guest; created if missing.
+    pub path: String,
+    /// Permission bits used when the file is created (e.g. `0o644`).
+    pub mode: u32,
+    /// Truncate the file before writing (first chunk of a whole-file write).
+    pub truncate: bool,
+    /// Append instead of writing at offset 0 (later chunks).
+    pub append: bool,
+    /// The bytes to write.
+    pub data: Vec<u8>,
+}
+
+/// Type of a [`DirEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FileType {
+    /// Regular file.
+    File = 0,
+    /// Directory.
+    Dir = 1,
+    /// Symbolic link (not followed).
+    Symlink = 2,
+    /// Anything else (device, fifo, socket).
+    Other = 3,
+}
+
+/// One entry of [`Message::DirListing`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// File name (lossily converted to UTF-8).
+    pub name: String,
+    /// Entry type.
+    pub file_type: FileType,
+    /// Size in bytes (of the link itself for symlinks).
+    pub size: u64,
+    /// `st_mode` permission and type bits.
+    pub mode: u32,
+}

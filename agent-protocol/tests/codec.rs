@@ -1,0 +1,382 @@
+//! Encoding/decoding tests, including deterministic random-input robustness.
+
+use capsule_agent_protocol::*;
+
+fn samples() -> Vec<Message> {
+    vec![
+        Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            capabilities: caps::RUN | caps::STREAM,
+        }),
+        Message::Ping(b"abc".to_vec()),
+        Message::Pong(vec![]),
+        Message::error(ErrorCode::SPAWN_FAILED, "no such file"),
+        Message::Ack,
+        Message::Run(RunRequest {
+            command: Command::Exec {
+                program: "ls".into(),
+                args: vec!["-l".into(), "/".into()],
+            },
+            env: vec![("A".into(), "1".into()), ("B".into(), "ü".into())],
+            clear_env: true,
+            cwd: Some("/tmp".into()),
+            timeout_ms: 1234,
+            stdout_limit: 10,
+            stderr_limit: 20,
+            stream: true,
+            stdin: true,
+        }),
+        Message::Run(RunRequest::shell("echo hi")),
+        Message::Stdin(vec![0, 1, 2]),
+        Message::CloseStdin,
+        Message::Signal { sig: 15 },
+        Message::Started { pid: 42 },
+        Message::Stdout(b"out".to_vec()),
+        Message::Stderr(b"err".to_vec()),
+        Message::Exit(ExitInfo {
+            status: ExitStatus::Signal(9),
+            duration_us: 99,
+            timed_out: true,
+            stdout_truncated: false,
+            stderr_truncated: true,
+            stdout: b"o".to_vec(),
+            stderr: b"e".to_vec(),
+        }),
+        Message::Exit(ExitInfo {
+            status: ExitStatus::Code(-1),
+            duration_us: 0,
+            timed_out: false,
+            stdout_truncated: false,
+            stderr_truncated: false,
+            stdout: vec![],
+            stderr: vec![],
+        }),
+        Message::ReadFile {
+            path: "/etc/hosts".into(),
+            offset: 7,
+            len: 4096,
+        },
+        Message::WriteFile(WriteFile {
+            path: "/tmp/x".into(),
+            mode: 0o644,
+            truncate: true,
+            append: false,
+            data: b"data".to_vec(),
+        }),
+        Message::ListDir { path: "/".into() },
+        Message::FileData {
+            data: b"xyz".to_vec(),
+            eof: true,
+        },
+        Message::DirListing {
+            entries: vec![DirEntry {
+                name: "a".into(),
+                file_type: FileType::Symlink,
+                size: 3,
+                mode: 0o120777,
+            }],
+            truncated: false,
+        },
+    ]
+}
+
+#[test]
+fn roundtrip_every_message() {
+    for (i, m) in samples().into_iter().enumerate() {
+        let id = i as u32 * 7 + 1;
+        let bytes = encode(&m, id);
+        let (frame, used) = decode_frame(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(
+            frame,
+            Frame {
+                id,
+                message: m.clone()
+            }
+        );
+        assert_eq!(try_encode(&m, id).unwrap(), bytes);
+        // Every proper prefix is incomplete, not an error.
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_frame(&bytes[..cut]), Ok(None), "{m:?} cut at {cut}");
+        }
+    }
+}
+
+#[test]
+fn hello_bytes_are_as_documented() {
+    let m = Message::Hello(Hello {
+        protocol_version: 1,
+        agent_version: "v".into(),
+        capabilities: 0x21,
+    });
+    let bytes = encode(&m, 0);
+    let expected: Vec<u8> = [
+        &[22, 0, 0, 0][..],           // len = 5 + 17
+        &[0x01],                      // kind
+        &[0, 0, 0, 0],                // id
+        &[1, 0, 0, 0],                // protocol_version
+        &[1, 0, 0, 0, b'v'],          // agent_version
+        &[0x21, 0, 0, 0, 0, 0, 0, 0], // capabilities
+    ]
+    .concat();
+    assert_eq!(bytes, expected);
+}
+
+#[test]
+fn streaming_decoder_byte_by_byte() {
+    let msgs = samples();
+    let mut stream = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        stream.extend(encode(m, i as u32));
+    }
+    let mut dec = FrameDecoder::new();
+    let mut got = Vec::new();
+    for b in &stream {
+        dec.push(std::slice::from_ref(b));
+        while let Some(f) = dec.next_frame().unwrap() {
+            got.push(f.message);
+        }
+    }
+    assert_eq!(got, msgs);
+    assert_eq!(dec.buffered_len(), 0);
+}
+
+#[test]
+fn bad_length_is_fatal_and_poisons() {
+    for len in [0u32, 4, (MAX_FRAME_LEN + 1) as u32, u32::MAX] {
+        let mut dec = FrameDecoder::new();
+        dec.push(&len.to_le_bytes());
+        let e = dec.next_frame().unwrap_err();
+        assert_eq!(e, DecodeError::BadLength { len });
+        assert!(e.is_fatal());
+        assert!(dec.is_poisoned());
+        dec.push(&encode(&Message::Ack, 1));
+        assert!(dec.next_frame().is_err());
+        assert_eq!(dec.buffered_len(), 0);
+    }
+}
+
+#[test]
+fn max_length_header_does_not_allocate_up_front() {
+    let mut dec = FrameDecoder::new();
+    dec.push(&(MAX_FRAME_LEN as u32).to_le_bytes());
+    dec.push(&[Kind::Ping as u8, 1, 0, 0, 0]);
+    assert_eq!(dec.next_frame(), Ok(None));
+    assert_eq!(dec.buffered_len(), 9);
+}
+
+#[test]
+fn nonfatal_errors_skip_one_frame() {
+    let mut stream = Vec::new();
+    // Unknown kind 0x7e with a 3-byte payload.
+    stream.extend([8, 0, 0, 0, 0x7e, 5, 0, 0, 0, 1, 2, 3]);
+    // Ping with trailing garbage: bytes(len 0) + 1 extra byte.
+    stream.extend([10, 0, 0, 0, Kind::Ping as u8, 6, 0, 0, 0, 0, 0, 0, 0, 9]);
+    // Run with an invalid bool.
+    let mut run = encode(&Message::Run(RunRequest::shell("x")), 7);
+    let last = run.len() - 1;
+    run[last] = 2;
+    stream.extend(run);
+    // Error with invalid UTF-8.
+    stream.extend([
+        12,
+        0,
+        0,
+        0,
+        Kind::Error as u8,
+        8,
+        0,
+        0,
+        0,
+        1,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0xff,
+    ]);
+    // Exit with an invalid status tag.
+    stream.extend([6, 0, 0, 0, Kind::Exit as u8, 9, 0, 0, 0, 5]);
+    // DirListing claiming 1e9 entries.
+    stream.extend([
+        9,
+        0,
+        0,
+        0,
+        Kind::DirListing as u8,
+        10,
+        0,
+        0,
+        0,
+        0,
+        0xca,
+        0x9a,
+        0x3b,
+    ]);
+    stream.extend(encode(&Message::Ping(b"ok".to_vec()), 11));
+
+    let mut dec = FrameDecoder::new();
+    dec.push(&stream);
+    let mut errors = Vec::new();
+    let mut frames = Vec::new();
+    loop {
+        match dec.next_frame() {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => break,
+            Err(e) => {
+                assert!(!e.is_fatal());
+                errors.push(e);
+            }
+        }
+    }
+    assert_eq!(errors.len(), 6, "{errors:?}");
+    assert_eq!(errors[0], DecodeError::UnknownKind { kind: 0x7e, id: 5 });
+    assert_eq!(errors[0].error_code(), ErrorCode::UNKNOWN_KIND);
+    assert_eq!(
+        errors[1],
+        DecodeError::Malformed {
+            kind: Kind::Ping,
+            id: 6,
+            reason: PayloadError::TrailingBytes(1)
+        }
+    );
+    assert_eq!(errors[2].request_id(), Some(7));
+    assert!(matches!(
+        errors[2],
+        DecodeError::Malformed {
+            reason: PayloadError::InvalidBool(2),
+            ..
+        }
+    ));
+    assert!(matches!(
+        errors[3],
+        DecodeError::Malformed {
+            reason: PayloadError::InvalidUtf8,
+            ..
+        }
+    ));
+    assert!(matches!(
+        errors[4],
+        DecodeError::Malformed {
+            reason: PayloadError::InvalidTag(5),
+            ..
+        }
+    ));
+    assert!(matches!(
+        errors[5],
+        DecodeError::Malformed {
+            reason: PayloadError::Truncated,
+            ..
+        }
+    ));
+    assert_eq!(
+        frames,
+        vec![Frame {
+            id: 11,
+            message: Message::Ping(b"ok".to_vec())
+        }]
+    );
+}
+
+#[test]
+fn oversized_payload_is_refused_by_try_encode() {
+    let m = Message::Stdout(vec![0; MAX_PAYLOAD_LEN]);
+    assert!(matches!(
+        try_encode(&m, 1),
+        Err(EncodeError::TooLarge { .. })
+    ));
+    let mut out = vec![1, 2, 3];
+    assert!(encode_into(&m, 1, &mut out).is_err());
+    assert_eq!(out, vec![1, 2, 3]);
+    // `encode` still produces it, and decoders reject it as fatal.
+    let bytes = encode(&m, 1);
+    assert!(decode_frame(&bytes).unwrap_err().is_fatal());
+    // The largest legal payload is accepted.
+    let m = Message::Stdout(vec![7; MAX_PAYLOAD_LEN - 4]);
+    let bytes = try_encode(&m, 1).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap().unwrap().0.message, m);
+}
+
+/// xorshift64*: deterministic, dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Decodes `bytes` in random chunks; checks that nothing panics and that any
+/// frame that decodes re-encodes to the very same bytes (canonical form).
+fn exercise(bytes: &[u8], rng: &mut Rng) {
+    let mut dec = FrameDecoder::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let n = 1 + rng.below(64);
+        let end = (i + n).min(bytes.len());
+        dec.push(&bytes[i..end]);
+        i = end;
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => {
+                    let re = encode(&f.message, f.id);
+                    assert_eq!(decode_frame(&re).unwrap().unwrap().0, f);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => return,
+                Err(_) => {}
+            }
+        }
+    }
+    // The one-shot decoder must agree on the first frame.
+    if let Ok(Some((f, used))) = decode_frame(bytes) {
+        assert_eq!(encode(&f.message, f.id), bytes[..used]);
+    }
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..20_000 {
+        let len = rng.below(200);
+        let mut bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        // Make plausible headers common: small length and a known kind.
+        if len >= 9 && rng.below(2) == 0 {
+            let l = (len - 4) as u32;
+            bytes[..4].copy_from_slice(&l.to_le_bytes());
+            let kinds = [
+                1u8, 2, 3, 4, 5, 0x10, 0x11, 0x12, 0x13, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x21, 0x22,
+                0x28, 0x29,
+            ];
+            bytes[4] = kinds[rng.below(kinds.len())];
+        }
+        exercise(&bytes, &mut rng);
+    }
+}
+
+#[test]
+fn mutated_valid_frames_never_panic() {
+    let mut rng = Rng(42);
+    let frames: Vec<Vec<u8>> = samples().iter().map(|m| encode(m, 3)).collect();
+    for _ in 0..20_000 {
+        let mut bytes = frames[rng.below(frames.len())].clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len());
+            match rng.below(3) {
+                0 => bytes[at] = rng.next() as u8,
+                1 => bytes[at] ^= 1 << rng.below(8),
+                _ => {
+                    bytes.truncate(at.max(1));
+                }
+            }
+        }
+        exercise(&bytes, &mut rng);
+    }
+}

@@ -1,0 +1,329 @@
+//! The protocol loop over one byte stream.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::Scope;
+
+use capsule_agent_protocol::{
+    caps, try_encode, DecodeError, ErrorCode, ErrorInfo, Frame, FrameDecoder, Hello, Message,
+    CONTROL_ID, PROTOCOL_VERSION,
+};
+
+use crate::exec::{run_command, CmdCtl, ExecConfig};
+use crate::files;
+
+/// The line printed to stderr after `Hello` when [`ServeConfig::ready_line`]
+/// is set (boot-time measurement).
+pub const READY_LINE: &str = "capsule-agent: ready";
+
+/// Settings of one [`serve`] call.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Version string sent in `Hello`.
+    pub agent_version: String,
+    /// Whether to advertise [`caps::PID1`].
+    pub pid1: bool,
+    /// Print [`READY_LINE`] to stderr once `Hello` is sent.
+    pub ready_line: bool,
+    /// How commands are run.
+    pub exec: ExecConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> ServeConfig {
+        ServeConfig {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            pid1: false,
+            ready_line: false,
+            exec: ExecConfig::default(),
+        }
+    }
+}
+
+/// How a [`serve`] call ended without an I/O error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServeOutcome {
+    /// The peer closed the stream.
+    Closed,
+    /// The host refused the agent with an `Error` on id 0.
+    Refused(ErrorInfo),
+    /// The stream lost framing (bad length field); an `Error` was sent on id
+    /// 0 and the connection should be dropped.
+    FramingLost(DecodeError),
+}
+
+/// Why [`serve`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reading the stream failed.
+    #[error("reading the channel: {0}")]
+    Read(#[source] io::Error),
+    /// Sending `Hello` failed.
+    #[error("sending hello: {0}")]
+    Hello(#[source] io::Error),
+}
+
+/// The serialized writing half: one frame at a time, whole.
+#[derive(Debug)]
+pub(crate) struct Out<W> {
+    writer: Mutex<W>,
+    broken: AtomicBool,
+}
+
+impl<W: Write> Out<W> {
+    fn new(writer: W) -> Out<W> {
+        Out {
+            writer: Mutex::new(writer),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    /// Encodes and writes one frame. Messages too large to encode are
+    /// replaced by an `Error` so the peer is not left waiting.
+    pub(crate) fn send(&self, id: u32, message: &Message) -> io::Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let bytes = match try_encode(message, id) {
+            Ok(b) => b,
+            Err(e) => {
+                let m = Message::error(ErrorCode::INTERNAL, format!("reply too large: {e}"));
+                try_encode(&m, id).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?
+            }
+        };
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let r = w.write_all(&bytes).and_then(|()| w.flush());
+        if r.is_err() {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// State of one connection.
+struct Conn<'c, W> {
+    out: Out<W>,
+    active: Mutex<HashMap<u32, Arc<CmdCtl>>>,
+    config: &'c ServeConfig,
+}
+
+impl<W: Write + Send> Conn<'_, W> {
+    fn active(&self) -> MutexGuard<'_, HashMap<u32, Arc<CmdCtl>>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reply(&self, id: u32, m: &Message) {
+        // A dead writer shows up as EOF on the reader; nothing to do here.
+        let _ = self.out.send(id, m);
+    }
+
+    fn error(&self, id: u32, code: ErrorCode, msg: impl Into<String>) {
+        self.reply(id, &Message::error(code, msg));
+    }
+
+    fn lookup(&self, id: u32) -> Option<Arc<CmdCtl>> {
+        let found = self.active().get(&id).cloned();
+        if found.is_none() {
+            self.error(
+                id,
+                ErrorCode::UNKNOWN_REQUEST,
+                format!("no running command with id {id}"),
+            );
+        }
+        found
+    }
+
+    /// Handles one frame; `Some` ends the connection.
+    fn handle<'s>(&'s self, frame: Frame, scope: &'s Scope<'s, '_>) -> Option<ServeOutcome> {
+        let id = frame.id;
+        match frame.message {
+            Message::Run(req) => self.start_run(id, req, scope),
+            Message::Stdin(data) => {
+                if let Some(ctl) = self.lookup(id) {
+                    if ctl.stdin_enabled() {
+                        ctl.push_stdin(data);
+                    } else {
+                        self.error(
+                            id,
+                            ErrorCode::UNEXPECTED,
+                            "command was started without stdin",
+                        );
+                    }
+                }
+            }
+            Message::CloseStdin => {
+                if let Some(ctl) = self.lookup(id) {
+                    ctl.close_stdin();
+                }
+            }
+            Message::Signal { sig } => {
+                if !(1..=64).contains(&sig) {
+                    self.error(id, ErrorCode::INVALID_ARGUMENT, format!("bad signal {sig}"));
+                } else if let Some(ctl) = self.lookup(id) {
+                    ctl.push_signal(sig);
+                }
+            }
+            Message::Ping(data) => self.reply(id, &Message::Pong(data)),
+            Message::Pong(_) => {}
+            Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
+            // Errors about our replies need no answer.
+            Message::Error(_) => {}
+            m @ (Message::ReadFile { .. } | Message::WriteFile(_) | Message::ListDir { .. }) => {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("file-{id}"))
+                    .spawn_scoped(scope, move || self.reply(id, &files::handle(m)));
+                if let Err(e) = spawned {
+                    self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+                }
+            }
+            m @ (Message::Hello(_)
+            | Message::Ack
+            | Message::Started { .. }
+            | Message::Stdout(_)
+            | Message::Stderr(_)
+            | Message::Exit(_)
+            | Message::FileData { .. }
+            | Message::DirListing { .. }) => {
+                self.error(
+                    id,
+                    ErrorCode::UNEXPECTED,
+                    format!("{:?} is not a request", m.kind()),
+                );
+            }
+        }
+        None
+    }
+
+    fn start_run<'s>(
+        &'s self,
+        id: u32,
+        req: capsule_agent_protocol::RunRequest,
+        scope: &'s Scope<'s, '_>,
+    ) {
+        if id == CONTROL_ID {
+            self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
+            return;
+        }
+        let ctl = {
+            let mut active = self.active();
+            if active.contains_key(&id) {
+                drop(active);
+                self.error(
+                    id,
+                    ErrorCode::DUPLICATE_REQUEST,
+                    format!("id {id} is already running"),
+                );
+                return;
+            }
+            let ctl = match CmdCtl::new(req.stdin) {
+                Ok(c) => c,
+                Err(e) => {
+                    drop(active);
+                    self.error(id, ErrorCode::INTERNAL, format!("control socket: {e}"));
+                    return;
+                }
+            };
+            active.insert(id, Arc::clone(&ctl));
+            ctl
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("cmd-{id}"))
+            .spawn_scoped(scope, move || {
+                let last = run_command(&req, id, &ctl, &self.out, &self.config.exec);
+                // Retire the id before the final message, so the host may
+                // reuse it as soon as it sees `Exit`.
+                self.active().remove(&id);
+                self.reply(id, &last);
+            });
+        if let Err(e) = spawned {
+            self.active().remove(&id);
+            self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+        }
+    }
+
+    fn read_loop<'s, R: Read>(
+        &'s self,
+        reader: &mut R,
+        scope: &'s Scope<'s, '_>,
+    ) -> Result<ServeOutcome, ServeError> {
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(ServeOutcome::Closed),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ServeError::Read(e)),
+            };
+            decoder.push(&buf[..n]);
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        if let Some(outcome) = self.handle(frame, scope) {
+                            return Ok(outcome);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.is_fatal() => {
+                        self.error(CONTROL_ID, e.error_code(), e.to_string());
+                        return Ok(ServeOutcome::FramingLost(e));
+                    }
+                    Err(e) => self.error(
+                        e.request_id().unwrap_or(CONTROL_ID),
+                        e.error_code(),
+                        e.to_string(),
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Capabilities this agent advertises.
+pub fn capabilities(pid1: bool) -> u64 {
+    let base = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES;
+    if pid1 {
+        base | caps::PID1
+    } else {
+        base
+    }
+}
+
+/// Runs the agent protocol over one byte stream until it ends.
+///
+/// Sends `Hello`, then decodes requests from `reader` and answers on
+/// `writer`; each command runs on its own thread and frames are written whole
+/// and one at a time. When the stream ends (EOF, refusal, lost framing), every
+/// command still running is killed (SIGKILL to its process group) and waited
+/// for before this returns.
+pub fn serve<R: Read, W: Write + Send>(
+    mut reader: R,
+    writer: W,
+    config: &ServeConfig,
+) -> Result<ServeOutcome, ServeError> {
+    let conn = Conn {
+        out: Out::new(writer),
+        active: Mutex::new(HashMap::new()),
+        config,
+    };
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: config.agent_version.clone(),
+        capabilities: capabilities(config.pid1),
+    });
+    conn.out
+        .send(CONTROL_ID, &hello)
+        .map_err(ServeError::Hello)?;
+    if config.ready_line {
+        eprintln!("{READY_LINE}");
+    }
+    std::thread::scope(|scope| {
+        let result = conn.read_loop(&mut reader, scope);
+        for ctl in conn.active().values() {
+            ctl.cancel();
+        }
+        result
+    })
+}
