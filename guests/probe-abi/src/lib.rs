@@ -129,6 +129,15 @@ pub const fn touch_capacity(mem_size: u64) -> u64 {
     }
 }
 
+// The layout's regions do not overlap (checked at compile time, on both sides).
+const _: () = {
+    assert!(PD_ADDR + PAGE_SIZE <= IMAGE_ADDR);
+    assert!(STACKS_ADDR + MAX_VCPUS * STACK_SIZE <= MAILBOXES_ADDR);
+    assert!(TOUCH_ADDR < MIN_MEMORY_MIB << 20);
+    assert!(STDERR_OFFSET + STDERR_MAX == MAILBOX_SIZE as usize);
+    assert!(REPLY_HEADER_OFFSET + REPLY_HEADER_SIZE <= REQUEST_OFFSET);
+};
+
 /// The fixed-size header of a reply, as the guest wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyHeader {
@@ -146,7 +155,7 @@ pub struct ReplyHeader {
 
 impl ReplyHeader {
     /// Serialises the header into its [`REPLY_HEADER_SIZE`] bytes.
-    pub fn to_bytes(&self) -> [u8; REPLY_HEADER_SIZE] {
+    pub fn to_bytes(self) -> [u8; REPLY_HEADER_SIZE] {
         let mut out = [0u8; REPLY_HEADER_SIZE];
         out[0..4].copy_from_slice(&self.seq.to_le_bytes());
         out[4..8].copy_from_slice(&self.exit_code.to_le_bytes());
@@ -255,15 +264,6 @@ pub fn encode_request_header(seq: u32, request_len: usize) -> Option<[u8; 8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layout_regions_do_not_overlap() {
-        assert!(PD_ADDR + PAGE_SIZE <= IMAGE_ADDR);
-        assert!(STACKS_ADDR + MAX_VCPUS * STACK_SIZE <= MAILBOXES_ADDR);
-        assert!(TOUCH_ADDR < MIN_MEMORY_MIB << 20);
-        assert_eq!(STDERR_OFFSET + STDERR_MAX, MAILBOX_SIZE as usize);
-        assert!(REPLY_HEADER_OFFSET + REPLY_HEADER_SIZE <= REQUEST_OFFSET);
-    }
 
     #[test]
     fn reply_round_trips() {
