@@ -76,6 +76,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another engine (in this or another process) has the data directory open.
+    #[error("the data directory {} is in use by another engine", .0.display())]
+    DataDirLocked(PathBuf),
+    /// A snapshot or template on disk is missing, corrupt, of an unsupported format version,
+    /// or could not be written (disk full, I/O error). Nothing that was valid before is lost.
+    #[error("snapshot: {0}")]
+    Snapshot(#[source] capsule_snapshot::Error),
     /// The hypervisor layer failed (a KVM ioctl, guest memory...).
     #[error("hypervisor: {0}")]
     Hypervisor(#[source] capsule_vmm::Error),

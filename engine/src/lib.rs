@@ -60,6 +60,7 @@ mod guest;
 mod id;
 mod limiter;
 mod status;
+mod store;
 
 pub use crate::capsule::{Capsule, CommandOutput, Commands};
 pub use crate::config::{CapsuleConfig, EngineConfig, RunOptions};

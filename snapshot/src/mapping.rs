@@ -61,7 +61,7 @@ impl PrivateMapping {
         chain: &MemoryChain,
         max_overlays: usize,
     ) -> Result<Self> {
-        let plan = restore_plan(chain)?;
+        chain.validate()?;
         let Some(base) = chain.layers.first() else {
             return Err(Error::invalid("memory chain has no layers"));
         };
@@ -96,62 +96,12 @@ impl PrivateMapping {
             overlays: 0,
             copied_runs: 0,
         };
-
-        let overlays: Vec<&MapRun> = plan.iter().filter(|r| r.layer_index > 0).collect();
-        let map_limit = if host_page_is_4k() { max_overlays } else { 0 };
-        let (to_map, to_copy) = split_by_size(overlays, map_limit);
-        for run in to_map {
-            let (file, _) = files.get(run.layer_index, &run.file_name)?;
-            mapping.overlay(file.as_raw_fd(), run)?;
-        }
-        for run in to_copy {
-            let (file, path) = files.get(run.layer_index, &run.file_name)?;
-            let Some(dst) = mapping.range_mut(run.offset, run.len) else {
-                return Err(Error::invalid("run outside memory"));
-            };
-            memory::read_exact_at(file, path, dst, run.offset)?;
-            mapping.copied_runs += 1;
-        }
-        tracing::debug!(
-            dir = %dir.display(),
-            len,
-            overlays = mapping.overlays,
-            copied_runs = mapping.copied_runs,
-            "mapped memory chain"
-        );
+        // SAFETY: the whole range is the private mapping created just above, owned by
+        // `mapping` and not yet shared with anyone.
+        let stats = unsafe { overlay_layers(ptr.as_ptr(), len, dir, chain, max_overlays)? };
+        mapping.overlays = stats.overlays;
+        mapping.copied_runs = stats.copied_runs;
         Ok(mapping)
-    }
-
-    /// Maps `run` of the layer open as `fd` over the same range of this mapping.
-    fn overlay(&mut self, fd: libc::c_int, run: &MapRun) -> Result<()> {
-        let in_bounds = run
-            .offset
-            .checked_add(run.len)
-            .is_some_and(|end| end <= self.len as u64);
-        if !in_bounds || run.offset % PAGE_SIZE != 0 || run.len == 0 {
-            return Err(Error::invalid("overlay run outside memory"));
-        }
-        let offset = libc::off_t::try_from(run.offset)
-            .map_err(|_| Error::invalid("overlay offset too large"))?;
-        // SAFETY: the target range [ptr+offset, ptr+offset+len) lies inside
-        // our own mapping (checked above) and is page aligned, so MAP_FIXED
-        // only replaces pages we own; the layer file is `self.len` bytes long
-        // (checked when opened), so the file range is fully backed.
-        let raw = unsafe {
-            libc::mmap(
-                self.ptr.as_ptr().add(run.offset as usize).cast(),
-                run.len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                fd,
-                offset,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap(MAP_FIXED)"));
-        }
-        self.overlays += 1;
-        Ok(())
     }
 
     /// Start address of the mapping (valid until `self` is dropped).
@@ -195,12 +145,6 @@ impl PrivateMapping {
         // within safe code; the mapping is PROT_WRITE.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
-
-    fn range_mut(&mut self, offset: u64, len: u64) -> Option<&mut [u8]> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        self.as_mut_slice().get_mut(start..end)
-    }
 }
 
 impl Drop for PrivateMapping {
@@ -212,6 +156,82 @@ impl Drop for PrivateMapping {
             tracing::error!(error = %std::io::Error::last_os_error(), "munmap failed");
         }
     }
+}
+
+/// What [`overlay_layers`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OverlayStats {
+    /// Runs mapped over the base with `MAP_FIXED`.
+    pub overlays: usize,
+    /// Runs copied in with `pread` (past the overlay limit).
+    pub copied_runs: usize,
+}
+
+/// Lays the newer layers of `chain` (files in `dir`) over an existing mapping of its base
+/// layer at `addr`: the largest `max_overlays` runs are mapped `MAP_PRIVATE | MAP_FIXED` at
+/// their offsets, the rest copied in with `pread`.
+///
+/// This lets a caller own the base mapping (for instance a vm-memory region mapped
+/// `MAP_PRIVATE` from the base file, unmapped when the region drops).
+///
+/// # Safety
+/// `[addr, addr + len)` must be one private, writable mapping owned by the caller, `len`
+/// must equal `chain.mem_size`, and no one may access the range during the call. Overlays
+/// replace pages of that mapping only.
+pub unsafe fn overlay_layers(
+    addr: *mut u8,
+    len: usize,
+    dir: &Path,
+    chain: &MemoryChain,
+    max_overlays: usize,
+) -> Result<OverlayStats> {
+    if len as u64 != chain.mem_size {
+        return Err(Error::invalid(
+            "mapping length differs from the chain's memory size",
+        ));
+    }
+    let plan = restore_plan(chain)?;
+    let mut files = LayerFiles::new(dir, chain.mem_size);
+    let overlays: Vec<&MapRun> = plan.iter().filter(|r| r.layer_index > 0).collect();
+    let map_limit = if host_page_is_4k() { max_overlays } else { 0 };
+    let (to_map, to_copy) = split_by_size(overlays, map_limit);
+    let mut stats = OverlayStats::default();
+    for run in to_map {
+        let (file, _) = files.get(run.layer_index, &run.file_name)?;
+        let offset = libc::off_t::try_from(run.offset)
+            .map_err(|_| Error::invalid("overlay offset too large"))?;
+        // The plan's runs lie inside [0, mem_size) and are page aligned (restore_plan
+        // validates the chain), and mem_size == len.
+        // SAFETY: the target range is inside the caller's mapping (see above) which the
+        // caller owns exclusively; the layer file is mem_size bytes long (checked when
+        // opened), so the file range is fully backed.
+        let raw = unsafe {
+            libc::mmap(
+                addr.add(run.offset as usize).cast(),
+                run.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap(MAP_FIXED)"));
+        }
+        stats.overlays += 1;
+    }
+    for run in to_copy {
+        let (file, path) = files.get(run.layer_index, &run.file_name)?;
+        // SAFETY: the run lies inside the caller's mapping (as above), which nobody else
+        // accesses during this call.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(addr.add(run.offset as usize), run.len as usize)
+        };
+        memory::read_exact_at(file, path, dst, run.offset)?;
+        stats.copied_runs += 1;
+    }
+    tracing::debug!(dir = %dir.display(), ?stats, "overlaid memory layers");
+    Ok(stats)
 }
 
 /// Splits overlay runs into (mapped, copied): the `limit` largest are mapped.

@@ -1,6 +1,6 @@
 //! Guest RAM: reserved address space, populated only where the guest or the VMM touches it.
 
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 use crate::error::{Error, Result};
@@ -30,6 +30,66 @@ pub fn create_anonymous(size: usize) -> Result<GuestMemory> {
     )
     .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")))?;
     from_region(region)
+}
+
+/// Maps `file` copy-on-write as `size` bytes of guest RAM at guest-physical 0:
+/// `MAP_PRIVATE | MAP_NORESERVE`, so pages are read from the page cache on first touch
+/// (shared with every other mapping of the file) and guest writes stay private.
+///
+/// The file must be exactly `size` bytes long: a shorter one would fault the host on access.
+pub fn map_private_file(file: std::fs::File, size: usize) -> Result<GuestMemory> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::Memory(format!("reading the memory file's length: {e}")))?
+        .len();
+    if len != size as u64 || size == 0 || size % PAGE_SIZE != 0 {
+        return Err(Error::Memory(format!(
+            "memory file is {len} bytes, expected {size} (a positive multiple of {PAGE_SIZE})"
+        )));
+    }
+    let region =
+        vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(vm_memory::FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| Error::Memory(format!("mmap of the memory file: {e}")))?;
+    from_region(region)
+}
+
+/// Host address and length of guest memory's first region.
+pub fn host_range(memory: &GuestMemory) -> Result<(*mut u8, usize)> {
+    use vm_memory::GuestMemoryBackend;
+    let region = memory
+        .iter()
+        .next()
+        .ok_or_else(|| Error::Memory("guest memory has no region".into()))?;
+    let addr = region
+        .get_host_address(vm_memory::MemoryRegionAddress(0))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((addr, region.len() as usize))
+}
+
+/// Takes (and clears) the bitmap of pages the VMM wrote through `memory`'s accessors, in
+/// KVM's dirty-log word format (bit i of word w = page 64w + i).
+pub fn take_vmm_dirty(memory: &GuestMemory) -> Vec<u64> {
+    use vm_memory::GuestMemoryBackend;
+    memory
+        .iter()
+        .next()
+        .map(|region| region.bitmap_words())
+        .unwrap_or_default()
+}
+
+trait BitmapWords {
+    fn bitmap_words(&self) -> Vec<u64>;
+}
+
+impl BitmapWords for GuestRegionMmap<AtomicBitmap> {
+    fn bitmap_words(&self) -> Vec<u64> {
+        use std::ops::Deref;
+        self.deref().bitmap().get_and_reset()
+    }
 }
 
 /// Wraps one mapping as guest RAM at guest-physical 0.
@@ -64,6 +124,39 @@ mod tests {
             .is_err());
         assert!(mem.read_obj::<u8>(GuestAddress(u64::MAX)).is_err());
         assert!(!mem.address_in_range(GuestAddress(16 * PAGE_SIZE as u64)));
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked_and_cleared() {
+        let mem = create_anonymous(256 * PAGE_SIZE).unwrap();
+        mem.write_obj(1u8, GuestAddress(3 * PAGE_SIZE as u64))
+            .unwrap();
+        mem.write_obj(1u8, GuestAddress(130 * PAGE_SIZE as u64))
+            .unwrap();
+        let words = take_vmm_dirty(&mem);
+        assert_eq!(words.len(), 4);
+        assert_eq!(words[0], 1 << 3);
+        assert_eq!(words[2], 1 << 2);
+        assert!(take_vmm_dirty(&mem).iter().all(|w| *w == 0));
+    }
+
+    #[test]
+    fn private_file_mappings_are_copy_on_write() {
+        use std::io::Write;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![7u8; 4 * PAGE_SIZE]).unwrap();
+        let mem = map_private_file(file.try_clone().unwrap(), 4 * PAGE_SIZE).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(5)).unwrap(), 7);
+        mem.write_obj(9u8, GuestAddress(5)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(5)).unwrap(), 9);
+        let mut byte = [0u8; 1];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut byte, 5).unwrap();
+        assert_eq!(byte, [7], "the file is untouched");
+        assert!(
+            map_private_file(file, 8 * PAGE_SIZE).is_err(),
+            "length must match"
+        );
     }
 
     #[test]
