@@ -240,7 +240,7 @@ mod tests {
         let d = tss_descriptor(0x1234_5678_9abc);
         let low = u64::from_le_bytes(d[..8].try_into().unwrap());
         assert_eq!(low & 0xffff, u64::from(TSS_LIMIT));
-        assert_eq!((low >> 16) & 0xff_ffff, 0x56_789a_bc & 0xff_ffff);
+        assert_eq!((low >> 16) & 0xff_ffff, 0x5678_9abc & 0xff_ffff);
         assert_eq!((low >> 40) & 0xff, 0x89);
         assert_eq!(low >> 56, 0x56);
         assert_eq!(u64::from_le_bytes(d[8..].try_into().unwrap()), 0x1234);
