@@ -6,7 +6,7 @@
 //!
 //! - [`hypervisor`]: `/dev/kvm`, and what kind of KVM the host has ([`HostInfo`]).
 //! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes.
-//! - [`vm`]: a VM with its memory slots.
+//! - [`vm`]: a VM with its memory slots and optional in-kernel irqchip and PIT.
 //! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled) and how
 //!   another thread interrupts it ([`vcpu::Kicker`]).
 //! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers.
@@ -23,7 +23,7 @@ pub use error::{Error, KvmUnavailable, Result};
 pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
 pub use vcpu::{Kicker, Vcpu, VcpuEvent};
-pub use vm::Vm;
+pub use vm::{Vm, VmOptions};
 
 /// Re-exported so users of this crate name the same types.
 pub use kvm_bindings;

@@ -48,3 +48,32 @@ fn a_kick_interrupts_a_spinning_guest() {
     assert_eq!(vcpu.run(&pio, &mmio).unwrap(), VcpuEvent::Kicked);
     t.join().unwrap();
 }
+
+#[test]
+fn probe_runs_with_the_in_kernel_irqchip_and_pit() {
+    let Some(mut p) = common::boot_with(capsule_vmm::VmOptions {
+        irqchip: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    p.start();
+    assert_eq!(p.command(1, "echo with irqchip"), "with irqchip");
+    assert_eq!(p.command(2, "count"), "1");
+    // The in-kernel chips exist: KVM answers for the IOAPIC.
+    let mut ioapic = capsule_vmm::kvm_bindings::kvm_irqchip {
+        chip_id: capsule_vmm::kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    p.vm.fd().get_irqchip(&mut ioapic).unwrap();
+    p.vm.fd().get_pit2().unwrap();
+}
+
+#[test]
+fn without_the_option_there_is_no_in_kernel_irqchip() {
+    let Some((vm, _vcpu, _pio)) = boot() else {
+        return;
+    };
+    assert!(!vm.options().irqchip);
+    assert!(vm.fd().get_pit2().is_err());
+}

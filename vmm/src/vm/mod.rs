@@ -1,6 +1,9 @@
-//! A KVM virtual machine and its guest memory slots.
+//! A KVM virtual machine, its guest memory slots and, optionally, KVM's in-kernel interrupt
+//! controllers and timer ([`VmOptions::irqchip`]).
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -18,6 +21,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub struct VmOptions {
     /// Ask KVM to log pages the guest writes (needed for incremental snapshots).
     pub dirty_log: bool,
+    /// Create KVM's in-kernel interrupt controllers (PIC pair, IOAPIC, a LAPIC per vCPU) and
+    /// PIT, as a Linux guest needs. Off by default: the probe guest runs without interrupts.
+    pub irqchip: bool,
 }
 
 /// A VM: the KVM VM file descriptor plus the guest memory registered with it.
@@ -59,6 +65,19 @@ impl Vm {
             // for as long as the VM fd exists (fields drop in declaration order: fd first).
             unsafe { fd.set_user_memory_region(slot_region) }
                 .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        if options.irqchip {
+            // Both before any vCPU is created (KVM gives each vCPU a LAPIC at creation), and
+            // after the memory slots: on PVM a KVM_SET_USER_MEMORY_REGION made once the
+            // irqchip exists costs ~7.3 ms instead of ~35 us (measured, 16 MiB slot).
+            fd.create_irq_chip()
+                .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+            // The dummy speaker port (0x61) keeps the PC speaker from exiting to user space.
+            fd.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
         }
         Ok(Vm {
             fd,
