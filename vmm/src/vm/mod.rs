@@ -1,5 +1,8 @@
 //! A KVM virtual machine, its guest memory slots and, optionally, KVM's in-kernel interrupt
-//! controllers and timer ([`VmOptions::irqchip`]).
+//! controllers and timer ([`VmOptions::irqchip`]). Its state is saved by [`Vm::save_state`]
+//! (see [`state`]).
+
+pub mod state;
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
@@ -7,9 +10,12 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+pub use state::VmState;
+
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestMemory;
+use crate::vcpu::state::VcpuCaps;
 use crate::vcpu::Vcpu;
 
 /// Where KVM may put the three pages Intel VMX needs for real-mode emulation (TSS), just below
@@ -34,6 +40,9 @@ pub struct Vm {
     fd: VmFd,
     memory: GuestMemory,
     options: VmOptions,
+    vcpu_caps: VcpuCaps,
+    /// `KVM_CAP_ADJUST_CLOCK`: kvmclock can be read and set.
+    adjust_clock: bool,
 }
 
 impl Vm {
@@ -79,10 +88,14 @@ impl Vm {
             })
             .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
         }
+        let vcpu_caps = VcpuCaps::query(&fd, options.irqchip);
+        let adjust_clock = fd.check_extension(kvm_ioctls::Cap::AdjustClock);
         Ok(Vm {
             fd,
             memory,
             options,
+            vcpu_caps,
+            adjust_clock,
         })
     }
 
@@ -92,7 +105,7 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(index))
             .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
-        Ok(Vcpu::new(fd, index))
+        Ok(Vcpu::new(fd, index, self.vcpu_caps))
     }
 
     /// The guest memory.
