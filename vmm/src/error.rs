@@ -57,6 +57,30 @@ pub enum Error {
     /// A request the VMM cannot satisfy (too many vCPUs, too much memory...).
     #[error("invalid VM configuration: {0}")]
     InvalidConfig(String),
+    /// `KVM_GET_MSRS` or `KVM_SET_MSRS` handled fewer MSRs than asked: KVM stopped at the
+    /// first one it refused.
+    #[error("{op} stopped at MSR {index:#x}: {done} of {total} MSRs handled")]
+    MsrsIncomplete {
+        /// `KVM_GET_MSRS` or `KVM_SET_MSRS`.
+        op: &'static str,
+        /// The MSR KVM refused.
+        index: u32,
+        /// How many MSRs KVM handled before it.
+        done: usize,
+        /// How many were asked for.
+        total: usize,
+    },
+    /// Saved state does not fit the VM or vCPU it is restored into (an irqchip on one side
+    /// only, an XSAVE area too large for the host...).
+    #[error("incompatible state: {0}")]
+    IncompatibleState(String),
+    /// The vCPU's last exit (a [`crate::VcpuEvent::Yield`] from port I/O or MMIO) is only
+    /// completed by KVM on the next `KVM_RUN`; saving now would record the instruction as not yet
+    /// executed. Call [`crate::Vcpu::complete_pending_exit`] first.
+    #[error(
+        "the vCPU's last exit is not completed yet: call Vcpu::complete_pending_exit before saving"
+    )]
+    ExitNotCompleted,
     /// Another OS call failed.
     #[error("{op}: {source}")]
     Os {

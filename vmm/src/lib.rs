@@ -6,9 +6,13 @@
 //!
 //! - [`hypervisor`]: `/dev/kvm`, and what kind of KVM the host has ([`HostInfo`]).
 //! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes.
-//! - [`vm`]: a VM with its memory slots.
-//! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled) and how
-//!   another thread interrupts it ([`vcpu::Kicker`]).
+//! - [`vm`]: a VM with its memory slots and optional in-kernel irqchip and PIT; its state
+//!   ([`vm::VmState`], saved and restored by [`Vm::save_state`] / [`Vm::restore_state`]).
+//! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled), how
+//!   another thread interrupts it ([`vcpu::Kicker`]) and its state ([`vcpu::VcpuState`], saved
+//!   and restored by [`Vcpu::save_state`] / [`Vcpu::restore_state`]).
+//!
+//! The state structs are plain serde types: the caller decides where and how they are stored.
 //! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers.
 #![deny(missing_docs)]
 
@@ -22,8 +26,8 @@ pub mod vm;
 pub use error::{Error, KvmUnavailable, Result};
 pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
-pub use vcpu::{Kicker, Vcpu, VcpuEvent};
-pub use vm::Vm;
+pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuState};
+pub use vm::{Vm, VmOptions, VmState};
 
 /// Re-exported so users of this crate name the same types.
 pub use kvm_bindings;

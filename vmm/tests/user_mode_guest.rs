@@ -1,79 +1,11 @@
 //! Runs the probe guest on the host's real /dev/kvm at the VMM level: user-mode entry,
 //! the doorbell exit, the mailbox, and a triple fault reported as shutdown.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
-use capsule_devices::{Bus, Doorbell};
-use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
-use capsule_vmm::vm::VmOptions;
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
-use capsule_vmm::{memory, Hypervisor, Vcpu, VcpuEvent, Vm};
-
-const MEM: usize = 16 << 20;
-
-fn layout() -> UserModeLayout {
-    UserModeLayout {
-        gdt: probe_abi::GDT_ADDR,
-        tss: probe_abi::TSS_ADDR,
-        pml4: probe_abi::PML4_ADDR,
-        pdpt: probe_abi::PDPT_ADDR,
-        pd: probe_abi::PD_ADDR,
-        max_pd_pages: probe_abi::MAX_PD_PAGES,
-    }
-}
-
-fn boot() -> Option<(Vm, Vcpu, Bus)> {
-    let hv = match Hypervisor::open() {
-        Ok(hv) => hv,
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            return None;
-        }
-    };
-    let mem = memory::create_anonymous(MEM).unwrap();
-    user_mode::write_tables(&mem, &layout(), MEM as u64).unwrap();
-    mem.write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
-        .unwrap();
-    let vm = Vm::new(&hv, mem, VmOptions::default()).unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_sregs(&user_mode::sregs(vcpu.sregs().unwrap(), &layout()))
-        .unwrap();
-    vcpu.set_regs(&user_mode::regs(
-        probe_guest::ENTRY,
-        probe_abi::stack_top(0),
-        [0, MEM as u64],
-    ))
-    .unwrap();
-    let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(Doorbell)),
-        u64::from(probe_abi::DOORBELL_PORT),
-        4,
-    )
-    .unwrap();
-    Some((vm, vcpu, pio))
-}
-
-fn request(vm: &Vm, seq: u32, text: &str) {
-    let mb = probe_abi::mailbox_addr(0);
-    let header = probe_abi::encode_request_header(seq, text.len()).unwrap();
-    vm.memory().write_slice(&header, GuestAddress(mb)).unwrap();
-    vm.memory()
-        .write_slice(
-            text.as_bytes(),
-            GuestAddress(mb + probe_abi::REQUEST_OFFSET as u64),
-        )
-        .unwrap();
-}
-
-fn reply(vm: &Vm) -> (i32, Vec<u8>) {
-    let mut mailbox = vec![0u8; probe_abi::MAILBOX_SIZE as usize];
-    vm.memory()
-        .read_slice(&mut mailbox, GuestAddress(probe_abi::mailbox_addr(0)))
-        .unwrap();
-    let r = probe_abi::decode_reply(&mailbox).unwrap();
-    (r.header.exit_code, r.stdout.to_vec())
-}
+use capsule_devices::Bus;
+use capsule_vmm::VcpuEvent;
+use common::{boot, reply, request};
 
 #[test]
 fn probe_boots_answers_and_crashes_cleanly() {
@@ -115,4 +47,33 @@ fn a_kick_interrupts_a_spinning_guest() {
     });
     assert_eq!(vcpu.run(&pio, &mmio).unwrap(), VcpuEvent::Kicked);
     t.join().unwrap();
+}
+
+#[test]
+fn probe_runs_with_the_in_kernel_irqchip_and_pit() {
+    let Some(mut p) = common::boot_with(capsule_vmm::VmOptions {
+        irqchip: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    p.start();
+    assert_eq!(p.command(1, "echo with irqchip"), "with irqchip");
+    assert_eq!(p.command(2, "count"), "1");
+    // The in-kernel chips exist: KVM answers for the IOAPIC.
+    let mut ioapic = capsule_vmm::kvm_bindings::kvm_irqchip {
+        chip_id: capsule_vmm::kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    p.vm.fd().get_irqchip(&mut ioapic).unwrap();
+    p.vm.fd().get_pit2().unwrap();
+}
+
+#[test]
+fn without_the_option_there_is_no_in_kernel_irqchip() {
+    let Some((vm, _vcpu, _pio)) = boot() else {
+        return;
+    };
+    assert!(!vm.options().irqchip);
+    assert!(vm.fd().get_pit2().is_err());
 }

@@ -6,11 +6,13 @@
 //! running vCPU return promptly with its [`Kicker`].
 
 mod kick;
+pub mod state;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 pub use kick::{install_kick_handler, Kicker, KICK_SIGNAL_OFFSET};
+pub use state::VcpuState;
 
 use crate::error::{Error, Result};
 use capsule_devices::{Bus, WriteOutcome};
@@ -36,14 +38,20 @@ pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
     kicker: Kicker,
+    caps: state::VcpuCaps,
+    /// The last `run` returned from inside an I/O or MMIO exit that KVM completes only on the
+    /// next `KVM_RUN` (see [`Vcpu::complete_pending_exit`]).
+    exit_pending: bool,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, index: u32) -> Self {
+    pub(crate) fn new(fd: VcpuFd, index: u32, caps: state::VcpuCaps) -> Self {
         Vcpu {
             fd,
             index,
             kicker: Kicker::new(),
+            caps,
+            exit_pending: false,
         }
     }
 
@@ -91,6 +99,36 @@ impl Vcpu {
         &self.fd
     }
 
+    /// Whether the last [`Vcpu::run`] returned from inside a port I/O or MMIO exit (a
+    /// [`VcpuEvent::Yield`]) that KVM has not completed yet.
+    pub fn exit_pending(&self) -> bool {
+        self.exit_pending
+    }
+
+    /// Completes the exit the last [`Vcpu::run`] returned from, without running any guest
+    /// instruction, so that the vCPU state is consistent for [`Vcpu::save_state`].
+    ///
+    /// KVM finishes a port I/O or MMIO exit (for an `out`: advancing `rip` past it) only when
+    /// the vCPU re-enters `KVM_RUN`; this enters with `immediate_exit` set, which completes
+    /// the exit and returns at once (the KVM API's documented way). One `KVM_RUN`; nothing to
+    /// do when no exit is pending.
+    pub fn complete_pending_exit(&mut self) -> Result<()> {
+        if !self.exit_pending {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        let result = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(Error::kvm("KVM_RUN", e)),
+            Ok(exit) => Err(Error::IncompatibleState(format!(
+                "KVM_RUN with immediate_exit set ran the guest to {exit:?}"
+            ))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        self.exit_pending = false;
+        result
+    }
+
     /// Runs the guest until an exit needs the owner. Port I/O goes to `pio`, MMIO to `mmio`;
     /// accesses no device claims read as all-ones and writes are dropped, as on real hardware.
     pub fn run(&mut self, pio: &Bus, mmio: &Bus) -> Result<VcpuEvent> {
@@ -99,10 +137,15 @@ impl Vcpu {
             if self.kicker.take() {
                 return Ok(VcpuEvent::Kicked);
             }
+            // Entering KVM_RUN completes whatever exit was pending.
+            self.exit_pending = false;
             match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => match pio.write(u64::from(port), data) {
-                        Some(WriteOutcome::Yield(value)) => return Ok(VcpuEvent::Yield(value)),
+                        Some(WriteOutcome::Yield(value)) => {
+                            self.exit_pending = true;
+                            return Ok(VcpuEvent::Yield(value));
+                        }
                         Some(WriteOutcome::Handled) => {}
                         None => tracing::trace!(port, "write to unclaimed port"),
                     },
@@ -112,7 +155,10 @@ impl Vcpu {
                         }
                     }
                     VcpuExit::MmioWrite(addr, data) => match mmio.write(addr, data) {
-                        Some(WriteOutcome::Yield(value)) => return Ok(VcpuEvent::Yield(value)),
+                        Some(WriteOutcome::Yield(value)) => {
+                            self.exit_pending = true;
+                            return Ok(VcpuEvent::Yield(value));
+                        }
                         Some(WriteOutcome::Handled) => {}
                         None => tracing::trace!(addr, "write to unclaimed MMIO"),
                     },

@@ -1,12 +1,21 @@
-//! A KVM virtual machine and its guest memory slots.
+//! A KVM virtual machine, its guest memory slots and, optionally, KVM's in-kernel interrupt
+//! controllers and timer ([`VmOptions::irqchip`]). Its state is saved by [`Vm::save_state`]
+//! (see [`state`]).
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+pub mod state;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub use state::VmState;
 
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::GuestMemory;
+use crate::vcpu::state::VcpuCaps;
 use crate::vcpu::Vcpu;
 
 /// Where KVM may put the three pages Intel VMX needs for real-mode emulation (TSS), just below
@@ -18,6 +27,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub struct VmOptions {
     /// Ask KVM to log pages the guest writes (needed for incremental snapshots).
     pub dirty_log: bool,
+    /// Create KVM's in-kernel interrupt controllers (PIC pair, IOAPIC, a LAPIC per vCPU) and
+    /// PIT, as a Linux guest needs. Off by default: the probe guest runs without interrupts.
+    pub irqchip: bool,
 }
 
 /// A VM: the KVM VM file descriptor plus the guest memory registered with it.
@@ -28,6 +40,9 @@ pub struct Vm {
     fd: VmFd,
     memory: GuestMemory,
     options: VmOptions,
+    vcpu_caps: VcpuCaps,
+    /// `KVM_CAP_ADJUST_CLOCK`: kvmclock can be read and set.
+    adjust_clock: bool,
 }
 
 impl Vm {
@@ -60,10 +75,27 @@ impl Vm {
             unsafe { fd.set_user_memory_region(slot_region) }
                 .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
+        if options.irqchip {
+            // Both before any vCPU is created (KVM gives each vCPU a LAPIC at creation), and
+            // after the memory slots: on PVM a KVM_SET_USER_MEMORY_REGION made once the
+            // irqchip exists costs ~7.3 ms instead of ~35 us (measured, 16 MiB slot).
+            fd.create_irq_chip()
+                .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+            // The dummy speaker port (0x61) keeps the PC speaker from exiting to user space.
+            fd.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+        }
+        let vcpu_caps = VcpuCaps::query(&fd, options.irqchip);
+        let adjust_clock = fd.check_extension(kvm_ioctls::Cap::AdjustClock);
         Ok(Vm {
             fd,
             memory,
             options,
+            vcpu_caps,
+            adjust_clock,
         })
     }
 
@@ -73,7 +105,7 @@ impl Vm {
             .fd
             .create_vcpu(u64::from(index))
             .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?;
-        Ok(Vcpu::new(fd, index))
+        Ok(Vcpu::new(fd, index, self.vcpu_caps))
     }
 
     /// The guest memory.
