@@ -3,12 +3,13 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{CapsuleConfig, RunOptions};
+use crate::config::RunOptions;
 use crate::engine::EngineInner;
 use crate::error::{Error, Result};
-use crate::guest::{GuestEvents, Job, JobControl, Runtime};
+use crate::guest::{GuestEvents, GuestKind, Job, JobControl, Resources, Runtime};
 use crate::id::CapsuleId;
 use crate::status::{CapsuleInfo, Status};
+use crate::template::TemplateInfo;
 
 /// What a finished command produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +39,17 @@ impl CommandOutput {
 /// State shared by every handle to one capsule and by its guest.
 pub(crate) struct CapsuleShared {
     pub(crate) id: CapsuleId,
-    pub(crate) config: CapsuleConfig,
+    /// The template it was created from.
+    pub(crate) template: String,
+    /// The kind of guest it runs.
+    pub(crate) kind: GuestKind,
+    pub(crate) resources: Resources,
+    /// Inactivity timeout (zero: never auto-pause).
+    pub(crate) timeout: Duration,
     created_at: SystemTime,
+    /// Serialises lifecycle operations (start, pause, resume, snapshot, destroy); commands
+    /// and status reads do not take it.
+    pub(crate) ops: Mutex<()>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -51,21 +61,74 @@ struct State {
     runtime: Option<Arc<dyn Runtime>>,
 }
 
+/// What a new [`CapsuleShared`] is made of.
+pub(crate) struct CapsuleSpec {
+    pub(crate) id: CapsuleId,
+    pub(crate) template: String,
+    pub(crate) kind: GuestKind,
+    pub(crate) resources: Resources,
+    pub(crate) timeout: Duration,
+    pub(crate) created_at: SystemTime,
+    pub(crate) status: Status,
+}
+
 impl CapsuleShared {
-    pub(crate) fn new(id: CapsuleId, config: CapsuleConfig) -> Arc<Self> {
-        let now = SystemTime::now();
+    pub(crate) fn new(spec: CapsuleSpec) -> Arc<Self> {
         Arc::new(CapsuleShared {
-            id,
-            config,
-            created_at: now,
+            id: spec.id,
+            template: spec.template,
+            kind: spec.kind,
+            resources: spec.resources,
+            timeout: spec.timeout,
+            created_at: spec.created_at,
+            ops: Mutex::new(()),
             state: Mutex::new(State {
-                status: Status::Pending,
+                status: spec.status,
                 error: None,
-                last_activity: now,
+                last_activity: SystemTime::now(),
                 runtime: None,
             }),
             changed: Condvar::new(),
         })
+    }
+
+    pub(crate) fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn created_at(&self) -> SystemTime {
+        self.created_at
+    }
+
+    /// The running guest, if the capsule is running.
+    pub(crate) fn running_runtime(&self) -> Option<Arc<dyn Runtime>> {
+        let state = self.state();
+        match state.status {
+            Status::Running => state.runtime.clone(),
+            _ => None,
+        }
+    }
+
+    /// Running → Paused, handing back the guest to shut down.
+    pub(crate) fn mark_paused(&self) -> Option<Arc<dyn Runtime>> {
+        let mut state = self.state();
+        state.status = Status::Paused;
+        self.changed.notify_all();
+        state.runtime.take()
+    }
+
+    /// Paused → Running with a restored guest.
+    pub(crate) fn mark_resumed(&self, runtime: Arc<dyn Runtime>) {
+        let mut state = self.state();
+        state.status = Status::Running;
+        state.runtime = Some(runtime);
+        state.last_activity = SystemTime::now();
+        self.changed.notify_all();
+    }
+
+    /// When the capsule last ran a command or was pinged.
+    pub(crate) fn last_activity(&self) -> SystemTime {
+        self.state().last_activity
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -81,10 +144,10 @@ impl CapsuleShared {
         CapsuleInfo {
             id: self.id.clone(),
             status: state.status,
-            template: self.config.template.clone(),
-            vcpus: self.config.vcpus,
-            memory_mb: self.config.memory_mb,
-            timeout: self.config.timeout,
+            template: self.template.clone(),
+            vcpus: self.resources.vcpus,
+            memory_mb: self.resources.memory_mb,
+            timeout: self.timeout,
             created_at: self.created_at,
             last_activity: state.last_activity,
             error: state.error.clone(),
@@ -158,7 +221,7 @@ impl CapsuleShared {
         }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.state().last_activity = SystemTime::now();
     }
 
@@ -171,7 +234,12 @@ impl CapsuleShared {
         }
     }
 
-    fn state_error(&self, status: Status, error: Option<String>, operation: &'static str) -> Error {
+    pub(crate) fn state_error(
+        &self,
+        status: Status,
+        error: Option<String>,
+        operation: &'static str,
+    ) -> Error {
         match (status, error) {
             (Status::Error, Some(reason)) => Error::GuestCrashed {
                 id: self.id.clone(),
@@ -320,12 +388,57 @@ impl Capsule {
         Commands { capsule: self }
     }
 
-    /// Stops the capsule and releases everything it holds. Irreversible: afterwards the id is
-    /// unknown to the engine and this handle reports [`Status::Stopped`].
+    /// Stops the capsule and releases everything it holds, its files on disk included.
+    /// Irreversible: afterwards the id is unknown to the engine and this handle reports
+    /// [`Status::Stopped`]. Works in every status.
     pub fn destroy(&self) -> Result<()> {
-        self.engine.remove(&self.shared.id);
-        self.shared.stop();
+        self.engine.destroy(&self.shared.id).or_else(|e| match e {
+            // Another handle destroyed it first: the outcome is the same.
+            Error::NotFound(_) => Ok(()),
+            e => Err(e),
+        })
+    }
+
+    /// Pauses the capsule: stops its vCPUs between commands (waiting for running ones),
+    /// writes its whole state to the engine's data directory, and releases its VM (CPU,
+    /// memory, threads). A capsule that came from a snapshot or template writes only the
+    /// memory pages changed since. Pausing a paused capsule does nothing.
+    ///
+    /// Errors: [`Error::InvalidState`] if stopped or in error; [`Error::Snapshot`] or
+    /// [`Error::Io`] if the state cannot be written, in which case the capsule keeps running
+    /// and any earlier snapshot is intact.
+    pub fn pause(&self) -> Result<()> {
+        self.engine.pause(&self.shared)
+    }
+
+    /// Resumes a paused capsule exactly where it was: memory is mapped back copy-on-write
+    /// and every vCPU, device and guest state restored. Resuming a running capsule does
+    /// nothing.
+    ///
+    /// Errors: [`Error::InvalidState`] if stopped or in error; [`Error::Snapshot`] if the
+    /// snapshot is missing, corrupt or truncated (the capsule then stays paused).
+    pub fn resume(&self) -> Result<()> {
+        self.engine.resume(&self.shared)
+    }
+
+    /// Counts as activity: resets the inactivity timer. Errors with
+    /// [`Error::InvalidState`] unless the capsule is running.
+    pub fn ping(&self) -> Result<()> {
+        if self.shared.status() != Status::Running {
+            return Err(self.shared.state_error(self.shared.status(), None, "ping"));
+        }
+        self.shared.touch();
         Ok(())
+    }
+
+    /// Creates a template named `name` from the capsule's current state; the capsule keeps
+    /// running. New capsules start from it with `CapsuleConfig::new(name)`, sharing its
+    /// memory copy-on-write.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a bad or taken name, [`Error::InvalidState`]
+    /// unless running, [`Error::Snapshot`]/[`Error::Io`] if it cannot be written.
+    pub fn snapshot(&self, name: &str) -> Result<TemplateInfo> {
+        self.engine.snapshot(&self.shared, name)
     }
 }
 

@@ -19,6 +19,7 @@ pub struct EngineConfig {
     pub(crate) kvm_path: PathBuf,
     pub(crate) max_concurrent_starts: usize,
     pub(crate) boot_timeout: Duration,
+    pub(crate) idle_check_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -32,6 +33,7 @@ impl Default for EngineConfig {
             kvm_path: PathBuf::from(capsule_vmm::hypervisor::DEFAULT_KVM_PATH),
             max_concurrent_starts: cpus * 2,
             boot_timeout: Duration::from_secs(30),
+            idle_check_interval: Duration::from_millis(100),
         }
     }
 }
@@ -74,6 +76,13 @@ impl EngineConfig {
         self
     }
 
+    /// How often capsules are checked for inactivity (auto-pause), default 100 ms. An idle
+    /// capsule is paused within its timeout plus this interval.
+    pub fn idle_check_interval(mut self, interval: Duration) -> Self {
+        self.idle_check_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
     /// The data directory.
     pub fn get_data_dir(&self) -> &std::path::Path {
         &self.data_dir
@@ -85,8 +94,10 @@ impl EngineConfig {
     }
 }
 
-/// What capsule to create: a template name plus resources. Defaults (as Wrenn's): 1 vCPU,
-/// 512 MiB, no inactivity timeout, and [`CapsuleConfig::wait`] on.
+/// What capsule to create: a template name plus resources. For the built-in `"probe"` the
+/// defaults are Wrenn's: 1 vCPU and 512 MiB; a template you created defaults to (and must
+/// keep) the vCPUs and memory it was snapshotted with. No inactivity timeout and
+/// [`CapsuleConfig::wait`] on by default.
 ///
 /// ```
 /// use std::time::Duration;
@@ -95,13 +106,13 @@ impl EngineConfig {
 ///     .memory_mb(64)
 ///     .timeout(Duration::from_secs(300))
 ///     .wait(true);
-/// assert_eq!(config.get_vcpus(), 2);
+/// assert_eq!(config.get_vcpus(), Some(2));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CapsuleConfig {
     pub(crate) template: String,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_mb: u64,
+    pub(crate) vcpus: Option<u32>,
+    pub(crate) memory_mb: Option<u64>,
     pub(crate) timeout: Duration,
     pub(crate) wait: bool,
 }
@@ -111,8 +122,8 @@ impl CapsuleConfig {
     pub fn new(template: impl Into<String>) -> Self {
         CapsuleConfig {
             template: template.into(),
-            vcpus: 1,
-            memory_mb: 512,
+            vcpus: None,
+            memory_mb: None,
             timeout: Duration::ZERO,
             wait: true,
         }
@@ -120,14 +131,14 @@ impl CapsuleConfig {
 
     /// Number of vCPUs (at least 1).
     pub fn vcpus(mut self, n: u32) -> Self {
-        self.vcpus = n;
+        self.vcpus = Some(n);
         self
     }
 
     /// Guest memory in MiB. It is reserved, not populated: only what the guest touches uses
     /// host memory.
     pub fn memory_mb(mut self, mb: u64) -> Self {
-        self.memory_mb = mb;
+        self.memory_mb = Some(mb);
         self
     }
 
@@ -150,13 +161,13 @@ impl CapsuleConfig {
         &self.template
     }
 
-    /// The vCPU count.
-    pub fn get_vcpus(&self) -> u32 {
+    /// The vCPU count, if set (otherwise the template's).
+    pub fn get_vcpus(&self) -> Option<u32> {
         self.vcpus
     }
 
-    /// The memory size in MiB.
-    pub fn get_memory_mb(&self) -> u64 {
+    /// The memory size in MiB, if set (otherwise the template's).
+    pub fn get_memory_mb(&self) -> Option<u64> {
         self.memory_mb
     }
 }

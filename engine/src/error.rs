@@ -76,6 +76,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// No template has this name.
+    #[error("template {0:?} not found")]
+    TemplateNotFound(String),
+    /// The template cannot be deleted while running capsules map its memory.
+    #[error("template {name:?} is used by {capsules} running capsule(s)")]
+    TemplateInUse {
+        /// The template.
+        name: String,
+        /// How many running capsules use it.
+        capsules: usize,
+    },
     /// Another engine (in this or another process) has the data directory open.
     #[error("the data directory {} is in use by another engine", .0.display())]
     DataDirLocked(PathBuf),

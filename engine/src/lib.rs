@@ -59,8 +59,10 @@ mod error;
 mod guest;
 mod id;
 mod limiter;
+mod persist;
 mod status;
 mod store;
+mod template;
 
 pub use crate::capsule::{Capsule, CommandOutput, Commands};
 pub use crate::config::{CapsuleConfig, EngineConfig, RunOptions};
@@ -68,4 +70,5 @@ pub use crate::engine::Engine;
 pub use crate::error::{Error, KvmUnavailable, Result};
 pub use crate::id::CapsuleId;
 pub use crate::status::{CapsuleInfo, Status};
+pub use crate::template::TemplateInfo;
 pub use capsule_vmm::{HostInfo, Virtualization};

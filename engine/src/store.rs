@@ -31,6 +31,8 @@ use crate::id::CapsuleId;
 pub(crate) struct CapsuleMeta {
     pub(crate) id: String,
     pub(crate) template: String,
+    /// The guest kind (`"probe"`).
+    pub(crate) kind: String,
     pub(crate) vcpus: u32,
     pub(crate) memory_mb: u64,
     pub(crate) timeout_ms: u64,
@@ -118,10 +120,6 @@ impl Store {
         self.root.join("templates")
     }
 
-    pub(crate) fn template_dir(&self, name: &str) -> PathBuf {
-        self.templates_dir().join(name)
-    }
-
     /// Records a new capsule (fast path: no fsync, see the module docs).
     pub(crate) fn write_meta(&self, meta: &CapsuleMeta) -> Result<()> {
         let id: CapsuleId = meta.id.parse()?;
@@ -202,6 +200,7 @@ mod tests {
         let meta = CapsuleMeta {
             id: id.to_string(),
             template: "probe".into(),
+            kind: "probe".into(),
             vcpus: 2,
             memory_mb: 64,
             timeout_ms: 0,

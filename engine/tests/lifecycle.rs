@@ -137,12 +137,12 @@ fn destroying_a_pending_capsule_stops_it_before_it_starts() {
 #[test]
 fn default_config_is_wrenns() {
     let config = CapsuleConfig::new("probe");
-    assert_eq!(config.get_vcpus(), 1);
-    assert_eq!(config.get_memory_mb(), 512);
+    assert_eq!(config.get_vcpus(), None, "the template decides");
+    assert_eq!(config.get_memory_mb(), None);
     let Some((engine, _dir)) = engine() else {
         return;
     };
     let capsule = engine.create(config).unwrap();
-    assert_eq!(capsule.info().memory_mb, 512);
+    assert_eq!((capsule.info().vcpus, capsule.info().memory_mb), (1, 512));
     assert_eq!(capsule.commands().run("echo default").unwrap().exit_code, 0);
 }

@@ -7,15 +7,20 @@
 
 pub(crate) mod probe;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use serde::{Deserialize, Serialize};
 
-use capsule_vmm::{Hypervisor, Kicker};
+use capsule_snapshot::bitmap::PageBitmap;
+use capsule_snapshot::chain::MemoryChain;
+use capsule_vmm::vcpu::VcpuState;
+use capsule_vmm::vm::VmState;
+use capsule_vmm::{GuestMemory, Hypervisor, Kicker, Vm};
 
 use crate::capsule::CommandOutput;
-use crate::config::CapsuleConfig;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
 
@@ -27,21 +32,41 @@ pub(crate) enum GuestKind {
 }
 
 impl GuestKind {
-    /// The guest kind behind a template name.
-    pub(crate) fn for_template(name: &str) -> Result<Self> {
+    /// The built-in template with this name, if it is one.
+    pub(crate) fn builtin(name: &str) -> Option<Self> {
         match name {
-            probe::TEMPLATE => Ok(GuestKind::Probe),
-            other => Err(Error::InvalidConfig(format!(
-                "unknown template {other:?} (available: {:?})",
-                [probe::TEMPLATE]
-            ))),
+            probe::TEMPLATE => Some(GuestKind::Probe),
+            _ => None,
+        }
+    }
+
+    /// The kind's name, as stored in snapshots.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            GuestKind::Probe => probe::TEMPLATE,
+        }
+    }
+
+    /// The kind a snapshot names.
+    pub(crate) fn from_name(name: &str) -> Result<Self> {
+        Self::builtin(name).ok_or_else(|| {
+            Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
+                reason: format!("unknown guest kind {name:?}"),
+            })
+        })
+    }
+
+    /// Default vCPUs and memory (MiB) of a capsule of this kind.
+    pub(crate) fn defaults(self) -> (u32, u64) {
+        match self {
+            GuestKind::Probe => (1, 512),
         }
     }
 
     /// Rejects resources this kind cannot run with.
-    pub(crate) fn validate(self, config: &CapsuleConfig, max_vcpus: usize) -> Result<()> {
+    pub(crate) fn validate(self, resources: &Resources, max_vcpus: usize) -> Result<()> {
         match self {
-            GuestKind::Probe => probe::validate(config, max_vcpus),
+            GuestKind::Probe => probe::validate(resources, max_vcpus),
         }
     }
 
@@ -51,13 +76,83 @@ impl GuestKind {
             GuestKind::Probe => Ok(probe::ProbeRuntime::boot(ctx)?),
         }
     }
+
+    /// Rebuilds a VM from saved state over already-restored `memory`; the guest continues
+    /// exactly where it was frozen.
+    pub(crate) fn restore(
+        self,
+        ctx: BootContext,
+        machine: &MachineState,
+        memory: GuestMemory,
+        origin: MemoryOrigin,
+    ) -> Result<Arc<dyn Runtime>> {
+        match self {
+            GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, memory, origin)?),
+        }
+    }
+}
+
+/// Keeps something alive for as long as a guest uses it (a template's files).
+pub(crate) type Pin = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Where a running guest's memory came from, which decides what a snapshot of it writes.
+#[derive(Clone)]
+pub(crate) enum MemoryOrigin {
+    /// Fresh anonymous memory: a snapshot writes every page written since boot.
+    Fresh,
+    /// Mapped copy-on-write from the layer chain in `dir`: a snapshot writes only the pages
+    /// dirtied since, as a new layer over that chain.
+    Chain {
+        /// The directory holding the layer files.
+        dir: PathBuf,
+        /// The chain as it was mapped.
+        chain: MemoryChain,
+        /// Marks the chain's owner (a template) as in use while the guest runs; only held,
+        /// never read.
+        _pin: Option<Pin>,
+    },
+}
+
+/// All state of a frozen machine except memory: what a snapshot's state file holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct MachineState {
+    pub(crate) vm: VmState,
+    pub(crate) vcpus: Vec<VcpuState>,
+    pub(crate) guest: GuestState,
+}
+
+/// What a guest kind keeps outside KVM and guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum GuestState {
+    /// The probe: the last request sequence number of each vCPU's mailbox.
+    Probe { seqs: Vec<u32> },
+}
+
+/// A guest stopped at a consistent point (every vCPU between commands, its last exit
+/// completed). The vCPUs continue when this is dropped.
+pub(crate) struct Frozen {
+    pub(crate) machine: MachineState,
+    /// The VM, for reading its memory while frozen.
+    pub(crate) vm: Arc<Vm>,
+    /// Pages written since the memory's origin (KVM's dirty log OR the VMM's own writes).
+    pub(crate) dirty: PageBitmap,
+    pub(crate) origin: MemoryOrigin,
+    /// Dropping this sender releases the frozen vCPU threads.
+    pub(crate) _thaw: Sender<()>,
+}
+
+/// The resources a capsule runs with, resolved from its config and template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resources {
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mb: u64,
 }
 
 /// What a guest needs to boot.
 pub(crate) struct BootContext {
     pub(crate) id: CapsuleId,
     pub(crate) hypervisor: Hypervisor,
-    pub(crate) config: CapsuleConfig,
+    pub(crate) config: Resources,
     pub(crate) boot_timeout: Duration,
     pub(crate) events: Arc<dyn GuestEvents>,
 }
@@ -74,6 +169,9 @@ pub(crate) trait Runtime: Send + Sync {
     fn submit(&self, job: Job) -> std::result::Result<(), Job>;
     /// The longest command line the guest accepts, in bytes.
     fn max_command_len(&self) -> usize;
+    /// Stops every vCPU between commands (waiting for running ones to finish) and returns
+    /// the machine's state; the vCPUs stay stopped until the result is dropped.
+    fn freeze(&self) -> Result<Frozen>;
     /// Stops every vCPU, waits for their threads and releases the VM. Idempotent. Must not be
     /// called from one of this runtime's own vCPU threads.
     fn shutdown(&self);

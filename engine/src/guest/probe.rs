@@ -13,15 +13,19 @@ use std::time::Instant;
 use crossbeam_channel::{select, Receiver, Sender};
 
 use capsule_devices::{Bus, Doorbell};
+use capsule_snapshot::bitmap::PageBitmap;
 use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
 use capsule_vmm::kvm_bindings::kvm_regs;
+use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmOptions;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
-use capsule_vmm::{memory, Kicker, Vcpu, VcpuEvent, Vm};
+use capsule_vmm::{memory, GuestMemory, Kicker, Vcpu, VcpuEvent, Vm};
 
-use super::{BootContext, GuestEvents, Job, Runtime};
+use super::{
+    BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryOrigin, Resources,
+    Runtime,
+};
 use crate::capsule::CommandOutput;
-use crate::config::CapsuleConfig;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
 
@@ -41,7 +45,7 @@ const LAYOUT: UserModeLayout = UserModeLayout {
 };
 
 /// Rejects vCPU counts and memory sizes the probe cannot run with.
-pub(crate) fn validate(config: &CapsuleConfig, host_max_vcpus: usize) -> Result<()> {
+pub(crate) fn validate(config: &Resources, host_max_vcpus: usize) -> Result<()> {
     let max_vcpus = (probe_abi::MAX_VCPUS as usize).min(host_max_vcpus.max(1));
     if config.vcpus == 0 || config.vcpus as usize > max_vcpus {
         return Err(Error::InvalidConfig(format!(
@@ -62,10 +66,25 @@ pub(crate) fn validate(config: &CapsuleConfig, host_max_vcpus: usize) -> Result<
 
 /// A running probe VM.
 pub(crate) struct ProbeRuntime {
+    vm: Arc<Vm>,
     jobs: Sender<Job>,
+    /// One control channel per vCPU thread (freeze requests).
+    controls: Vec<Sender<Control>>,
     stop: Mutex<Option<Sender<()>>>,
     stopping: Arc<AtomicBool>,
     workers: Mutex<Vec<(Kicker, JoinHandle<()>)>>,
+    origin: MemoryOrigin,
+    /// Pages written since the origin, accumulated over freezes (reading KVM's dirty log
+    /// clears it, and a template snapshot must not make a later pause miss pages).
+    dirty: Mutex<PageBitmap>,
+}
+
+/// What to do with a vCPU when its thread starts.
+enum Start {
+    /// Run it until the guest says it is ready.
+    Boot,
+    /// It is restored at its loop head: just wait for work.
+    Restored { seq: u32 },
 }
 
 impl ProbeRuntime {
@@ -77,7 +96,52 @@ impl ProbeRuntime {
         memory
             .write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
             .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
-        let vm = Arc::new(Vm::new(&ctx.hypervisor, memory, VmOptions::default())?);
+        let vm = Vm::new(&ctx.hypervisor, memory, vm_options())?;
+        let mut vcpus = Vec::with_capacity(ctx.config.vcpus as usize);
+        for index in 0..ctx.config.vcpus {
+            let vcpu = vm.create_vcpu(index)?;
+            vcpu.set_sregs(&user_mode::sregs(vcpu.sregs()?, &LAYOUT))?;
+            vcpu.set_regs(&entry_regs(index, mem_size))?;
+            vcpus.push((vcpu, Start::Boot));
+        }
+        Self::start(ctx, vm, vcpus, MemoryOrigin::Fresh)
+    }
+
+    /// Rebuilds a probe VM from `machine` over restored `memory`.
+    pub(crate) fn restore(
+        ctx: BootContext,
+        machine: &MachineState,
+        memory: GuestMemory,
+        origin: MemoryOrigin,
+    ) -> Result<Arc<Self>> {
+        let GuestState::Probe { seqs } = &machine.guest;
+        if machine.vcpus.len() != ctx.config.vcpus as usize || seqs.len() != machine.vcpus.len() {
+            return Err(Error::InvalidConfig(format!(
+                "the snapshot has {} vCPUs, the capsule {}",
+                machine.vcpus.len(),
+                ctx.config.vcpus
+            )));
+        }
+        let vm = Vm::new(&ctx.hypervisor, memory, vm_options())?;
+        vm.restore_state(&machine.vm)?;
+        let mut vcpus = Vec::with_capacity(machine.vcpus.len());
+        for (index, (state, seq)) in machine.vcpus.iter().zip(seqs).enumerate() {
+            let vcpu = vm.create_vcpu(index as u32)?;
+            vcpu.restore_state(state)?;
+            vcpus.push((vcpu, Start::Restored { seq: *seq }));
+        }
+        Self::start(ctx, vm, vcpus, origin)
+    }
+
+    fn start(
+        ctx: BootContext,
+        vm: Vm,
+        vcpus: Vec<(Vcpu, Start)>,
+        origin: MemoryOrigin,
+    ) -> Result<Arc<Self>> {
+        let mem_size = ctx.config.memory_mb << 20;
+        let msrs = ctx.hypervisor.msrs_to_save(vm_options().irqchip)?.to_vec();
+        let vm = Arc::new(vm);
         let mut pio = Bus::new();
         pio.insert(
             Arc::new(Mutex::new(Doorbell)),
@@ -89,40 +153,53 @@ impl ProbeRuntime {
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        let mut controls = Vec::with_capacity(vcpus.len());
+        let mut workers = Vec::with_capacity(vcpus.len());
+        for (vcpu, _) in &vcpus {
+            let (control_tx, control_rx) = crossbeam_channel::unbounded();
+            controls.push(control_tx);
+            workers.push((vcpu.kicker(), control_rx));
+        }
         let runtime = Arc::new(ProbeRuntime {
+            vm: vm.clone(),
             jobs: jobs_tx,
+            controls,
             stop: Mutex::new(Some(stop_tx)),
             stopping: Arc::new(AtomicBool::new(false)),
             workers: Mutex::new(Vec::new()),
+            origin,
+            dirty: Mutex::new(PageBitmap::for_len(mem_size)),
         });
-        for index in 0..ctx.config.vcpus {
-            let vcpu = vm.create_vcpu(index)?;
-            let entry = user_mode::regs(
-                probe_guest::ENTRY,
-                probe_abi::stack_top(u64::from(index)),
-                [u64::from(index), mem_size],
-            );
-            vcpu.set_sregs(&user_mode::sregs(vcpu.sregs()?, &LAYOUT))?;
-            vcpu.set_regs(&entry)?;
-            let kicker = vcpu.kicker();
+        let mut booting = 0;
+        for ((vcpu, start), (kicker, control)) in vcpus.into_iter().zip(workers) {
+            let index = vcpu.index();
+            let seq = match start {
+                Start::Boot => {
+                    booting += 1;
+                    None
+                }
+                Start::Restored { seq } => Some(seq),
+            };
             let worker = VcpuWorker {
                 id: ctx.id.clone(),
+                entry: entry_regs(index, mem_size),
                 vcpu,
-                entry,
                 vm: vm.clone(),
                 pio: pio.clone(),
                 mmio: Bus::new(),
                 jobs: jobs_rx.clone(),
+                control,
                 stop: stop_rx.clone(),
                 stopping: runtime.stopping.clone(),
                 events: ctx.events.clone(),
-                seq: 0,
+                msrs: msrs.clone(),
+                seq: seq.unwrap_or(0),
             };
             let ready = ready_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("{}-vcpu{index}", ctx.id))
                 .stack_size(VCPU_THREAD_STACK)
-                .spawn(move || worker.serve(ready));
+                .spawn(move || worker.serve(seq.is_none(), ready));
             match spawned {
                 Ok(handle) => lock(&runtime.workers).push((kicker, handle)),
                 Err(e) => {
@@ -137,7 +214,7 @@ impl ProbeRuntime {
         drop(ready_tx);
 
         let deadline = Instant::now() + ctx.boot_timeout;
-        for _ in 0..ctx.config.vcpus {
+        for _ in 0..booting {
             let outcome = ready_rx
                 .recv_deadline(deadline)
                 .map_err(|_| Error::Timeout {
@@ -157,6 +234,50 @@ impl ProbeRuntime {
         }
         Ok(runtime)
     }
+
+    /// Takes the pages written since the last call: KVM's log of guest writes OR the VMM's
+    /// own writes (mailbox requests), added to the running total.
+    fn collect_dirty(&self) -> Result<PageBitmap> {
+        let mut total = lock(&self.dirty);
+        let pages = total.page_count();
+        let kvm =
+            PageBitmap::from_kvm_words(&self.vm.dirty_log(0)?, pages).map_err(snapshot_err)?;
+        let vmm = PageBitmap::from_kvm_words(&memory::take_vmm_dirty(self.vm.memory()), pages)
+            .map_err(snapshot_err)?;
+        total.or_assign(&kvm).map_err(snapshot_err)?;
+        total.or_assign(&vmm).map_err(snapshot_err)?;
+        Ok(total.clone())
+    }
+}
+
+fn snapshot_err(e: capsule_snapshot::Error) -> Error {
+    Error::Snapshot(e)
+}
+
+/// The probe's VMs: KVM logs dirty pages (for incremental snapshots); no irqchip is needed.
+fn vm_options() -> VmOptions {
+    VmOptions {
+        dirty_log: true,
+        ..VmOptions::default()
+    }
+}
+
+/// Registers at the probe's entry point for vCPU `index`.
+fn entry_regs(index: u32, mem_size: u64) -> kvm_regs {
+    user_mode::regs(
+        probe_guest::ENTRY,
+        probe_abi::stack_top(u64::from(index)),
+        [u64::from(index), mem_size],
+    )
+}
+
+/// Requests to a vCPU thread other than commands.
+enum Control {
+    /// Stop between commands, report the vCPU's state, and wait until `thaw` closes.
+    Freeze {
+        reply: Sender<std::result::Result<(u32, VcpuState, u32), String>>,
+        thaw: Receiver<()>,
+    },
 }
 
 impl Runtime for ProbeRuntime {
@@ -169,6 +290,53 @@ impl Runtime for ProbeRuntime {
 
     fn max_command_len(&self) -> usize {
         probe_abi::REQUEST_MAX
+    }
+
+    fn freeze(&self) -> Result<Frozen> {
+        let (thaw_tx, thaw_rx) = crossbeam_channel::bounded::<()>(0);
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        for control in &self.controls {
+            let request = Control::Freeze {
+                reply: reply_tx.clone(),
+                thaw: thaw_rx.clone(),
+            };
+            if control.send(request).is_err() {
+                return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(
+                    "a vCPU thread has stopped".into(),
+                )));
+            }
+        }
+        drop(reply_tx);
+        let mut states = Vec::with_capacity(self.controls.len());
+        for _ in 0..self.controls.len() {
+            match reply_rx.recv() {
+                Ok(Ok(frozen)) => states.push(frozen),
+                Ok(Err(reason)) => {
+                    return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(reason)))
+                }
+                Err(_) => {
+                    return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(
+                        "a vCPU thread stopped while freezing".into(),
+                    )))
+                }
+            }
+        }
+        states.sort_by_key(|(index, _, _)| *index);
+        let dirty = self.collect_dirty()?;
+        let machine = MachineState {
+            vm: self.vm.save_state()?,
+            guest: GuestState::Probe {
+                seqs: states.iter().map(|(_, _, seq)| *seq).collect(),
+            },
+            vcpus: states.into_iter().map(|(_, state, _)| state).collect(),
+        };
+        Ok(Frozen {
+            machine,
+            vm: self.vm.clone(),
+            dirty,
+            origin: self.origin.clone(),
+            _thaw: thaw_tx,
+        })
     }
 
     fn shutdown(&self) {
@@ -214,23 +382,44 @@ struct VcpuWorker {
     pio: Bus,
     mmio: Bus,
     jobs: Receiver<Job>,
+    control: Receiver<Control>,
     stop: Receiver<()>,
     stopping: Arc<AtomicBool>,
     events: Arc<dyn GuestEvents>,
+    /// MSRs to save when frozen.
+    msrs: Vec<u32>,
     seq: u32,
 }
 
 impl VcpuWorker {
-    fn serve(mut self, ready: Sender<std::result::Result<u32, String>>) {
-        let booted = self.run_until_ready();
-        let failed = booted.is_err();
-        let _ = ready.send(booted.map(|()| self.vcpu.index()));
-        drop(ready);
-        if failed {
-            return;
+    fn serve(mut self, boot: bool, ready: Sender<std::result::Result<u32, String>>) {
+        if boot {
+            let booted = self.run_until_ready();
+            let failed = booted.is_err();
+            let _ = ready.send(booted.map(|()| self.vcpu.index()));
+            if failed {
+                return;
+            }
         }
+        drop(ready);
         loop {
+            // Control requests go first, so a freeze is not starved by a busy job queue.
+            if let Ok(control) = self.control.try_recv() {
+                if !self.handle_control(control) {
+                    return;
+                }
+                continue;
+            }
             let job = select! {
+                recv(self.control) -> control => match control {
+                    Ok(control) => {
+                        if !self.handle_control(control) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                },
                 recv(self.jobs) -> job => match job {
                     Ok(job) => job,
                     Err(_) => return,
@@ -260,6 +449,25 @@ impl VcpuWorker {
                 Outcome::Crashed(reason) => {
                     self.crash(&job, reason);
                     return;
+                }
+            }
+        }
+    }
+
+    /// Handles a control request; `false` when the thread must end.
+    fn handle_control(&mut self, control: Control) -> bool {
+        match control {
+            Control::Freeze { reply, thaw } => {
+                let state = self
+                    .vcpu
+                    .complete_pending_exit()
+                    .and_then(|()| self.vcpu.save_state(&self.msrs))
+                    .map(|state| (self.vcpu.index(), state, self.seq))
+                    .map_err(|e| format!("saving vCPU {}: {e}", self.vcpu.index()));
+                let _ = reply.send(state);
+                select! {
+                    recv(thaw) -> _ => true,
+                    recv(self.stop) -> _ => false,
                 }
             }
         }
