@@ -210,9 +210,8 @@ impl CapsuleShared {
     pub(crate) fn stop(&self) {
         let runtime = {
             let mut state = self.state();
-            if state.status != Status::Error {
-                state.status = Status::Stopped;
-            }
+            // A crashed capsule that is destroyed is stopped too; its error stays readable.
+            state.status = Status::Stopped;
             self.changed.notify_all();
             state.runtime.take()
         };
@@ -232,6 +231,24 @@ impl CapsuleShared {
             (Some(runtime), Status::Running) => Ok(runtime.clone()),
             (_, status) => Err(self.state_error(status, state.error.clone(), operation)),
         }
+    }
+
+    /// Why a command handed to a guest never ran: the guest crashed, was destroyed, or was
+    /// paused before the command started (if it is running again now, it was paused and
+    /// resumed meanwhile, so the answer is still "paused").
+    fn interrupted_error(&self) -> Error {
+        let state = self.state();
+        let status = match state.status {
+            Status::Running => Status::Paused,
+            status => status,
+        };
+        self.state_error(status, state.error.clone(), "run a command")
+    }
+
+    /// The error explaining why `operation` cannot run in the capsule's current status.
+    pub(crate) fn current_state_error(&self, operation: &'static str) -> Error {
+        let state = self.state();
+        self.state_error(state.status, state.error.clone(), operation)
     }
 
     pub(crate) fn state_error(
@@ -303,8 +320,7 @@ impl CapsuleShared {
             control: control.clone(),
         };
         if runtime.submit(job).is_err() {
-            let state = self.state();
-            return Err(self.state_error(state.status, state.error.clone(), "run a command"));
+            return Err(self.interrupted_error());
         }
         drop(runtime);
         let result = match options.timeout {
@@ -321,11 +337,7 @@ impl CapsuleShared {
                     after: options.timeout.unwrap_or_default(),
                 })
             }
-            Err(false) => {
-                // The guest stopped before answering.
-                let state = self.state();
-                Err(self.state_error(state.status, state.error.clone(), "run a command"))
-            }
+            Err(false) => Err(self.interrupted_error()),
         }
     }
 }
@@ -425,7 +437,7 @@ impl Capsule {
     /// [`Error::InvalidState`] unless the capsule is running.
     pub fn ping(&self) -> Result<()> {
         if self.shared.status() != Status::Running {
-            return Err(self.shared.state_error(self.shared.status(), None, "ping"));
+            return Err(self.shared.current_state_error("ping"));
         }
         self.shared.touch();
         Ok(())

@@ -400,13 +400,11 @@ impl EngineInner {
 
     pub(crate) fn pause(&self, shared: &Arc<CapsuleShared>) -> Result<()> {
         let _ops = shared.lock_ops();
-        let runtime = match shared.status() {
-            Status::Paused => return Ok(()),
-            Status::Running => shared.running_runtime(),
-            status => None.ok_or_else(|| shared.state_error(status, None, "pause"))?,
-        };
-        let Some(runtime) = runtime else {
-            return Err(shared.state_error(shared.status(), None, "pause"));
+        if shared.status() == Status::Paused {
+            return Ok(());
+        }
+        let Some(runtime) = shared.running_runtime() else {
+            return Err(shared.current_state_error("pause"));
         };
         let frozen = runtime.freeze()?;
         let dir = self.store.snapshot_dir(&shared.id);
@@ -432,7 +430,7 @@ impl EngineInner {
         match shared.status() {
             Status::Running => return Ok(()),
             Status::Paused => {}
-            status => return Err(shared.state_error(status, None, "resume")),
+            _ => return Err(shared.current_state_error("resume")),
         }
         let dir = self.store.snapshot_dir(&shared.id);
         let state = persist::load(&dir)?;
@@ -463,7 +461,7 @@ impl EngineInner {
         validate_name(name)?;
         let _ops = shared.lock_ops();
         let Some(runtime) = shared.running_runtime() else {
-            return Err(shared.state_error(shared.status(), None, "snapshot"));
+            return Err(shared.current_state_error("snapshot"));
         };
         let _writer = self
             .templates
