@@ -11,7 +11,9 @@ use common::{engine, engine_with, probe};
 
 #[test]
 fn pause_and_resume_continue_exactly() {
-    let Some((engine, dir)) = engine() else { return };
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
     let c = engine.create(probe().vcpus(2)).unwrap();
     assert_eq!(c.commands().run("count").unwrap().stdout, "1\n");
     let touched = c.commands().run("touch 20").unwrap().stdout;
@@ -19,9 +21,16 @@ fn pause_and_resume_continue_exactly() {
     assert_eq!(c.status(), Status::Paused);
     assert!(matches!(
         c.commands().run("count"),
-        Err(Error::InvalidState { status: Status::Paused, .. })
+        Err(Error::InvalidState {
+            status: Status::Paused,
+            ..
+        })
     ));
-    let snapshot = dir.path().join("capsules").join(c.id().as_str()).join("snapshot");
+    let snapshot = dir
+        .path()
+        .join("capsules")
+        .join(c.id().as_str())
+        .join("snapshot");
     assert!(snapshot.join("state.bin").exists());
     c.pause().unwrap(); // pausing a paused capsule does nothing
     c.resume().unwrap();
@@ -34,15 +43,24 @@ fn pause_and_resume_continue_exactly() {
 
 #[test]
 fn two_hundred_pause_resume_cycles() {
-    let Some((engine, _dir)) = engine() else { return };
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let c = engine.create(probe()).unwrap();
     let mut sum = c.commands().run("touch 3").unwrap().stdout;
     assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
     for cycle in 1..=200u32 {
         c.pause().unwrap();
         c.resume().unwrap();
-        assert_eq!(c.commands().run("count").unwrap().stdout, format!("{cycle}\n"));
-        assert_eq!(c.commands().run("sum").unwrap().stdout, sum, "cycle {cycle}");
+        assert_eq!(
+            c.commands().run("count").unwrap().stdout,
+            format!("{cycle}\n")
+        );
+        assert_eq!(
+            c.commands().run("sum").unwrap().stdout,
+            sum,
+            "cycle {cycle}"
+        );
         if cycle % 25 == 0 {
             // Change memory now and then, so later cycles restore new diff layers.
             c.commands().run("touch 2").unwrap();
@@ -53,7 +71,9 @@ fn two_hundred_pause_resume_cycles() {
 
 #[test]
 fn connect_resumes_a_paused_capsule() {
-    let Some((engine, _dir)) = engine() else { return };
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let c = engine.create(probe()).unwrap();
     c.commands().run("count").unwrap();
     engine.pause(c.id()).unwrap();
@@ -72,27 +92,43 @@ fn connect_resumes_a_paused_capsule() {
 
 #[test]
 fn destroying_a_paused_capsule_deletes_its_files() {
-    let Some((engine, dir)) = engine() else { return };
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
     let c = engine.create(probe()).unwrap();
     c.pause().unwrap();
     let files = dir.path().join("capsules").join(c.id().as_str());
     assert!(files.exists());
     c.destroy().unwrap();
     assert!(!files.exists());
-    assert!(matches!(c.resume(), Err(Error::InvalidState { status: Status::Stopped, .. })));
+    assert!(matches!(
+        c.resume(),
+        Err(Error::InvalidState {
+            status: Status::Stopped,
+            ..
+        })
+    ));
     assert!(matches!(engine.get(c.id()), Err(Error::NotFound(_))));
 }
 
 #[test]
 fn pause_of_crashed_or_stopped_capsules_is_refused() {
-    let Some((engine, _dir)) = engine() else { return };
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let c = engine.create(probe()).unwrap();
     let _ = c.commands().run("crash");
     assert!(matches!(c.pause(), Err(Error::GuestCrashed { .. })));
     assert!(matches!(c.resume(), Err(Error::GuestCrashed { .. })));
     assert!(matches!(c.ping(), Err(Error::GuestCrashed { .. })));
     c.destroy().unwrap();
-    assert!(matches!(c.pause(), Err(Error::InvalidState { status: Status::Stopped, .. })));
+    assert!(matches!(
+        c.pause(),
+        Err(Error::InvalidState {
+            status: Status::Stopped,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -101,9 +137,15 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
     else {
         return;
     };
-    let idle = engine.create(probe().timeout(Duration::from_millis(150))).unwrap();
-    let pinged = engine.create(probe().timeout(Duration::from_millis(150))).unwrap();
-    let busy = engine.create(probe().timeout(Duration::from_millis(150))).unwrap();
+    let idle = engine
+        .create(probe().timeout(Duration::from_millis(150)))
+        .unwrap();
+    let pinged = engine
+        .create(probe().timeout(Duration::from_millis(150)))
+        .unwrap();
+    let busy = engine
+        .create(probe().timeout(Duration::from_millis(150)))
+        .unwrap();
     let never = engine.create(probe()).unwrap();
     idle.commands().run("count").unwrap();
     let start = Instant::now();
@@ -112,11 +154,21 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
         busy.commands().run("echo working").unwrap();
         std::thread::sleep(Duration::from_millis(30));
     }
-    assert_eq!(idle.status(), Status::Paused, "idle for longer than its timeout");
+    assert_eq!(
+        idle.status(),
+        Status::Paused,
+        "idle for longer than its timeout"
+    );
     assert_eq!(pinged.status(), Status::Running, "ping is activity");
     assert_eq!(busy.status(), Status::Running, "commands are activity");
     assert_eq!(never.status(), Status::Running, "timeout 0 never pauses");
-    assert!(matches!(idle.ping(), Err(Error::InvalidState { status: Status::Paused, .. })));
+    assert!(matches!(
+        idle.ping(),
+        Err(Error::InvalidState {
+            status: Status::Paused,
+            ..
+        })
+    ));
     // An auto-paused capsule resumes like any other, state intact.
     let idle = engine.connect(idle.id()).unwrap();
     assert_eq!(idle.commands().run("count").unwrap().stdout, "2\n");
@@ -124,7 +176,11 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
     while pinged.status() == Status::Running && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(pinged.status(), Status::Paused, "once pings stop it pauses too");
+    assert_eq!(
+        pinged.status(),
+        Status::Paused,
+        "once pings stop it pauses too"
+    );
 }
 
 #[test]
@@ -139,7 +195,10 @@ fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
         }
         Err(e) => panic!("{e}"),
     };
-    assert!(matches!(open(), Err(Error::DataDirLocked(_))), "one engine per directory");
+    assert!(
+        matches!(open(), Err(Error::DataDirLocked(_))),
+        "one engine per directory"
+    );
     let paused = engine.create(probe().vcpus(2)).unwrap();
     paused.commands().run("count").unwrap();
     let sum = paused.commands().run("touch 7").unwrap().stdout;
@@ -149,17 +208,31 @@ fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
     drop((paused, running, engine));
 
     let engine = open().unwrap();
-    let listed: HashMap<_, _> = engine.list().into_iter().map(|i| (i.id.clone(), i)).collect();
+    let listed: HashMap<_, _> = engine
+        .list()
+        .into_iter()
+        .map(|i| (i.id.clone(), i))
+        .collect();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[&paused_id].status, Status::Paused);
-    assert_eq!((listed[&paused_id].vcpus, listed[&paused_id].memory_mb), (2, 32));
-    assert_eq!(listed[&running_id].status, Status::Stopped, "its process ended while it ran");
+    assert_eq!(
+        (listed[&paused_id].vcpus, listed[&paused_id].memory_mb),
+        (2, 32)
+    );
+    assert_eq!(
+        listed[&running_id].status,
+        Status::Stopped,
+        "its process ended while it ran"
+    );
     let c = engine.connect(&paused_id).unwrap();
     assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
     assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
     assert!(matches!(
         engine.resume(&running_id),
-        Err(Error::InvalidState { status: Status::Stopped, .. })
+        Err(Error::InvalidState {
+            status: Status::Stopped,
+            ..
+        })
     ));
     engine.destroy(&running_id).unwrap();
     assert_eq!(engine.list().len(), 1);
@@ -170,7 +243,9 @@ fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
 /// every value exactly once across all the pauses.
 #[test]
 fn random_pause_resume_from_sixteen_threads() {
-    let Some((engine, _dir)) = engine() else { return };
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
     let ids: Vec<CapsuleId> = (0..4)
         .map(|_| engine.create(probe()).unwrap().id().clone())
         .collect();
@@ -193,12 +268,18 @@ fn random_pause_resume_from_sixteen_threads() {
                                 let n: u64 = out.stdout.trim().parse().unwrap();
                                 seen.lock().unwrap().entry(id.clone()).or_default().push(n);
                             }
-                            Err(Error::InvalidState { status: Status::Paused, .. }) => {}
+                            Err(Error::InvalidState {
+                                status: Status::Paused,
+                                ..
+                            }) => {}
                             Err(e) => panic!("unexpected error {e}"),
                         },
                     }
                     let status = engine.get(id).unwrap().status();
-                    assert!(matches!(status, Status::Running | Status::Paused), "{status}");
+                    assert!(
+                        matches!(status, Status::Running | Status::Paused),
+                        "{status}"
+                    );
                 }
             })
         })
@@ -212,7 +293,14 @@ fn random_pause_resume_from_sixteen_threads() {
         let mut values = seen.get(id).cloned().unwrap_or_default();
         values.sort_unstable();
         let n = values.len() as u64;
-        assert_eq!(values, (1..=n).collect::<Vec<_>>(), "every count value exactly once");
-        assert_eq!(c.commands().run("count").unwrap().stdout, format!("{}\n", n + 1));
+        assert_eq!(
+            values,
+            (1..=n).collect::<Vec<_>>(),
+            "every count value exactly once"
+        );
+        assert_eq!(
+            c.commands().run("count").unwrap().stdout,
+            format!("{}\n", n + 1)
+        );
     }
 }
