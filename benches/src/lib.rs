@@ -74,6 +74,28 @@ pub fn rss_of_mappings_sized_kib(size_kib: u64) -> u64 {
     total
 }
 
+/// Resident KiB summed over this process's mappings of files under `dir` (template layers).
+pub fn rss_of_mappings_under_kib(dir: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    let mut total = 0;
+    let mut in_match = false;
+    for line in smaps.lines() {
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|range| range.contains('-') && !range.ends_with(':'));
+        if is_header {
+            in_match = line.contains(dir.as_ref());
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            if in_match {
+                total += parse_kib(v);
+            }
+        }
+    }
+    total
+}
+
 fn parse_kib(v: &str) -> u64 {
     v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
 }

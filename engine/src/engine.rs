@@ -392,10 +392,13 @@ impl EngineInner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        // Pauses write with O_DIRECT: faster than buffered writes + fsync on most disks,
+        // and a paused capsule should not leave its memory behind in the page cache.
         match fault {
             Some(bytes) => WriteOptions::failing_after(bytes),
             None => WriteOptions::default(),
         }
+        .with_direct_io(true)
     }
 
     pub(crate) fn pause(&self, shared: &Arc<CapsuleShared>) -> Result<()> {

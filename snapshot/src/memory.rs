@@ -26,6 +26,13 @@ pub struct WriteOptions {
     /// and whatever file was at the destination before stays untouched. Keep
     /// `None` in production.
     pub fail_after_bytes: Option<u64>,
+    /// Write page data with `O_DIRECT`, bypassing the page cache: on most disks this is
+    /// several times faster than buffered writes followed by `fsync` for large layers, and it
+    /// leaves no dirty page cache behind (a pause is meant to free memory). Falls back to
+    /// buffered writes where the file system refuses `O_DIRECT` (tmpfs, for one). Leave it
+    /// off for files that will be mapped soon by many readers (templates): they then start
+    /// from a warm page cache.
+    pub direct_io: bool,
 }
 
 impl WriteOptions {
@@ -34,7 +41,14 @@ impl WriteOptions {
     pub fn failing_after(bytes: u64) -> Self {
         Self {
             fail_after_bytes: Some(bytes),
+            direct_io: false,
         }
+    }
+
+    /// These options with [`WriteOptions::direct_io`] set to `direct`.
+    pub fn with_direct_io(mut self, direct: bool) -> Self {
+        self.direct_io = direct;
+        self
     }
 }
 
@@ -86,11 +100,28 @@ pub fn write_layer(
 
     atomic::write_file_with(path, |file, tmp| {
         file.set_len(mem_len).at(tmp)?;
+        let direct = if opts.direct_io {
+            open_direct(tmp)
+        } else {
+            None
+        };
         for (first, count) in pages.runs() {
             let offset = first * PAGE_SIZE;
             let len = count * PAGE_SIZE;
             let data = slice(mem, offset, len)?;
-            write_with_budget(file, tmp, data, offset, &mut budget)?;
+            let written = match &direct {
+                Some(direct) => match write_with_budget(direct, tmp, data, offset, &mut budget) {
+                    // A device with stricter O_DIRECT alignment rules: use the page cache.
+                    Err(Error::Io { source, .. })
+                        if source.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        write_with_budget(file, tmp, data, offset, &mut budget)
+                    }
+                    other => other,
+                },
+                None => write_with_budget(file, tmp, data, offset, &mut budget),
+            };
+            written?;
             info.pages_written += count;
             info.runs += 1;
         }
@@ -126,6 +157,17 @@ fn write_with_budget(
             Ok(())
         }
     }
+}
+
+/// The temporary at `tmp` opened again for writing with `O_DIRECT`, or `None` where the file
+/// system does not support it.
+fn open_direct(tmp: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(tmp)
+        .ok()
 }
 
 /// `mem[offset..offset + len]`, or an error instead of a panic.
@@ -165,6 +207,45 @@ mod tests {
         (0..pages * PAGE_SIZE)
             .map(|i| (i / PAGE_SIZE) as u8 ^ (i as u8).wrapping_mul(7))
             .collect()
+    }
+
+    #[test]
+    fn direct_io_writes_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 256u64;
+        // O_DIRECT needs page-aligned memory: use a mapping, as guest memory is.
+        let len = (pages * PAGE_SIZE) as usize;
+        // SAFETY: a fresh anonymous mapping, checked for failure, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the mapping is len bytes, ours alone.
+        let mem = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), len) };
+        mem.copy_from_slice(&patterned(pages));
+        let mut bm = PageBitmap::new(pages);
+        bm.set_range(3, 40).unwrap();
+        bm.set(200).unwrap();
+        let p = dir.path().join("d.layer");
+        write_layer(&p, mem, &bm, &WriteOptions::default().with_direct_io(true)).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        for page in 0..pages {
+            let r = (page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize;
+            if bm.get(page) {
+                assert_eq!(data[r.clone()], mem[r], "page {page}");
+            } else {
+                assert!(data[r].iter().all(|&b| b == 0), "page {page}");
+            }
+        }
+        // SAFETY: unmapping the mapping made above; `mem` is not used afterwards.
+        unsafe { libc::munmap(addr, len) };
     }
 
     #[test]
