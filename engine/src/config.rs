@@ -20,6 +20,7 @@ pub struct EngineConfig {
     pub(crate) max_concurrent_starts: usize,
     pub(crate) boot_timeout: Duration,
     pub(crate) idle_check_interval: Duration,
+    pub(crate) shell_pool_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +35,7 @@ impl Default for EngineConfig {
             max_concurrent_starts: cpus * 2,
             boot_timeout: Duration::from_secs(30),
             idle_check_interval: Duration::from_millis(100),
+            shell_pool_size: 2,
         }
     }
 }
@@ -80,6 +82,15 @@ impl EngineConfig {
     /// capsule is paused within its timeout plus this interval.
     pub fn idle_check_interval(mut self, interval: Duration) -> Self {
         self.idle_check_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many fresh, never-run VMs ("shells") to keep ready for each capsule shape
+    /// (memory size and vCPU count) the engine has started recently, default 2. A shell
+    /// takes KVM's slowest steps off the path of `create` and `resume`; it costs a little
+    /// kernel memory and no guest memory until used. 0 builds every VM on demand.
+    pub fn shell_pool_size(mut self, n: usize) -> Self {
+        self.shell_pool_size = n;
         self
     }
 

@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::guest::{BootContext, GuestEvents, GuestKind, MemoryOrigin, Pin, Resources, Runtime};
 use crate::id::CapsuleId;
 use crate::limiter::StartLimiter;
-use crate::persist;
+use crate::persist::{self, MemoryImage};
+use crate::pool::ShellPool;
 use crate::status::{CapsuleInfo, Status};
 use crate::store::{unix_ms, CapsuleMeta, Store};
 use crate::template::{validate_name, Template, TemplateInfo, Templates};
@@ -51,6 +52,7 @@ pub(crate) struct EngineInner {
     templates: Templates,
     capsules: RwLock<CapsuleMap>,
     starts: Arc<StartLimiter>,
+    shells: Arc<ShellPool>,
     /// Stops the inactivity watcher when dropped.
     watcher: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     /// Test hook: make the next snapshot layer write fail after this many bytes.
@@ -116,6 +118,7 @@ impl Engine {
         );
         let inner = Arc::new(EngineInner {
             starts: Arc::new(StartLimiter::new(config.max_concurrent_starts)),
+            shells: Arc::new(ShellPool::new(hypervisor.clone(), config.shell_pool_size)?),
             config,
             hypervisor,
             store,
@@ -336,6 +339,7 @@ impl EngineInner {
             config: shared.resources,
             boot_timeout: self.config.boot_timeout,
             events,
+            shells: self.shells.clone(),
         }
     }
 
@@ -359,16 +363,20 @@ impl EngineInner {
                     path: template.dir.clone(),
                     source,
                 })?;
-                let chain = &template.state.memory;
-                let memory = persist::map_memory_from(base, &template.dir, chain)?;
+                let image = MemoryImage {
+                    dir: template.dir.clone(),
+                    chain: template.state.memory.clone(),
+                    base: Some(base),
+                    patch: template.state.patch.clone(),
+                };
                 let origin = MemoryOrigin::Chain {
                     dir: template.dir.clone(),
-                    chain: chain.clone(),
+                    chain: template.state.memory.clone(),
                     _pin: Some(template.clone() as Pin),
                 };
                 shared
                     .kind
-                    .restore(ctx, &template.state.machine, memory, origin)?
+                    .restore(ctx, &template.state.machine, &image, origin)?
             }
         };
         shared.mark_running(runtime);
@@ -445,16 +453,21 @@ impl EngineInner {
                 reason: "the snapshot does not match the capsule's configuration".into(),
             }));
         }
-        let memory = persist::map_memory(&dir, &state.memory)?;
+        let image = MemoryImage {
+            dir: dir.clone(),
+            chain: state.memory.clone(),
+            base: None,
+            patch: state.patch,
+        };
         let origin = MemoryOrigin::Chain {
             dir,
-            chain: state.memory.clone(),
+            chain: state.memory,
             _pin: None,
         };
         let runtime: Arc<dyn Runtime> =
             shared
                 .kind
-                .restore(self.context(shared), &state.machine, memory, origin)?;
+                .restore(self.context(shared), &state.machine, &image, origin)?;
         shared.mark_resumed(runtime);
         tracing::debug!(capsule = %shared.id, "resumed");
         Ok(())

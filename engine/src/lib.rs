@@ -60,6 +60,7 @@ mod guest;
 mod id;
 mod limiter;
 mod persist;
+mod pool;
 mod status;
 mod store;
 mod template;

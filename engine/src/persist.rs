@@ -19,19 +19,52 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use capsule_snapshot::bitmap::PageBitmap;
 use capsule_snapshot::chain::{remove_unreferenced_layers, LayerDesc, MemoryChain};
 use capsule_snapshot::mapping::{overlay_layers, MAX_OVERLAY_MAPPINGS};
 use capsule_snapshot::memory::{write_layer, WriteOptions};
 use capsule_snapshot::state_file::{read_state, write_state};
 use capsule_snapshot::{atomic, STATE_FILE_NAME};
-use capsule_vmm::{memory, GuestMemory};
+use capsule_vmm::memory;
+use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
+use crate::pool::Shell;
 
 /// Most layers a capsule's memory chain may have before it is merged (Wrenn merges after 8
 /// generations).
 pub(crate) const MAX_LAYERS: usize = 8;
+
+/// A pause that dirtied at most this many pages stores them inside `state.bin` instead of a
+/// new layer file: one file and one fsync instead of two, and no layer to map on resume.
+pub(crate) const INLINE_MAX_PAGES: u64 = 16;
+
+/// Layers of at least this many pages are written with `O_DIRECT` (several times faster than
+/// buffered writes plus fsync for large layers here, and they do not linger in the page
+/// cache); smaller ones are written through the page cache, which keeps them warm for a
+/// quick resume.
+pub(crate) const DIRECT_IO_MIN_PAGES: u64 = 256;
+
+/// A page stored inline in `state.bin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PagePatch {
+    /// Guest page number.
+    pub(crate) page: u64,
+    /// Its 4096 bytes.
+    pub(crate) data: Vec<u8>,
+}
+
+/// The memory of a snapshot or template, ready to be put under a new VM.
+pub(crate) struct MemoryImage {
+    /// Where the layer files are.
+    pub(crate) dir: PathBuf,
+    pub(crate) chain: MemoryChain,
+    /// The base layer, already open (templates keep it open).
+    pub(crate) base: Option<fs::File>,
+    /// Pages newer than the chain.
+    pub(crate) patch: Vec<PagePatch>,
+}
 
 /// The version of [`SnapshotState`]'s layout inside the state file; bump it when the layout
 /// changes so old engines refuse new snapshots instead of misreading them.
@@ -48,6 +81,8 @@ pub(crate) struct SnapshotState {
     pub(crate) memory_mb: u64,
     pub(crate) machine: MachineState,
     pub(crate) memory: MemoryChain,
+    /// Pages newer than `memory`, stored inline (see [`INLINE_MAX_PAGES`]).
+    pub(crate) patch: Vec<PagePatch>,
 }
 
 fn snap(e: capsule_snapshot::Error) -> Error {
@@ -107,16 +142,21 @@ pub(crate) fn write_snapshot(
             (chain.clone(), frozen.dirty.clone())
         }
     };
-    if chain.layers.len() >= MAX_LAYERS && pages.any() {
-        // Merge: one new base holding every page present anywhere in the chain.
-        let mut all = chain.union().map_err(snap)?;
-        all.or_assign(&pages).map_err(snap)?;
-        chain = MemoryChain::new(mem.len() as u64);
-        pages = all;
-    }
-    if chain.layers.is_empty() || pages.any() {
+    let mut patch = Vec::new();
+    if !chain.layers.is_empty() && pages.count_ones() <= INLINE_MAX_PAGES {
+        patch = page_patches(mem, &pages)?;
+    } else {
+        if chain.layers.len() >= MAX_LAYERS {
+            // Merge: one new base holding every page present anywhere in the chain.
+            let mut all = chain.union().map_err(snap)?;
+            all.or_assign(&pages).map_err(snap)?;
+            chain = MemoryChain::new(mem.len() as u64);
+            pages = all;
+        }
         let name = layer_name();
-        write_layer(&dir.join(&name), mem, &pages, options).map_err(snap)?;
+        let direct = pages.count_ones() >= DIRECT_IO_MIN_PAGES;
+        let options = options.clone().with_direct_io(direct);
+        write_layer(&dir.join(&name), mem, &pages, &options).map_err(snap)?;
         chain
             .push_layer(LayerDesc {
                 file_name: name,
@@ -131,6 +171,7 @@ pub(crate) fn write_snapshot(
         memory_mb,
         machine: frozen.machine.clone(),
         memory: chain.clone(),
+        patch,
     };
     write_state(&dir.join(STATE_FILE_NAME), &state).map_err(snap)?;
     if let Err(e) = remove_unreferenced_layers(dir, &chain) {
@@ -182,6 +223,7 @@ pub(crate) fn write_template(
             memory_mb,
             machine: frozen.machine.clone(),
             memory: chain,
+            patch: Vec::new(),
         };
         write_state(&tmp.join(STATE_FILE_NAME), &state).map_err(snap)?;
         atomic::sync_dir(&tmp).map_err(snap)?;
@@ -197,6 +239,27 @@ pub(crate) fn write_template(
         let _ = fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Copies the pages set in `pages` out of `mem`.
+fn page_patches(mem: &[u8], pages: &PageBitmap) -> Result<Vec<PagePatch>> {
+    let page_size = capsule_snapshot::PAGE_SIZE as usize;
+    let mut patch = Vec::with_capacity(pages.count_ones() as usize);
+    for (first, count) in pages.runs() {
+        for page in first..first + count {
+            let start = page as usize * page_size;
+            let data = mem.get(start..start + page_size).ok_or_else(|| {
+                Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
+                    reason: format!("dirty page {page} outside memory"),
+                })
+            })?;
+            patch.push(PagePatch {
+                page,
+                data: data.to_vec(),
+            });
+        }
+    }
+    Ok(patch)
 }
 
 /// Hard-links `chain`'s layer files from `from` into `to`, so `to` no longer depends on
@@ -225,6 +288,17 @@ pub(crate) fn load(dir: &Path) -> Result<SnapshotState> {
         ));
     }
     state.memory.validate().map_err(snap)?;
+    let pages = state.memory.page_count();
+    let page_size = capsule_snapshot::PAGE_SIZE as usize;
+    if let Some(bad) = state
+        .patch
+        .iter()
+        .find(|p| p.page >= pages || p.data.len() != page_size)
+    {
+        return Err(Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
+            reason: format!("inline page {} is malformed", bad.page),
+        }));
+    }
     if state.memory.mem_size != state.memory_mb << 20 {
         return Err(Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
             reason: format!(
@@ -236,35 +310,47 @@ pub(crate) fn load(dir: &Path) -> Result<SnapshotState> {
     Ok(state)
 }
 
-/// Maps the snapshot's memory copy-on-write: the base layer `MAP_PRIVATE`, newer layers
-/// overlaid.
-pub(crate) fn map_memory(dir: &Path, chain: &MemoryChain) -> Result<GuestMemory> {
-    let base = chain.layers.first().ok_or_else(|| {
-        Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-            reason: "no base layer".into(),
-        })
-    })?;
-    let path: PathBuf = dir.join(&base.file_name);
-    let file = fs::File::open(&path).map_err(io("opening a memory layer", &path))?;
-    map_memory_from(file, dir, chain)
-}
-
-/// Like [`map_memory`] with the base layer already open.
-pub(crate) fn map_memory_from(
-    base: fs::File,
-    dir: &Path,
-    chain: &MemoryChain,
-) -> Result<GuestMemory> {
-    let memory = memory::map_private_file(base, chain.mem_size as usize).map_err(|e| {
+/// Puts `image` under `shell`'s VM: the base layer mapped `MAP_PRIVATE` in place of the
+/// shell's anonymous memory, newer layers overlaid, inline pages written (the VMM's dirty
+/// bitmap then records them, so the next snapshot carries them forward).
+pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
+    let base = match &image.base {
+        Some(file) => file
+            .try_clone()
+            .map_err(io("opening a memory layer", &image.dir))?,
+        None => {
+            let name = image
+                .chain
+                .layers
+                .first()
+                .map(|l| l.file_name.as_str())
+                .unwrap_or_default();
+            let path = image.dir.join(name);
+            fs::File::open(&path).map_err(io("opening a memory layer", &path))?
+        }
+    };
+    let memory = shell.vm.memory();
+    // SAFETY: a shell's vCPUs have never run and the shell is ours alone until it is handed
+    // to a runtime, so nothing reads or maps its memory meanwhile.
+    unsafe { memory::replace_with_private_file(memory, &base) }.map_err(|e| {
         Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
             reason: e.to_string(),
         })
     })?;
-    if chain.layers.len() > 1 {
-        let (addr, len) = memory::host_range(&memory)?;
-        // SAFETY: `memory` was mapped just above as one private mapping of `len` bytes owned
-        // by its region, and nothing else has seen it yet.
-        unsafe { overlay_layers(addr, len, dir, chain, MAX_OVERLAY_MAPPINGS) }.map_err(snap)?;
+    if image.chain.layers.len() > 1 {
+        let (addr, len) = memory::host_range(memory)?;
+        // SAFETY: [addr, addr + len) is the shell's memory region, just re-mapped from the
+        // base layer and used by nobody else yet (as above).
+        unsafe { overlay_layers(addr, len, &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
+            .map_err(snap)?;
     }
-    Ok(memory)
+    for patch in &image.patch {
+        memory
+            .write_slice(
+                &patch.data,
+                GuestAddress(patch.page * capsule_snapshot::PAGE_SIZE),
+            )
+            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
+    }
+    Ok(())
 }

@@ -57,6 +57,50 @@ pub fn map_private_file(file: std::fs::File, size: usize) -> Result<GuestMemory>
     from_region(region)
 }
 
+/// Replaces the contents of guest memory's single region with a copy-on-write mapping of
+/// `file` (`MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE` over the same host addresses), so a VM
+/// whose memory slot is already registered can take on a snapshot's memory without
+/// re-registering the slot. The region keeps ownership: it unmaps the range when dropped.
+///
+/// # Safety
+/// No vCPU may have run on this memory (KVM would keep translations of the old pages until
+/// its MMU notifier ran, and the guest would see a mix), and nothing may access the region
+/// during the call: in practice, call it on a VM that was just created.
+pub unsafe fn replace_with_private_file(memory: &GuestMemory, file: &std::fs::File) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let (addr, len) = host_range(memory)?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::Memory(format!("reading the memory file's length: {e}")))?
+        .len();
+    if file_len != len as u64 {
+        return Err(Error::Memory(format!(
+            "memory file is {file_len} bytes, guest memory {len}"
+        )));
+    }
+    // SAFETY: [addr, addr + len) is exactly the region's own mapping (host_range), so
+    // MAP_FIXED replaces only pages this region owns; the caller guarantees nothing uses them
+    // meanwhile; the file covers the whole length (checked above), so no access can fault
+    // past its end.
+    let mapped = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(Error::Memory(format!(
+            "mapping the memory file: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// Host address and length of guest memory's first region.
 pub fn host_range(memory: &GuestMemory) -> Result<(*mut u8, usize)> {
     use vm_memory::GuestMemoryBackend;
@@ -157,6 +201,26 @@ mod tests {
             map_private_file(file, 8 * PAGE_SIZE).is_err(),
             "length must match"
         );
+    }
+
+    #[test]
+    fn anonymous_memory_can_take_on_a_file() {
+        use std::io::Write;
+        let mem = create_anonymous(4 * PAGE_SIZE).unwrap();
+        mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![3u8; 4 * PAGE_SIZE]).unwrap();
+        // SAFETY: no vCPU exists for this memory and nothing else uses it.
+        unsafe { replace_with_private_file(&mem, &file) }.unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 3);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(3 * PAGE_SIZE as u64))
+                .unwrap(),
+            3
+        );
+        let short = tempfile::tempfile().unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { replace_with_private_file(&mem, &short) }.is_err());
     }
 
     #[test]

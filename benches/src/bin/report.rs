@@ -84,7 +84,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         spawn.push(micros(t.elapsed()));
         capsule.destroy()?;
     }
-    println!("{}", json_line("template_spawn_to_ready", "us", summarize(&spawn)));
+    println!(
+        "{}",
+        json_line("template_spawn_to_ready", "us", summarize(&spawn))
+    );
 
     let capsule = engine.create(from_template.clone())?;
     let mut resume = Vec::new();
@@ -107,7 +110,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             capsule.resume()?;
         }
         let summary = summarize(&pause);
-        println!("{}", json_line(&format!("pause_dirty_{mib}mib"), "us", summary));
+        println!(
+            "{}",
+            json_line(&format!("pause_dirty_{mib}mib"), "us", summary)
+        );
         if mib == 256 {
             let gb_per_s = (256u64 << 20) as f64 / (summary.p50 / 1e6) / 1e9;
             eprintln!("pause of 256 MiB dirty writes at {gb_per_s:.2} GB/s");
@@ -116,8 +122,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     capsule.destroy()?;
 
     let (total_ms, clone_rss) = spawn_many(&engine, &from_template, 1000)?;
-    println!("{}", json_line("spawn_1000_from_template_ms", "ms", summarize(&[total_ms])));
-    println!("{}", json_line("template_clone_rss_kib", "kib", summarize(&clone_rss)));
+    println!(
+        "{}",
+        json_line("spawn_1000_from_template_ms", "ms", summarize(&[total_ms]))
+    );
+    println!(
+        "{}",
+        json_line("template_clone_rss_kib", "kib", summarize(&clone_rss))
+    );
     engine.delete_template("bench")?;
     Ok(())
 }
@@ -145,7 +157,11 @@ fn spawn_many(
     config: &CapsuleConfig,
     n: usize,
 ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
-    let template_dir = engine.config().get_data_dir().join("templates").join("bench");
+    let template_dir = engine
+        .config()
+        .get_data_dir()
+        .join("templates")
+        .join("bench");
     let mut keep = Vec::with_capacity(n);
     let mut rss = Vec::new();
     for _ in 0..100 {

@@ -18,11 +18,13 @@ use capsule_snapshot::bitmap::PageBitmap;
 use capsule_snapshot::chain::MemoryChain;
 use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmState;
-use capsule_vmm::{GuestMemory, Hypervisor, Kicker, Vm};
+use capsule_vmm::{Hypervisor, Kicker, Vm};
 
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
+use crate::persist::MemoryImage;
+use crate::pool::ShellPool;
 
 /// The guest kinds and the templates that name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +85,11 @@ impl GuestKind {
         self,
         ctx: BootContext,
         machine: &MachineState,
-        memory: GuestMemory,
+        image: &MemoryImage,
         origin: MemoryOrigin,
     ) -> Result<Arc<dyn Runtime>> {
         match self {
-            GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, memory, origin)?),
+            GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, image, origin)?),
         }
     }
 }
@@ -155,6 +157,8 @@ pub(crate) struct BootContext {
     pub(crate) config: Resources,
     pub(crate) boot_timeout: Duration,
     pub(crate) events: Arc<dyn GuestEvents>,
+    /// Where to get a fresh VM.
+    pub(crate) shells: Arc<ShellPool>,
 }
 
 /// How a running guest tells the engine about things it did not ask for.

@@ -19,7 +19,7 @@ use capsule_vmm::kvm_bindings::kvm_regs;
 use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmOptions;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
-use capsule_vmm::{memory, GuestMemory, Kicker, Vcpu, VcpuEvent, Vm};
+use capsule_vmm::{memory, Kicker, Vcpu, VcpuEvent, Vm};
 
 use super::{
     BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryOrigin, Resources,
@@ -28,6 +28,8 @@ use super::{
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
+use crate::persist::{self, MemoryImage};
+use crate::pool::ShellShape;
 
 /// The template name of the probe.
 pub(crate) const TEMPLATE: &str = "probe";
@@ -91,27 +93,26 @@ impl ProbeRuntime {
     /// Builds the VM, starts one thread per vCPU and waits until every vCPU is ready.
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         let mem_size = ctx.config.memory_mb << 20;
-        let memory = memory::create_anonymous(mem_size as usize)?;
-        user_mode::write_tables(&memory, &LAYOUT, mem_size)?;
+        let shell = ctx.shells.take(shell_shape(&ctx))?;
+        let memory = shell.vm.memory();
+        user_mode::write_tables(memory, &LAYOUT, mem_size)?;
         memory
             .write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
             .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
-        let vm = Vm::new(&ctx.hypervisor, memory, vm_options())?;
-        let mut vcpus = Vec::with_capacity(ctx.config.vcpus as usize);
-        for index in 0..ctx.config.vcpus {
-            let vcpu = vm.create_vcpu(index)?;
+        let mut vcpus = Vec::with_capacity(shell.vcpus.len());
+        for vcpu in shell.vcpus {
             vcpu.set_sregs(&user_mode::sregs(vcpu.sregs()?, &LAYOUT))?;
-            vcpu.set_regs(&entry_regs(index, mem_size))?;
+            vcpu.set_regs(&entry_regs(vcpu.index(), mem_size))?;
             vcpus.push((vcpu, Start::Boot));
         }
-        Self::start(ctx, vm, vcpus, MemoryOrigin::Fresh)
+        Self::start(ctx, shell.vm, vcpus, MemoryOrigin::Fresh)
     }
 
-    /// Rebuilds a probe VM from `machine` over restored `memory`.
+    /// Rebuilds a probe VM from `machine` over the memory in `image`.
     pub(crate) fn restore(
         ctx: BootContext,
         machine: &MachineState,
-        memory: GuestMemory,
+        image: &MemoryImage,
         origin: MemoryOrigin,
     ) -> Result<Arc<Self>> {
         let GuestState::Probe { seqs } = &machine.guest;
@@ -122,15 +123,15 @@ impl ProbeRuntime {
                 ctx.config.vcpus
             )));
         }
-        let vm = Vm::new(&ctx.hypervisor, memory, vm_options())?;
-        vm.restore_state(&machine.vm)?;
-        let mut vcpus = Vec::with_capacity(machine.vcpus.len());
-        for (index, (state, seq)) in machine.vcpus.iter().zip(seqs).enumerate() {
-            let vcpu = vm.create_vcpu(index as u32)?;
+        let shell = ctx.shells.take(shell_shape(&ctx))?;
+        persist::apply_memory(&shell, image)?;
+        shell.vm.restore_state(&machine.vm)?;
+        let mut vcpus = Vec::with_capacity(shell.vcpus.len());
+        for ((vcpu, state), seq) in shell.vcpus.into_iter().zip(&machine.vcpus).zip(seqs) {
             vcpu.restore_state(state)?;
             vcpus.push((vcpu, Start::Restored { seq: *seq }));
         }
-        Self::start(ctx, vm, vcpus, origin)
+        Self::start(ctx, shell.vm, vcpus, origin)
     }
 
     fn start(
@@ -259,6 +260,16 @@ fn vm_options() -> VmOptions {
     VmOptions {
         dirty_log: true,
         ..VmOptions::default()
+    }
+}
+
+fn shell_shape(ctx: &BootContext) -> ShellShape {
+    let options = vm_options();
+    ShellShape {
+        memory_mb: ctx.config.memory_mb,
+        vcpus: ctx.config.vcpus,
+        dirty_log: options.dirty_log,
+        irqchip: options.irqchip,
     }
 }
 

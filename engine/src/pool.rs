@@ -1,0 +1,210 @@
+//! Pre-created VM shells, so that starting a capsule from a template, resuming one, or
+//! booting one does not wait for KVM to build a VM.
+//!
+//! A shell is a fresh VM that has never run: `KVM_CREATE_VM`, its memory slot registered
+//! over reserved anonymous memory, and its vCPUs created. On this kind of host those steps
+//! dominate a start (hundreds of microseconds, growing with the memory size). A capsule takes
+//! a shell and, for a snapshot or template, maps the snapshot's memory over the shell's
+//! memory in place (`capsule_vmm::memory::replace_with_private_file`), which needs no new
+//! memory slot. Shells are never reused: a capsule's VM is released when it stops or pauses.
+//!
+//! Shells are kept per shape (memory size, vCPU count, VM options) for shapes that were
+//! asked for, [`EngineConfig::shell_pool_size`](crate::EngineConfig::shell_pool_size) of
+//! each, by one background thread. An empty pool is not an error: the shell is then built
+//! on the spot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use capsule_vmm::vm::VmOptions;
+use capsule_vmm::{memory, Hypervisor, Vcpu, Vm};
+
+use crate::error::{Error, Result};
+
+/// Most distinct shapes kept warm at once; the least recently asked for is dropped.
+const MAX_SHAPES: usize = 4;
+
+/// What a shell looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ShellShape {
+    pub(crate) memory_mb: u64,
+    pub(crate) vcpus: u32,
+    pub(crate) dirty_log: bool,
+    pub(crate) irqchip: bool,
+}
+
+impl ShellShape {
+    fn options(self) -> VmOptions {
+        VmOptions {
+            dirty_log: self.dirty_log,
+            irqchip: self.irqchip,
+        }
+    }
+}
+
+/// A VM that has never run, with its memory and vCPUs.
+pub(crate) struct Shell {
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vec<Vcpu>,
+}
+
+impl Shell {
+    /// Builds a shell now.
+    pub(crate) fn build(hypervisor: &Hypervisor, shape: ShellShape) -> Result<Shell> {
+        let size = usize::try_from(shape.memory_mb << 20)
+            .map_err(|_| Error::InvalidConfig("memory size too large".into()))?;
+        let memory = memory::create_anonymous(size)?;
+        let vm = Vm::new(hypervisor, memory, shape.options())?;
+        let vcpus = (0..shape.vcpus)
+            .map(|index| vm.create_vcpu(index))
+            .collect::<capsule_vmm::Result<Vec<_>>>()?;
+        Ok(Shell { vm, vcpus })
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: HashMap<ShellShape, Vec<Shell>>,
+    /// Shapes asked for, with a use counter for eviction.
+    wanted: HashMap<ShellShape, u64>,
+    uses: u64,
+}
+
+/// The pool and its filler thread.
+pub(crate) struct ShellPool {
+    shared: Arc<PoolShared>,
+    filler: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct PoolShared {
+    hypervisor: Hypervisor,
+    target: usize,
+    state: Mutex<PoolState>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl PoolShared {
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A shape that wants another shell, if any.
+    fn next_to_fill(&self, state: &PoolState) -> Option<ShellShape> {
+        state
+            .wanted
+            .keys()
+            .find(|shape| state.ready.get(shape).map_or(0, Vec::len) < self.target)
+            .copied()
+    }
+
+    fn fill(self: Arc<Self>) {
+        loop {
+            let shape = {
+                let mut state = self.state();
+                loop {
+                    if self.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(shape) = self.next_to_fill(&state) {
+                        break shape;
+                    }
+                    state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            match Shell::build(&self.hypervisor, shape) {
+                Ok(shell) => {
+                    let mut state = self.state();
+                    if state.wanted.contains_key(&shape) {
+                        state.ready.entry(shape).or_default().push(shell);
+                    }
+                }
+                Err(e) => {
+                    // Do not spin on a shape that cannot be built: forget it until asked again.
+                    tracing::warn!(?shape, error = %e, "could not pre-create a VM shell");
+                    self.state().wanted.remove(&shape);
+                }
+            }
+        }
+    }
+}
+
+impl ShellPool {
+    /// A pool keeping `target` shells per shape (0: none, every shell is built on demand).
+    pub(crate) fn new(hypervisor: Hypervisor, target: usize) -> Result<Self> {
+        let shared = Arc::new(PoolShared {
+            hypervisor,
+            target,
+            state: Mutex::new(PoolState::default()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let filler = if target > 0 {
+            let worker = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("capsule-vm-shells".into())
+                    .spawn(move || worker.fill())
+                    .map_err(|e| {
+                        Error::Hypervisor(capsule_vmm::Error::Os {
+                            op: "spawning the VM shell thread",
+                            source: e,
+                        })
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(ShellPool {
+            shared,
+            filler: Mutex::new(filler),
+        })
+    }
+
+    /// A shell of `shape`: a pre-created one if ready, else one built now. Either way the
+    /// pool then makes (more) shells of this shape ready for next time.
+    pub(crate) fn take(&self, shape: ShellShape) -> Result<Shell> {
+        let ready = {
+            let mut state = self.shared.state();
+            state.uses += 1;
+            let uses = state.uses;
+            if self.shared.target > 0 {
+                state.wanted.insert(shape, uses);
+                if state.wanted.len() > MAX_SHAPES {
+                    let oldest = state
+                        .wanted
+                        .iter()
+                        .min_by_key(|(_, used)| **used)
+                        .map(|(shape, _)| *shape);
+                    if let Some(oldest) = oldest {
+                        state.wanted.remove(&oldest);
+                        state.ready.remove(&oldest);
+                    }
+                }
+                self.shared.wake.notify_one();
+            }
+            state.ready.get_mut(&shape).and_then(Vec::pop)
+        };
+        match ready {
+            Some(shell) => Ok(shell),
+            None => Shell::build(&self.shared.hypervisor, shape),
+        }
+    }
+}
+
+impl Drop for ShellPool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if let Some(handle) = self
+            .filler
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
