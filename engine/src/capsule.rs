@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::guest::{GuestEvents, GuestKind, Job, JobControl, Resources, Runtime};
 use crate::id::CapsuleId;
 use crate::status::{CapsuleInfo, Status};
+use crate::store::{unix_ms, CapsuleMeta};
 use crate::template::TemplateInfo;
 
 /// What a finished command produced.
@@ -96,8 +97,17 @@ impl CapsuleShared {
         self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn created_at(&self) -> SystemTime {
-        self.created_at
+    /// How the data directory describes this capsule.
+    pub(crate) fn meta(&self) -> CapsuleMeta {
+        CapsuleMeta {
+            id: self.id.to_string(),
+            template: self.template.clone(),
+            kind: self.kind.name().to_owned(),
+            vcpus: self.resources.vcpus,
+            memory_mb: self.resources.memory_mb,
+            timeout_ms: self.timeout.as_millis() as u64,
+            created_at_ms: unix_ms(self.created_at),
+        }
     }
 
     /// The running guest, if the capsule is running.

@@ -21,7 +21,7 @@ use crate::limiter::StartLimiter;
 use crate::persist::{self, MemoryImage};
 use crate::pool::ShellPool;
 use crate::status::{CapsuleInfo, Status};
-use crate::store::{unix_ms, CapsuleMeta, Store};
+use crate::store::{CapsuleMeta, Store};
 use crate::template::{validate_name, Template, TemplateInfo, Templates};
 
 /// Creates, finds, pauses, resumes and destroys capsules. `Send + Sync` and cheap to clone:
@@ -83,18 +83,36 @@ impl Engine {
         let store = Store::open(&config.data_dir)?;
         let templates = Templates::new(store.templates_dir());
         let mut capsules = HashMap::new();
-        for (meta, paused) in store.load_capsules()? {
+        let mut live = Vec::new();
+        let mut loaded = store.load()?;
+        let mut found: Vec<(CapsuleMeta, Status)> = Vec::new();
+        for id in &loaded.snapshots {
+            let meta = match loaded.journal.remove(id.as_str()) {
+                Some(meta) => Some(meta),
+                // Not in the journal (its line was lost): the snapshot describes it.
+                None => persist::load(&store.snapshot_dir(id))
+                    .ok()
+                    .and_then(|state| state.capsule),
+            };
+            match meta {
+                Some(meta) => found.push((meta, Status::Paused)),
+                None => tracing::warn!(capsule = %id, "skipping a snapshot without a description"),
+            }
+        }
+        // In the journal without a snapshot: it was running when its process ended.
+        found.extend(
+            loaded
+                .journal
+                .into_values()
+                .map(|meta| (meta, Status::Stopped)),
+        );
+        for (meta, status) in found {
             let Ok(id) = meta.id.parse::<CapsuleId>() else {
                 continue;
             };
             let Some(kind) = GuestKind::builtin(&meta.kind) else {
                 tracing::warn!(capsule = %id, kind = %meta.kind, "skipping a capsule of unknown kind");
                 continue;
-            };
-            let status = if paused {
-                Status::Paused
-            } else {
-                Status::Stopped
             };
             let shared = CapsuleShared::new(CapsuleSpec {
                 id: id.clone(),
@@ -109,7 +127,9 @@ impl Engine {
                 status,
             });
             capsules.insert(id, shared);
+            live.push(meta);
         }
+        store.compact(&live)?;
         tracing::info!(
             host = %hypervisor.info().virtualization,
             data_dir = %config.data_dir.display(),
@@ -164,15 +184,7 @@ impl Engine {
             created_at: SystemTime::now(),
             status: Status::Pending,
         });
-        self.inner.store.write_meta(&CapsuleMeta {
-            id: shared.id.to_string(),
-            template: shared.template.clone(),
-            kind: kind.name().to_owned(),
-            vcpus: resources.vcpus,
-            memory_mb: resources.memory_mb,
-            timeout_ms: config.timeout.as_millis() as u64,
-            created_at_ms: unix_ms(shared.created_at()),
-        })?;
+        self.inner.store.write_meta(&shared.meta())?;
         self.inner.write().insert(shared.id.clone(), shared.clone());
         let capsule = Capsule {
             shared: shared.clone(),
@@ -419,14 +431,7 @@ impl EngineInner {
         };
         let frozen = runtime.freeze()?;
         let dir = self.store.snapshot_dir(&shared.id);
-        persist::write_snapshot(
-            &dir,
-            &frozen,
-            shared.kind.name(),
-            shared.resources.vcpus,
-            shared.resources.memory_mb,
-            &self.write_options(),
-        )?;
+        persist::write_snapshot(&dir, &frozen, &shared.meta(), &self.write_options())?;
         // Committed: release the VM. Frozen vCPU threads end on shutdown.
         if let Some(runtime) = shared.mark_paused() {
             runtime.shutdown();

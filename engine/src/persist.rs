@@ -31,6 +31,7 @@ use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use crate::error::{Error, Result};
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
 use crate::pool::Shell;
+use crate::store::CapsuleMeta;
 
 /// Most layers a capsule's memory chain may have before it is merged (Wrenn merges after 8
 /// generations).
@@ -83,6 +84,8 @@ pub(crate) struct SnapshotState {
     pub(crate) memory: MemoryChain,
     /// Pages newer than `memory`, stored inline (see [`INLINE_MAX_PAGES`]).
     pub(crate) patch: Vec<PagePatch>,
+    /// The paused capsule this is the snapshot of (none for a template).
+    pub(crate) capsule: Option<CapsuleMeta>,
 }
 
 fn snap(e: capsule_snapshot::Error) -> Error {
@@ -124,9 +127,7 @@ fn memory_bytes(frozen: &Frozen) -> Result<&[u8]> {
 pub(crate) fn write_snapshot(
     dir: &Path,
     frozen: &Frozen,
-    kind: &str,
-    vcpus: u32,
-    memory_mb: u64,
+    capsule: &CapsuleMeta,
     options: &WriteOptions,
 ) -> Result<MemoryChain> {
     fs::create_dir_all(dir).map_err(io("creating the snapshot directory", dir))?;
@@ -166,12 +167,13 @@ pub(crate) fn write_snapshot(
     }
     let state = SnapshotState {
         schema: SNAPSHOT_SCHEMA,
-        kind: kind.to_owned(),
-        vcpus,
-        memory_mb,
+        kind: capsule.kind.clone(),
+        vcpus: capsule.vcpus,
+        memory_mb: capsule.memory_mb,
         machine: frozen.machine.clone(),
         memory: chain.clone(),
         patch,
+        capsule: Some(capsule.clone()),
     };
     write_state(&dir.join(STATE_FILE_NAME), &state).map_err(snap)?;
     if let Err(e) = remove_unreferenced_layers(dir, &chain) {
@@ -224,6 +226,7 @@ pub(crate) fn write_template(
             machine: frozen.machine.clone(),
             memory: chain,
             patch: Vec::new(),
+            capsule: None,
         };
         write_state(&tmp.join(STATE_FILE_NAME), &state).map_err(snap)?;
         atomic::sync_dir(&tmp).map_err(snap)?;
