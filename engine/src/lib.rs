@@ -19,10 +19,44 @@
 //!
 //! ## Lifecycle
 //! [`Status`]: `Pending` (accepted, waiting for a start slot) → `Starting` (VM built, guest
-//! booting) → `Running` (the guest said it is ready) → `Stopped` (destroyed or exited).
-//! `Error` means an unrecoverable failure (triple fault, KVM error...) and carries the reason
-//! in [`CapsuleInfo::error`]; the capsule's VM is released at once and other capsules are
-//! unaffected. `Paused` comes with snapshots.
+//! booting) → `Running` (the guest said it is ready) ⇄ `Paused` (its whole state on disk, no
+//! CPU, no memory) → `Stopped` (destroyed, or its process ended while it ran). `Error` means
+//! an unrecoverable failure (triple fault, KVM error...) and carries the reason in
+//! [`CapsuleInfo::error`]; the capsule's VM is released at once and other capsules are
+//! unaffected.
+//!
+//! ## Pause, resume, templates
+//! ```no_run
+//! # use std::time::Duration;
+//! # use capsule::{CapsuleConfig, Engine, EngineConfig};
+//! # fn main() -> capsule::Result<()> {
+//! # let engine = Engine::new(EngineConfig::default())?;
+//! let capsule = engine.create(CapsuleConfig::new("probe").timeout(Duration::from_secs(60)))?;
+//! capsule.commands().run("touch 100")?;
+//! capsule.pause()?;                  // state to disk, VM released
+//! capsule.resume()?;                 // exactly where it was (also: engine.connect(&id))
+//! capsule.snapshot("warm")?;         // a template; the capsule keeps running
+//! let clone = engine.create(CapsuleConfig::new("warm"))?; // shares its pages copy-on-write
+//! # Ok(()) }
+//! ```
+//! - A pause stops the vCPUs between commands (running commands finish first), writes the
+//!   snapshot into the engine's data directory and releases the VM. A capsule's first pause
+//!   writes the pages its guest ever wrote (a sparse file); later pauses write only pages
+//!   dirtied since (KVM's dirty log OR the VMM's own writes), as a new layer; chains are
+//!   merged after 8 layers, and pauses that dirtied at most 16 pages store them inside the
+//!   state file. Every file is written under a temporary name, fsynced and renamed: a
+//!   failed or interrupted pause leaves the previous snapshot valid and the capsule running.
+//! - Resume maps the memory back `MAP_PRIVATE` (pages are read lazily, writes stay private)
+//!   and restores every vCPU register, MSR, FPU/XSAVE state and the guest's own state.
+//! - With [`CapsuleConfig::timeout`], a capsule is paused after that long without a command
+//!   or [`Capsule::ping`]; zero (the default) never auto-pauses.
+//! - A template is a self-contained snapshot; capsules started from it map its memory
+//!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a template
+//!   that running capsules map is refused; paused capsules keep hard links to what they need.
+//! - Paused capsules survive the process: a new [`Engine`] on the same data directory lists
+//!   them and can resume them. One engine at a time may open a data directory.
+//! - Fresh, never-run VMs are kept ready in the background
+//!   ([`EngineConfig::shell_pool_size`]); a capsule never reuses another's VM.
 //!
 //! ## The probe template
 //! `"probe"` is a tiny guest built into the engine: 64-bit code running in guest user mode,
@@ -73,3 +107,13 @@ pub use crate::id::CapsuleId;
 pub use crate::status::{CapsuleInfo, Status};
 pub use crate::template::TemplateInfo;
 pub use capsule_vmm::{HostInfo, Virtualization};
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes and validates a snapshot state file image (`state.bin`) the way `resume`
+    /// does; `true` if it would be accepted. Never panics.
+    pub fn decode_snapshot_state(bytes: &[u8]) -> bool {
+        crate::persist::decode(bytes).is_ok()
+    }
+}

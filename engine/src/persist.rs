@@ -279,9 +279,22 @@ fn link_layers(from: &Path, to: &Path, chain: &MemoryChain) -> Result<()> {
     Ok(())
 }
 
+/// Decodes and checks a `state.bin` image without touching the file system: what `load`
+/// does after reading the file. Exposed (hidden) for the fuzz target.
+pub(crate) fn decode(bytes: &[u8]) -> Result<SnapshotState> {
+    let state: SnapshotState =
+        capsule_snapshot::state_file::decode_state_bytes(bytes).map_err(snap)?;
+    check(state)
+}
+
 /// Reads and checks `dir/state.bin`.
 pub(crate) fn load(dir: &Path) -> Result<SnapshotState> {
     let state: SnapshotState = read_state(&dir.join(STATE_FILE_NAME)).map_err(snap)?;
+    check(state)
+}
+
+/// The checks every loaded snapshot passes before it is used.
+fn check(state: SnapshotState) -> Result<SnapshotState> {
     if state.schema != SNAPSHOT_SCHEMA {
         return Err(Error::Snapshot(
             capsule_snapshot::Error::UnsupportedVersion {

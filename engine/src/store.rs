@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(loaded.journal[&b.id], b);
         assert!(loaded.snapshots.is_empty());
         assert!(!dir.path().join("capsules/cl-stale").exists());
-        store.compact(&[b.clone()]).unwrap();
+        store.compact(std::slice::from_ref(&b)).unwrap();
         store.write_meta(&a).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();

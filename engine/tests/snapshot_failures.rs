@@ -147,3 +147,35 @@ fn a_write_failure_on_the_first_pause_leaves_no_snapshot() {
     c.pause().unwrap();
     c.resume().unwrap();
 }
+
+/// What the `snapshot_state` fuzz target checks, run deterministically: mutated and
+/// truncated copies of a real `state.bin` are rejected or accepted, never a panic.
+#[test]
+fn mutated_state_files_never_panic_the_decoder() {
+    let Some((engine, dir)) = engine() else {
+        return;
+    };
+    let c = engine.create(probe().vcpus(2)).unwrap();
+    c.commands().run("touch 3").unwrap();
+    c.pause().unwrap();
+    let good = std::fs::read(snapshot_dir(&dir, &c).join("state.bin")).unwrap();
+    assert!(capsule::fuzzing::decode_snapshot_state(&good));
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for len in (0..good.len()).step_by(97) {
+        assert!(!capsule::fuzzing::decode_snapshot_state(&good[..len]));
+    }
+    for _ in 0..3000 {
+        let mut bytes = good.clone();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() as usize) % bytes.len();
+            bytes[at] = next() as u8;
+        }
+        let _ = capsule::fuzzing::decode_snapshot_state(&bytes);
+    }
+}
