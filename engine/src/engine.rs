@@ -474,6 +474,16 @@ impl EngineInner {
                 .kind
                 .restore(self.context(shared), &state.machine, &image, origin)?;
         shared.mark_resumed(runtime);
+        // The snapshot no longer describes the capsule, which runs on from it: if this process
+        // dies now, a new engine must report it stopped, not roll it back to this state. Its
+        // layers stay: the running capsule maps them and its next pause builds on them.
+        let state_file = self
+            .store
+            .snapshot_dir(&shared.id)
+            .join(capsule_snapshot::STATE_FILE_NAME);
+        if let Err(e) = std::fs::remove_file(&state_file) {
+            tracing::warn!(capsule = %shared.id, error = %e, "could not retire the snapshot");
+        }
         tracing::debug!(capsule = %shared.id, "resumed");
         Ok(())
     }

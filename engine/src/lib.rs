@@ -54,7 +54,9 @@
 //!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a template
 //!   that running capsules map is refused; paused capsules keep hard links to what they need.
 //! - Paused capsules survive the process: a new [`Engine`] on the same data directory lists
-//!   them and can resume them. One engine at a time may open a data directory.
+//!   them and can resume them. A resumed capsule's snapshot is retired (it runs on from it),
+//!   so a capsule running when its process dies is reported stopped, never silently rolled
+//!   back. One engine at a time may open a data directory.
 //! - Fresh, never-run VMs are kept ready in the background
 //!   ([`EngineConfig::shell_pool_size`]); a capsule never reuses another's VM.
 //!

@@ -94,7 +94,7 @@ fn a_truncated_or_missing_memory_file_is_a_typed_error() {
 }
 
 #[test]
-fn a_write_failure_mid_pause_keeps_the_capsule_running_and_the_old_snapshot_intact() {
+fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     let Some((engine, dir)) = engine() else {
         return;
     };
@@ -104,18 +104,19 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_the_old_snapshot_inta
     c.pause().unwrap();
     c.resume().unwrap();
     let snap = snapshot_dir(&dir, &c);
-    let state_before = std::fs::read(snap.join("state.bin")).unwrap();
+    // A resumed capsule's snapshot is retired (it runs on from it); its layers stay.
+    assert!(!snap.join("state.bin").exists());
     let layers_before = layers(&snap);
+    assert!(!layers_before.is_empty());
 
     let second_sum = c.commands().run("touch 64").unwrap().stdout;
     engine.inject_write_fault(Some(8192)); // fails 2 pages into the new layer
     assert!(matches!(c.pause(), Err(Error::Snapshot(_))));
     assert_eq!(c.status(), Status::Running, "the capsule keeps running");
     assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
-    assert_eq!(
-        std::fs::read(snap.join("state.bin")).unwrap(),
-        state_before,
-        "old state intact"
+    assert!(
+        !snap.join("state.bin").exists(),
+        "no half-written snapshot reads as valid"
     );
     assert_eq!(
         layers(&snap),
