@@ -32,7 +32,8 @@ use crate::arch::x86_64::acpi::{self, AcpiTables};
 use crate::arch::x86_64::layout::{
     self, CMDLINE_START, MIB, MIN_MEMORY, PVH_INFO_START, ZERO_PAGE_START,
 };
-use crate::arch::x86_64::loader::{self, InitrdPlacement, KernelFormat, LoadedKernel};
+use crate::arch::x86_64::loader::{self, LoadedKernel};
+pub use crate::arch::x86_64::loader::{InitrdPlacement, KernelFormat};
 pub use crate::arch::x86_64::regs::BootProtocol;
 use crate::arch::x86_64::{cpuid, interrupts, msrs, regs};
 use crate::error::{Error, Result};
@@ -336,4 +337,187 @@ pub fn boot_linux(vm: &Vm, vcpus: &[Vcpu], config: &LinuxBootConfig) -> Result<B
         setup.apply(vcpu)?;
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::{GIB, HIGH_RAM_START, MMIO_GAP_START, PML4_START};
+    use crate::arch::x86_64::loader::XLF_KERNEL_64;
+    use crate::arch::x86_64::test_images::{bzimage, elf, ELF_PADDR, PVH_ENTRY};
+    use linux_loader::loader::bootparam::boot_params;
+    use linux_loader::loader::elf::start_info::hvm_start_info;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn config(kernel: Vec<u8>) -> LinuxBootConfig {
+        LinuxBootConfig {
+            initrd: Some(vec![7u8; 5000].into()),
+            cmdline: "console=ttyS0 panic=-1".into(),
+            vcpus: 2,
+            memory_mb: 64,
+            virtio_mmio: vec![VirtioMmioDesc::slot(0).unwrap()],
+            ..LinuxBootConfig::new(kernel)
+        }
+    }
+
+    #[test]
+    fn bzimage_boot_fills_memory_for_the_64_bit_protocol() {
+        let c = config(bzimage(XLF_KERNEL_64));
+        let mem = create_memory(c.memory_mb).unwrap();
+        let info = load_into_memory(&mem, &c).unwrap();
+        assert_eq!(info.format, KernelFormat::BzImage);
+        assert_eq!(info.protocol, BootProtocol::Linux64);
+        assert_eq!(info.entry, 0x10_0200);
+        assert_eq!(info.boot_params_addr, ZERO_PAGE_START);
+        assert_eq!(info.cmdline_len, c.cmdline.len());
+        let initrd = info.initrd.unwrap();
+        assert_eq!(initrd.size, 5000);
+        assert_eq!(initrd.addr, (64 << 20) - 8192);
+
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ params.hdr.ramdisk_image }, initrd.addr as u32);
+        assert_eq!({ params.hdr.ramdisk_size }, 5000);
+        assert_eq!({ params.acpi_rsdp_addr }, info.acpi.rsdp);
+        assert_eq!(params.e820_entries, 3);
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_ne!(pml4, 0, "page tables written");
+        let mut rsdp = [0u8; 8];
+        mem.read_slice(&mut rsdp, GuestAddress(info.acpi.rsdp))
+            .unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
+        let mut initrd_bytes = vec![0u8; 5000];
+        mem.read_slice(&mut initrd_bytes, GuestAddress(initrd.addr))
+            .unwrap();
+        assert!(initrd_bytes.iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn pvh_boot_fills_memory_for_pvh() {
+        let c = config(elf(true));
+        let mem = create_memory(c.memory_mb).unwrap();
+        let info = load_into_memory(&mem, &c).unwrap();
+        assert_eq!(info.protocol, BootProtocol::Pvh);
+        assert_eq!(info.entry, PVH_ENTRY);
+        assert_eq!(info.kernel_load, ELF_PADDR);
+        assert_eq!(info.boot_params_addr, PVH_INFO_START);
+        let start: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(start.magic, loader::XEN_HVM_START_MAGIC);
+        assert_eq!(start.rsdp_paddr, info.acpi.rsdp);
+        assert_eq!(start.cmdline_paddr, CMDLINE_START);
+        assert_eq!(start.nr_modules, 1);
+        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4, 0, "no page tables for PVH");
+    }
+
+    #[test]
+    fn large_guests_get_ram_above_4_gib() {
+        let c = LinuxBootConfig {
+            memory_mb: 5 * 1024,
+            initrd: None,
+            ..config(bzimage(XLF_KERNEL_64))
+        };
+        let mem = create_memory(c.memory_mb).unwrap();
+        assert_eq!(memory::size_of(&mem), 5 * GIB);
+        let info = load_into_memory(&mem, &c).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!(params.e820_entries, 4);
+        let table = params.e820_table;
+        assert_eq!(({ table[2].addr } + { table[2].size }), MMIO_GAP_START);
+        assert_eq!(
+            ({ table[3].addr }, { table[3].size }),
+            (HIGH_RAM_START, 2 * GIB)
+        );
+        assert_eq!(info.initrd, None);
+    }
+
+    #[test]
+    fn configuration_errors_are_typed() {
+        let c = config(bzimage(XLF_KERNEL_64));
+        let mem = create_memory(c.memory_mb).unwrap();
+
+        let missing = LinuxBootConfig {
+            kernel: PathBuf::from("/nonexistent/vmlinuz").into(),
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &missing),
+            Err(Error::BootFile { what: "kernel", .. })
+        ));
+        let missing_initrd = LinuxBootConfig {
+            initrd: Some(PathBuf::from("/nonexistent/initrd").into()),
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &missing_initrd),
+            Err(Error::BootFile {
+                what: "initramfs",
+                ..
+            })
+        ));
+        let garbage = LinuxBootConfig {
+            kernel: vec![0u8; 4096].into(),
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &garbage),
+            Err(Error::InvalidKernel(_))
+        ));
+        let long = LinuxBootConfig {
+            cmdline: "y".repeat(5000),
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &long),
+            Err(Error::CmdlineTooLong { len: 5000, .. })
+        ));
+        let huge_initrd = LinuxBootConfig {
+            initrd: Some(vec![0u8; 60 << 20].into()),
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &huge_initrd),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+        let wrong_size = LinuxBootConfig {
+            memory_mb: 128,
+            ..c.clone()
+        };
+        assert!(matches!(
+            load_into_memory(&mem, &wrong_size),
+            Err(Error::InvalidConfig(_))
+        ));
+        assert!(matches!(
+            create_memory(4),
+            Err(Error::MemoryTooSmall { .. })
+        ));
+        let small = LinuxBootConfig {
+            memory_mb: 16,
+            ..c.clone()
+        };
+        let small_mem = create_memory(16).unwrap();
+        assert!(matches!(
+            load_into_memory(&small_mem, &small),
+            Err(Error::MemoryTooSmall { .. })
+        ));
+        let no_vcpus = LinuxBootConfig { vcpus: 0, ..c };
+        assert!(load_into_memory(&mem, &no_vcpus).is_err());
+    }
+
+    #[test]
+    fn boot_vcpu_gives_each_vcpu_its_apic_id() {
+        let info =
+            load_into_memory(&create_memory(64).unwrap(), &config(bzimage(XLF_KERNEL_64))).unwrap();
+        let supported = vec![kvm_cpuid_entry2 {
+            function: 1,
+            ..Default::default()
+        }];
+        let setup = BootVcpu::new(&supported, 2, &info);
+        for index in 0..2 {
+            let table = setup.cpuid(index);
+            let leaf1 = cpuid::find(&table, 1, 0).unwrap();
+            assert_eq!(leaf1.ebx >> 24, index);
+            assert!(cpuid::find(&table, cpuid::KVM_SIGNATURE_LEAF, 0).is_some());
+        }
+    }
 }

@@ -363,7 +363,7 @@ pub fn boot_params(
     Ok(params)
 }
 
-/// Writes [`boot_params`] at [`ZERO_PAGE_START`].
+/// Writes a `boot_params` (from [`boot_params()`]) at [`ZERO_PAGE_START`].
 pub fn write_boot_params(memory: &GuestMemory, params: &boot_params) -> Result<()> {
     memory
         .write_obj(*params, GuestAddress(ZERO_PAGE_START))
@@ -440,4 +440,229 @@ pub fn write_pvh_start_info(
             .map_err(err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::layout::{E820Type, EBDA_START, MIB};
+    use crate::arch::x86_64::test_images::*;
+    use crate::memory::create_anonymous;
+    use std::io::Cursor;
+
+    const MEM: u64 = 64 * MIB;
+
+    fn load(image: &[u8], protocol: Option<BootProtocol>) -> (GuestMemory, Result<LoadedKernel>) {
+        let mem = create_anonymous(MEM as usize).unwrap();
+        let r = load_kernel(&mem, &mut Cursor::new(image), protocol);
+        (mem, r)
+    }
+
+    #[test]
+    fn elf_with_pvh_note_is_entered_through_pvh() {
+        let (mem, k) = load(&elf(true), None);
+        let k = k.unwrap();
+        assert_eq!(k.format, KernelFormat::Elf);
+        assert_eq!(k.protocol, BootProtocol::Pvh);
+        assert_eq!(k.entry, PVH_ENTRY);
+        assert_eq!(k.load_addr, ELF_PADDR);
+        let segment = elf_segment(&[]);
+        assert_eq!(k.end, ELF_PADDR + segment.len() as u64);
+        let mut code = vec![0u8; segment.len()];
+        mem.read_slice(&mut code, GuestAddress(ELF_PADDR)).unwrap();
+        assert_eq!(code, segment);
+    }
+
+    #[test]
+    fn elf_protocol_can_be_forced_or_is_64_bit_without_the_note() {
+        let (_, k) = load(&elf(true), Some(BootProtocol::Linux64));
+        let k = k.unwrap();
+        assert_eq!((k.protocol, k.entry), (BootProtocol::Linux64, ELF_PADDR));
+        let (_, k) = load(&elf(false), None);
+        assert_eq!(k.unwrap().protocol, BootProtocol::Linux64);
+        let (_, k) = load(&elf(false), Some(BootProtocol::Pvh));
+        assert!(matches!(k, Err(Error::InvalidKernel(_))));
+    }
+
+    #[test]
+    fn bzimage_is_loaded_at_1_mib_and_entered_at_startup_64() {
+        let (mem, k) = load(&bzimage(XLF_KERNEL_64), None);
+        let k = k.unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.protocol, BootProtocol::Linux64);
+        assert_eq!(k.load_addr, HIMEM_START);
+        assert_eq!(k.entry, HIMEM_START + 0x200);
+        assert_eq!(
+            k.end,
+            0x100_0000 + u64::from(BZ_INIT_SIZE),
+            "decompression buffer"
+        );
+        assert_eq!(k.cmdline_max, 0x800);
+        assert_eq!(k.initrd_limit, 0x8000_0000);
+        let mut payload = vec![0u8; BZ_PAYLOAD_LEN];
+        mem.read_slice(&mut payload, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert!(payload.iter().enumerate().all(|(i, b)| *b == i as u8));
+        let (mem, _) = load(&bzimage_with_code(XLF_KERNEL_64, &[0x90, 0xf4]), None);
+        let mut entry = [0u8; 2];
+        mem.read_slice(&mut entry, GuestAddress(HIMEM_START + 0x200))
+            .unwrap();
+        assert_eq!(entry, [0x90, 0xf4], "code at the 64-bit entry");
+    }
+
+    #[test]
+    fn bad_kernels_are_typed_errors() {
+        let (_, k) = load(&bzimage(0), None);
+        assert!(matches!(k, Err(Error::InvalidKernel(_))), "no 64-bit entry");
+        let (_, k) = load(&bzimage(XLF_KERNEL_64), Some(BootProtocol::Pvh));
+        assert!(matches!(k, Err(Error::InvalidKernel(_))));
+        let (_, k) = load(b"not a kernel at all", None);
+        assert!(matches!(k, Err(Error::InvalidKernel(_))));
+        let mut truncated = elf(true);
+        truncated.truncate(100);
+        let (_, k) = load(&truncated, None);
+        assert!(matches!(k, Err(Error::InvalidKernel(_))));
+        // A 16 MiB guest cannot hold a bzImage that decompresses to 16-20 MiB.
+        let small = create_anonymous(16 << 20).unwrap();
+        let k = load_kernel(&small, &mut Cursor::new(bzimage(XLF_KERNEL_64)), None);
+        assert!(matches!(
+            k,
+            Err(Error::MemoryTooSmall {
+                needed: 0x140_0000,
+                available: 0x100_0000
+            })
+        ));
+    }
+
+    #[test]
+    fn cmdline_is_written_nul_terminated_and_bounded() {
+        let (mem, k) = load(&bzimage(XLF_KERNEL_64), None);
+        let k = k.unwrap();
+        assert_eq!(write_cmdline(&mem, &k, "console=ttyS0 quiet").unwrap(), 19);
+        let mut buf = [0xaau8; 20];
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&buf, b"console=ttyS0 quiet\0");
+        assert!(write_cmdline(&mem, &k, &"x".repeat(2047)).is_ok());
+        assert!(matches!(
+            write_cmdline(&mem, &k, &"x".repeat(2048)),
+            Err(Error::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            })
+        ));
+        assert!(write_cmdline(&mem, &k, "a\0b").is_err());
+    }
+
+    #[test]
+    fn initrd_goes_page_aligned_at_the_top_of_low_ram() {
+        let (mem, k) = load(&bzimage(XLF_KERNEL_64), None);
+        let k = k.unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let p = load_initrd(&mem, &k, &mut Cursor::new(&data[..]), data.len() as u64).unwrap();
+        assert_eq!(p.size, 10_000);
+        assert_eq!(p.addr % 4096, 0);
+        assert!(p.addr + p.size <= MEM && MEM - (p.addr + p.size) < 4096);
+        let mut back = vec![0u8; data.len()];
+        mem.read_slice(&mut back, GuestAddress(p.addr)).unwrap();
+        assert_eq!(back, data);
+        // Above the kernel's decompression buffer, or an error.
+        let room = MEM - k.end;
+        assert!(place_initrd(&k, MEM, room).is_ok());
+        assert!(matches!(
+            place_initrd(&k, MEM, room + 4096),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+        // Below initrd_addr_max even with RAM above it.
+        let limited = LoadedKernel {
+            initrd_limit: 32 * MIB,
+            ..k
+        };
+        assert!(place_initrd(&limited, MEM, 4096).unwrap().addr < 32 * MIB);
+    }
+
+    #[test]
+    fn boot_params_carry_cmdline_initrd_e820_and_rsdp() {
+        let (_, k) = load(&bzimage(XLF_KERNEL_64), None);
+        let k = k.unwrap();
+        let initrd = InitrdPlacement {
+            addr: 0x3f0_0000,
+            size: 0x1234,
+        };
+        let p = boot_params(&k, 13, Some(initrd), 0xe_0000, MEM).unwrap();
+        let hdr = p.hdr;
+        assert_eq!({ hdr.header }, HDRS_MAGIC);
+        assert_eq!({ hdr.boot_flag }, BOOT_FLAG);
+        assert_eq!(hdr.type_of_loader, 0xff);
+        assert_eq!(hdr.loadflags & LOADED_HIGH, LOADED_HIGH);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, 13);
+        assert_eq!({ hdr.ramdisk_image }, 0x3f0_0000);
+        assert_eq!({ hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ hdr.code32_start }, 0x10_0000);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(p.e820_entries, 3);
+        let table = p.e820_table;
+        let e: Vec<(u64, u64, u32)> = table[..3]
+            .iter()
+            .map(|e| ({ e.addr }, { e.size }, { e.r#type }))
+            .collect();
+        assert_eq!(
+            e,
+            vec![
+                (0, EBDA_START, E820Type::Ram as u32),
+                (
+                    EBDA_START,
+                    HIMEM_START - EBDA_START,
+                    E820Type::Reserved as u32
+                ),
+                (HIMEM_START, MEM - HIMEM_START, E820Type::Ram as u32),
+            ]
+        );
+        // An ELF kernel gets a header built for it.
+        let (_, k) = load(&elf(false), None);
+        let p = boot_params(&k.unwrap(), 0, None, 0xe_0000, MEM).unwrap();
+        assert_eq!({ p.hdr.header }, HDRS_MAGIC);
+        assert_eq!({ p.hdr.ramdisk_image }, 0);
+        assert!({ p.hdr.version } >= 0x020e, "has acpi_rsdp_addr");
+    }
+
+    #[test]
+    fn pvh_start_info_has_memmap_cmdline_rsdp_and_the_initrd_module() {
+        let initrd = InitrdPlacement {
+            addr: 0x3f0_0000,
+            size: 0x1234,
+        };
+        let (info, map, module) = pvh_start_info(Some(initrd), 0xe_0000, MEM).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(info.version, 1);
+        assert_eq!(info.cmdline_paddr, CMDLINE_START);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
+        assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.modlist_paddr, PVH_MODLIST_START);
+        assert_eq!(info.memmap_paddr, PVH_MEMMAP_START);
+        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(
+            (map[2].addr, map[2].size, map[2].type_),
+            (HIMEM_START, MEM - HIMEM_START, 1)
+        );
+        assert_eq!(map[1].type_, 2);
+        let module = module.unwrap();
+        assert_eq!((module.paddr, module.size), (0x3f0_0000, 0x1234));
+
+        let mem = create_anonymous(MEM as usize).unwrap();
+        write_pvh_start_info(&mem, &info, &map, Some(&module)).unwrap();
+        let back: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(back.magic, XEN_HVM_START_MAGIC);
+        let entry: hvm_memmap_table_entry = mem
+            .read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24))
+            .unwrap();
+        assert_eq!(entry.addr, HIMEM_START);
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        assert_eq!(m.paddr, 0x3f0_0000);
+
+        let (info, _, module) = pvh_start_info(None, 0xe_0000, MEM).unwrap();
+        assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
+        assert!(module.is_none());
+    }
 }

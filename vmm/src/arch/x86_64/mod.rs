@@ -20,4 +20,6 @@ pub mod layout;
 pub mod loader;
 pub mod msrs;
 pub mod regs;
+#[cfg(test)]
+pub(crate) mod test_images;
 pub mod user_mode;
