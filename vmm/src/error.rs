@@ -81,6 +81,47 @@ pub enum Error {
         "the vCPU's last exit is not completed yet: call Vcpu::complete_pending_exit before saving"
     )]
     ExitNotCompleted,
+    /// A file the boot needs (the kernel, the initramfs) cannot be read.
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    BootFile {
+        /// `"kernel"` or `"initramfs"`.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel image is not one this VMM can boot (not an ELF vmlinux or a 64-bit bzImage,
+    /// truncated, no entry point for the protocol asked for).
+    #[error("invalid kernel image: {0}")]
+    InvalidKernel(String),
+    /// The guest's RAM below the 32-bit MMIO gap cannot hold what the kernel needs.
+    #[error("guest memory too small: the kernel needs RAM up to {needed:#x}, the guest has {available:#x} below the MMIO gap")]
+    MemoryTooSmall {
+        /// End (exclusive) of the memory the kernel needs.
+        needed: u64,
+        /// End (exclusive) of the guest's low RAM.
+        available: u64,
+    },
+    /// The initramfs does not fit between the kernel and the top of low RAM.
+    #[error(
+        "the initramfs ({size} bytes) does not fit: {available} bytes are free above the kernel"
+    )]
+    InitrdTooLarge {
+        /// Bytes of the initramfs.
+        size: u64,
+        /// Bytes free for it.
+        available: u64,
+    },
+    /// The kernel command line is longer than the kernel accepts.
+    #[error("the kernel command line is {len} bytes, the kernel accepts at most {max}")]
+    CmdlineTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The most the kernel accepts (without the terminating NUL).
+        max: usize,
+    },
     /// Another OS call failed.
     #[error("{op}: {source}")]
     Os {

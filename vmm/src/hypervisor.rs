@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_msr_entry, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::error::{Error, KvmUnavailable, Result};
@@ -73,6 +73,8 @@ pub struct Hypervisor {
     info: HostInfo,
     /// [`Hypervisor::msrs_to_save`], computed on first use and shared by clones.
     msrs: Arc<MsrLists>,
+    /// [`Hypervisor::supported_cpuid`], read on first use and shared by clones.
+    cpuid: Arc<OnceLock<Vec<kvm_cpuid_entry2>>>,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +128,7 @@ impl Hypervisor {
             kvm: Arc::new(kvm),
             info,
             msrs: Arc::default(),
+            cpuid: Arc::default(),
         })
     }
 
@@ -164,6 +167,24 @@ impl Hypervisor {
         }
         let list = probe_msrs(&self.kvm, irqchip)?;
         Ok(cell.get_or_init(|| list))
+    }
+}
+
+impl Hypervisor {
+    /// `KVM_GET_SUPPORTED_CPUID`: every CPUID leaf KVM can give a guest on this host, the
+    /// starting point of a guest's CPUID ([`crate::arch::x86_64::cpuid::normalize`]). Read
+    /// once per `Hypervisor` (and its clones).
+    pub fn supported_cpuid(&self) -> Result<&[kvm_cpuid_entry2]> {
+        if let Some(entries) = self.cpuid.get() {
+            return Ok(entries);
+        }
+        let entries = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?
+            .as_slice()
+            .to_vec();
+        Ok(self.cpuid.get_or_init(|| entries))
     }
 }
 

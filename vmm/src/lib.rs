@@ -13,10 +13,13 @@
 //!   and restored by [`Vcpu::save_state`] / [`Vcpu::restore_state`]).
 //!
 //! The state structs are plain serde types: the caller decides where and how they are stored.
-//! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers.
+//! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers; for
+//!   Linux guests also the memory layout, kernel loader, CPUID, MSRs, LAPIC and ACPI tables.
+//! - [`boot`]: booting a stock Linux kernel ([`boot::boot_linux`]).
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod boot;
 mod error;
 pub mod hypervisor;
 pub mod memory;
@@ -31,5 +34,7 @@ pub use vm::{Vm, VmOptions, VmState};
 
 /// Re-exported so users of this crate name the same types.
 pub use kvm_bindings;
+/// Re-exported so users of this crate name the same types (`boot_params`, `hvm_start_info`).
+pub use linux_loader;
 /// Re-exported so users of this crate name the same types.
 pub use vm_memory;

@@ -32,6 +32,35 @@ pub fn create_anonymous(size: usize) -> Result<GuestMemory> {
     from_region(region)
 }
 
+/// Creates anonymous guest RAM made of several regions, `(guest-physical start, bytes)` each
+/// (for a guest whose RAM continues above a 32-bit MMIO gap), mapped as [`create_anonymous`]
+/// does. The functions of this module that take "the region" ([`host_range`],
+/// [`take_vmm_dirty`], [`replace_with_private_file`]) see only the first one.
+pub fn create_anonymous_regions(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(start, size) in ranges {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "guest memory region size {size} is not a positive multiple of {PAGE_SIZE}"
+            )));
+        }
+        let mapping = MmapRegion::<AtomicBitmap>::build(
+            None,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")))?;
+        regions.push(GuestRegionMmap::new(mapping, start).ok_or_else(|| {
+            Error::Memory(format!(
+                "region at {:#x} does not fit the guest address space",
+                start.0
+            ))
+        })?);
+    }
+    GuestMemory::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
+}
+
 /// Maps `file` copy-on-write as `size` bytes of guest RAM at guest-physical 0:
 /// `MAP_PRIVATE | MAP_NORESERVE`, so pages are read from the page cache on first touch
 /// (shared with every other mapping of the file) and guest writes stay private.
@@ -221,6 +250,19 @@ mod tests {
         let short = tempfile::tempfile().unwrap();
         // SAFETY: as above.
         assert!(unsafe { replace_with_private_file(&mem, &short) }.is_err());
+    }
+
+    #[test]
+    fn several_regions_leave_a_gap() {
+        let mem = create_anonymous_regions(&[
+            (GuestAddress(0), 4 * PAGE_SIZE),
+            (GuestAddress(1 << 32), 2 * PAGE_SIZE),
+        ])
+        .unwrap();
+        assert_eq!(size_of(&mem), 6 * PAGE_SIZE as u64);
+        assert!(mem.address_in_range(GuestAddress(1 << 32)));
+        assert!(!mem.address_in_range(GuestAddress(4 * PAGE_SIZE as u64)));
+        assert!(create_anonymous_regions(&[(GuestAddress(0), 100)]).is_err());
     }
 
     #[test]

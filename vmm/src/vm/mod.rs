@@ -43,6 +43,8 @@ pub struct Vm {
     vcpu_caps: VcpuCaps,
     /// `KVM_CAP_ADJUST_CLOCK`: kvmclock can be read and set.
     adjust_clock: bool,
+    /// The KVM device the VM was created from.
+    hypervisor: Hypervisor,
 }
 
 impl Vm {
@@ -96,6 +98,7 @@ impl Vm {
             options,
             vcpu_caps,
             adjust_clock,
+            hypervisor: hypervisor.clone(),
         })
     }
 
@@ -116,6 +119,11 @@ impl Vm {
     /// The KVM VM handle, for state this crate does not wrap yet.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The KVM device the VM was created from.
+    pub fn hypervisor(&self) -> &Hypervisor {
+        &self.hypervisor
     }
 
     /// The options the VM was created with.
