@@ -1,0 +1,355 @@
+//! The host end of the agent protocol (`capsule-agent-protocol`) over any byte stream: the
+//! Linux guest's agent channel, or a socket in tests.
+//!
+//! One reader thread decodes frames and routes each to the request waiting for its id;
+//! writes are serialised by a mutex. Many requests run at once. The link is ready once the
+//! agent's `Hello` arrived with a protocol version we speak.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use capsule_agent_protocol::{
+    encode, ExitInfo, FrameDecoder, Hello, Message, RunRequest, CONTROL_ID, PROTOCOL_VERSION,
+};
+
+/// Why a request over the link failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LinkError {
+    /// The stream closed or broke (the guest went away).
+    Closed(String),
+    /// No answer in time.
+    Timeout,
+    /// The agent refused or could not do the request.
+    Agent(String),
+    /// The agent broke the protocol.
+    Protocol(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Closed(why) => write!(f, "the agent connection closed: {why}"),
+            LinkError::Timeout => f.write_str("the agent did not answer in time"),
+            LinkError::Agent(why) => write!(f, "the agent reported: {why}"),
+            LinkError::Protocol(why) => write!(f, "the agent broke the protocol: {why}"),
+        }
+    }
+}
+
+type Waiters = HashMap<u32, Sender<Message>>;
+
+/// A connected agent.
+pub(crate) struct AgentLink {
+    writer: Mutex<Box<dyn Write + Send>>,
+    waiters: Arc<Mutex<Waiters>>,
+    next_id: AtomicU32,
+    closed: Arc<AtomicBool>,
+    hello: Hello,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AgentLink {
+    /// Starts reading `reader` and waits up to `timeout` for the agent's `Hello`.
+    pub(crate) fn connect(
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+        timeout: Duration,
+    ) -> Result<Arc<AgentLink>, LinkError> {
+        let waiters: Arc<Mutex<Waiters>> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (hello_tx, hello_rx) = crossbeam_channel::bounded(1);
+        lock(&waiters).insert(CONTROL_ID, hello_tx);
+        {
+            let waiters = waiters.clone();
+            let closed = closed.clone();
+            std::thread::Builder::new()
+                .name("capsule-agent-reader".into())
+                .spawn(move || read_loop(reader, waiters, closed))
+                .map_err(|e| LinkError::Closed(format!("spawning the reader: {e}")))?;
+        }
+        let hello = match hello_rx.recv_timeout(timeout) {
+            Ok(Message::Hello(hello)) => hello,
+            Ok(Message::Error(e)) => return Err(LinkError::Agent(e.message)),
+            Ok(other) => {
+                return Err(LinkError::Protocol(format!(
+                    "expected Hello, got {:?}",
+                    other.kind()
+                )))
+            }
+            Err(RecvTimeoutError::Timeout) => return Err(LinkError::Timeout),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(LinkError::Closed("before the agent said hello".into()))
+            }
+        };
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(LinkError::Protocol(format!(
+                "agent speaks protocol {}, the engine {PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        Ok(Arc::new(AgentLink {
+            writer: Mutex::new(writer),
+            waiters,
+            next_id: AtomicU32::new(1),
+            closed,
+            hello,
+        }))
+    }
+
+    /// The agent's greeting.
+    pub(crate) fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    fn send(&self, message: &Message, id: u32) -> Result<(), LinkError> {
+        let bytes = encode(message, id);
+        let mut writer = lock(&self.writer);
+        writer
+            .write_all(&bytes)
+            .and_then(|()| writer.flush())
+            .map_err(|e| LinkError::Closed(e.to_string()))
+    }
+
+    fn open_request(&self) -> Result<(u32, Receiver<Message>), LinkError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LinkError::Closed("the agent is gone".into()));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut waiters = lock(&self.waiters);
+        let id = loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != CONTROL_ID && !waiters.contains_key(&id) {
+                break id;
+            }
+        };
+        waiters.insert(id, tx);
+        Ok((id, rx))
+    }
+
+    fn close_request(&self, id: u32) {
+        lock(&self.waiters).remove(&id);
+    }
+
+    /// Runs a command and waits for its exit. `timeout` bounds the wait on the host side; the
+    /// agent enforces `request.timeout_ms` itself (killing the process group).
+    pub(crate) fn run(
+        &self,
+        request: RunRequest,
+        timeout: Option<Duration>,
+    ) -> Result<ExitInfo, LinkError> {
+        let (id, replies) = self.open_request()?;
+        let result = self.send(&Message::Run(request), id).and_then(|()| {
+            let deadline = timeout.map(|t| Instant::now() + t);
+            loop {
+                let message = match deadline {
+                    Some(deadline) => replies.recv_deadline(deadline).map_err(|e| match e {
+                        RecvTimeoutError::Timeout => LinkError::Timeout,
+                        RecvTimeoutError::Disconnected => {
+                            LinkError::Closed("while a command ran".into())
+                        }
+                    })?,
+                    None => replies
+                        .recv()
+                        .map_err(|_| LinkError::Closed("while a command ran".into()))?,
+                };
+                match message {
+                    Message::Exit(exit) => return Ok(exit),
+                    Message::Error(e) if e.code.ends_request() => {
+                        return Err(LinkError::Agent(e.message))
+                    }
+                    // Started, advisory errors, streamed chunks (not requested): keep waiting.
+                    _ => {}
+                }
+            }
+        });
+        if result == Err(LinkError::Timeout) {
+            // Kill what is left in the guest; best effort.
+            let _ = self.send(&Message::Signal { sig: 9 }, id);
+        }
+        self.close_request(id);
+        result
+    }
+
+    /// Sends a ping and waits for the pong.
+    pub(crate) fn ping(&self, timeout: Duration) -> Result<(), LinkError> {
+        let (id, replies) = self.open_request()?;
+        let result =
+            self.send(&Message::Ping(b"capsule".to_vec()), id)
+                .and_then(|()| match replies.recv_timeout(timeout) {
+                    Ok(Message::Pong(_)) => Ok(()),
+                    Ok(other) => Err(LinkError::Protocol(format!(
+                        "expected Pong, got {:?}",
+                        other.kind()
+                    ))),
+                    Err(RecvTimeoutError::Timeout) => Err(LinkError::Timeout),
+                    Err(RecvTimeoutError::Disconnected) => Err(LinkError::Closed("ping".into())),
+                });
+        self.close_request(id);
+        result
+    }
+
+    /// Whether the stream has closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Decodes frames until the stream ends, routing each to its request.
+fn read_loop(
+    mut reader: Box<dyn Read + Send>,
+    waiters: Arc<Mutex<Waiters>>,
+    closed: Arc<AtomicBool>,
+) {
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    'outer: loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "agent stream read failed");
+                break;
+            }
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let waiters = lock(&waiters);
+                    if let Some(tx) = waiters.get(&frame.id) {
+                        let _ = tx.send(frame.message);
+                    } else {
+                        tracing::trace!(id = frame.id, "frame for no waiting request");
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if e.is_fatal() => {
+                    tracing::warn!(error = %e, "agent stream lost framing");
+                    break 'outer;
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed agent frame"),
+            }
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+    // Wake every waiter: their senders drop.
+    lock(&waiters).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// The real agent serving one end of a socket pair; the link on the other.
+    fn agent() -> Arc<AgentLink> {
+        let (host, guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let reader = guest.try_clone().unwrap();
+            let _ = capsule_agent::serve(reader, guest, &capsule_agent::ServeConfig::default());
+        });
+        let reader = host.try_clone().unwrap();
+        AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn runs_commands_through_the_real_agent() {
+        let link = agent();
+        assert_eq!(link.hello().protocol_version, PROTOCOL_VERSION);
+        let exit = link
+            .run(RunRequest::shell("echo hi; exit 3"), None)
+            .unwrap();
+        assert_eq!(exit.stdout, b"hi\n");
+        assert_eq!(exit.status, capsule_agent_protocol::ExitStatus::Code(3));
+        link.ping(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn many_commands_at_once() {
+        let link = agent();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let link = link.clone();
+                std::thread::spawn(move || {
+                    let exit = link
+                        .run(RunRequest::shell(format!("sleep 0.1; echo {i}")), None)
+                        .unwrap();
+                    assert_eq!(exit.stdout, format!("{i}\n").into_bytes());
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_host_side_timeout_is_reported() {
+        let link = agent();
+        let started = Instant::now();
+        assert_eq!(
+            link.run(
+                RunRequest::shell("sleep 5"),
+                Some(Duration::from_millis(100))
+            ),
+            Err(LinkError::Timeout)
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+        assert_eq!(
+            link.run(RunRequest::shell("echo after"), None)
+                .unwrap()
+                .stdout,
+            b"after\n"
+        );
+    }
+
+    #[test]
+    fn a_closed_stream_ends_requests() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let mut guest_writer = guest.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Say hello, then hang up.
+            let hello = Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "test".into(),
+                capabilities: 0,
+            });
+            guest_writer.write_all(&encode(&hello, CONTROL_ID)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            drop(guest);
+        });
+        let reader = host.try_clone().unwrap();
+        let link =
+            AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+        assert!(matches!(
+            link.run(RunRequest::shell("true"), Some(Duration::from_secs(5))),
+            Err(LinkError::Closed(_))
+        ));
+        assert!(link.is_closed());
+    }
+
+    #[test]
+    fn a_wrong_protocol_version_is_refused() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION + 1,
+            agent_version: "future".into(),
+            capabilities: 0,
+        });
+        guest.write_all(&encode(&hello, CONTROL_ID)).unwrap();
+        let reader = host.try_clone().unwrap();
+        assert!(matches!(
+            AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)),
+            Err(LinkError::Protocol(_))
+        ));
+    }
+}
