@@ -378,7 +378,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     type Mem = GuestMemoryMmap<()>;
@@ -410,7 +410,13 @@ mod tests {
         fn new(mem: &'a Mem) -> Self {
             let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
             let tx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
-            let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            // MockSplitQueue puts its used ring over the end of its available ring (its
+            // `end()` counts elements, not bytes), so the device gets a used ring of its own.
+            let mut queues: Vec<Queue> =
+                vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            for (q, base) in queues.iter_mut().zip([0x8000u64, 0x1_8000]) {
+                q.try_set_used_ring_address(GuestAddress(base)).unwrap();
+            }
             Self {
                 mem,
                 rx,
@@ -442,23 +448,21 @@ mod tests {
             self.tx_next += 1;
         }
 
+        fn used_ring(&self, queue: usize) -> u64 {
+            self.queues[queue].used_ring()
+        }
+
         fn used(&self, queue: usize, i: usize) -> (u32, u32) {
-            let q = if queue == RX_QUEUE {
-                &self.rx
-            } else {
-                &self.tx
-            };
-            let e = q.used().ring().ref_at(i).unwrap().load();
-            (e.id(), e.len())
+            let at = self.used_ring(queue) + 4 + 8 * i as u64;
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            (id, len)
         }
 
         fn used_idx(&self, queue: usize) -> u16 {
-            let q = if queue == RX_QUEUE {
-                &self.rx
-            } else {
-                &self.tx
-            };
-            q.used().idx().load()
+            self.mem
+                .read_obj(GuestAddress(self.used_ring(queue) + 2))
+                .unwrap()
         }
     }
 
