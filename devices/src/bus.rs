@@ -10,6 +10,9 @@ pub enum WriteOutcome {
     Handled,
     /// Stop the vCPU and hand this value to its owner (a doorbell rang).
     Yield(u64),
+    /// The guest asked to reset or power off the machine (for example the keyboard
+    /// controller's reset command): stop every vCPU; the VMM decides what happens next.
+    Shutdown,
 }
 
 /// A device that answers guest reads and writes in its address range.

@@ -146,6 +146,10 @@ impl Vcpu {
                             self.exit_pending = true;
                             return Ok(VcpuEvent::Yield(value));
                         }
+                        Some(WriteOutcome::Shutdown) => {
+                            self.exit_pending = true;
+                            return Ok(VcpuEvent::Shutdown);
+                        }
                         Some(WriteOutcome::Handled) => {}
                         None => tracing::trace!(port, "write to unclaimed port"),
                     },
@@ -158,6 +162,10 @@ impl Vcpu {
                         Some(WriteOutcome::Yield(value)) => {
                             self.exit_pending = true;
                             return Ok(VcpuEvent::Yield(value));
+                        }
+                        Some(WriteOutcome::Shutdown) => {
+                            self.exit_pending = true;
+                            return Ok(VcpuEvent::Shutdown);
                         }
                         Some(WriteOutcome::Handled) => {}
                         None => tracing::trace!(addr, "write to unclaimed MMIO"),
