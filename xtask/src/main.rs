@@ -40,6 +40,7 @@ options:
                         also env CAPSULE_NESTED_EXTRA_FILES and xtask/nested-files.txt)
   --extra-test PATH     also run this static test executable in L1 (repeatable)
   --no-install          fail instead of installing missing tools
+  --pack-only           build target/nested/l1.cpio.gz and stop (no boot)
   -h, --help            this text";
 
 /// Packages whose test binaries run in L1 unless `-p` is given.
@@ -69,6 +70,7 @@ struct Options {
     extra: Vec<Extra>,
     extra_tests: Vec<PathBuf>,
     install: bool,
+    pack_only: bool,
     libtest_args: Vec<String>,
 }
 
@@ -112,6 +114,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         extra: Vec::new(),
         extra_tests: Vec::new(),
         install: true,
+        pack_only: false,
         libtest_args: Vec::new(),
     };
     if let Ok(list) = std::env::var("CAPSULE_NESTED_EXTRA_FILES") {
@@ -140,6 +143,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--extra" => o.extra.push(parse_extra(&value(arg)?)),
             "--extra-test" => o.extra_tests.push(PathBuf::from(value(arg)?)),
             "--no-install" => o.install = false,
+            "--pack-only" => o.pack_only = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -350,6 +354,13 @@ fn nested_test(o: &Options) -> Result<bool> {
         libtest_args.join(" ")
     );
     let prepared = started.elapsed();
+    if o.pack_only {
+        println!(
+            "xtask: --pack-only: not booting L1 (kernel {})",
+            kernel.vmlinuz.display()
+        );
+        return Ok(true);
+    }
 
     println!("xtask: [5/5] boot L1 (QEMU TCG, -cpu max: nested SVM)");
     let log = cache.join("l1-console.log");

@@ -71,7 +71,13 @@ pub struct Report {
 impl Report {
     /// Takes one console line (without its line ending) seen `at` after QEMU started.
     pub fn line(&mut self, line: &str, at: Duration) {
+        // A marker may follow output that did not end its line (firmware, a test binary).
         let line = line.trim_end();
+        let line = ["NESTED-", "host KVM: ", "test result: "]
+            .iter()
+            .filter_map(|m| line.find(m))
+            .min()
+            .map_or(line, |at| &line[at..]);
         if let Some(rest) = line.strip_prefix("NESTED-INIT ") {
             self.init_at = Some(at);
             self.kernel = Some(rest.to_string());
@@ -211,6 +217,19 @@ mod tests {
         assert_eq!((t.passed, t.failed, t.ignored), (7, 2, 1));
         assert_eq!(r.done, Some(1));
         assert_eq!(r.tests_elapsed(), at(7));
+    }
+
+    #[test]
+    fn markers_after_unterminated_output() {
+        let mut r = Report::default();
+        r.line("Booting from ROM..NESTED-INIT kernel 6.1", at(3));
+        r.line("NESTED-TEST-BEGIN x", at(4));
+        r.line("partial outputtest result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out", at(5));
+        r.line("no newlineNESTED-TEST-END x rc=0", at(6));
+        assert_eq!(r.init_at, Some(at(3)));
+        assert_eq!(r.kernel.as_deref(), Some("kernel 6.1"));
+        assert_eq!(r.totals().passed, 2);
+        assert_eq!(r.binaries[0].exit_code, Some(0));
     }
 
     #[test]
