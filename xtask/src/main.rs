@@ -293,6 +293,16 @@ fn nested_test(o: &Options) -> Result<bool> {
         &kernel,
     )?;
     extra.extend(o.extra.iter().cloned());
+    for e in &extra {
+        initramfs::extra_dest(&e.dest)?;
+        if !e.source.is_file() {
+            return Err(Error::msg(format!(
+                "extra file {} does not exist (from --extra, CAPSULE_NESTED_EXTRA_FILES or \
+                 xtask/nested-files.txt)",
+                e.source.display()
+            )));
+        }
+    }
     tests.extend(manifest_tests);
     for path in &o.extra_tests {
         tests.push(binaries::TestBinary {
