@@ -283,10 +283,6 @@ fn nested_test(o: &Options) -> Result<bool> {
             .join(", ")
     );
 
-    println!("xtask: [3/5] static test binaries ({})", setup::MUSL_TARGET);
-    let mut tests = binaries::build_tests(&workspace, &o.packages)?;
-    let host_report = binaries::build_example(&workspace, HOST_REPORT.0, HOST_REPORT.1)?;
-    let exit_helper = binaries::build_exit_helper(&workspace.join("xtask/l1/exit.rs"), &cache)?;
     let (mut extra, manifest_tests) = read_manifest(
         &workspace.join("xtask/nested-files.txt"),
         &workspace,
@@ -303,6 +299,10 @@ fn nested_test(o: &Options) -> Result<bool> {
             )));
         }
     }
+    println!("xtask: [3/5] static test binaries ({})", setup::MUSL_TARGET);
+    let mut tests = binaries::build_tests(&workspace, &o.packages)?;
+    let host_report = binaries::build_example(&workspace, HOST_REPORT.0, HOST_REPORT.1)?;
+    let exit_helper = binaries::build_exit_helper(&workspace.join("xtask/l1/exit.rs"), &cache)?;
     tests.extend(manifest_tests);
     for path in &o.extra_tests {
         tests.push(binaries::TestBinary {
