@@ -1,0 +1,61 @@
+#!/bin/sh
+# /init of the L1 VM booted by `cargo xtask nested-test` (see xtask/README.md).
+# Loads KVM (nested SVM under QEMU TCG), runs every test binary in /nested/tests, prints
+# NESTED-* marker lines that the xtask parses, and ends the VM with an exit code through
+# QEMU's isa-debug-exit device: 0 all tests passed, 1 a test binary failed, 2 L1 set-up failed.
+export PATH=/bin
+
+finish() {
+    echo "NESTED-DONE rc=$1"
+    sync
+    /bin/nested-exit "$1"
+    poweroff -f
+}
+fail_setup() {
+    echo "NESTED-ERROR $*"
+    finish 2
+}
+
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc || fail_setup "cannot mount /proc"
+mount -t sysfs sysfs /sys || fail_setup "cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || fail_setup "cannot mount devtmpfs on /dev"
+mount -t tmpfs -o mode=1777 tmpfs /tmp || fail_setup "cannot mount tmpfs on /tmp"
+echo # ends the firmware's last line
+echo "NESTED-INIT kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep MemTotal /proc/meminfo | tr -s ' ')"
+
+while IFS= read -r module; do
+    [ -n "$module" ] || continue
+    insmod "/nested/modules/$module" || fail_setup "insmod $module failed"
+done < /nested/modules.list
+dmesg | grep -i -E 'kvm|svm' | sed 's/^/NESTED-DMESG /'
+[ -c /dev/kvm ] || fail_setup "no /dev/kvm after loading the KVM modules"
+echo "NESTED-KVM-READY $(grep -o -w -m1 -E 'svm|vmx' /proc/cpuinfo) $(ls -l /dev/kvm)"
+
+. /nested/config.sh
+# Extra libtest arguments (the filter), one per line.
+set --
+while IFS= read -r arg; do
+    set -- "$@" "$arg"
+done < /nested/args
+
+mkdir -p /tmp/home
+export HOME=/tmp/home TMPDIR=/tmp RUST_BACKTRACE=1
+export CAPSULE_NESTED=1 CAPSULE_NESTED_EXTRA=/nested/extra
+
+if [ -x /nested/host-report ]; then
+    echo "NESTED-HOST-BEGIN"
+    /nested/host-report </dev/null 2>&1
+    echo "NESTED-HOST-END rc=$?"
+fi
+
+failed=0
+while IFS= read -r name; do
+    [ -n "$name" ] || continue
+    echo "NESTED-TEST-BEGIN $name"
+    "/nested/tests/$name" --test-threads="$TEST_THREADS" "$@" </dev/null 2>&1
+    rc=$?
+    echo "NESTED-TEST-END $name rc=$rc"
+    [ "$rc" -eq 0 ] || failed=1
+done < /nested/tests.list
+finish "$failed"

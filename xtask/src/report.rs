@@ -1,0 +1,247 @@
+//! Follows the L1 serial console: the `NESTED-*` markers printed by `/init` and libtest's
+//! `test result:` lines, into per-binary and total counts.
+
+use std::time::Duration;
+
+/// Counts from libtest `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+    pub filtered_out: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+        self.filtered_out += other.filtered_out;
+    }
+}
+
+/// One test binary's run in L1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryRun {
+    pub name: String,
+    pub counts: Counts,
+    /// Whether a `test result:` line was seen.
+    pub reported: bool,
+    /// The exit status, once `NESTED-TEST-END` was seen.
+    pub exit_code: Option<i32>,
+    /// Host-side time between its BEGIN and END markers.
+    pub elapsed: Option<Duration>,
+}
+
+impl BinaryRun {
+    /// Failed tests; a binary that exits non-zero or dies without a `test result:` line
+    /// counts as one failure even when no test reported failing.
+    pub fn failures(&self) -> u64 {
+        let broken = match self.exit_code {
+            Some(0) => !self.reported,
+            Some(_) => true,
+            None => true,
+        };
+        if broken {
+            self.counts.failed.max(1)
+        } else {
+            self.counts.failed
+        }
+    }
+}
+
+/// What the serial console told so far.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Since QEMU started: `/init` running.
+    pub init_at: Option<Duration>,
+    /// Since QEMU started: KVM modules loaded and /dev/kvm present.
+    pub kvm_ready_at: Option<Duration>,
+    pub kernel: Option<String>,
+    /// The `host KVM:` line of the host report (`engine.host().virtualization`).
+    pub host_kvm: Option<String>,
+    pub errors: Vec<String>,
+    pub binaries: Vec<BinaryRun>,
+    current_started: Option<Duration>,
+    /// `/init`'s overall code from `NESTED-DONE rc=N`.
+    pub done: Option<i32>,
+}
+
+impl Report {
+    /// Takes one console line (without its line ending) seen `at` after QEMU started.
+    pub fn line(&mut self, line: &str, at: Duration) {
+        // A marker may follow output that did not end its line (firmware, a test binary).
+        let line = line.trim_end();
+        let line = ["NESTED-", "host KVM: ", "test result: "]
+            .iter()
+            .filter_map(|m| line.find(m))
+            .min()
+            .map_or(line, |at| &line[at..]);
+        if let Some(rest) = line.strip_prefix("NESTED-INIT ") {
+            self.init_at = Some(at);
+            self.kernel = Some(rest.to_string());
+        } else if line.starts_with("NESTED-KVM-READY") {
+            self.kvm_ready_at = Some(at);
+        } else if let Some(rest) = line.strip_prefix("NESTED-ERROR ") {
+            self.errors.push(rest.to_string());
+        } else if let Some(rest) = line.strip_prefix("host KVM: ") {
+            self.host_kvm = Some(rest.to_string());
+        } else if let Some(name) = line.strip_prefix("NESTED-TEST-BEGIN ") {
+            self.binaries.push(BinaryRun {
+                name: name.to_string(),
+                counts: Counts::default(),
+                reported: false,
+                exit_code: None,
+                elapsed: None,
+            });
+            self.current_started = Some(at);
+        } else if let Some(rest) = line.strip_prefix("NESTED-TEST-END ") {
+            let code = rest
+                .rsplit_once("rc=")
+                .and_then(|(_, rc)| rc.trim().parse().ok())
+                .unwrap_or(-1);
+            let started = self.current_started.take();
+            if let Some(run) = self.binaries.last_mut() {
+                run.exit_code = Some(code);
+                run.elapsed = started.map(|s| at.saturating_sub(s));
+            }
+        } else if let Some(rest) = line.strip_prefix("NESTED-DONE rc=") {
+            self.done = Some(rest.trim().parse().unwrap_or(-1));
+        } else if let Some(counts) = parse_test_result(line) {
+            if let Some(run) = self.binaries.last_mut() {
+                if run.exit_code.is_none() {
+                    run.counts.add(counts);
+                    run.reported = true;
+                }
+            }
+        }
+    }
+
+    /// Totals over every binary.
+    pub fn totals(&self) -> Counts {
+        let mut total = Counts::default();
+        for run in &self.binaries {
+            total.passed += run.counts.passed;
+            total.failed += run.failures();
+            total.ignored += run.counts.ignored;
+            total.filtered_out += run.counts.filtered_out;
+        }
+        total
+    }
+
+    /// Time from the first test binary's start to the last one's end.
+    pub fn tests_elapsed(&self) -> Duration {
+        self.binaries.iter().filter_map(|b| b.elapsed).sum()
+    }
+}
+
+/// Parses `test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 5 filtered out; …`.
+pub fn parse_test_result(line: &str) -> Option<Counts> {
+    let rest = line.trim_start().strip_prefix("test result: ")?;
+    let (_, rest) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else {
+            continue;
+        };
+        match what {
+            "passed" => counts.passed = n,
+            "failed" => counts.failed = n,
+            "ignored" => counts.ignored = n,
+            "filtered" => counts.filtered_out = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn libtest_lines() {
+        let c = parse_test_result(
+            "test result: FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 5 filtered out; finished in 1.2s",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Counts {
+                passed: 3,
+                failed: 1,
+                ignored: 2,
+                filtered_out: 5
+            }
+        );
+        assert!(parse_test_result("test foo ... ok").is_none());
+    }
+
+    #[test]
+    fn a_whole_run() {
+        let mut r = Report::default();
+        for (line, t) in [
+            ("NESTED-INIT kernel 6.1.0, 2 CPUs", 3),
+            ("NESTED-KVM-READY svm", 4),
+            ("host KVM: hardware virtualization (AMD-V)", 5),
+            ("NESTED-TEST-BEGIN capsule.lifecycle", 6),
+            ("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.08s", 9),
+            ("NESTED-TEST-END capsule.lifecycle rc=0", 10),
+            ("NESTED-TEST-BEGIN capsule.templates", 10),
+            ("test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.08s", 12),
+            ("NESTED-TEST-END capsule.templates rc=101", 12),
+            ("NESTED-TEST-BEGIN capsule.crashes", 12),
+            ("NESTED-TEST-END capsule.crashes rc=139", 13),
+            ("NESTED-DONE rc=1", 14),
+        ] {
+            r.line(line, at(t));
+        }
+        assert_eq!(r.init_at, Some(at(3)));
+        assert_eq!(r.kvm_ready_at, Some(at(4)));
+        assert_eq!(
+            r.host_kvm.as_deref(),
+            Some("hardware virtualization (AMD-V)")
+        );
+        assert_eq!(r.binaries.len(), 3);
+        assert_eq!(r.binaries[0].elapsed, Some(at(4)));
+        let t = r.totals();
+        assert_eq!((t.passed, t.failed, t.ignored), (7, 2, 1));
+        assert_eq!(r.done, Some(1));
+        assert_eq!(r.tests_elapsed(), at(7));
+    }
+
+    #[test]
+    fn markers_after_unterminated_output() {
+        let mut r = Report::default();
+        r.line("Booting from ROM..NESTED-INIT kernel 6.1", at(3));
+        r.line("NESTED-TEST-BEGIN x", at(4));
+        r.line("partial outputtest result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out", at(5));
+        r.line("no newlineNESTED-TEST-END x rc=0", at(6));
+        assert_eq!(r.init_at, Some(at(3)));
+        assert_eq!(r.kernel.as_deref(), Some("kernel 6.1"));
+        assert_eq!(r.totals().passed, 2);
+        assert_eq!(r.binaries[0].exit_code, Some(0));
+    }
+
+    #[test]
+    fn an_unfinished_binary_is_a_failure() {
+        let mut r = Report::default();
+        r.line("NESTED-TEST-BEGIN x", at(1));
+        r.line(
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            at(2),
+        );
+        assert_eq!(r.totals().failed, 1);
+        r.line("NESTED-TEST-END x rc=0", at(3));
+        assert_eq!(r.totals().failed, 0);
+    }
+}
