@@ -13,6 +13,7 @@
 //! eventfds. Every stateful device has a plain serde `...State` with `save`/`restore`.
 #![deny(missing_docs)]
 
+pub mod acpi_pm;
 mod bus;
 mod doorbell;
 pub mod event_loop;
@@ -21,5 +22,6 @@ pub mod ring;
 pub mod serial;
 pub mod virtio;
 
+pub use acpi_pm::AcpiPm;
 pub use bus::{Bus, BusDevice, BusError, WriteOutcome};
 pub use doorbell::Doorbell;

@@ -11,6 +11,7 @@ use crate::id::CapsuleId;
 use crate::status::{CapsuleInfo, Status};
 use crate::store::{unix_ms, CapsuleMeta};
 use crate::template::TemplateInfo;
+use capsule_devices::serial::SerialLog;
 
 /// What a finished command produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,8 @@ struct State {
     error: Option<String>,
     last_activity: SystemTime,
     runtime: Option<Arc<dyn Runtime>>,
+    /// The guest's console output; kept after the guest stops, for post-mortems.
+    console: Option<SerialLog>,
 }
 
 /// What a new [`CapsuleShared`] is made of.
@@ -88,6 +91,7 @@ impl CapsuleShared {
                 error: None,
                 last_activity: SystemTime::now(),
                 runtime: None,
+                console: None,
             }),
             changed: Condvar::new(),
         })
@@ -185,8 +189,18 @@ impl CapsuleShared {
             return;
         }
         state.status = Status::Running;
+        state.console = runtime.console();
         state.runtime = Some(runtime);
         self.changed.notify_all();
+    }
+
+    /// The guest's console output so far (empty for guests without a console).
+    pub(crate) fn console_log(&self) -> String {
+        self.state()
+            .console
+            .as_ref()
+            .map(|log| String::from_utf8_lossy(&log.console_log()).into_owned())
+            .unwrap_or_default()
     }
 
     /// Moves to Error with `reason`. The guest (if any) is released on another thread, since
@@ -202,18 +216,7 @@ impl CapsuleShared {
             self.changed.notify_all();
             state.runtime.take()
         };
-        if let Some(runtime) = runtime {
-            let spawned = std::thread::Builder::new()
-                .name(format!("{}-teardown", self.id))
-                .spawn({
-                    let runtime = runtime.clone();
-                    move || runtime.shutdown()
-                });
-            if spawned.is_err() {
-                // Cannot tear down now; the VM is released when its last reference drops.
-                tracing::error!(capsule = %self.id, "could not spawn a teardown thread");
-            }
-        }
+        release_in_background(&self.id, runtime);
     }
 
     /// Moves to Stopped and releases the guest, waiting for its threads. Irreversible.
@@ -328,6 +331,7 @@ impl CapsuleShared {
             command: bytes.to_vec(),
             reply: reply_tx,
             control: control.clone(),
+            options: options.clone(),
         };
         if runtime.submit(job).is_err() {
             return Err(self.interrupted_error());
@@ -355,6 +359,31 @@ impl CapsuleShared {
 impl GuestEvents for CapsuleShared {
     fn crashed(&self, reason: String) {
         self.fail(reason);
+    }
+
+    fn exited(&self) {
+        let runtime = {
+            let mut state = self.state();
+            if state.status.is_terminal() {
+                return;
+            }
+            state.status = Status::Stopped;
+            self.changed.notify_all();
+            state.runtime.take()
+        };
+        release_in_background(&self.id, runtime);
+    }
+}
+
+/// Shuts a guest down on another thread (the caller may be one of its vCPU threads).
+fn release_in_background(id: &CapsuleId, runtime: Option<Arc<dyn Runtime>>) {
+    let Some(runtime) = runtime else { return };
+    let spawned = std::thread::Builder::new()
+        .name(format!("{id}-teardown"))
+        .spawn(move || runtime.shutdown());
+    if spawned.is_err() {
+        // Cannot tear down now; the VM is released when its last reference drops.
+        tracing::error!(capsule = %id, "could not spawn a teardown thread");
     }
 }
 
@@ -403,6 +432,13 @@ impl Capsule {
     /// Everything known about the capsule now.
     pub fn info(&self) -> CapsuleInfo {
         self.shared.info()
+    }
+
+    /// The guest's serial console output so far, newest 64 KiB at most (Linux capsules; the
+    /// probe has no console and returns an empty string). Still readable after the capsule
+    /// stopped or crashed.
+    pub fn console_log(&self) -> String {
+        self.shared.console_log()
     }
 
     /// Runs commands in the capsule.

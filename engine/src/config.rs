@@ -21,6 +21,7 @@ pub struct EngineConfig {
     pub(crate) boot_timeout: Duration,
     pub(crate) idle_check_interval: Duration,
     pub(crate) shell_pool_size: usize,
+    pub(crate) linux_images: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +37,7 @@ impl Default for EngineConfig {
             boot_timeout: Duration::from_secs(30),
             idle_check_interval: Duration::from_millis(100),
             shell_pool_size: 2,
+            linux_images: None,
         }
     }
 }
@@ -92,6 +94,20 @@ impl EngineConfig {
     pub fn shell_pool_size(mut self, n: usize) -> Self {
         self.shell_pool_size = n;
         self
+    }
+
+    /// Where the Linux templates' images are (`minimal/vmlinuz`, `minimal/initrd.img`);
+    /// default `DATA_DIR/images`, where `cargo xtask build-minimal` puts them.
+    pub fn linux_images(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.linux_images = Some(dir.into());
+        self
+    }
+
+    /// The Linux images directory in effect.
+    pub fn get_linux_images(&self) -> PathBuf {
+        self.linux_images
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
     }
 
     /// The data directory.
@@ -188,15 +204,22 @@ impl CapsuleConfig {
 #[non_exhaustive]
 pub struct RunOptions {
     /// How long the command may run; `None` waits forever. When it expires the command is
-    /// killed, the call returns [`crate::Error::Timeout`], and the capsule stays usable.
-    /// Default 30 s.
+    /// killed (in a Linux capsule, its whole process group), the call returns
+    /// [`crate::Error::Timeout`], and the capsule stays usable. Default 30 s.
     pub timeout: Option<Duration>,
+    /// Environment variables to set for the command (Linux capsules; the probe has no
+    /// environment and ignores them).
+    pub envs: Vec<(String, String)>,
+    /// Working directory (Linux capsules; ignored by the probe).
+    pub cwd: Option<String>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             timeout: Some(Duration::from_secs(30)),
+            envs: Vec::new(),
+            cwd: None,
         }
     }
 }
@@ -206,11 +229,27 @@ impl RunOptions {
     pub fn with_timeout(timeout: Duration) -> Self {
         RunOptions {
             timeout: Some(timeout),
+            ..RunOptions::default()
         }
     }
 
     /// Default options with no timeout.
     pub fn no_timeout() -> Self {
-        RunOptions { timeout: None }
+        RunOptions {
+            timeout: None,
+            ..RunOptions::default()
+        }
+    }
+
+    /// These options with the environment variable `key=value` added.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// These options with the working directory `dir`.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.cwd = Some(dir.into());
+        self
     }
 }

@@ -174,7 +174,7 @@ impl Engine {
     /// [`Error::Hypervisor`]).
     pub fn create(&self, config: CapsuleConfig) -> Result<Capsule> {
         let (kind, resources, template) = self.inner.resolve(&config)?;
-        kind.validate(&resources, self.host().max_vcpus)?;
+        kind.validate(&resources, self.host())?;
         let shared = CapsuleShared::new(CapsuleSpec {
             id: CapsuleId::generate(),
             template: config.template.clone(),
@@ -352,6 +352,7 @@ impl EngineInner {
             boot_timeout: self.config.boot_timeout,
             events,
             shells: self.shells.clone(),
+            linux_images: self.config.get_linux_images(),
         }
     }
 

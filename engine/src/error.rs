@@ -34,6 +34,10 @@ pub enum Error {
     /// template...).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The host or the guest kind cannot do this (for example booting Linux on a host whose
+    /// KVM is PVM, or pausing a Linux capsule).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An argument to an operation is unusable (for example a command longer than the
     /// guest accepts).
     #[error("invalid argument: {0}")]

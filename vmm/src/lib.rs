@@ -34,6 +34,8 @@ pub use vm::{Vm, VmOptions, VmState};
 
 /// Re-exported so users of this crate name the same types.
 pub use kvm_bindings;
+/// Re-exported so users of this crate name the same types (ioeventfd addresses...).
+pub use kvm_ioctls;
 /// Re-exported so users of this crate name the same types (`boot_params`, `hvm_start_info`).
 pub use linux_loader;
 /// Re-exported so users of this crate name the same types.

@@ -47,14 +47,8 @@ options:
 const DEFAULT_PACKAGES: &[&str] = &["capsule", "capsule-vmm"];
 
 /// Test-name substrings passed as `--skip` unless `--all` (see xtask/README.md, "Default
-/// selection"). `vmm/tests/state.rs`'s restore tests compare every MSR but the TSC; under
-/// hardware KVM the Hyper-V time counters HV_X64_MSR_TIME_REF_COUNT (0x40000020) and
-/// HV_X64_MSR_VP_RUNTIME (0x40000010) also advance between save and restore, so they fail
-/// there (PVM reports them as 0). Drop these entries once that test ignores those MSRs.
-const DEFAULT_SKIP: &[&str] = &[
-    "a_restored_copy_continues_where_the_original_left_off",
-    "a_restored_copy_with_irqchip_continues_where_the_original_left_off",
-];
+/// selection"); none at present.
+const DEFAULT_SKIP: &[&str] = &[];
 
 /// The host report program: the quickstart example prints `engine.host().virtualization`.
 const HOST_REPORT: (&str, &str) = ("capsule", "quickstart");

@@ -178,24 +178,6 @@ impl AgentLink {
         result
     }
 
-    /// Sends a ping and waits for the pong.
-    pub(crate) fn ping(&self, timeout: Duration) -> Result<(), LinkError> {
-        let (id, replies) = self.open_request()?;
-        let result =
-            self.send(&Message::Ping(b"capsule".to_vec()), id)
-                .and_then(|()| match replies.recv_timeout(timeout) {
-                    Ok(Message::Pong(_)) => Ok(()),
-                    Ok(other) => Err(LinkError::Protocol(format!(
-                        "expected Pong, got {:?}",
-                        other.kind()
-                    ))),
-                    Err(RecvTimeoutError::Timeout) => Err(LinkError::Timeout),
-                    Err(RecvTimeoutError::Disconnected) => Err(LinkError::Closed("ping".into())),
-                });
-        self.close_request(id);
-        result
-    }
-
     /// Whether the stream has closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
@@ -270,7 +252,6 @@ mod tests {
             .unwrap();
         assert_eq!(exit.stdout, b"hi\n");
         assert_eq!(exit.status, capsule_agent_protocol::ExitStatus::Code(3));
-        link.ping(Duration::from_secs(5)).unwrap();
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! [`GuestEvents`]. Today there is one kind, [`probe`]; a Linux kind with virtio devices plugs
 //! in beside it.
 
-#[allow(dead_code)] // wired to the Linux guest kind next
 pub(crate) mod agent_link;
+pub(crate) mod linux;
 pub(crate) mod probe;
 
 use std::path::PathBuf;
@@ -16,13 +16,15 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
+use capsule_devices::serial::SerialLog;
 use capsule_snapshot::bitmap::PageBitmap;
 use capsule_snapshot::chain::MemoryChain;
 use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmState;
-use capsule_vmm::{Hypervisor, Kicker, Vm};
+use capsule_vmm::{HostInfo, Hypervisor, Kicker, Vm};
 
 use crate::capsule::CommandOutput;
+use crate::config::RunOptions;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
 use crate::persist::MemoryImage;
@@ -33,6 +35,8 @@ use crate::pool::ShellPool;
 pub(crate) enum GuestKind {
     /// The built-in probe guest (`"probe"`).
     Probe,
+    /// A Linux kernel with the agent as PID 1 (`"minimal"`).
+    Linux,
 }
 
 impl GuestKind {
@@ -40,6 +44,7 @@ impl GuestKind {
     pub(crate) fn builtin(name: &str) -> Option<Self> {
         match name {
             probe::TEMPLATE => Some(GuestKind::Probe),
+            linux::TEMPLATE => Some(GuestKind::Linux),
             _ => None,
         }
     }
@@ -48,6 +53,7 @@ impl GuestKind {
     pub(crate) fn name(self) -> &'static str {
         match self {
             GuestKind::Probe => probe::TEMPLATE,
+            GuestKind::Linux => linux::TEMPLATE,
         }
     }
 
@@ -64,13 +70,15 @@ impl GuestKind {
     pub(crate) fn defaults(self) -> (u32, u64) {
         match self {
             GuestKind::Probe => (1, 512),
+            GuestKind::Linux => (1, 512),
         }
     }
 
     /// Rejects resources this kind cannot run with.
-    pub(crate) fn validate(self, resources: &Resources, max_vcpus: usize) -> Result<()> {
+    pub(crate) fn validate(self, resources: &Resources, host: &HostInfo) -> Result<()> {
         match self {
-            GuestKind::Probe => probe::validate(resources, max_vcpus),
+            GuestKind::Probe => probe::validate(resources, host.max_vcpus),
+            GuestKind::Linux => linux::validate(resources, host),
         }
     }
 
@@ -78,6 +86,7 @@ impl GuestKind {
     pub(crate) fn boot(self, ctx: BootContext) -> Result<Arc<dyn Runtime>> {
         match self {
             GuestKind::Probe => Ok(probe::ProbeRuntime::boot(ctx)?),
+            GuestKind::Linux => Ok(linux::LinuxRuntime::boot(ctx)?),
         }
     }
 
@@ -92,6 +101,9 @@ impl GuestKind {
     ) -> Result<Arc<dyn Runtime>> {
         match self {
             GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, image, origin)?),
+            GuestKind::Linux => Err(Error::Unsupported(
+                "restoring Linux capsules is not supported yet".into(),
+            )),
         }
     }
 }
@@ -161,12 +173,16 @@ pub(crate) struct BootContext {
     pub(crate) events: Arc<dyn GuestEvents>,
     /// Where to get a fresh VM.
     pub(crate) shells: Arc<ShellPool>,
+    /// Where the Linux templates' kernel and initramfs are.
+    pub(crate) linux_images: PathBuf,
 }
 
 /// How a running guest tells the engine about things it did not ask for.
 pub(crate) trait GuestEvents: Send + Sync {
     /// The guest crashed; the capsule must go to error and its VM be released.
     fn crashed(&self, reason: String);
+    /// The guest shut itself down (power-off or reboot); the capsule is stopped.
+    fn exited(&self);
 }
 
 /// A running guest, as the engine drives it.
@@ -178,6 +194,10 @@ pub(crate) trait Runtime: Send + Sync {
     /// Stops every vCPU between commands (waiting for running ones to finish) and returns
     /// the machine's state; the vCPUs stay stopped until the result is dropped.
     fn freeze(&self) -> Result<Frozen>;
+    /// The guest's serial console output, if it has one.
+    fn console(&self) -> Option<SerialLog> {
+        None
+    }
     /// Stops every vCPU, waits for their threads and releases the VM. Idempotent. Must not be
     /// called from one of this runtime's own vCPU threads.
     fn shutdown(&self);
@@ -191,6 +211,8 @@ pub(crate) struct Job {
     pub(crate) reply: Sender<Result<CommandOutput>>,
     /// Lets the caller cancel it (after a timeout).
     pub(crate) control: Arc<JobControl>,
+    /// Timeout, environment, working directory.
+    pub(crate) options: RunOptions,
 }
 
 /// Cancellation shared by a job's caller and the vCPU that runs it.

@@ -1,0 +1,448 @@
+//! Linux guests: a real kernel booted by the VMM, with the project's agent as PID 1 running
+//! commands through `/bin/sh`.
+//!
+//! Devices: an 8250 serial console (COM1, its output kept per capsule, see
+//! [`crate::Capsule::console_log`]), the i8042 and HW-reduced ACPI sleep registers (so
+//! `reboot` and `poweroff` end the capsule), and on virtio-mmio, described to the kernel
+//! through ACPI: a virtio-console, the agent's channel (`/dev/hvc0`), and virtio-rng. Queue
+//! notifications reach the device thread through ioeventfds and interrupts leave through
+//! irqfds, so the agent's bytes never cost a vCPU exit each.
+//!
+//! Each vCPU has a thread running the exit loop; application processors wait in KVM for the
+//! boot processor's INIT/SIPI. The capsule is running once the agent's `Hello` arrives.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use capsule_agent_protocol::{ExitStatus, RunRequest};
+use capsule_devices::event_loop::DeviceThread;
+use capsule_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use capsule_devices::serial::{SerialDevice, SerialLog, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
+use capsule_devices::virtio::console::Console;
+use capsule_devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use capsule_devices::virtio::rng::Rng;
+use capsule_devices::virtio::VirtioDevice;
+use capsule_devices::{AcpiPm, Bus, BusDevice};
+use capsule_vmm::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
+use capsule_vmm::boot::{self, LinuxBootConfig, VirtioMmioDesc};
+use capsule_vmm::kvm_ioctls::IoEventAddress;
+use capsule_vmm::{GuestMemory, HostInfo, Kicker, Vcpu, VcpuEvent, Vm, VmOptions};
+
+use super::agent_link::{AgentLink, LinkError};
+use super::{BootContext, Frozen, GuestEvents, Job, Resources, Runtime};
+use crate::capsule::CommandOutput;
+use crate::error::{Error, Result};
+use crate::id::CapsuleId;
+
+/// The template name of the Linux guest.
+pub(crate) const TEMPLATE: &str = "minimal";
+/// The kernel and initramfs of the minimal template, in its image directory.
+pub(crate) const KERNEL_FILE: &str = "vmlinuz";
+/// See [`KERNEL_FILE`].
+pub(crate) const INITRD_FILE: &str = "initrd.img";
+
+const MIN_MEMORY_MB: u64 = 128;
+const MAX_MEMORY_MB: u64 = 3072;
+const MAX_VCPUS: u32 = 32;
+/// Kernel command line. The console is the UART; the agent's channel is the virtio-console;
+/// `reboot=k` resets through the i8042 and `panic=-1` turns a panic into that reset.
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet capsule.channel=/dev/hvc0";
+/// Most bytes of a shell command (the agent protocol bounds whole frames much higher).
+const MAX_COMMAND: usize = 256 * 1024;
+const VCPU_THREAD_STACK: usize = 512 * 1024;
+
+/// Rejects resources (and hosts) Linux capsules cannot run with.
+pub(crate) fn validate(resources: &Resources, host: &HostInfo) -> Result<()> {
+    if !host.can_boot_linux() {
+        return Err(Error::Unsupported(format!(
+            "this host's KVM is {}: it cannot boot a Linux guest in useful time (the \
+             \"probe\" template runs here; Linux needs hardware virtualization)",
+            host.virtualization
+        )));
+    }
+    let max_vcpus = MAX_VCPUS.min(host.max_vcpus as u32);
+    if resources.vcpus == 0 || resources.vcpus > max_vcpus {
+        return Err(Error::InvalidConfig(format!(
+            "a Linux capsule runs with 1 to {max_vcpus} vCPUs, not {}",
+            resources.vcpus
+        )));
+    }
+    if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&resources.memory_mb) {
+        return Err(Error::InvalidConfig(format!(
+            "a Linux capsule needs {MIN_MEMORY_MB} to {MAX_MEMORY_MB} MiB of memory, not {}",
+            resources.memory_mb
+        )));
+    }
+    Ok(())
+}
+
+/// The kernel and initramfs of the minimal template in `images`.
+pub(crate) fn image_files(images: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = images.join(TEMPLATE);
+    let (kernel, initrd) = (dir.join(KERNEL_FILE), dir.join(INITRD_FILE));
+    if !kernel.is_file() || !initrd.is_file() {
+        return Err(Error::InvalidConfig(format!(
+            "the \"{TEMPLATE}\" template is not built in {}: run `cargo xtask build-minimal` \
+             (or point EngineConfig::linux_images at a directory with {TEMPLATE}/{KERNEL_FILE} \
+             and {TEMPLATE}/{INITRD_FILE})",
+            images.display()
+        )));
+    }
+    Ok((kernel, initrd))
+}
+
+type Transport<D> = MmioTransport<D, GuestMemory>;
+
+/// A running Linux guest.
+pub(crate) struct LinuxRuntime {
+    link: Arc<AgentLink>,
+    console: SerialLog,
+    stopping: Arc<AtomicBool>,
+    workers: Mutex<Vec<(Kicker, JoinHandle<()>)>>,
+    devices: Mutex<Option<DeviceThread>>,
+    boot_timeout: Duration,
+}
+
+fn os(op: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Hypervisor(capsule_vmm::Error::Os {
+        op,
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LinuxRuntime {
+    /// Boots the kernel and waits for the agent's hello.
+    pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
+        validate(&ctx.config, ctx.hypervisor.info())?;
+        let (kernel, initrd) = image_files(&ctx.linux_images)?;
+        let memory = boot::create_memory(ctx.config.memory_mb)?;
+        let vm = Vm::new(
+            &ctx.hypervisor,
+            memory,
+            VmOptions {
+                irqchip: true,
+                dirty_log: false,
+            },
+        )?;
+        let vcpus = (0..ctx.config.vcpus)
+            .map(|i| vm.create_vcpu(i))
+            .collect::<capsule_vmm::Result<Vec<_>>>()?;
+
+        // Port I/O: console, reset, power-off.
+        let serial =
+            SerialDevice::with_new_eventfd().map_err(|e| os("creating the serial port", e))?;
+        vm.fd()
+            .register_irqfd(serial.irq_evt(), COM1_IRQ)
+            .map_err(|e| os("KVM_IRQFD for the serial port", e))?;
+        let console_log = serial.log();
+        let mut pio = Bus::new();
+        let insert = |bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64| {
+            bus.insert(dev, base, len)
+                .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))
+        };
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(serial)),
+            u64::from(COM1_PORT),
+            SERIAL_PORT_LEN,
+        )?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(I8042)),
+            u64::from(I8042_PORT),
+            I8042_PORT_LEN,
+        )?;
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(AcpiPm::new(ACPI_S5_SLEEP_TYPE))),
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            2,
+        )?;
+
+        // virtio-mmio: the agent's console in slot 0, entropy in slot 1.
+        let devices = DeviceThread::spawn(&format!("{}-devices", ctx.id))
+            .map_err(|e| os("starting the device thread", e))?;
+        let mut mmio = Bus::new();
+        let (console, host_end) = Console::new().map_err(|e| os("creating the console", e))?;
+        let slot = |i: u32| {
+            VirtioMmioDesc::slot(i).ok_or_else(|| {
+                Error::Hypervisor(capsule_vmm::Error::InvalidConfig(format!(
+                    "no virtio-mmio slot {i}"
+                )))
+            })
+        };
+        let (console_slot, rng_slot) = (slot(0)?, slot(1)?);
+        attach(&vm, &devices, &mut mmio, console, console_slot)?;
+        attach(&vm, &devices, &mut mmio, Rng::new(), rng_slot)?;
+
+        let config = LinuxBootConfig {
+            initrd: Some(initrd.into()),
+            cmdline: CMDLINE.into(),
+            vcpus: ctx.config.vcpus,
+            memory_mb: ctx.config.memory_mb,
+            virtio_mmio: vec![console_slot, rng_slot],
+            ..LinuxBootConfig::new(kernel)
+        };
+        boot::boot_linux(&vm, &vcpus, &config)?;
+
+        let vm = Arc::new(vm);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let kicker = vcpu.kicker();
+            let worker = VcpuLoop {
+                id: ctx.id.clone(),
+                vcpu,
+                _vm: vm.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                stopping: stopping.clone(),
+                events: ctx.events.clone(),
+                console: console_log.clone(),
+            };
+            let index = worker.vcpu.index();
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-vcpu{index}", ctx.id))
+                .stack_size(VCPU_THREAD_STACK)
+                .spawn(move || worker.run())
+                .map_err(|e| os("spawning a vCPU thread", e))?;
+            workers.push((kicker, handle));
+        }
+        let stop_all = |workers: Vec<(Kicker, JoinHandle<()>)>| {
+            stopping.store(true, Ordering::SeqCst);
+            for (kicker, _) in &workers {
+                kicker.kick();
+            }
+            for (_, handle) in workers {
+                let _ = handle.join();
+            }
+        };
+
+        let reader = match host_end.try_clone() {
+            Ok(reader) => reader,
+            Err(e) => {
+                stop_all(workers);
+                return Err(os("cloning the agent channel", e));
+            }
+        };
+        let link = match AgentLink::connect(Box::new(reader), Box::new(host_end), ctx.boot_timeout)
+        {
+            Ok(link) => link,
+            Err(e) => {
+                let tail = console_tail(&console_log);
+                stop_all(workers);
+                return Err(match e {
+                    LinkError::Timeout => Error::Timeout {
+                        operation: "boot (waiting for the agent)",
+                        after: ctx.boot_timeout,
+                    },
+                    other => Error::GuestCrashed {
+                        id: ctx.id.clone(),
+                        reason: format!("{other}; console:\n{tail}"),
+                    },
+                });
+            }
+        };
+        tracing::debug!(capsule = %ctx.id, agent = %link.hello().agent_version, "agent ready");
+        Ok(Arc::new(LinuxRuntime {
+            link,
+            console: console_log,
+            stopping,
+            workers: Mutex::new(workers),
+            devices: Mutex::new(Some(devices)),
+            boot_timeout: ctx.boot_timeout,
+        }))
+    }
+}
+
+/// Puts a virtio device on the MMIO bus at `slot`, with its notifications as ioeventfds and
+/// its interrupt as an irqfd, and hands it to the device thread.
+fn attach<D: VirtioDevice + 'static>(
+    vm: &Vm,
+    devices: &DeviceThread,
+    mmio: &mut Bus,
+    device: D,
+    slot: VirtioMmioDesc,
+) -> Result<()> {
+    let transport: Transport<D> = MmioTransport::new(device, vm.memory().clone())
+        .map_err(|e| os("creating a virtio device", e))?;
+    vm.fd()
+        .register_irqfd(transport.irq_evt(), slot.gsi)
+        .map_err(|e| os("KVM_IRQFD for a virtio device", e))?;
+    for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
+                queue as u32,
+            )
+            .map_err(|e| os("KVM_IOEVENTFD for a virtio queue", e))?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), slot.base, MMIO_SIZE)
+        .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))?;
+    devices
+        .register_transport(transport)
+        .map_err(|e| os("registering a virtio device", e))
+}
+
+/// The last lines of the console, for error reports.
+fn console_tail(log: &SerialLog) -> String {
+    let text = String::from_utf8_lossy(&log.console_log()).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// One vCPU thread.
+struct VcpuLoop {
+    id: CapsuleId,
+    vcpu: Vcpu,
+    _vm: Arc<Vm>,
+    pio: Bus,
+    mmio: Bus,
+    stopping: Arc<AtomicBool>,
+    events: Arc<dyn GuestEvents>,
+    console: SerialLog,
+}
+
+impl VcpuLoop {
+    fn run(mut self) {
+        loop {
+            match self.vcpu.run(&self.pio, &self.mmio) {
+                Ok(VcpuEvent::Kicked) | Ok(VcpuEvent::Yield(_)) | Ok(VcpuEvent::Halted) => {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                Ok(VcpuEvent::Shutdown) => {
+                    let log = String::from_utf8_lossy(&self.console.console_log()).into_owned();
+                    if log.contains("Kernel panic") {
+                        self.events.crashed(format!(
+                            "the guest kernel panicked; console:\n{}",
+                            console_tail(&self.console)
+                        ));
+                    } else {
+                        tracing::info!(capsule = %self.id, "guest powered off or rebooted");
+                        self.events.exited();
+                    }
+                    return;
+                }
+                Ok(VcpuEvent::Failed(reason)) => {
+                    self.events.crashed(format!(
+                        "{reason}; console:\n{}",
+                        console_tail(&self.console)
+                    ));
+                    return;
+                }
+                Err(e) => {
+                    if !self.stopping.load(Ordering::SeqCst) {
+                        self.events.crashed(e.to_string());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Runtime for LinuxRuntime {
+    fn submit(&self, job: Job) -> std::result::Result<(), Job> {
+        if self.stopping.load(Ordering::SeqCst) || self.link.is_closed() {
+            return Err(job);
+        }
+        let link = self.link.clone();
+        let grace = self.boot_timeout;
+        let spawned = std::thread::Builder::new()
+            .name("capsule-linux-cmd".into())
+            .spawn(move || run_job(&link, job, grace));
+        match spawned {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                // No thread: the job was moved into the closure that failed to spawn; it is
+                // dropped and its caller sees the capsule's state.
+                Ok(())
+            }
+        }
+    }
+
+    fn max_command_len(&self) -> usize {
+        MAX_COMMAND
+    }
+
+    fn freeze(&self) -> Result<Frozen> {
+        Err(Error::Unsupported(
+            "pausing and snapshotting Linux capsules is not supported yet".into(),
+        ))
+    }
+
+    fn console(&self) -> Option<SerialLog> {
+        Some(self.console.clone())
+    }
+
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        for (kicker, _) in &workers {
+            kicker.kick();
+        }
+        for (_, handle) in workers {
+            if handle.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        if let Some(devices) = lock(&self.devices).take() {
+            let _ = devices.stop();
+        }
+    }
+}
+
+impl Drop for LinuxRuntime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Runs one command through the agent and answers the job.
+fn run_job(link: &AgentLink, job: Job, grace: Duration) {
+    let mut request = RunRequest::shell(String::from_utf8_lossy(&job.command).into_owned());
+    request.env = job.options.envs.clone();
+    request.cwd = job.options.cwd.clone();
+    request.timeout_ms = job
+        .options
+        .timeout
+        .map_or(0, |t| t.as_millis().max(1) as u64);
+    // The agent enforces the timeout (killing the process group); the host waits a little
+    // longer for its answer.
+    let host_wait = job.options.timeout.map(|t| t + grace);
+    let result = match link.run(request, host_wait) {
+        Ok(exit) if exit.timed_out => Err(Error::Timeout {
+            operation: "command",
+            after: job.options.timeout.unwrap_or_default(),
+        }),
+        Ok(exit) => Ok(CommandOutput {
+            stdout: String::from_utf8_lossy(&exit.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&exit.stderr).into_owned(),
+            exit_code: match exit.status {
+                ExitStatus::Code(code) => code,
+                ExitStatus::Signal(sig) => 128 + sig,
+            },
+            duration: Duration::from_micros(exit.duration_us),
+            stdout_truncated: exit.stdout_truncated,
+            stderr_truncated: exit.stderr_truncated,
+        }),
+        Err(LinkError::Timeout) => Err(Error::Timeout {
+            operation: "command",
+            after: job.options.timeout.unwrap_or_default(),
+        }),
+        Err(LinkError::Closed(_)) => return, // the guest went away: the caller sees the state
+        Err(e) => Err(Error::InvalidArgument(e.to_string())),
+    };
+    let _ = job.reply.send(result);
+}
