@@ -58,6 +58,18 @@ pub fn build_example(workspace: &Path, package: &str, example: &str) -> Result<P
         .context(|| format!("`{}` produced no executable", describe(&cmd)))
 }
 
+/// Builds binary `bin` of `package` for musl (static), in release mode.
+pub fn build_binary(workspace: &Path, package: &str, bin: &str) -> Result<PathBuf> {
+    let mut cmd = cargo(workspace);
+    cmd.args(["build", "--release", "--target", MUSL_TARGET])
+        .args(["-p", package, "--bin", bin]);
+    artifacts(&mut cmd)?
+        .into_iter()
+        .find(|a| a.kind == "bin" && a.target == bin)
+        .map(|a| a.executable)
+        .context(|| format!("`{}` produced no executable", describe(&cmd)))
+}
+
 /// Compiles `xtask/l1/exit.rs` with plain rustc into `out` (static musl executable).
 pub fn build_exit_helper(source: &Path, out: &Path) -> Result<PathBuf> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());

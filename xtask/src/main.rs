@@ -2,12 +2,14 @@
 //!
 //! `cargo xtask nested-test [OPTIONS] [-- LIBTEST-ARGS...]` runs the KVM test binaries inside
 //! a Linux L1 booted under QEMU TCG (`-cpu max` emulates AMD SVM), where `/dev/kvm` is real
-//! hardware-virtualization KVM, nested. See `xtask/README.md`.
+//! hardware-virtualization KVM, nested. `cargo xtask build-minimal` builds the "minimal" Linux
+//! template's kernel and initramfs. See `xtask/README.md`.
 
 mod binaries;
 mod cpio;
 mod initramfs;
 mod kernel;
+mod minimal;
 mod qemu;
 mod report;
 mod setup;
@@ -75,6 +77,16 @@ fn main() -> ExitCode {
             Some(options) => nested_test(&options),
             None => Ok(true),
         }),
+        Some("build-minimal") => parse_minimal(&args[1..]).and_then(|o| match o {
+            Some(options) => {
+                let workspace = workspace_root();
+                let cache = cache_dir(&workspace);
+                fs::create_dir_all(&cache)
+                    .context(|| format!("cannot create {}", cache.display()))?;
+                minimal::build(&workspace, &cache, &options).map(|_| true)
+            }
+            None => Ok(true),
+        }),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(true)
@@ -90,6 +102,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+const MINIMAL_USAGE: &str = "\
+usage: cargo xtask build-minimal [OPTIONS]
+
+Builds the \"minimal\" Linux template (kernel + initramfs with capsule's agent as PID 1) from
+Debian packages: linux-image-cloud-amd64, busybox-static. Writes IMAGES/minimal/vmlinuz and
+IMAGES/minimal/initrd.img.
+
+options:
+  --images DIR      where to put it (default: $XDG_DATA_HOME/capsule/images, else
+                    ~/.local/share/capsule/images: the engine's default)
+  --kernel PATH     use this bzImage instead of the Debian package (with --modules)
+  --modules DIR     its lib/modules/<release> directory (with --kernel)
+  --busybox PATH    use this static busybox instead of busybox-static's
+  --no-install      fail instead of installing missing packages
+  -h, --help        this text";
+
+/// Parses `build-minimal`'s arguments; `None` when help was printed.
+fn parse_minimal(args: &[String]) -> Result<Option<minimal::Options>> {
+    let mut o = minimal::Options {
+        install: true,
+        ..Default::default()
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .map(PathBuf::from)
+                .context(|| format!("{name} needs a value\n\n{MINIMAL_USAGE}"))
+        };
+        match arg.as_str() {
+            "--images" => o.images = Some(value(arg)?),
+            "--kernel" => o.kernel = Some(value(arg)?),
+            "--modules" => o.modules = Some(value(arg)?),
+            "--busybox" => o.busybox = Some(value(arg)?),
+            "--no-install" => o.install = false,
+            "-h" | "--help" => {
+                println!("{MINIMAL_USAGE}");
+                return Ok(None);
+            }
+            other => {
+                return Err(Error::msg(format!(
+                    "unknown option {other:?}\n\n{MINIMAL_USAGE}"
+                )))
+            }
+        }
+    }
+    Ok(Some(o))
 }
 
 /// Parses `nested-test`'s arguments; `None` when help was printed.
@@ -283,6 +344,24 @@ fn nested_test(o: &Options) -> Result<bool> {
         &kernel,
     )?;
     extra.extend(o.extra.iter().cloned());
+    // The "minimal" Linux template, for the Linux-guest tests (they find it in
+    // $CAPSULE_NESTED_EXTRA/images).
+    let images = cache.join("images");
+    minimal::build(
+        &workspace,
+        &cache,
+        &minimal::Options {
+            images: Some(images.clone()),
+            install: o.install,
+            ..Default::default()
+        },
+    )?;
+    for file in ["vmlinuz", "initrd.img"] {
+        extra.push(Extra {
+            source: images.join("minimal").join(file),
+            dest: format!("images/minimal/{file}"),
+        });
+    }
     for e in &extra {
         initramfs::extra_dest(&e.dest)?;
         if !e.source.is_file() {

@@ -47,6 +47,27 @@ const NEEDS: &[Need] = &[
     },
 ];
 
+/// Makes sure a static busybox is at [`BUSYBOX`], installing `busybox-static` if allowed.
+pub fn ensure_busybox(install: bool) -> Result<()> {
+    let present = || std::fs::read(BUSYBOX).is_ok_and(|b| is_static_elf(&b));
+    if present() {
+        return Ok(());
+    }
+    if !install {
+        return Err(Error::msg(format!(
+            "no static busybox at {BUSYBOX} (install busybox-static, or pass --busybox)"
+        )));
+    }
+    apt_install(&["busybox-static"])?;
+    if present() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "busybox-static did not provide {BUSYBOX}"
+        )))
+    }
+}
+
 /// Makes sure every host tool is there, installing what is missing unless `install` is false.
 pub fn ensure_host_tools(install: bool) -> Result<()> {
     if !have_program("apt-get") {

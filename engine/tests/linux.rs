@@ -1,0 +1,215 @@
+//! Linux capsules end to end: the "minimal" template (Debian cloud kernel + capsule's agent as
+//! PID 1) booted by capsule's VMM.
+//!
+//! They need hardware virtualization and the template's image. On this project's PVM
+//! development hosts they run inside the nested harness (`cargo xtask nested-test`), which
+//! builds the image and packs it into L1; on a hardware-virtualization host, build the image
+//! once with `cargo xtask build-minimal` and run `cargo test`. Elsewhere they print SKIPPED,
+//! except the check that a PVM host refuses Linux capsules at once, which runs everywhere.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use capsule::{CapsuleConfig, Engine, EngineConfig, Error, RunOptions, Status};
+
+/// The images directory: `$CAPSULE_MINIMAL_IMAGES`, the nested harness's extra files, or the
+/// engine's default.
+fn images() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAPSULE_MINIMAL_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    if let Some(extra) = std::env::var_os("CAPSULE_NESTED_EXTRA") {
+        return PathBuf::from(extra).join("images");
+    }
+    EngineConfig::default().get_linux_images()
+}
+
+/// An engine that can boot Linux, or `None` with the reason printed.
+fn linux_engine() -> Option<(Engine, tempfile::TempDir)> {
+    let (engine, dir) = common::engine_with(|c| c.linux_images(images()))?;
+    if !engine.host().can_boot_linux() {
+        eprintln!(
+            "SKIPPED: the host's KVM is {}; Linux capsules need hardware virtualization \
+             (run `cargo xtask nested-test`)",
+            engine.host().virtualization
+        );
+        return None;
+    }
+    if !images().join("minimal").join("initrd.img").is_file() {
+        assert!(
+            std::env::var_os("CAPSULE_NESTED").is_none(),
+            "the nested harness must provide the minimal image"
+        );
+        eprintln!(
+            "SKIPPED: no minimal image in {}: run `cargo xtask build-minimal`",
+            images().display()
+        );
+        return None;
+    }
+    Some((engine, dir))
+}
+
+fn minimal() -> CapsuleConfig {
+    CapsuleConfig::new("minimal").memory_mb(256)
+}
+
+#[test]
+fn a_host_that_cannot_boot_linux_refuses_at_once() {
+    let Some((engine, _dir)) = common::engine() else { return };
+    if engine.host().can_boot_linux() {
+        return; // covered by the tests below
+    }
+    let started = Instant::now();
+    match engine.create(minimal()) {
+        Err(Error::Unsupported(why)) => assert!(why.contains("hardware virtualization"), "{why}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "no hanging");
+    assert!(engine.list().is_empty());
+}
+
+#[test]
+fn boots_and_runs_commands() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let started = Instant::now();
+    let c = engine.create(minimal()).unwrap();
+    eprintln!("minimal booted to ready in {:?}", started.elapsed());
+    assert!(c.is_running());
+    let run = |cmd: &str| c.commands().run(cmd).unwrap();
+
+    let out = run("echo hello from linux");
+    assert_eq!((out.stdout.as_str(), out.exit_code), ("hello from linux\n", 0));
+    let release = run("uname -r").stdout;
+    assert!(release.trim().ends_with("cloud-amd64"), "{release}");
+    assert_eq!(run("exit 7").exit_code, 7);
+    let missing = run("no-such-program");
+    assert_eq!(missing.exit_code, 127);
+    assert!(!missing.stderr.is_empty());
+
+    let opts = RunOptions::default().env("GREETING", "hi there").cwd("/tmp");
+    let out = c.commands().run_with("echo \"$GREETING\"; pwd", opts).unwrap();
+    assert_eq!(out.stdout, "hi there\n/tmp\n");
+
+    let big = run("head -c 1048576 /dev/zero | tr '\\0' x");
+    assert_eq!(big.stdout.len(), 1 << 20);
+    assert!(big.stdout.bytes().all(|b| b == b'x'));
+
+    assert!(c.console_log().contains("Linux version"), "the console is kept");
+    c.destroy().unwrap();
+}
+
+#[test]
+fn a_timeout_kills_the_command_and_its_children() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let c = engine.create(minimal()).unwrap();
+    let started = Instant::now();
+    let result = c.commands().run_with(
+        "sleep 100 & echo $! > /tmp/child; sleep 100",
+        RunOptions::with_timeout(Duration::from_secs(2)),
+    );
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let child = c.commands().run("cat /tmp/child").unwrap().stdout;
+    let alive = c
+        .commands()
+        .run(&format!("kill -0 {} 2>/dev/null && echo alive || echo gone", child.trim()))
+        .unwrap();
+    assert_eq!(alive.stdout, "gone\n", "the background child died with the group");
+    assert_eq!(c.commands().run("echo still usable").unwrap().exit_code, 0);
+}
+
+#[test]
+fn eight_commands_at_once_and_four_capsules() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let capsules: Vec<_> = (0..4)
+        .map(|_| {
+            let engine = engine.clone();
+            std::thread::spawn(move || engine.create(minimal()).unwrap())
+        })
+        .map(|t| t.join().unwrap())
+        .collect();
+    let c = capsules[0].clone();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || c.commands().run(&format!("sleep 1; echo {i}")).unwrap())
+        })
+        .collect();
+    for (i, t) in threads.into_iter().enumerate() {
+        assert_eq!(t.join().unwrap().stdout, format!("{i}\n"));
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "they ran concurrently");
+    for (i, other) in capsules.iter().enumerate() {
+        let out = other.commands().run(&format!("echo capsule {i}")).unwrap();
+        assert_eq!(out.stdout, format!("capsule {i}\n"));
+    }
+}
+
+#[test]
+fn poweroff_stops_the_capsule() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let c = engine.create(minimal()).unwrap();
+    let _ = c
+        .commands()
+        .run_with("poweroff -f", RunOptions::with_timeout(Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status() == Status::Running && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.status(), Status::Stopped);
+    assert_eq!(c.info().error, None);
+    assert!(matches!(c.commands().run("true"), Err(Error::InvalidState { .. })));
+    c.destroy().unwrap();
+}
+
+#[test]
+fn a_guest_panic_is_reported_with_the_console_tail_and_the_engine_carries_on() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let bystander = engine.create(minimal()).unwrap();
+    let c = engine.create(minimal()).unwrap();
+    let _ = c.commands().run_with(
+        "echo c > /proc/sysrq-trigger",
+        RunOptions::with_timeout(Duration::from_secs(10)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status() == Status::Running && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = c.info();
+    assert!(
+        matches!(info.status, Status::Error | Status::Stopped),
+        "{:?}",
+        info.status
+    );
+    if info.status == Status::Error {
+        assert!(info.error.unwrap().contains("panic"));
+    }
+    assert!(c.console_log().contains("sysrq"), "the console tail is kept");
+    assert_eq!(bystander.commands().run("echo fine").unwrap().stdout, "fine\n");
+}
+
+#[test]
+fn destroy_while_a_command_runs() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let c = engine.create(minimal()).unwrap();
+    let runner = {
+        let c = c.clone();
+        std::thread::spawn(move || c.commands().run_with("sleep 100", RunOptions::no_timeout()))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    c.destroy().unwrap();
+    assert!(runner.join().unwrap().is_err());
+    assert!(engine.list().is_empty());
+}
+
+#[test]
+fn pausing_a_linux_capsule_is_refused_cleanly() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let c = engine.create(minimal()).unwrap();
+    assert!(matches!(c.pause(), Err(Error::Unsupported(_))));
+    assert!(c.is_running());
+    assert_eq!(c.commands().run("echo ok").unwrap().stdout, "ok\n");
+}
