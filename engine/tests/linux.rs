@@ -98,7 +98,20 @@ fn boots_and_runs_commands() {
 
     let console = c.console_log();
     assert!(console.contains("capsule-agent: ready"), "the console is kept: {console}");
+
+    // virtio-rng feeds the kernel's hardware RNG.
+    let rng = run("cat /sys/class/misc/hw_random/rng_current; head -c 64 /dev/hwrng | wc -c");
+    assert_eq!(rng.stdout.split_whitespace().last(), Some("64"), "{rng:?}");
+    assert!(rng.stdout.starts_with("virtio_rng"), "{rng:?}");
     c.destroy().unwrap();
+}
+
+#[test]
+fn several_vcpus_are_seen_by_the_guest() {
+    let Some((engine, _dir)) = linux_engine() else { return };
+    let c = engine.create(minimal().vcpus(2)).unwrap();
+    assert_eq!(c.commands().run("nproc").unwrap().stdout, "2\n");
+    assert_eq!(c.info().vcpus, 2);
 }
 
 #[test]
