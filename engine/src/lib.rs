@@ -79,6 +79,17 @@
 //!
 //! A probe with N vCPUs runs up to N commands at once. It needs at least 8 MiB of memory.
 //!
+//! ## Linux capsules: the `"minimal"` template
+//! `CapsuleConfig::new("minimal")` boots a real Linux kernel (Debian's cloud kernel) whose
+//! PID 1 is capsule's agent; `commands().run(cmd)` runs `/bin/sh -c cmd` in it, with
+//! [`RunOptions`] environment, working directory and a timeout that kills the command's
+//! whole process group. Build the image once with `cargo xtask build-minimal` (from Debian
+//! packages; see the README for other distributions). It needs hardware virtualization: on a
+//! host whose KVM cannot boot Linux (PVM, see [`Engine::host`]) `create` fails at once with
+//! [`Error::Unsupported`]. The guest's serial console is kept ([`Capsule::console_log`]);
+//! `poweroff`/`reboot` inside stop the capsule; a kernel panic puts it in error with the
+//! console's tail. Linux capsules cannot be paused yet ([`Error::Unsupported`]).
+//!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.
 //! - A command's timeout ([`RunOptions`], default 30 s) kills the command, not the capsule.
