@@ -137,19 +137,16 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
     else {
         return;
     };
-    let idle = engine
-        .create(probe().timeout(Duration::from_millis(150)))
-        .unwrap();
-    let pinged = engine
-        .create(probe().timeout(Duration::from_millis(150)))
-        .unwrap();
-    let busy = engine
-        .create(probe().timeout(Duration::from_millis(150)))
-        .unwrap();
+    // Margins wide enough for a loaded CI machine or a nested TCG run: activity every 30 ms
+    // (plus a command's latency), inactivity timeout 1 s, observed for 2.5 s.
+    let timeout = Duration::from_secs(1);
+    let idle = engine.create(probe().timeout(timeout)).unwrap();
+    let pinged = engine.create(probe().timeout(timeout)).unwrap();
+    let busy = engine.create(probe().timeout(timeout)).unwrap();
     let never = engine.create(probe()).unwrap();
     idle.commands().run("count").unwrap();
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(1200) {
+    while start.elapsed() < Duration::from_millis(2500) {
         pinged.ping().unwrap();
         busy.commands().run("echo working").unwrap();
         std::thread::sleep(Duration::from_millis(30));

@@ -293,9 +293,11 @@ impl BootVcpu {
             .set_cpuid2(&cpuid)
             .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         msrs::set_boot_msrs(vcpu)?;
+        let fpu = regs::fpu();
         vcpu.fd()
-            .set_fpu(&regs::fpu())
+            .set_fpu(&fpu)
             .map_err(|e| Error::kvm("KVM_SET_FPU", e))?;
+        vcpu.set_mxcsr(fpu.mxcsr)?;
         interrupts::configure_lapic(vcpu)?;
         let mp_state = if index == 0 {
             vcpu.set_regs(&regs::regs(self.entry, self.protocol))?;

@@ -321,6 +321,20 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Sets the guest's MXCSR. `KVM_SET_FPU` does not carry MXCSR on every kernel (6.1 leaves
+    /// it 0), so it goes through the XSAVE area's legacy region (word 6) where XSAVE exists.
+    pub(crate) fn set_mxcsr(&self, mxcsr: u32) -> Result<()> {
+        /// MXCSR's position in the legacy FXSAVE region, in 32-bit words (byte offset 24).
+        const MXCSR_WORD: usize = 6;
+        let Some(mut words) = self.save_xsave()? else {
+            return Ok(());
+        };
+        if let Some(word) = words.get_mut(MXCSR_WORD) {
+            *word = mxcsr;
+        }
+        self.restore_xsave(&words)
+    }
+
     fn save_xsave(&self) -> Result<Option<Vec<u32>>> {
         let Some(size) = self.caps.xsave_size else {
             return Ok(None);
