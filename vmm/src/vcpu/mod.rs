@@ -141,35 +141,23 @@ impl Vcpu {
             self.exit_pending = false;
             match self.fd.run() {
                 Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => match pio.write(u64::from(port), data) {
-                        Some(WriteOutcome::Yield(value)) => {
-                            self.exit_pending = true;
-                            return Ok(VcpuEvent::Yield(value));
+                    VcpuExit::IoOut(port, data) => {
+                        let outcome = pio.write(u64::from(port), data);
+                        if let Some(event) = after_write(outcome, &mut self.exit_pending) {
+                            return Ok(event);
                         }
-                        Some(WriteOutcome::Shutdown) => {
-                            self.exit_pending = true;
-                            return Ok(VcpuEvent::Shutdown);
-                        }
-                        Some(WriteOutcome::Handled) => {}
-                        None => tracing::trace!(port, "write to unclaimed port"),
-                    },
+                    }
                     VcpuExit::IoIn(port, data) => {
                         if !pio.read(u64::from(port), data) {
                             data.fill(0xff);
                         }
                     }
-                    VcpuExit::MmioWrite(addr, data) => match mmio.write(addr, data) {
-                        Some(WriteOutcome::Yield(value)) => {
-                            self.exit_pending = true;
-                            return Ok(VcpuEvent::Yield(value));
+                    VcpuExit::MmioWrite(addr, data) => {
+                        let outcome = mmio.write(addr, data);
+                        if let Some(event) = after_write(outcome, &mut self.exit_pending) {
+                            return Ok(event);
                         }
-                        Some(WriteOutcome::Shutdown) => {
-                            self.exit_pending = true;
-                            return Ok(VcpuEvent::Shutdown);
-                        }
-                        Some(WriteOutcome::Handled) => {}
-                        None => tracing::trace!(addr, "write to unclaimed MMIO"),
-                    },
+                    }
                     VcpuExit::MmioRead(addr, data) => {
                         if !mmio.read(addr, data) {
                             data.fill(0xff);
@@ -195,4 +183,17 @@ impl Vcpu {
             }
         }
     }
+}
+
+/// What a device's answer to a guest write means for the run loop: an event for the owner
+/// (the exit then stays pending until the next `KVM_RUN`), or `None` to keep running. Writes
+/// no device claims are dropped, as on real hardware.
+fn after_write(outcome: Option<WriteOutcome>, exit_pending: &mut bool) -> Option<VcpuEvent> {
+    let event = match outcome? {
+        WriteOutcome::Handled => return None,
+        WriteOutcome::Yield(value) => VcpuEvent::Yield(value),
+        WriteOutcome::Shutdown => VcpuEvent::Shutdown,
+    };
+    *exit_pending = true;
+    Some(event)
 }

@@ -4,6 +4,8 @@
 //!   host-built page tables, GDT and TSS: how the probe guest starts, at native speed on both
 //!   hardware KVM and PVM.
 //!
+//! [`bits`] names the control-register, EFER, RFLAGS and page-table bits both use.
+//!
 //! For Linux guests (put together by [`crate::boot`]):
 //! - [`layout`]: the guest-physical memory map, ports and GSIs.
 //! - [`loader`]: loading the kernel and initramfs; `boot_params` and PVH start info.
@@ -14,6 +16,7 @@
 //! - [`acpi`]: RSDP, XSDT, FADT, MADT and DSDT.
 
 pub mod acpi;
+pub mod bits;
 pub mod cpuid;
 pub mod interrupts;
 pub mod layout;

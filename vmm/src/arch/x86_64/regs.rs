@@ -52,17 +52,11 @@ pub const DATA_SELECTOR: u16 = 3 << 3;
 /// Selector of the TSS.
 pub const TSS_SELECTOR: u16 = 4 << 3;
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_RESERVED: u64 = 1 << 1;
+use super::bits::{
+    CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, PTE_HUGE, PTE_PRESENT, PTE_WRITABLE,
+    RFLAGS_RESERVED,
+};
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
 const PAGE: u64 = 4096;
 const HUGE_PAGE: u64 = 2 << 20;
 

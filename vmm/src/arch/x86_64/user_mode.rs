@@ -12,24 +12,12 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_RESERVED: u64 = 1 << 1;
-const RFLAGS_IOPL3: u64 = 3 << 12;
+use super::bits::{
+    CR0_ET, CR0_MP, CR0_NE, CR0_PE, CR0_PG, CR0_WP, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_PAE, EFER_LMA,
+    EFER_LME, PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITABLE, RFLAGS_RESERVED,
+};
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_USER: u64 = 1 << 2;
-const PTE_HUGE: u64 = 1 << 7;
+const RFLAGS_IOPL3: u64 = 3 << 12;
 const PAGE: u64 = 4096;
 const HUGE_PAGE: u64 = 2 << 20;
 const GIB: u64 = 1 << 30;
