@@ -14,7 +14,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use capsule_agent_protocol::{ExitStatus, RunRequest};
@@ -29,10 +28,12 @@ use capsule_devices::{AcpiPm, Bus, BusDevice};
 use capsule_vmm::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
 use capsule_vmm::boot::{self, LinuxBootConfig, VirtioMmioDesc};
 use capsule_vmm::kvm_ioctls::IoEventAddress;
-use capsule_vmm::{GuestMemory, HostInfo, Kicker, Vcpu, VcpuEvent, Vm, VmOptions};
+use capsule_vmm::{GuestMemory, HostInfo, Vcpu, VcpuEvent, Vm, VmOptions};
 
 use super::agent_link::{AgentLink, LinkError};
-use super::{BootContext, Frozen, GuestEvents, Job, Resources, Runtime};
+use super::{
+    stop_vcpu_threads, BootContext, Frozen, GuestEvents, Job, Resources, Runtime, VcpuThread,
+};
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
@@ -104,7 +105,7 @@ pub(crate) struct LinuxRuntime {
     link: Arc<AgentLink>,
     console: SerialLog,
     stopping: Arc<AtomicBool>,
-    workers: Mutex<Vec<(Kicker, JoinHandle<()>)>>,
+    workers: Mutex<Vec<VcpuThread>>,
     devices: Mutex<Option<DeviceThread>>,
     boot_timeout: Duration,
 }
@@ -218,14 +219,9 @@ impl LinuxRuntime {
                 .map_err(|e| os("spawning a vCPU thread", e))?;
             workers.push((kicker, handle));
         }
-        let stop_all = |workers: Vec<(Kicker, JoinHandle<()>)>| {
+        let stop_all = |workers: Vec<VcpuThread>| {
             stopping.store(true, Ordering::SeqCst);
-            for (kicker, _) in &workers {
-                kicker.kick();
-            }
-            for (_, handle) in workers {
-                let _ = handle.join();
-            }
+            stop_vcpu_threads(workers);
         };
 
         let reader = match host_end.try_clone() {
@@ -391,15 +387,7 @@ impl Runtime for LinuxRuntime {
 
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let workers = std::mem::take(&mut *lock(&self.workers));
-        for (kicker, _) in &workers {
-            kicker.kick();
-        }
-        for (_, handle) in workers {
-            if handle.join().is_err() {
-                tracing::error!("a vCPU thread panicked");
-            }
-        }
+        stop_vcpu_threads(std::mem::take(&mut *lock(&self.workers)));
         if let Some(devices) = lock(&self.devices).take() {
             let _ = devices.stop();
         }

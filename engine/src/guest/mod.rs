@@ -203,6 +203,22 @@ pub(crate) trait Runtime: Send + Sync {
     fn shutdown(&self);
 }
 
+/// A vCPU thread and the handle that interrupts its vCPU.
+pub(crate) type VcpuThread = (Kicker, std::thread::JoinHandle<()>);
+
+/// Interrupts every vCPU and waits for its thread. The caller has already told the threads
+/// to stop (their loop sees that once kicked). Not callable from one of these threads.
+pub(crate) fn stop_vcpu_threads(threads: Vec<VcpuThread>) {
+    for (kicker, _) in &threads {
+        kicker.kick();
+    }
+    for (_, handle) in threads {
+        if handle.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
 /// One command on its way to the guest.
 pub(crate) struct Job {
     /// The command line.

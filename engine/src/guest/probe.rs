@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{select, Receiver, Sender};
@@ -19,11 +18,11 @@ use capsule_vmm::kvm_bindings::kvm_regs;
 use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmOptions;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
-use capsule_vmm::{memory, Kicker, Vcpu, VcpuEvent, Vm};
+use capsule_vmm::{memory, Vcpu, VcpuEvent, Vm};
 
 use super::{
-    BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryOrigin, Resources,
-    Runtime,
+    stop_vcpu_threads, BootContext, Frozen, GuestEvents, GuestState, Job, MachineState,
+    MemoryOrigin, Resources, Runtime, VcpuThread,
 };
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
@@ -74,7 +73,7 @@ pub(crate) struct ProbeRuntime {
     controls: Vec<Sender<Control>>,
     stop: Mutex<Option<Sender<()>>>,
     stopping: Arc<AtomicBool>,
-    workers: Mutex<Vec<(Kicker, JoinHandle<()>)>>,
+    workers: Mutex<Vec<VcpuThread>>,
     origin: MemoryOrigin,
     /// Pages written since the origin, accumulated over freezes (reading KVM's dirty log
     /// clears it, and a template snapshot must not make a later pause miss pages).
@@ -353,15 +352,7 @@ impl Runtime for ProbeRuntime {
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         lock(&self.stop).take();
-        let workers = std::mem::take(&mut *lock(&self.workers));
-        for (kicker, _) in &workers {
-            kicker.kick();
-        }
-        for (_, handle) in workers {
-            if handle.join().is_err() {
-                tracing::error!("a vCPU thread panicked");
-            }
-        }
+        stop_vcpu_threads(std::mem::take(&mut *lock(&self.workers)));
     }
 }
 
