@@ -271,6 +271,12 @@ impl Engine {
     /// destroy them first), [`Error::TemplateNotFound`], [`Error::InvalidArgument`] for a
     /// built-in or malformed name.
     pub fn delete_template(&self, name: &str) -> Result<()> {
+        // Pre-built shells map the template's memory: let them go first.
+        if let Some(template) = self.inner.templates.get(name)? {
+            self.inner
+                .shells
+                .forget_backing(crate::pool::BackingId::of(&template.base)?);
+        }
         self.inner.templates.delete(name)
     }
 

@@ -30,7 +30,7 @@ use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
-use crate::pool::Shell;
+use crate::pool::{BackingId, Shell};
 use crate::store::CapsuleMeta;
 
 /// Most layers a capsule's memory chain may have before it is merged (Wrenn merges after 8
@@ -330,6 +330,35 @@ fn check(state: SnapshotState) -> Result<SnapshotState> {
 /// shell's anonymous memory, newer layers overlaid, inline pages written (the VMM's dirty
 /// bitmap then records them, so the next snapshot carries them forward).
 pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
+    let memory = shell.vm.memory();
+    // A shell pre-built for this template already maps its base layer.
+    let premapped = match (&image.base, shell.backing) {
+        (Some(file), Some(id)) => BackingId::of(file)? == id,
+        _ => false,
+    };
+    if !premapped {
+        map_base(shell, image)?;
+    }
+    if image.chain.layers.len() > 1 {
+        let (addr, len) = memory::host_range(memory)?;
+        // SAFETY: [addr, addr + len) is the shell's memory region, mapped from the base layer
+        // and used by nobody else yet (a shell's vCPUs have never run).
+        unsafe { overlay_layers(addr, len, &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
+            .map_err(snap)?;
+    }
+    for patch in &image.patch {
+        memory
+            .write_slice(
+                &patch.data,
+                GuestAddress(patch.page * capsule_snapshot::PAGE_SIZE),
+            )
+            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
+    }
+    Ok(())
+}
+
+/// Maps the image's base layer over the shell's memory.
+fn map_base(shell: &Shell, image: &MemoryImage) -> Result<()> {
     let base = match &image.base {
         Some(file) => file
             .try_clone()
@@ -345,28 +374,11 @@ pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
             fs::File::open(&path).map_err(io("opening a memory layer", &path))?
         }
     };
-    let memory = shell.vm.memory();
     // SAFETY: a shell's vCPUs have never run and the shell is ours alone until it is handed
     // to a runtime, so nothing reads or maps its memory meanwhile.
-    unsafe { memory::replace_with_private_file(memory, &base) }.map_err(|e| {
+    unsafe { memory::replace_with_private_file(shell.vm.memory(), &base) }.map_err(|e| {
         Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
             reason: e.to_string(),
         })
-    })?;
-    if image.chain.layers.len() > 1 {
-        let (addr, len) = memory::host_range(memory)?;
-        // SAFETY: [addr, addr + len) is the shell's memory region, just re-mapped from the
-        // base layer and used by nobody else yet (as above).
-        unsafe { overlay_layers(addr, len, &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
-            .map_err(snap)?;
-    }
-    for patch in &image.patch {
-        memory
-            .write_slice(
-                &patch.data,
-                GuestAddress(patch.page * capsule_snapshot::PAGE_SIZE),
-            )
-            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
-    }
-    Ok(())
+    })
 }

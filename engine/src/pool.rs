@@ -14,6 +14,8 @@
 //! on the spot.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -26,6 +28,28 @@ use crate::error::{Error, Result};
 /// Most distinct shapes kept warm at once; the least recently asked for is dropped.
 const MAX_SHAPES: usize = 4;
 
+/// Identifies a memory file (a template's base layer) by device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct BackingId {
+    dev: u64,
+    ino: u64,
+}
+
+impl BackingId {
+    /// The id of an open file.
+    pub(crate) fn of(file: &File) -> Result<BackingId> {
+        let meta = file.metadata().map_err(|source| Error::Io {
+            op: "reading a memory layer's metadata",
+            path: std::path::PathBuf::new(),
+            source,
+        })?;
+        Ok(BackingId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
 /// What a shell looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ShellShape {
@@ -33,6 +57,9 @@ pub(crate) struct ShellShape {
     pub(crate) vcpus: u32,
     pub(crate) dirty_log: bool,
     pub(crate) irqchip: bool,
+    /// Memory already mapped copy-on-write from this file (a template's base layer) instead
+    /// of anonymous: a capsule from that template then needs no re-mapping at all.
+    pub(crate) backing: Option<BackingId>,
 }
 
 impl ShellShape {
@@ -48,25 +75,47 @@ impl ShellShape {
 pub(crate) struct Shell {
     pub(crate) vm: Vm,
     pub(crate) vcpus: Vec<Vcpu>,
+    /// The file its memory is mapped from, if not anonymous.
+    pub(crate) backing: Option<BackingId>,
 }
 
 impl Shell {
-    /// Builds a shell now.
-    pub(crate) fn build(hypervisor: &Hypervisor, shape: ShellShape) -> Result<Shell> {
+    /// Builds a shell now; `backing` must be the file `shape.backing` names.
+    pub(crate) fn build(
+        hypervisor: &Hypervisor,
+        shape: ShellShape,
+        backing: Option<&File>,
+    ) -> Result<Shell> {
         let size = usize::try_from(shape.memory_mb << 20)
             .map_err(|_| Error::InvalidConfig("memory size too large".into()))?;
-        let memory = memory::create_anonymous(size)?;
+        let memory = match (shape.backing, backing) {
+            (Some(_), Some(file)) => {
+                let file = file.try_clone().map_err(|source| Error::Io {
+                    op: "opening a memory layer",
+                    path: std::path::PathBuf::new(),
+                    source,
+                })?;
+                memory::map_private_file(file, size)?
+            }
+            _ => memory::create_anonymous(size)?,
+        };
         let vm = Vm::new(hypervisor, memory, shape.options())?;
         let vcpus = (0..shape.vcpus)
             .map(|index| vm.create_vcpu(index))
             .collect::<capsule_vmm::Result<Vec<_>>>()?;
-        Ok(Shell { vm, vcpus })
+        Ok(Shell {
+            vm,
+            vcpus,
+            backing: shape.backing.filter(|_| backing.is_some()),
+        })
     }
 }
 
 #[derive(Default)]
 struct PoolState {
     ready: HashMap<ShellShape, Vec<Shell>>,
+    /// The files that backed shapes map, by id.
+    files: HashMap<BackingId, Arc<File>>,
     /// Shapes asked for, with a use counter for eviction.
     wanted: HashMap<ShellShape, u64>,
     uses: u64,
@@ -114,7 +163,14 @@ impl PoolShared {
                     state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            match Shell::build(&self.hypervisor, shape) {
+            let file = shape
+                .backing
+                .and_then(|id| self.state().files.get(&id).cloned());
+            if shape.backing.is_some() && file.is_none() {
+                self.state().wanted.remove(&shape);
+                continue;
+            }
+            match Shell::build(&self.hypervisor, shape, file.as_deref()) {
                 Ok(shell) => {
                     let mut state = self.state();
                     if state.wanted.contains_key(&shape) {
@@ -163,11 +219,22 @@ impl ShellPool {
         })
     }
 
-    /// A shell of `shape`: a pre-created one if ready, else one built now. Either way the
-    /// pool then makes (more) shells of this shape ready for next time.
-    pub(crate) fn take(&self, shape: ShellShape) -> Result<Shell> {
+    /// A shell of `shape` (whose memory maps `backing` when `shape.backing` names it): a
+    /// pre-created one if ready, else one built now. Either way the pool then makes (more)
+    /// shells of this shape ready for next time.
+    pub(crate) fn take(&self, shape: ShellShape, backing: Option<&File>) -> Result<Shell> {
         let ready = {
             let mut state = self.shared.state();
+            if let (Some(id), Some(file)) = (shape.backing, backing) {
+                if !state.files.contains_key(&id) {
+                    let file = file.try_clone().map_err(|source| Error::Io {
+                        op: "opening a memory layer",
+                        path: std::path::PathBuf::new(),
+                        source,
+                    })?;
+                    state.files.insert(id, Arc::new(file));
+                }
+            }
             state.uses += 1;
             let uses = state.uses;
             if self.shared.target > 0 {
@@ -181,6 +248,7 @@ impl ShellPool {
                     if let Some(oldest) = oldest {
                         state.wanted.remove(&oldest);
                         state.ready.remove(&oldest);
+                        state.forget_unused_files();
                     }
                 }
                 self.shared.wake.notify_one();
@@ -189,8 +257,26 @@ impl ShellPool {
         };
         match ready {
             Some(shell) => Ok(shell),
-            None => Shell::build(&self.shared.hypervisor, shape),
+            None => Shell::build(&self.shared.hypervisor, shape, backing),
         }
+    }
+
+    /// Drops every shell mapping the file `id` and stops making them (its template is being
+    /// deleted).
+    pub(crate) fn forget_backing(&self, id: BackingId) {
+        let mut state = self.shared.state();
+        state.wanted.retain(|shape, _| shape.backing != Some(id));
+        state.ready.retain(|shape, _| shape.backing != Some(id));
+        state.files.remove(&id);
+    }
+}
+
+impl PoolState {
+    /// Closes files no wanted shape maps any more.
+    fn forget_unused_files(&mut self) {
+        let wanted = &self.wanted;
+        self.files
+            .retain(|id, _| wanted.keys().any(|shape| shape.backing == Some(*id)));
     }
 }
 

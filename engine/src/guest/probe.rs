@@ -28,7 +28,7 @@ use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
 use crate::persist::{self, MemoryImage};
-use crate::pool::ShellShape;
+use crate::pool::{BackingId, ShellShape};
 
 /// The template name of the probe.
 pub(crate) const TEMPLATE: &str = "probe";
@@ -92,7 +92,7 @@ impl ProbeRuntime {
     /// Builds the VM, starts one thread per vCPU and waits until every vCPU is ready.
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         let mem_size = ctx.config.memory_mb << 20;
-        let shell = ctx.shells.take(shell_shape(&ctx))?;
+        let shell = ctx.shells.take(shell_shape(&ctx, None), None)?;
         let memory = shell.vm.memory();
         user_mode::write_tables(memory, &LAYOUT, mem_size)?;
         memory
@@ -122,7 +122,14 @@ impl ProbeRuntime {
                 ctx.config.vcpus
             )));
         }
-        let shell = ctx.shells.take(shell_shape(&ctx))?;
+        // A template's capsules get shells whose memory already maps its base layer.
+        let backing = match &image.base {
+            Some(file) => Some(BackingId::of(file)?),
+            None => None,
+        };
+        let shell = ctx
+            .shells
+            .take(shell_shape(&ctx, backing), image.base.as_ref())?;
         persist::apply_memory(&shell, image)?;
         shell.vm.restore_state(&machine.vm)?;
         let mut vcpus = Vec::with_capacity(shell.vcpus.len());
@@ -262,13 +269,14 @@ fn vm_options() -> VmOptions {
     }
 }
 
-fn shell_shape(ctx: &BootContext) -> ShellShape {
+fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
     let options = vm_options();
     ShellShape {
         memory_mb: ctx.config.memory_mb,
         vcpus: ctx.config.vcpus,
         dirty_log: options.dirty_log,
         irqchip: options.irqchip,
+        backing,
     }
 }
 
