@@ -226,13 +226,13 @@ impl ShellPool {
         let ready = {
             let mut state = self.shared.state();
             if let (Some(id), Some(file)) = (shape.backing, backing) {
-                if !state.files.contains_key(&id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
                     let file = file.try_clone().map_err(|source| Error::Io {
                         op: "opening a memory layer",
                         path: std::path::PathBuf::new(),
                         source,
                     })?;
-                    state.files.insert(id, Arc::new(file));
+                    slot.insert(Arc::new(file));
                 }
             }
             state.uses += 1;
