@@ -57,7 +57,9 @@ fn minimal() -> CapsuleConfig {
 
 #[test]
 fn a_host_that_cannot_boot_linux_refuses_at_once() {
-    let Some((engine, _dir)) = common::engine() else { return };
+    let Some((engine, _dir)) = common::engine() else {
+        return;
+    };
     if engine.host().can_boot_linux() {
         return; // covered by the tests below
     }
@@ -72,7 +74,9 @@ fn a_host_that_cannot_boot_linux_refuses_at_once() {
 
 #[test]
 fn boots_and_runs_commands() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let started = Instant::now();
     let c = engine.create(minimal()).unwrap();
     eprintln!("minimal booted to ready in {:?}", started.elapsed());
@@ -80,7 +84,10 @@ fn boots_and_runs_commands() {
     let run = |cmd: &str| c.commands().run(cmd).unwrap();
 
     let out = run("echo hello from linux");
-    assert_eq!((out.stdout.as_str(), out.exit_code), ("hello from linux\n", 0));
+    assert_eq!(
+        (out.stdout.as_str(), out.exit_code),
+        ("hello from linux\n", 0)
+    );
     let release = run("uname -r").stdout;
     assert!(release.trim().ends_with("cloud-amd64"), "{release}");
     assert_eq!(run("exit 7").exit_code, 7);
@@ -88,8 +95,13 @@ fn boots_and_runs_commands() {
     assert_eq!(missing.exit_code, 127);
     assert!(!missing.stderr.is_empty());
 
-    let opts = RunOptions::default().env("GREETING", "hi there").cwd("/tmp");
-    let out = c.commands().run_with("echo \"$GREETING\"; pwd", opts).unwrap();
+    let opts = RunOptions::default()
+        .env("GREETING", "hi there")
+        .cwd("/tmp");
+    let out = c
+        .commands()
+        .run_with("echo \"$GREETING\"; pwd", opts)
+        .unwrap();
     assert_eq!(out.stdout, "hi there\n/tmp\n");
 
     let big = run("head -c 1048576 /dev/zero | tr '\\0' x");
@@ -97,13 +109,18 @@ fn boots_and_runs_commands() {
     assert!(big.stdout.bytes().all(|b| b == b'x'));
 
     let console = c.console_log();
-    assert!(console.contains("capsule-agent: ready"), "the console is kept: {console}");
+    assert!(
+        console.contains("capsule-agent: ready"),
+        "the console is kept: {console}"
+    );
     c.destroy().unwrap();
 }
 
 #[test]
 fn a_timeout_kills_the_command_and_its_children() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let c = engine.create(minimal()).unwrap();
     let started = Instant::now();
     let result = c.commands().run_with(
@@ -115,15 +132,23 @@ fn a_timeout_kills_the_command_and_its_children() {
     let child = c.commands().run("cat /tmp/child").unwrap().stdout;
     let alive = c
         .commands()
-        .run(&format!("kill -0 {} 2>/dev/null && echo alive || echo gone", child.trim()))
+        .run(&format!(
+            "kill -0 {} 2>/dev/null && echo alive || echo gone",
+            child.trim()
+        ))
         .unwrap();
-    assert_eq!(alive.stdout, "gone\n", "the background child died with the group");
+    assert_eq!(
+        alive.stdout, "gone\n",
+        "the background child died with the group"
+    );
     assert_eq!(c.commands().run("echo still usable").unwrap().exit_code, 0);
 }
 
 #[test]
 fn eight_commands_at_once_and_four_capsules() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let capsules: Vec<_> = (0..4)
         .map(|_| {
             let engine = engine.clone();
@@ -142,7 +167,10 @@ fn eight_commands_at_once_and_four_capsules() {
     for (i, t) in threads.into_iter().enumerate() {
         assert_eq!(t.join().unwrap().stdout, format!("{i}\n"));
     }
-    assert!(started.elapsed() < Duration::from_secs(6), "they ran concurrently");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "they ran concurrently"
+    );
     for (i, other) in capsules.iter().enumerate() {
         let out = other.commands().run(&format!("echo capsule {i}")).unwrap();
         assert_eq!(out.stdout, format!("capsule {i}\n"));
@@ -151,24 +179,32 @@ fn eight_commands_at_once_and_four_capsules() {
 
 #[test]
 fn poweroff_stops_the_capsule() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let c = engine.create(minimal()).unwrap();
-    let _ = c
-        .commands()
-        .run_with("poweroff -f", RunOptions::with_timeout(Duration::from_secs(10)));
+    let _ = c.commands().run_with(
+        "poweroff -f",
+        RunOptions::with_timeout(Duration::from_secs(10)),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.status() == Status::Running && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(c.status(), Status::Stopped);
     assert_eq!(c.info().error, None);
-    assert!(matches!(c.commands().run("true"), Err(Error::InvalidState { .. })));
+    assert!(matches!(
+        c.commands().run("true"),
+        Err(Error::InvalidState { .. })
+    ));
     c.destroy().unwrap();
 }
 
 #[test]
 fn a_guest_panic_is_reported_with_the_console_tail_and_the_engine_carries_on() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let bystander = engine.create(minimal()).unwrap();
     let c = engine.create(minimal()).unwrap();
     let _ = c.commands().run_with(
@@ -189,13 +225,21 @@ fn a_guest_panic_is_reported_with_the_console_tail_and_the_engine_carries_on() {
         assert!(info.error.unwrap().contains("panic"));
     }
     let console = c.console_log();
-    assert!(console.contains("Kernel panic"), "the console tail is kept: {console}");
-    assert_eq!(bystander.commands().run("echo fine").unwrap().stdout, "fine\n");
+    assert!(
+        console.contains("Kernel panic"),
+        "the console tail is kept: {console}"
+    );
+    assert_eq!(
+        bystander.commands().run("echo fine").unwrap().stdout,
+        "fine\n"
+    );
 }
 
 #[test]
 fn destroy_while_a_command_runs() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let c = engine.create(minimal()).unwrap();
     let runner = {
         let c = c.clone();
@@ -209,7 +253,9 @@ fn destroy_while_a_command_runs() {
 
 #[test]
 fn pausing_a_linux_capsule_is_refused_cleanly() {
-    let Some((engine, _dir)) = linux_engine() else { return };
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
     let c = engine.create(minimal()).unwrap();
     assert!(matches!(c.pause(), Err(Error::Unsupported(_))));
     assert!(c.is_running());
