@@ -117,6 +117,10 @@ fn main() -> Result<()> {
     };
     if let Some(q) = &qemu {
         println!("linux-report: QEMU: {}", q.describe());
+        eprintln!(
+            "linux-report: QEMU process start and exit alone (`-version`, median of 3): {:.0} ms",
+            q.version_ms(3)
+        );
     }
     println!(
         "linux-report: {boots} boots each (plus one warm-up), alternating capsule and QEMU; \
@@ -162,7 +166,9 @@ fn main() -> Result<()> {
     }
 
     phase(format!("exec: capsule boot, then {execs} runs of `true`"));
+    let t = Instant::now();
     let capsule = engine.create(config.clone())?;
+    print_boot_breakdown(&capsule, t.elapsed());
     let exec = exec_roundtrips(&capsule, execs).map_err(|e| {
         let info = capsule.info();
         format!(
@@ -245,6 +251,50 @@ fn qemu_boot(qemu: &mut Option<Qemu>, samples: Option<&mut Vec<f64>>) {
     }
 }
 
+/// Splits one capsule boot (`took`, host clock) by the guest's clock (stderr): the kvm-clock
+/// offset the kernel found at its clock's start (time since the vCPU was created: host set-up
+/// after it, the bzImage's decompression), the kernel's uptime at `/init`, and its uptime when
+/// the first command after `Hello` ran. The rest is host-side (before the vCPU existed, and
+/// after `Hello`).
+fn print_boot_breakdown(capsule: &capsule::Capsule, took: Duration) {
+    let run = |cmd: &str| {
+        capsule
+            .commands()
+            .run(cmd)
+            .map(|o| o.stdout)
+            .unwrap_or_default()
+    };
+    let uptime: Option<f64> = run("cat /proc/uptime")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok());
+    let dmesg = run("dmesg");
+    let stamp = |needle: &str| {
+        dmesg.lines().find(|l| l.contains(needle)).and_then(|l| {
+            let (_, rest) = l.split_once('[')?;
+            let (t, _) = rest.split_once(']')?;
+            t.trim().parse::<f64>().ok()
+        })
+    };
+    // `kvm-clock: using sched offset of N cycles`: N is in nanoseconds of kvm-clock.
+    let offset = dmesg
+        .lines()
+        .find_map(|l| l.split_once("using sched offset of "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ns| ns / 1e9);
+    let ms = |s: Option<f64>| s.map_or("?".to_string(), |s| format!("{:.0} ms", s * 1e3));
+    eprintln!(
+        "linux-report: a capsule boot of {:.0} ms by the guest's clock: before the kernel's \
+         clock (decompression, early set-up) {}, kernel to /init {}, uptime at the first command \
+         {}; host-side rest {}",
+        took.as_secs_f64() * 1e3,
+        ms(offset),
+        ms(stamp("Run /init as init process")),
+        ms(uptime),
+        ms(offset.zip(uptime).map(|(o, u)| took.as_secs_f64() - o - u))
+    );
+}
+
 /// Prints the guest's kernel log and uptime (stderr): where the first boot's time went.
 fn print_guest_diagnostics(capsule: &capsule::Capsule) {
     for cmd in ["cat /proc/uptime", "dmesg"] {
@@ -285,6 +335,8 @@ fn env_num(name: &str, default: usize) -> Result<usize> {
 struct Qemu {
     program: String,
     args: Vec<String>,
+    /// How many of `args` come from `CAPSULE_QEMU` (the loader's options, `-L`).
+    prefix_len: usize,
 }
 
 impl Qemu {
@@ -354,7 +406,26 @@ impl Qemu {
         Ok(Qemu {
             program: program.clone(),
             args,
+            prefix_len: prefix.len(),
         })
+    }
+
+    /// Median milliseconds of `n` runs of `QEMU -version`: loading QEMU and its libraries.
+    fn version_ms(&self, n: usize) -> f64 {
+        let prefix = &self.args[..self.prefix_len];
+        let mut samples: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = Command::new(&self.program)
+                    .args(prefix)
+                    .arg("-version")
+                    .stdin(Stdio::null())
+                    .output();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        samples.sort_by(|a, b| a.total_cmp(b));
+        samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
     fn describe(&self) -> String {
