@@ -121,6 +121,12 @@ pub use crate::status::{CapsuleInfo, Status};
 pub use crate::template::TemplateInfo;
 pub use capsule_vmm::{HostInfo, Virtualization};
 
+/// The kernel command line Linux capsules (the `"minimal"` template) boot with: console on
+/// the UART (`ttyS0`), the agent's channel on the virtio-console (`/dev/hvc0`), and
+/// `capsule.ready` so that the agent prints `capsule-agent: ready` on the console once its
+/// `Hello` is sent.
+pub const LINUX_KERNEL_CMDLINE: &str = guest::linux::CMDLINE;
+
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {

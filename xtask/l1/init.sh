@@ -1,7 +1,8 @@
 #!/bin/sh
 # /init of the L1 VM booted by `cargo xtask nested-test` (see xtask/README.md).
-# Loads KVM (nested SVM under QEMU TCG), runs every test binary in /nested/tests, prints
-# NESTED-* marker lines that the xtask parses, and ends the VM with an exit code through
+# Loads KVM (nested SVM under QEMU TCG), runs every test binary in /nested/tests, then
+# /nested/linux-report when packed (`--linux-report`: JSON metric lines), prints NESTED-* marker
+# lines that the xtask parses, and ends the VM with an exit code through
 # QEMU's isa-debug-exit device: 0 all tests passed, 1 a test binary failed, 2 L1 set-up failed.
 export PATH=/bin
 
@@ -58,4 +59,12 @@ while IFS= read -r name; do
     echo "NESTED-TEST-END $name rc=$rc"
     [ "$rc" -eq 0 ] || failed=1
 done < /nested/tests.list
+
+if [ -x /nested/linux-report ]; then
+    echo "NESTED-REPORT-BEGIN"
+    /nested/linux-report </dev/null 2>&1
+    rc=$?
+    echo "NESTED-REPORT-END rc=$rc"
+    [ "$rc" -eq 0 ] || failed=1
+fi
 finish "$failed"

@@ -6,6 +6,7 @@
 //! - `/nested/modules/*.ko` and `/nested/modules.list` (load order);
 //! - `/nested/tests/<package>.<target>` and `/nested/tests.list` (run order);
 //! - `/nested/host-report` (the `quickstart` example: prints `engine.host()`);
+//! - `/nested/linux-report` (`--linux-report`: the `capsule-benches` binary `linux-report`);
 //! - `/nested/args` (libtest arguments, one per line), `/nested/config.sh`;
 //! - `/nested/extra/<dest>`: extra files; tests find the directory in `$CAPSULE_NESTED_EXTRA`.
 
@@ -48,6 +49,8 @@ pub struct Contents {
     pub extra: Vec<Extra>,
     pub args: Vec<String>,
     pub test_threads: u32,
+    /// The `linux-report` binary and its environment in L1 (`NAME`, value).
+    pub linux_report: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 /// Writes `contents` as a gzip-compressed newc cpio to `output`; `stage` holds stripped
@@ -146,7 +149,25 @@ fn write_cpio<W: Write>(contents: &Contents, stage: &Path, out: W) -> Result<()>
     }
     cpio.file("/nested/args", 0o644, args.as_bytes())
         .map_err(io)?;
-    let config = format!("TEST_THREADS={}\n", contents.test_threads);
+    let mut config = format!("TEST_THREADS={}\n", contents.test_threads);
+    if let Some((report, env)) = &contents.linux_report {
+        let packed = stripped(report, &stage.join("linux-report"))?;
+        cpio.file_from("/nested/linux-report", 0o755, &packed)
+            .map_err(io)?;
+        let mut exports = Vec::new();
+        for (name, value) in env {
+            if value.contains(['\'', '\n'])
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(Error::msg(format!("cannot pass {name}={value:?} to L1")));
+            }
+            config.push_str(&format!("{name}='{value}'\n"));
+            exports.push(name.as_str());
+        }
+        if !exports.is_empty() {
+            config.push_str(&format!("export {}\n", exports.join(" ")));
+        }
+    }
     cpio.file("/nested/config.sh", 0o644, config.as_bytes())
         .map_err(io)?;
 
@@ -243,6 +264,8 @@ mod tests {
             "NESTED-TEST-END",
             "NESTED-DONE",
             "NESTED-ERROR",
+            "NESTED-REPORT-BEGIN",
+            "NESTED-REPORT-END",
         ] {
             assert!(INIT.contains(marker), "{marker}");
         }

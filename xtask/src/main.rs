@@ -9,6 +9,7 @@ mod binaries;
 mod cpio;
 mod initramfs;
 mod kernel;
+mod l2qemu;
 mod minimal;
 mod qemu;
 mod report;
@@ -41,6 +42,11 @@ options:
   --extra SRC[=DEST]    copy host file SRC into L1 at /nested/extra/DEST (repeatable;
                         also env CAPSULE_NESTED_EXTRA_FILES and xtask/nested-files.txt)
   --extra-test PATH     also run this static test executable in L1 (repeatable)
+  --linux-report        after the tests, run benches' linux-report in L1: Linux capsule boot
+                        vs QEMU microvm (packed into L1) and the exec round trip, as JSON
+                        lines, repeated in the summary
+  --report-only         run linux-report and no tests (implies --linux-report)
+  --report-boots N      boots of each kind in linux-report (default 5)
   --no-install          fail instead of installing missing tools
   --pack-only           build target/nested/l1.cpio.gz and stop (no boot)
   -h, --help            this text";
@@ -67,6 +73,9 @@ struct Options {
     extra_tests: Vec<PathBuf>,
     install: bool,
     pack_only: bool,
+    linux_report: bool,
+    report_only: bool,
+    report_boots: u32,
     libtest_args: Vec<String>,
 }
 
@@ -170,6 +179,9 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         extra_tests: Vec::new(),
         install: true,
         pack_only: false,
+        linux_report: false,
+        report_only: false,
+        report_boots: 5,
         libtest_args: Vec::new(),
     };
     if let Ok(list) = std::env::var("CAPSULE_NESTED_EXTRA_FILES") {
@@ -199,6 +211,12 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--extra-test" => o.extra_tests.push(PathBuf::from(value(arg)?)),
             "--no-install" => o.install = false,
             "--pack-only" => o.pack_only = true,
+            "--linux-report" => o.linux_report = true,
+            "--report-only" => {
+                o.linux_report = true;
+                o.report_only = true;
+            }
+            "--report-boots" => o.report_boots = parse_num(arg, &value(arg)?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -213,8 +231,10 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
     if o.packages.is_empty() {
         o.packages = DEFAULT_PACKAGES.iter().map(|p| p.to_string()).collect();
     }
-    if o.test_threads == 0 || o.smp == 0 {
-        return Err(Error::msg("--test-threads and --smp must be at least 1"));
+    if o.test_threads == 0 || o.smp == 0 || o.report_boots == 0 {
+        return Err(Error::msg(
+            "--test-threads, --smp and --report-boots must be at least 1",
+        ));
     }
     Ok(Some(o))
 }
@@ -372,12 +392,60 @@ fn nested_test(o: &Options) -> Result<bool> {
             )));
         }
     }
+    // linux-report: the binary, and QEMU with its libraries and firmware as extra files.
+    let linux_report = if o.linux_report {
+        let qemu_cmd = match l2qemu::extras() {
+            Ok(files) => {
+                let cmd = l2qemu::command_in_l1(&files)?;
+                extra.extend(files);
+                cmd
+            }
+            Err(e) => {
+                println!("xtask: WARNING: QEMU not packed for linux-report ({e}); it will say so");
+                "qemu-system-x86_64".to_string()
+            }
+        };
+        let mut env = vec![
+            ("CAPSULE_QEMU".to_string(), qemu_cmd),
+            (
+                "CAPSULE_LINUX_REPORT_BOOTS".to_string(),
+                o.report_boots.to_string(),
+            ),
+        ];
+        // Passed through from the host when set (see benches/src/bin/linux-report.rs).
+        for name in [
+            "CAPSULE_LINUX_REPORT_EXECS",
+            "CAPSULE_LINUX_REPORT_DMESG",
+            "CAPSULE_QEMU_MACHINE",
+        ] {
+            if let Ok(value) = std::env::var(name) {
+                env.push((name.to_string(), value));
+            }
+        }
+        Some(env)
+    } else {
+        None
+    };
     println!("xtask: [3/5] static test binaries ({})", setup::MUSL_TARGET);
-    let mut tests = binaries::build_tests(&workspace, &o.packages)?;
+    let mut tests = if o.report_only {
+        Vec::new()
+    } else {
+        binaries::build_tests(&workspace, &o.packages)?
+    };
+    let linux_report = match linux_report {
+        Some(env) => {
+            let binary = binaries::build_binary(&workspace, "capsule-benches", "linux-report")?;
+            println!("xtask:   linux-report  <-  {}", binary.display());
+            Some((binary, env))
+        }
+        None => None,
+    };
     let host_report = binaries::build_example(&workspace, HOST_REPORT.0, HOST_REPORT.1)?;
     let exit_helper = binaries::build_exit_helper(&workspace.join("xtask/l1/exit.rs"), &cache)?;
-    tests.extend(manifest_tests);
-    for path in &o.extra_tests {
+    if !o.report_only {
+        tests.extend(manifest_tests);
+    }
+    for path in o.extra_tests.iter().filter(|_| !o.report_only) {
         tests.push(binaries::TestBinary {
             name: format!(
                 "extra.{}",
@@ -399,12 +467,19 @@ fn nested_test(o: &Options) -> Result<bool> {
         }
         println!("xtask:   {}  <-  {}", test.name, test.path.display());
     }
-    for e in &extra {
+    let qemu_libs = extra
+        .iter()
+        .filter(|e| e.dest.starts_with("qemu/lib/"))
+        .count();
+    for e in extra.iter().filter(|e| !e.dest.starts_with("qemu/lib/")) {
         println!(
             "xtask:   extra /nested/extra/{}  <-  {}",
             e.dest,
             e.source.display()
         );
+    }
+    if qemu_libs > 0 {
+        println!("xtask:   extra /nested/extra/qemu/lib/: QEMU's {qemu_libs} shared libraries and its loader (from ldd)");
     }
 
     let mut libtest_args = Vec::new();
@@ -427,6 +502,7 @@ fn nested_test(o: &Options) -> Result<bool> {
         extra,
         args: libtest_args.clone(),
         test_threads: o.test_threads,
+        linux_report,
     };
     let size = initramfs::pack(&contents, &cache.join("stage"), &initrd)?;
     println!(
@@ -457,11 +533,17 @@ fn nested_test(o: &Options) -> Result<bool> {
         },
         &log,
     )?;
-    Ok(summarize(&outcome, prepared, started.elapsed(), &log))
+    Ok(summarize(o, &outcome, prepared, started.elapsed(), &log))
 }
 
 /// Prints the summary and the final `N passed, M failed, K skipped` line; true on success.
-fn summarize(outcome: &qemu::Outcome, prepared: Duration, total: Duration, log: &Path) -> bool {
+fn summarize(
+    o: &Options,
+    outcome: &qemu::Outcome,
+    prepared: Duration,
+    total: Duration,
+    log: &Path,
+) -> bool {
     let r = &outcome.report;
     let secs = |d: Option<Duration>| {
         d.map(|d| format!("{:.1} s", d.as_secs_f64()))
@@ -542,8 +624,14 @@ fn summarize(outcome: &qemu::Outcome, prepared: Duration, total: Duration, log: 
     if totals.failed > 0 {
         problems.push(format!("{} test(s) failed", totals.failed));
     }
-    if r.kvm_ready_at.is_some() && totals.passed + totals.failed == 0 {
+    if !o.report_only && r.kvm_ready_at.is_some() && totals.passed + totals.failed == 0 {
         problems.push("no test ran (check the filter)".to_string());
+    }
+    if o.linux_report {
+        problems.extend(summarize_linux_report(
+            &r.linux_report,
+            r.kvm_ready_at.is_some(),
+        ));
     }
     for p in &problems {
         println!("xtask: FAILURE: {p}");
@@ -553,6 +641,45 @@ fn summarize(outcome: &qemu::Outcome, prepared: Duration, total: Duration, log: 
         totals.passed, totals.failed, totals.ignored
     );
     problems.is_empty()
+}
+
+/// Prints linux-report's JSON lines (unprefixed, so `grep '^{"metric"'` finds them) and
+/// notes; returns its problems.
+fn summarize_linux_report(lr: &report::LinuxReport, kvm_ready: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    println!(
+        "xtask: linux-report (Linux capsule vs QEMU microvm, same L1 run; {}):",
+        lr.elapsed.map_or("unfinished".to_string(), |d| format!(
+            "{:.1} s",
+            d.as_secs_f64()
+        ))
+    );
+    for line in &lr.metrics {
+        println!("{line}");
+    }
+    for note in &lr.notes {
+        println!("xtask:   {note}");
+    }
+    if !kvm_ready {
+        return problems;
+    }
+    match lr.exit_code {
+        None if lr.started => problems.push("linux-report did not finish".to_string()),
+        None => problems.push("linux-report did not run".to_string()),
+        Some(0) => {}
+        Some(code) => problems.push(format!("linux-report failed (exit {code})")),
+    }
+    let skipped = lr.notes.iter().any(|n| n.contains("SKIPPED"));
+    if lr.exit_code == Some(0)
+        && !skipped
+        && !lr
+            .metrics
+            .iter()
+            .any(|m| m.contains("\"linux_boot_to_ready\""))
+    {
+        problems.push("linux-report printed no linux_boot_to_ready".to_string());
+    }
+    problems
 }
 
 #[cfg(test)]

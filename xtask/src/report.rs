@@ -1,5 +1,6 @@
 //! Follows the L1 serial console: the `NESTED-*` markers printed by `/init` and libtest's
-//! `test result:` lines, into per-binary and total counts.
+//! `test result:` lines, into per-binary and total counts; and the `linux-report` run's JSON
+//! metric lines (`{"metric": ...}`) and notes.
 
 use std::time::Duration;
 
@@ -66,6 +67,22 @@ pub struct Report {
     current_started: Option<Duration>,
     /// `/init`'s overall code from `NESTED-DONE rc=N`.
     pub done: Option<i32>,
+    /// `linux-report` (`--linux-report`): started, its exit status, its JSON lines, and its
+    /// `linux-report: ...` lines that say what was not measured or why.
+    pub linux_report: LinuxReport,
+}
+
+/// What the console told of the `linux-report` run.
+#[derive(Debug, Default)]
+pub struct LinuxReport {
+    pub started: bool,
+    pub exit_code: Option<i32>,
+    pub elapsed: Option<Duration>,
+    started_at: Option<Duration>,
+    /// `{"metric": ...}` lines, verbatim.
+    pub metrics: Vec<String>,
+    /// `linux-report: SKIPPED ...` and `linux-report: QEMU microvm not measured: ...`.
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -73,11 +90,17 @@ impl Report {
     pub fn line(&mut self, line: &str, at: Duration) {
         // A marker may follow output that did not end its line (firmware, a test binary).
         let line = line.trim_end();
-        let line = ["NESTED-", "host KVM: ", "test result: "]
-            .iter()
-            .filter_map(|m| line.find(m))
-            .min()
-            .map_or(line, |at| &line[at..]);
+        let line = [
+            "NESTED-",
+            "host KVM: ",
+            "test result: ",
+            "{\"metric\"",
+            "linux-report: ",
+        ]
+        .iter()
+        .filter_map(|m| line.find(m))
+        .min()
+        .map_or(line, |at| &line[at..]);
         if let Some(rest) = line.strip_prefix("NESTED-INIT ") {
             self.init_at = Some(at);
             self.kernel = Some(rest.to_string());
@@ -106,6 +129,21 @@ impl Report {
                 run.exit_code = Some(code);
                 run.elapsed = started.map(|s| at.saturating_sub(s));
             }
+        } else if line == "NESTED-REPORT-BEGIN" {
+            self.linux_report.started = true;
+            self.linux_report.started_at = Some(at);
+        } else if let Some(rest) = line.strip_prefix("NESTED-REPORT-END rc=") {
+            let r = &mut self.linux_report;
+            r.exit_code = Some(rest.trim().parse().unwrap_or(-1));
+            r.elapsed = r.started_at.map(|s| at.saturating_sub(s));
+        } else if line.starts_with("{\"metric\"") {
+            if self.linux_report.started && self.linux_report.exit_code.is_none() {
+                self.linux_report.metrics.push(line.to_string());
+            }
+        } else if line.starts_with("linux-report: SKIPPED")
+            || line.starts_with("linux-report: QEMU microvm not measured")
+        {
+            self.linux_report.notes.push(line.to_string());
         } else if let Some(rest) = line.strip_prefix("NESTED-DONE rc=") {
             self.done = Some(rest.trim().parse().unwrap_or(-1));
         } else if let Some(counts) = parse_test_result(line) {
@@ -230,6 +268,38 @@ mod tests {
         assert_eq!(r.kernel.as_deref(), Some("kernel 6.1"));
         assert_eq!(r.totals().passed, 2);
         assert_eq!(r.binaries[0].exit_code, Some(0));
+    }
+
+    #[test]
+    fn linux_report_lines() {
+        let mut r = Report::default();
+        r.line(
+            r#"{"metric": "stray", "unit": "us", "p50": 1.0, "p99": 1.0, "n": 1}"#,
+            at(1),
+        );
+        r.line("NESTED-REPORT-BEGIN", at(2));
+        r.line("linux-report: boot 1: capsule 900 ms", at(3));
+        r.line(
+            "linux-report: QEMU microvm not measured: cannot run qemu",
+            at(3),
+        );
+        r.line(
+            r#"xx{"metric": "linux_boot_to_ready", "unit": "us", "p50": 9.0, "p99": 9.5, "n": 5}"#,
+            at(4),
+        );
+        r.line("NESTED-REPORT-END rc=0", at(6));
+        let lr = &r.linux_report;
+        assert!(lr.started);
+        assert_eq!(lr.exit_code, Some(0));
+        assert_eq!(lr.elapsed, Some(at(4)));
+        assert_eq!(
+            lr.metrics,
+            [r#"{"metric": "linux_boot_to_ready", "unit": "us", "p50": 9.0, "p99": 9.5, "n": 5}"#]
+        );
+        assert_eq!(
+            lr.notes,
+            ["linux-report: QEMU microvm not measured: cannot run qemu"]
+        );
     }
 
     #[test]
