@@ -376,7 +376,10 @@ fn nested_test(o: &Options) -> Result<bool> {
             ..Default::default()
         },
     )?;
-    for file in ["vmlinuz", "initrd.img"] {
+    for file in ["vmlinuz", "vmlinux", "initrd.img"] {
+        if file == "vmlinux" && !images.join("minimal").join(file).is_file() {
+            continue; // optional: the bzImage is booted instead
+        }
         extra.push(Extra {
             source: images.join("minimal").join(file),
             dest: format!("images/minimal/{file}"),

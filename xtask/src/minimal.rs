@@ -91,6 +91,20 @@ pub fn build(workspace: &Path, cache: &Path, o: &Options) -> Result<PathBuf> {
     fs::rename(&tmp, &initrd).context(|| format!("cannot write {}", initrd.display()))?;
     fs::copy(&vmlinuz, out.join("vmlinuz"))
         .context(|| format!("cannot copy {}", vmlinuz.display()))?;
+    // The uncompressed ELF beside it: booted through PVH, it spares every boot the kernel's
+    // self-decompression. The engine uses it when present.
+    match extract_vmlinux(&vmlinuz, o.install)? {
+        Some(elf) => {
+            let tmp = out.join(".vmlinux.tmp");
+            fs::write(&tmp, elf).context(|| format!("cannot write {}", tmp.display()))?;
+            fs::rename(&tmp, out.join("vmlinux"))
+                .context(|| format!("cannot write {}", out.join("vmlinux").display()))?;
+        }
+        None => {
+            let _ = fs::remove_file(out.join("vmlinux"));
+            println!("xtask: the kernel's payload is not LZ4: booting the bzImage");
+        }
+    }
     println!(
         "xtask: minimal template in {} (kernel {}, {} modules, agent {})",
         out.display(),
@@ -99,6 +113,66 @@ pub fn build(workspace: &Path, cache: &Path, o: &Options) -> Result<PathBuf> {
         agent.display()
     );
     Ok(out)
+}
+
+/// The ELF `vmlinux` inside a bzImage whose payload is LZ4 (legacy frames, as Debian's cloud
+/// kernel), decompressed with the `lz4` tool; `None` for other payloads.
+fn extract_vmlinux(bzimage: &Path, install: bool) -> Result<Option<Vec<u8>>> {
+    let bz = fs::read(bzimage).context(|| format!("cannot read {}", bzimage.display()))?;
+    let u32_at = |at: usize| -> Option<u32> {
+        bz.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let setup_sects = match bz.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(&n) => usize::from(n),
+    };
+    let (Some(offset), Some(length)) = (u32_at(0x248), u32_at(0x24c)) else {
+        return Ok(None);
+    };
+    let start = (setup_sects + 1) * 512 + offset as usize;
+    let Some(payload) = bz.get(start..start + length as usize) else {
+        return Ok(None);
+    };
+    // Legacy LZ4 frame magic; the kernel appends the uncompressed size (4 bytes) after it.
+    if payload.get(..4) != Some(&[0x02, 0x21, 0x4c, 0x18]) || payload.len() < 8 {
+        return Ok(None);
+    }
+    if !crate::util::have_program("lz4") {
+        if !install {
+            return Err(Error::msg("the lz4 tool is missing (--no-install)"));
+        }
+        setup::apt_install(&["lz4"])?;
+    }
+    let mut child = Command::new("lz4")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context(|| "cannot start lz4".to_string())?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .context(|| "lz4 has no stdin".to_string())?;
+    let body = payload[..payload.len() - 4].to_vec();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&body)
+    });
+    let out = child
+        .wait_with_output()
+        .context(|| "cannot run lz4".to_string())?;
+    let wrote = writer
+        .join()
+        .map_err(|_| Error::msg("lz4 writer panicked"))?;
+    if !out.status.success() || wrote.is_err() || out.stdout.get(..4) != Some(b"\x7fELF") {
+        return Err(Error::msg(format!(
+            "decompressing {}'s payload failed ({})",
+            bzimage.display(),
+            out.status
+        )));
+    }
+    Ok(Some(out.stdout))
 }
 
 /// The `.ko` files of [`MODULES`] and their dependencies, dependencies first. Dependencies

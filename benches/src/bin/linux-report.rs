@@ -76,7 +76,13 @@ fn start_watchdog() {
 
 fn main() -> Result<()> {
     let images = images_dir();
-    let kernel = images.join("minimal").join("vmlinuz");
+    // The kernel file the engine boots: the ELF (PVH) when the image has one.
+    let elf = images.join("minimal").join("vmlinux");
+    let kernel = if elf.is_file() {
+        elf
+    } else {
+        images.join("minimal").join("vmlinuz")
+    };
     let initrd = images.join("minimal").join("initrd.img");
     if !kernel.is_file() || !initrd.is_file() {
         return Err(format!(

@@ -40,8 +40,12 @@ use crate::id::CapsuleId;
 
 /// The template name of the Linux guest.
 pub(crate) const TEMPLATE: &str = "minimal";
-/// The kernel and initramfs of the minimal template, in its image directory.
+/// The kernel and initramfs of the minimal template, in its image directory: the bzImage,
+/// and (preferred when present) the same kernel as an uncompressed ELF booted through PVH,
+/// which spares every boot the kernel's self-decompression.
 pub(crate) const KERNEL_FILE: &str = "vmlinuz";
+/// See [`KERNEL_FILE`].
+pub(crate) const KERNEL_ELF_FILE: &str = "vmlinux";
 /// See [`KERNEL_FILE`].
 pub(crate) const INITRD_FILE: &str = "initrd.img";
 
@@ -87,7 +91,13 @@ pub(crate) fn validate(resources: &Resources, host: &HostInfo) -> Result<()> {
 /// The kernel and initramfs of the minimal template in `images`.
 pub(crate) fn image_files(images: &Path) -> Result<(PathBuf, PathBuf)> {
     let dir = images.join(TEMPLATE);
-    let (kernel, initrd) = (dir.join(KERNEL_FILE), dir.join(INITRD_FILE));
+    let elf = dir.join(KERNEL_ELF_FILE);
+    let kernel = if elf.is_file() {
+        elf
+    } else {
+        dir.join(KERNEL_FILE)
+    };
+    let initrd = dir.join(INITRD_FILE);
     if !kernel.is_file() || !initrd.is_file() {
         return Err(Error::InvalidConfig(format!(
             "the \"{TEMPLATE}\" template is not built in {}: run `cargo xtask build-minimal` \
