@@ -2,7 +2,7 @@
 //! packages: the cloud kernel (`linux-image-cloud-amd64`), the virtio modules it needs,
 //! `busybox-static` for `/bin/sh` and friends, and capsule's agent (static, musl) as `/init`.
 //!
-//! Output: `IMAGES/minimal/vmlinuz` and `IMAGES/minimal/initrd.img` (newc cpio, uncompressed), where
+//! Output: `IMAGES/minimal/vmlinuz` and `IMAGES/minimal/initrd.img` (newc cpio, gzip), where
 //! IMAGES defaults to the engine's default (`$XDG_DATA_HOME/capsule/images`, else
 //! `~/.local/share/capsule/images`). On hosts without apt, pass `--kernel` (a bzImage),
 //! `--modules` (its `lib/modules/<release>` directory) and `--busybox` (a static busybox).
@@ -256,13 +256,20 @@ fn write_initramfs(
     applets: &[String],
     modules: &[(String, PathBuf)],
 ) -> Result<()> {
-    // Uncompressed: copying a few MiB costs the host less boot time than gunzip costs the
-    // guest's kernel.
     let file = fs::File::create(path).context(|| format!("cannot create {}", path.display()))?;
-    let stdin = std::io::BufWriter::new(file);
+    let mut gzip = Command::new("gzip")
+        .arg("-9c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::from(file))
+        .spawn()
+        .context(|| "cannot start gzip".to_string())?;
+    let stdin = gzip
+        .stdin
+        .take()
+        .context(|| "gzip has no stdin".to_string())?;
     let io = |e: std::io::Error| Error::msg(format!("writing the initramfs: {e}"));
     {
-        let mut cpio = CpioWriter::new(stdin);
+        let mut cpio = CpioWriter::new(std::io::BufWriter::new(stdin));
         for dir in [
             "/bin",
             "/sbin",
@@ -302,8 +309,11 @@ fn write_initramfs(
         cpio.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
             .map_err(io)?;
         cpio.file("/etc/group", 0o644, b"root:x:0:\n").map_err(io)?;
-        use std::io::Write;
-        cpio.finish().map_err(io)?.flush().map_err(io)?;
+        cpio.finish().map_err(io)?;
+    }
+    let status = gzip.wait().context(|| "cannot wait for gzip".to_string())?;
+    if !status.success() {
+        return Err(Error::msg(format!("gzip failed ({status})")));
     }
     Ok(())
 }

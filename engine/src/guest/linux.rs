@@ -55,12 +55,10 @@ const MAX_VCPUS: u32 = 32;
 /// Kernel command line. The console is the UART; the agent's channel is the virtio-console;
 /// `reboot=k` resets through the i8042 and `panic=-1` turns a panic into that reset; `quiet`
 /// keeps boot messages (one exit per byte on the UART) off the console, and `capsule.ready`
-/// has the agent print its ready line there. The rest skips probes a capsule has no use
-/// for (no PCI bus; a reset-only i8042; KVM's TSC is stable), as Firecracker's default does. Public as [`crate::LINUX_KERNEL_CMDLINE`] (the
+/// has the agent print its ready line there. Public as [`crate::LINUX_KERNEL_CMDLINE`] (the
 /// benches boot other VMMs with the same line).
-pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet pci=off tsc=reliable \
-     no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
-     capsule.channel=/dev/hvc0 capsule.ready";
+pub const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet capsule.channel=/dev/hvc0 capsule.ready";
 /// Most bytes of a shell command (the agent protocol bounds whole frames much higher).
 const MAX_COMMAND: usize = 256 * 1024;
 const VCPU_THREAD_STACK: usize = 512 * 1024;
