@@ -273,9 +273,7 @@ impl Engine {
     pub fn delete_template(&self, name: &str) -> Result<()> {
         // Pre-built shells map the template's memory: let them go first.
         if let Some(template) = self.inner.templates.get(name)? {
-            self.inner
-                .shells
-                .forget_backing(crate::pool::BackingId::of(&template.base)?);
+            self.inner.shells.forget_backing(template.base_id);
         }
         self.inner.templates.delete(name)
     }
@@ -386,6 +384,7 @@ impl EngineInner {
                     dir: template.dir.clone(),
                     chain: template.state.memory.clone(),
                     base: Some(base),
+                    base_id: Some(template.base_id),
                     patch: template.state.patch.clone(),
                 };
                 let origin = MemoryOrigin::Chain {
@@ -469,6 +468,7 @@ impl EngineInner {
             dir: dir.clone(),
             chain: state.memory.clone(),
             base: None,
+            base_id: None,
             patch: state.patch,
         };
         let origin = MemoryOrigin::Chain {

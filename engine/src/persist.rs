@@ -63,6 +63,8 @@ pub(crate) struct MemoryImage {
     pub(crate) chain: MemoryChain,
     /// The base layer, already open (templates keep it open).
     pub(crate) base: Option<fs::File>,
+    /// `base`'s identity, known in advance (a template's, taken when it was loaded).
+    pub(crate) base_id: Option<BackingId>,
     /// Pages newer than the chain.
     pub(crate) patch: Vec<PagePatch>,
 }
@@ -332,10 +334,7 @@ fn check(state: SnapshotState) -> Result<SnapshotState> {
 pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
     let memory = shell.vm.memory();
     // A shell pre-built for this template already maps its base layer.
-    let premapped = match (&image.base, shell.backing) {
-        (Some(file), Some(id)) => BackingId::of(file)? == id,
-        _ => false,
-    };
+    let premapped = image.base_id.is_some() && image.base_id == shell.backing;
     if !premapped {
         map_base(shell, image)?;
     }

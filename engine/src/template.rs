@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use crate::error::{Error, Result};
 use crate::guest::GuestKind;
 use crate::persist::{self, SnapshotState};
+use crate::pool::BackingId;
 
 /// A template, as listed by [`crate::Engine::templates`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,8 @@ pub(crate) struct Template {
     pub(crate) state: SnapshotState,
     /// The base layer, open: each spawn maps a dup of it.
     pub(crate) base: File,
+    /// `base`'s identity, for the VM shells pre-built with it mapped.
+    pub(crate) base_id: BackingId,
 }
 
 /// Checks a template name: 1 to 64 of `[a-z0-9._-]`, starting with a letter or digit, and
@@ -117,11 +120,13 @@ impl Templates {
             path: base_path,
             source,
         })?;
+        let base_id = BackingId::of(&base)?;
         let template = Arc::new(Template {
             dir,
             kind,
             state,
             base,
+            base_id,
         });
         let mut loaded = self.loaded();
         Ok(Some(

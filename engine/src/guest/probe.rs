@@ -123,13 +123,9 @@ impl ProbeRuntime {
             )));
         }
         // A template's capsules get shells whose memory already maps its base layer.
-        let backing = match &image.base {
-            Some(file) => Some(BackingId::of(file)?),
-            None => None,
-        };
         let shell = ctx
             .shells
-            .take(shell_shape(&ctx, backing), image.base.as_ref())?;
+            .take(shell_shape(&ctx, image.base_id), image.base.as_ref())?;
         persist::apply_memory(&shell, image)?;
         shell.vm.restore_state(&machine.vm)?;
         let mut vcpus = Vec::with_capacity(shell.vcpus.len());
