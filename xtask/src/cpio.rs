@@ -61,6 +61,15 @@ impl<W: Write> CpioWriter<W> {
         self.pad()
     }
 
+    /// `/bin/busybox` from `binary`, with a `/bin/APPLET` link to it for each applet.
+    pub fn busybox<A: AsRef<str>>(&mut self, binary: &Path, applets: &[A]) -> io::Result<()> {
+        self.file_from("/bin/busybox", 0o755, binary)?;
+        for applet in applets {
+            self.symlink(&format!("/bin/{}", applet.as_ref()), "busybox")?;
+        }
+        Ok(())
+    }
+
     /// A character device node.
     pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
         self.header(path, S_IFCHR | perm, 0, (major, minor))?;

@@ -100,12 +100,7 @@ fn write_cpio<W: Write>(contents: &Contents, stage: &Path, out: W) -> Result<()>
     // The kernel opens /dev/console for init's stdio before /init mounts devtmpfs.
     cpio.char_dev("/dev/console", 0o600, 5, 1).map_err(io)?;
     cpio.file("/init", 0o755, INIT.as_bytes()).map_err(io)?;
-    cpio.file_from("/bin/busybox", 0o755, &contents.busybox)
-        .map_err(io)?;
-    for applet in APPLETS {
-        cpio.symlink(&format!("/bin/{applet}"), "busybox")
-            .map_err(io)?;
-    }
+    cpio.busybox(&contents.busybox, APPLETS).map_err(io)?;
     cpio.file_from("/bin/nested-exit", 0o755, &contents.exit_helper)
         .map_err(io)?;
 

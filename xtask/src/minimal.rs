@@ -292,11 +292,7 @@ fn write_initramfs(
         }
         cpio.char_dev("/dev/console", 0o600, 5, 1).map_err(io)?;
         cpio.file_from("/init", 0o755, agent).map_err(io)?;
-        cpio.file_from("/bin/busybox", 0o755, busybox).map_err(io)?;
-        for applet in applets {
-            cpio.symlink(&format!("/bin/{applet}"), "busybox")
-                .map_err(io)?;
-        }
+        cpio.busybox(busybox, applets).map_err(io)?;
         let mut list = String::new();
         for (name, source) in modules {
             let dest = format!("/lib/modules/{name}.ko");
