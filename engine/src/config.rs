@@ -74,7 +74,8 @@ impl EngineConfig {
         self
     }
 
-    /// How long a guest may take to become ready before its capsule goes to error.
+    /// How long a guest may take to become ready before its capsule goes to error
+    /// ([`crate::Error::BootTimeout`], with the end of its console). Default 30 s.
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.boot_timeout = timeout;
         self
@@ -118,6 +119,11 @@ impl EngineConfig {
     /// The concurrent-start limit.
     pub fn get_max_concurrent_starts(&self) -> usize {
         self.max_concurrent_starts
+    }
+
+    /// How long a guest may take to become ready.
+    pub fn get_boot_timeout(&self) -> Duration {
+        self.boot_timeout
     }
 }
 

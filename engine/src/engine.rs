@@ -170,7 +170,7 @@ impl Engine {
     ///
     /// Errors: [`Error::InvalidConfig`] for an unknown template, 0 vCPUs, memory outside the
     /// template's range, or resources that differ from a snapshot template's; start
-    /// failures ([`Error::GuestCrashed`], [`Error::Timeout`], [`Error::Snapshot`],
+    /// failures ([`Error::GuestCrashed`], [`Error::BootTimeout`], [`Error::Snapshot`],
     /// [`Error::Hypervisor`]).
     pub fn create(&self, config: CapsuleConfig) -> Result<Capsule> {
         let (kind, resources, template) = self.inner.resolve(&config)?;

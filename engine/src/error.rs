@@ -60,6 +60,26 @@ pub enum Error {
         /// The limit that was exceeded.
         after: Duration,
     },
+    /// The guest did not become ready within [`crate::EngineConfig::boot_timeout`]. Nothing
+    /// is left running.
+    #[error(
+        "capsule {id} did not become ready within {after:?}{}{}",
+        state_suffix(state),
+        console_suffix(console)
+    )]
+    BootTimeout {
+        /// The capsule.
+        id: CapsuleId,
+        /// The limit that was exceeded.
+        after: Duration,
+        /// The last lines its serial console printed (empty for guests without one), to
+        /// tell a slow boot from a stuck one.
+        console: String,
+        /// Where the machine was when the boot was abandoned, when the guest kind can tell:
+        /// each vCPU (instruction and stack pointers and multiprocessing state, or how its
+        /// thread ended) and each virtio device (status and queue indices).
+        state: Vec<String>,
+    },
     /// The guest crashed (triple fault, KVM internal error, unexpected exit...). The capsule
     /// is now in [`Status::Error`] with the same reason.
     #[error("capsule {id} crashed: {reason}")]
@@ -115,5 +135,21 @@ impl From<capsule_vmm::Error> for Error {
             capsule_vmm::Error::InvalidConfig(why) => Error::InvalidConfig(why),
             other => Error::Hypervisor(other),
         }
+    }
+}
+
+fn state_suffix(state: &[String]) -> String {
+    if state.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", state.join("; "))
+    }
+}
+
+fn console_suffix(console: &str) -> String {
+    if console.is_empty() {
+        String::new()
+    } else {
+        format!("; its console ends with:\n{console}")
     }
 }

@@ -88,7 +88,10 @@
 //! host whose KVM cannot boot Linux (PVM, see [`Engine::host`]) `create` fails at once with
 //! [`Error::Unsupported`]. The guest's serial console is kept ([`Capsule::console_log`]);
 //! `poweroff`/`reboot` inside stop the capsule; a kernel panic puts it in error with the
-//! console's tail. Linux capsules cannot be paused yet ([`Error::Unsupported`]).
+//! console's tail. A guest that dies while booting fails `create` at once
+//! ([`Error::GuestCrashed`]); one that does not become ready in time fails with
+//! [`Error::BootTimeout`], which says where each vCPU and virtio queue was. Linux capsules
+//! cannot be paused yet ([`Error::Unsupported`]).
 //!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.

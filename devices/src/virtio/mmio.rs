@@ -278,6 +278,34 @@ impl<D: VirtioDevice, M: GuestMemoryBackend> MmioTransport<D, M> {
         self.status & status::DEVICE_NEEDS_RESET != 0
     }
 
+    /// One line for diagnostics: the status and interrupt status, and for each ready queue
+    /// the driver's `avail` index against the device's next available and used entries (a
+    /// driver waiting on a queue the device never processed shows `avail` ahead of `next`).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let mut line = format!(
+            "virtio device {}: status {:#x}{}, interrupt status {:#x}",
+            self.device.device_type(),
+            self.status,
+            if self.activated { "" } else { " (inactive)" },
+            self.interrupt_status
+        );
+        for (i, q) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
+            let avail = q.avail_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
+            let used = q.used_idx(&self.mem, Ordering::Acquire).map(|w| w.0);
+            let _ = write!(
+                line,
+                "; queue {i}: avail {} used {} (device next {}/{})",
+                avail.map_or_else(|e| e.to_string(), |a| a.to_string()),
+                used.map_or_else(|e| e.to_string(), |u| u.to_string()),
+                q.next_avail(),
+                q.next_used()
+            );
+        }
+        line
+    }
+
     /// Chains rejected by validation since creation (each returned with 0 bytes).
     pub fn rejected_chains(&self) -> u64 {
         self.rejected_chains

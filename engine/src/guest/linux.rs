@@ -11,6 +11,7 @@
 //! Each vCPU has a thread running the exit loop; application processors wait in KVM for the
 //! boot processor's INIT/SIPI. The capsule is running once the agent's `Hello` arrives.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -194,8 +195,10 @@ impl LinuxRuntime {
             })
         };
         let (console_slot, rng_slot) = (slot(0)?, slot(1)?);
-        attach(&vm, &devices, &mut mmio, console, console_slot)?;
-        attach(&vm, &devices, &mut mmio, Rng::new(), rng_slot)?;
+        let device_states = [
+            attach(&vm, &devices, &mut mmio, console, console_slot)?,
+            attach(&vm, &devices, &mut mmio, Rng::new(), rng_slot)?,
+        ];
 
         let config = LinuxBootConfig {
             initrd: Some(initrd.into()),
@@ -209,6 +212,14 @@ impl LinuxRuntime {
 
         let vm = Arc::new(vm);
         let stopping = Arc::new(AtomicBool::new(false));
+        let positions = Arc::new(Mutex::new(Vec::new()));
+        // A vCPU whose guest ended closes the agent's channel, so nobody waits for an agent
+        // that is gone (a boot that crashed fails at once rather than at its timeout).
+        let channel = Arc::new(
+            host_end
+                .try_clone()
+                .map_err(|e| os("cloning the agent channel", e))?,
+        );
         let mut workers = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let kicker = vcpu.kicker();
@@ -221,6 +232,8 @@ impl LinuxRuntime {
                 stopping: stopping.clone(),
                 events: ctx.events.clone(),
                 console: console_log.clone(),
+                positions: positions.clone(),
+                channel: channel.clone(),
             };
             let index = worker.vcpu.index();
             let handle = std::thread::Builder::new()
@@ -248,14 +261,22 @@ impl LinuxRuntime {
             Err(e) => {
                 let tail = console_tail(&console_log);
                 stop_all(workers);
+                let mut state = std::mem::take(&mut *lock(&positions));
+                state.sort();
+                state.extend(device_states.iter().map(|describe| describe()));
                 return Err(match e {
-                    LinkError::Timeout => Error::Timeout {
-                        operation: "boot (waiting for the agent)",
+                    LinkError::Timeout => Error::BootTimeout {
+                        id: ctx.id.clone(),
                         after: ctx.boot_timeout,
+                        console: tail,
+                        state,
                     },
                     other => Error::GuestCrashed {
                         id: ctx.id.clone(),
-                        reason: format!("{other}; console:\n{tail}"),
+                        reason: format!(
+                            "the guest ended before its agent was ready ({other}; {}); console:\n{tail}",
+                            state.join("; ")
+                        ),
                     },
                 });
             }
@@ -272,6 +293,9 @@ impl LinuxRuntime {
     }
 }
 
+/// Describes a device's transport and queues, for a boot that timed out.
+type DescribeDevice = Box<dyn Fn() -> String + Send>;
+
 /// Puts a virtio device on the MMIO bus at `slot`, with its notifications as ioeventfds and
 /// its interrupt as an irqfd, and hands it to the device thread.
 fn attach<D: VirtioDevice + 'static>(
@@ -280,7 +304,7 @@ fn attach<D: VirtioDevice + 'static>(
     mmio: &mut Bus,
     device: D,
     slot: VirtioMmioDesc,
-) -> Result<()> {
+) -> Result<DescribeDevice> {
     let transport: Transport<D> = MmioTransport::new(device, vm.memory().clone())
         .map_err(|e| os("creating a virtio device", e))?;
     vm.fd()
@@ -299,8 +323,9 @@ fn attach<D: VirtioDevice + 'static>(
     mmio.insert(transport.clone(), slot.base, MMIO_SIZE)
         .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))?;
     devices
-        .register_transport(transport)
-        .map_err(|e| os("registering a virtio device", e))
+        .register_transport(transport.clone())
+        .map_err(|e| os("registering a virtio device", e))?;
+    Ok(Box::new(move || lock(&transport).describe()))
 }
 
 /// The last lines of the console, for error reports.
@@ -320,15 +345,31 @@ struct VcpuLoop {
     stopping: Arc<AtomicBool>,
     events: Arc<dyn GuestEvents>,
     console: SerialLog,
+    /// Where each vCPU was when it was stopped (or how it ended), for a boot that timed out.
+    positions: Arc<Mutex<Vec<String>>>,
+    /// The host end of the agent's channel, shut down when the guest ends.
+    channel: Arc<UnixStream>,
 }
 
 impl VcpuLoop {
     fn run(mut self) {
+        let end = self.run_until_stopped();
+        if !self.stopping.load(Ordering::SeqCst) {
+            // The guest ended by itself: whoever waits on its agent learns it now.
+            let _ = self.channel.shutdown(std::net::Shutdown::Both);
+        }
+        lock(&self.positions).push(end);
+    }
+
+    /// Runs the exit loop until the capsule stops or the guest ends; returns where the vCPU
+    /// was, or how it ended.
+    fn run_until_stopped(&mut self) -> String {
+        let index = self.vcpu.index();
         loop {
             match self.vcpu.run(&self.pio, &self.mmio) {
                 Ok(VcpuEvent::Kicked) | Ok(VcpuEvent::Yield(_)) | Ok(VcpuEvent::Halted) => {
                     if self.stopping.load(Ordering::SeqCst) {
-                        return;
+                        return self.position();
                     }
                 }
                 Ok(VcpuEvent::Shutdown) => {
@@ -342,22 +383,40 @@ impl VcpuLoop {
                         tracing::info!(capsule = %self.id, "guest powered off or rebooted");
                         self.events.exited();
                     }
-                    return;
+                    return format!("vCPU{index}: ended by a shutdown exit");
                 }
                 Ok(VcpuEvent::Failed(reason)) => {
+                    let end = format!("vCPU{index}: failed: {reason}");
                     self.events.crashed(format!(
                         "{reason}; console:\n{}",
                         console_tail(&self.console)
                     ));
-                    return;
+                    return end;
                 }
                 Err(e) => {
                     if !self.stopping.load(Ordering::SeqCst) {
                         self.events.crashed(e.to_string());
                     }
-                    return;
+                    return format!("vCPU{index}: ended: {e}");
                 }
             }
+        }
+    }
+}
+
+impl VcpuLoop {
+    /// The vCPU's instruction pointer, stack pointer and multiprocessing state, in words.
+    fn position(&self) -> String {
+        let index = self.vcpu.index();
+        let regs = self.vcpu.regs();
+        let mp_state = self.vcpu.fd().get_mp_state();
+        match (regs, mp_state) {
+            (Ok(r), Ok(mp)) => format!(
+                "vCPU{index}: rip {:#x}, rsp {:#x}, rflags {:#x}, mp_state {}",
+                r.rip, r.rsp, r.rflags, mp.mp_state
+            ),
+            (Err(e), _) => format!("vCPU{index}: registers unreadable: {e}"),
+            (_, Err(e)) => format!("vCPU{index}: mp_state unreadable: {e}"),
         }
     }
 }

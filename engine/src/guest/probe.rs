@@ -220,9 +220,11 @@ impl ProbeRuntime {
         for _ in 0..booting {
             let outcome = ready_rx
                 .recv_deadline(deadline)
-                .map_err(|_| Error::Timeout {
-                    operation: "boot",
+                .map_err(|_| Error::BootTimeout {
+                    id: ctx.id.clone(),
                     after: ctx.boot_timeout,
+                    console: String::new(),
+                    state: Vec::new(),
                 })
                 .and_then(|report| {
                     report.map_err(|reason| Error::GuestCrashed {
