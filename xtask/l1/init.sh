@@ -50,13 +50,34 @@ if [ -x /nested/host-report ]; then
     echo "NESTED-HOST-END rc=$?"
 fi
 
+# The names libtest lists as failed at the end of the output in $1: the indented lines of
+# its last "failures:" block (the one before "test result:").
+failed_tests() {
+    last=$(grep -n '^failures:$' "$1" | tail -n 1 | sed 's/:.*//')
+    [ -n "$last" ] || return 0
+    tail -n "+$last" "$1" | sed -n '/^test result:/q;p' | grep -E '^    [A-Za-z0-9_:]+$' |
+        sed 's/^ *//'
+}
+
 failed=0
 while IFS= read -r name; do
     [ -n "$name" ] || continue
     echo "NESTED-TEST-BEGIN $name"
-    "/nested/tests/$name" --test-threads="$TEST_THREADS" "$@" </dev/null 2>&1
-    rc=$?
+    { "/nested/tests/$name" --test-threads="$TEST_THREADS" "$@" </dev/null 2>&1; echo $? >/tmp/rc; } |
+        tee /tmp/test-output
+    rc=$(cat /tmp/rc)
     echo "NESTED-TEST-END $name rc=$rc"
+    [ "$rc" -eq 0 ] && continue
+    # TCG's emulation of nested SVM corrupts guest state now and then (see xtask/README.md):
+    # tests that failed run once more, alone; the summary reports them as flaky.
+    retry=$(failed_tests /tmp/test-output | tr '\n' ' ')
+    if [ "$RETRY_FAILED" = 1 ] && [ -n "$retry" ]; then
+        echo "NESTED-RETRY-BEGIN $name $retry"
+        # shellcheck disable=SC2086 # one argument per test name
+        "/nested/tests/$name" --test-threads=1 --exact $retry </dev/null 2>&1
+        rc=$?
+        echo "NESTED-RETRY-END $name rc=$rc"
+    fi
     [ "$rc" -eq 0 ] || failed=1
 done < /nested/tests.list
 

@@ -27,8 +27,8 @@ const INIT: &str = include_str!("../l1/init.sh");
 const APPLETS: &[&str] = &[
     "sh", "ash", "cat", "chmod", "cp", "date", "dd", "df", "dmesg", "echo", "env", "find", "free",
     "grep", "head", "insmod", "ln", "ls", "lsmod", "mkdir", "mknod", "mount", "mv", "nproc",
-    "poweroff", "ps", "reboot", "rm", "sed", "sleep", "sync", "tail", "timeout", "tr", "umount",
-    "uname", "wc",
+    "poweroff", "ps", "reboot", "rm", "sed", "sleep", "sync", "tail", "tee", "timeout", "tr",
+    "umount", "uname", "wc",
 ];
 
 /// A host file copied into L1 at `/nested/extra/<dest>`.
@@ -49,6 +49,8 @@ pub struct Contents {
     pub extra: Vec<Extra>,
     pub args: Vec<String>,
     pub test_threads: u32,
+    /// Whether `/init` runs failed tests a second time (`RETRY_FAILED=1`).
+    pub retry_failed: bool,
     /// The `linux-report` binary and its environment in L1 (`NAME`, value).
     pub linux_report: Option<(PathBuf, Vec<(String, String)>)>,
 }
@@ -144,7 +146,11 @@ fn write_cpio<W: Write>(contents: &Contents, stage: &Path, out: W) -> Result<()>
     }
     cpio.file("/nested/args", 0o644, args.as_bytes())
         .map_err(io)?;
-    let mut config = format!("TEST_THREADS={}\n", contents.test_threads);
+    let mut config = format!(
+        "TEST_THREADS={}\nRETRY_FAILED={}\n",
+        contents.test_threads,
+        u8::from(contents.retry_failed)
+    );
     if let Some((report, env)) = &contents.linux_report {
         let packed = stripped(report, &stage.join("linux-report"))?;
         cpio.file_from("/nested/linux-report", 0o755, &packed)
@@ -261,6 +267,8 @@ mod tests {
             "NESTED-ERROR",
             "NESTED-REPORT-BEGIN",
             "NESTED-REPORT-END",
+            "NESTED-RETRY-BEGIN",
+            "NESTED-RETRY-END",
         ] {
             assert!(INIT.contains(marker), "{marker}");
         }

@@ -48,6 +48,9 @@ options:
   --report-only         run linux-report and no tests (implies --linux-report)
   --report-boots N      boots of each kind in linux-report (default 5)
   --no-install          fail instead of installing missing tools
+  --no-retry            do not run failed tests a second time (by default a test that fails
+                        runs once more, alone, and passing then counts as flaky, not failed:
+                        TCG's nested SVM now and then corrupts a guest, see xtask/README.md)
   --pack-only           build target/nested/l1.cpio.gz and stop (no boot)
   -h, --help            this text";
 
@@ -67,6 +70,7 @@ struct Options {
     packages: Vec<String>,
     timeout: Duration,
     test_threads: u32,
+    retry_failed: bool,
     smp: u32,
     memory_mb: u32,
     extra: Vec<Extra>,
@@ -173,6 +177,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         packages: Vec::new(),
         timeout: Duration::from_secs(timeout),
         test_threads: 2,
+        retry_failed: true,
         smp: 2,
         memory_mb: 4096,
         extra: Vec::new(),
@@ -210,6 +215,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--extra" => o.extra.push(parse_extra(&value(arg)?)),
             "--extra-test" => o.extra_tests.push(PathBuf::from(value(arg)?)),
             "--no-install" => o.install = false,
+            "--no-retry" => o.retry_failed = false,
             "--pack-only" => o.pack_only = true,
             "--linux-report" => o.linux_report = true,
             "--report-only" => {
@@ -505,6 +511,7 @@ fn nested_test(o: &Options) -> Result<bool> {
         extra,
         args: libtest_args.clone(),
         test_threads: o.test_threads,
+        retry_failed: o.retry_failed,
         linux_report,
     };
     let size = initramfs::pack(&contents, &cache.join("stage"), &initrd)?;
@@ -571,10 +578,11 @@ fn summarize(
         r.host_kvm.as_deref().unwrap_or("(not reported)")
     );
     for b in &r.binaries {
-        let state = match (b.exit_code, b.failures()) {
-            (None, _) => "UNFINISHED".to_string(),
-            (Some(_), 0) => "ok".to_string(),
-            (Some(code), _) => format!("FAILED (exit {code})"),
+        let state = match (b.exit_code, b.failures(), b.flaky()) {
+            (None, _, _) => "UNFINISHED".to_string(),
+            (Some(_), 0, 0) => "ok".to_string(),
+            (Some(_), 0, _) => "ok (flaky)".to_string(),
+            (Some(code), _, _) => format!("FAILED (exit {code})"),
         };
         println!(
             "xtask:   {:<32} {:<18} {:>3} passed, {:>2} failed, {:>2} ignored, {:>2} filtered out  {}",
@@ -586,6 +594,21 @@ fn summarize(
             b.counts.filtered_out,
             secs(b.elapsed)
         );
+    }
+    for b in &r.binaries {
+        if let Some(retry) = &b.retry {
+            println!(
+                "xtask:   {} run again: {} -> {}",
+                b.name,
+                retry.tests.join(" "),
+                match (retry.exit_code, retry.counts.passed, retry.counts.failed) {
+                    (None, _, _) => "did not finish".to_string(),
+                    (Some(0), _, 0) => "all passed (counted as flaky)".to_string(),
+                    (_, passed, failed) =>
+                        format!("{passed} passed (flaky), {failed} failed again"),
+                }
+            );
+        }
     }
     let totals = r.totals();
     println!(
@@ -640,8 +663,8 @@ fn summarize(
         println!("xtask: FAILURE: {p}");
     }
     println!(
-        "{} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
+        "{} passed, {} failed, {} flaky (failed, then passed alone), {} skipped",
+        totals.passed, totals.failed, totals.flaky, totals.ignored
     );
     problems.is_empty()
 }

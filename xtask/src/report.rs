@@ -4,13 +4,15 @@
 
 use std::time::Duration;
 
-/// Counts from libtest `test result:` lines.
+/// Counts from libtest `test result:` lines (in [`Report::totals`], `flaky` counts tests
+/// that failed once and passed when run again).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
     pub filtered_out: u64,
+    pub flaky: u64,
 }
 
 impl Counts {
@@ -19,6 +21,7 @@ impl Counts {
         self.failed += other.failed;
         self.ignored += other.ignored;
         self.filtered_out += other.filtered_out;
+        self.flaky += other.flaky;
     }
 }
 
@@ -33,12 +36,38 @@ pub struct BinaryRun {
     pub exit_code: Option<i32>,
     /// Host-side time between its BEGIN and END markers.
     pub elapsed: Option<Duration>,
+    /// The second run of the tests that failed, if `/init` made one.
+    pub retry: Option<Retry>,
+}
+
+/// A second run of a binary's failed tests (`NESTED-RETRY-BEGIN`/`-END`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// The tests run again.
+    pub tests: Vec<String>,
+    pub counts: Counts,
+    pub reported: bool,
+    pub exit_code: Option<i32>,
+}
+
+impl Retry {
+    /// Whether the second run finished and reported its tests.
+    fn finished(&self) -> bool {
+        self.exit_code.is_some() && self.reported
+    }
 }
 
 impl BinaryRun {
     /// Failed tests; a binary that exits non-zero or dies without a `test result:` line
-    /// counts as one failure even when no test reported failing.
+    /// counts as one failure even when no test reported failing. Tests that passed when
+    /// run again are [`BinaryRun::flaky`], not failed.
     pub fn failures(&self) -> u64 {
+        if let Some(retry) = self.retry.as_ref().filter(|r| r.finished()) {
+            return match retry.exit_code {
+                Some(0) => retry.counts.failed,
+                _ => retry.counts.failed.max(1),
+            };
+        }
         let broken = match self.exit_code {
             Some(0) => !self.reported,
             Some(_) => true,
@@ -48,6 +77,14 @@ impl BinaryRun {
             self.counts.failed.max(1)
         } else {
             self.counts.failed
+        }
+    }
+
+    /// Tests that failed and then passed when run again, alone.
+    pub fn flaky(&self) -> u64 {
+        match &self.retry {
+            Some(retry) if retry.finished() => retry.counts.passed,
+            _ => 0,
         }
     }
 }
@@ -117,6 +154,7 @@ impl Report {
                 reported: false,
                 exit_code: None,
                 elapsed: None,
+                retry: None,
             });
             self.current_started = Some(at);
         } else if let Some(rest) = line.strip_prefix("NESTED-TEST-END ") {
@@ -128,6 +166,23 @@ impl Report {
             if let Some(run) = self.binaries.last_mut() {
                 run.exit_code = Some(code);
                 run.elapsed = started.map(|s| at.saturating_sub(s));
+            }
+        } else if let Some(rest) = line.strip_prefix("NESTED-RETRY-BEGIN ") {
+            if let Some(run) = self.binaries.last_mut() {
+                run.retry = Some(Retry {
+                    tests: rest.split_whitespace().skip(1).map(String::from).collect(),
+                    counts: Counts::default(),
+                    reported: false,
+                    exit_code: None,
+                });
+            }
+        } else if let Some(rest) = line.strip_prefix("NESTED-RETRY-END ") {
+            let code = rest
+                .rsplit_once("rc=")
+                .and_then(|(_, rc)| rc.trim().parse().ok())
+                .unwrap_or(-1);
+            if let Some(retry) = self.binaries.last_mut().and_then(|b| b.retry.as_mut()) {
+                retry.exit_code = Some(code);
             }
         } else if line == "NESTED-REPORT-BEGIN" {
             self.linux_report.started = true;
@@ -151,6 +206,9 @@ impl Report {
                 if run.exit_code.is_none() {
                     run.counts.add(counts);
                     run.reported = true;
+                } else if let Some(retry) = run.retry.as_mut().filter(|r| r.exit_code.is_none()) {
+                    retry.counts.add(counts);
+                    retry.reported = true;
                 }
             }
         }
@@ -164,6 +222,7 @@ impl Report {
             total.failed += run.failures();
             total.ignored += run.counts.ignored;
             total.filtered_out += run.counts.filtered_out;
+            total.flaky += run.flaky();
         }
         total
     }
@@ -218,7 +277,8 @@ mod tests {
                 passed: 3,
                 failed: 1,
                 ignored: 2,
-                filtered_out: 5
+                filtered_out: 5,
+                flaky: 0
             }
         );
         assert!(parse_test_result("test foo ... ok").is_none());
@@ -255,6 +315,37 @@ mod tests {
         assert_eq!((t.passed, t.failed, t.ignored), (7, 2, 1));
         assert_eq!(r.done, Some(1));
         assert_eq!(r.tests_elapsed(), at(7));
+    }
+
+    #[test]
+    fn failed_tests_that_pass_again_are_flaky_and_those_that_fail_again_fail() {
+        let mut r = Report::default();
+        for (line, t) in [
+            ("NESTED-TEST-BEGIN capsule.linux", 1),
+            ("test result: FAILED. 8 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 50s", 50),
+            ("NESTED-TEST-END capsule.linux rc=101", 50),
+            ("NESTED-RETRY-BEGIN capsule.linux several_vcpus", 50),
+            ("test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 8 filtered out; finished in 5s", 55),
+            ("NESTED-RETRY-END capsule.linux rc=0", 55),
+            ("NESTED-TEST-BEGIN capsule.templates", 55),
+            ("test result: FAILED. 0 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5s", 60),
+            ("NESTED-TEST-END capsule.templates rc=101", 60),
+            ("NESTED-RETRY-BEGIN capsule.templates clones shares", 60),
+            ("test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5s", 65),
+            ("NESTED-RETRY-END capsule.templates rc=101", 65),
+        ] {
+            r.line(line, at(t));
+        }
+        let linux = &r.binaries[0];
+        assert_eq!(
+            (linux.counts.passed, linux.failures(), linux.flaky()),
+            (8, 0, 1)
+        );
+        assert_eq!(linux.retry.as_ref().unwrap().tests, ["several_vcpus"]);
+        let templates = &r.binaries[1];
+        assert_eq!((templates.failures(), templates.flaky()), (1, 1));
+        let t = r.totals();
+        assert_eq!((t.passed, t.failed, t.flaky), (8, 1, 2));
     }
 
     #[test]
