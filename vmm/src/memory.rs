@@ -34,8 +34,14 @@ pub fn create_anonymous(size: usize) -> Result<GuestMemory> {
 
 /// Creates anonymous guest RAM made of several regions, `(guest-physical start, bytes)` each
 /// (for a guest whose RAM continues above a 32-bit MMIO gap), mapped as [`create_anonymous`]
-/// does. The functions of this module that take "the region" ([`host_range`],
-/// [`take_vmm_dirty`], [`replace_with_private_file`]) see only the first one.
+/// does and meant for guests that use all of their RAM (Linux): each region is placed at a
+/// host address aligned to [`HUGE_PAGE_SIZE`] when the host allows it, and advised
+/// `MADV_HUGEPAGE`. KVM backs a guest 2 MiB frame with one huge-page entry of its own page
+/// tables only when the guest-physical and host addresses agree modulo 2 MiB; then one fault
+/// and one TLB entry cover 2 MiB, which matters most under nested virtualization, where
+/// every such fault is an exit. The cost is resident memory in 2 MiB steps. The functions of
+/// this module that take "the region" ([`host_range`], [`take_vmm_dirty`],
+/// [`replace_with_private_file`]) see only the first one.
 pub fn create_anonymous_regions(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, size) in ranges {
@@ -44,13 +50,7 @@ pub fn create_anonymous_regions(ranges: &[(GuestAddress, usize)]) -> Result<Gues
                 "guest memory region size {size} is not a positive multiple of {PAGE_SIZE}"
             )));
         }
-        let mapping = MmapRegion::<AtomicBitmap>::build(
-            None,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")))?;
+        let mapping = map_huge_page_aligned(size)?;
         regions.push(GuestRegionMmap::new(mapping, start).ok_or_else(|| {
             Error::Memory(format!(
                 "region at {:#x} does not fit the guest address space",
@@ -59,6 +59,71 @@ pub fn create_anonymous_regions(ranges: &[(GuestAddress, usize)]) -> Result<Gues
         })?);
     }
     GuestMemory::from_regions(regions).map_err(|e| Error::Memory(e.to_string()))
+}
+
+/// Size of a transparent huge page (x86-64 PMD).
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// An anonymous mapping of `size` bytes, at a 2 MiB-aligned address when the kernel's
+/// placement allows it, advised for transparent huge pages.
+///
+/// `vm-memory` owns (and unmaps) only mappings it made itself, at an address of the kernel's
+/// choosing; so this reserves `size` + 2 MiB, frees that reservation from its start up to the
+/// end of the first aligned `size`-byte block, and lets the kernel place the real mapping:
+/// its top-down search puts it at the top of the highest gap that fits, which is that
+/// block. Another thread mapping memory in between, or a bottom-up layout, only costs the
+/// alignment; the result is checked and logged, never wrong.
+fn map_huge_page_aligned(size: usize) -> Result<MmapRegion<AtomicBitmap>> {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let reserve_len = size + HUGE_PAGE_SIZE;
+    // SAFETY: a new PROT_NONE anonymous mapping at an address the kernel chooses; it touches
+    // no existing memory.
+    let reserved = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve_len,
+            libc::PROT_NONE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if reserved == libc::MAP_FAILED {
+        return Err(Error::Memory(format!(
+            "reserving {reserve_len} bytes: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let base = reserved as usize;
+    let aligned = base.next_multiple_of(HUGE_PAGE_SIZE);
+    // SAFETY: [base, aligned + size) lies inside the reservation made above, which nothing
+    // else uses.
+    unsafe { libc::munmap(reserved, aligned + size - base) };
+    let built =
+        MmapRegion::<AtomicBitmap>::build(None, size, libc::PROT_READ | libc::PROT_WRITE, flags)
+            .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")));
+    // SAFETY: the rest of the reservation, [aligned + size, base + reserve_len), is still
+    // ours: the mapping just made does not overlap it (the kernel never places a new
+    // mapping over an existing one without MAP_FIXED).
+    unsafe {
+        libc::munmap(
+            (aligned + size) as *mut libc::c_void,
+            base + reserve_len - (aligned + size),
+        )
+    };
+    let region = built?;
+    if region.as_ptr() as usize % HUGE_PAGE_SIZE != 0 {
+        tracing::debug!(
+            size,
+            "guest memory is not 2 MiB-aligned; KVM will use 4 KiB pages"
+        );
+    }
+    // SAFETY: advice on the region's own mapping; it changes how pages are backed, never
+    // their contents.
+    unsafe {
+        libc::madvise(region.as_ptr().cast(), size, libc::MADV_HUGEPAGE);
+    }
+    Ok(region)
 }
 
 /// Maps `file` copy-on-write as `size` bytes of guest RAM at guest-physical 0:
@@ -266,8 +331,28 @@ mod tests {
     }
 
     #[test]
-    fn bad_sizes_are_rejected() {
-        assert!(create_anonymous(0).is_err());
-        assert!(create_anonymous(100).is_err());
+    fn multi_region_memory_is_placed_for_huge_pages() {
+        use vm_memory::GuestMemoryBackend;
+        // Placement is best effort (another thread may map memory in between), so ask for
+        // several and expect most to be aligned.
+        let memories: Vec<_> = (0..4)
+            .map(|_| create_anonymous_regions(&[(GuestAddress(0), 64 << 20)]).unwrap())
+            .collect();
+        let aligned = memories
+            .iter()
+            .filter(|m| {
+                let host = m.get_host_address(GuestAddress(0)).unwrap() as usize;
+                host % HUGE_PAGE_SIZE == 0
+            })
+            .count();
+        assert!(aligned >= 2, "{aligned} of 4 regions 2 MiB-aligned");
+        for m in &memories {
+            m.write_obj(0xabcdu32, GuestAddress((64 << 20) - 4))
+                .unwrap();
+            assert_eq!(
+                m.read_obj::<u32>(GuestAddress((64 << 20) - 4)).unwrap(),
+                0xabcd
+            );
+        }
     }
 }
