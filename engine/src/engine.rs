@@ -285,6 +285,13 @@ impl Engine {
         self.inner.starts.acquire()
     }
 
+    /// Test hook: how many pre-built VM shells wait in the pool, all shapes together, and
+    /// how many starts took one so far. Not part of the stable API.
+    #[doc(hidden)]
+    pub fn shell_pool_counts(&self) -> (usize, u64) {
+        self.inner.shells.counts()
+    }
+
     /// Test hook: the next snapshot memory write fails after `bytes` bytes (an injected I/O
     /// error, as from a full disk). Not part of the stable API.
     #[doc(hidden)]

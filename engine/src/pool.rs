@@ -8,9 +8,15 @@
 //! memory in place (`capsule_vmm::memory::replace_with_private_file`), which needs no new
 //! memory slot. Shells are never reused: a capsule's VM is released when it stops or pauses.
 //!
-//! Shells are kept per shape (memory size, vCPU count, VM options) for shapes that were
-//! asked for, [`EngineConfig::shell_pool_size`](crate::EngineConfig::shell_pool_size) of
-//! each, by one background thread. An empty pool is not an error: the shell is then built
+//! A Linux shell also has its guest memory loaded (kernel, initramfs, command line, ACPI
+//! tables, boot structures): copying a distribution kernel into guest memory is most of a
+//! Linux capsule's start-up cost on the host side, and it can be done before anyone asks.
+//! Only the vCPU registers are set at boot.
+//!
+//! Shells are kept per shape (memory size, vCPU count, VM options, Linux image) for shapes
+//! that were asked for, [`EngineConfig::shell_pool_size`](crate::EngineConfig::shell_pool_size)
+//! of each (at most [`LINUX_SHELLS`] for a Linux shape, which holds its loaded kernel in
+//! memory), by one background thread. An empty pool is not an error: the shell is then built
 //! on the spot.
 
 use std::collections::HashMap;
@@ -20,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use capsule_vmm::boot::{self, BootInfo, LinuxBootConfig};
 use capsule_vmm::vm::VmOptions;
 use capsule_vmm::{memory, Hypervisor, Vcpu, Vm};
 
@@ -27,6 +34,9 @@ use crate::error::{Error, Result};
 
 /// Most distinct shapes kept warm at once; the least recently asked for is dropped.
 const MAX_SHAPES: usize = 4;
+/// Most shells kept per Linux shape: each holds a loaded kernel and initramfs in memory
+/// (~50 MB resident for the minimal image).
+pub(crate) const LINUX_SHELLS: usize = 1;
 
 /// Identifies a memory file (a template's base layer) by device and inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,6 +60,33 @@ impl BackingId {
     }
 }
 
+/// A file's identity and version (device, inode, size, modification time): a Linux image
+/// rebuilt in place is a different image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path`.
+    pub(crate) fn of(path: &std::path::Path) -> Result<FileStamp> {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            op: "reading a Linux image's metadata",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        })
+    }
+}
+
 /// What a shell looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ShellShape {
@@ -60,6 +97,9 @@ pub(crate) struct ShellShape {
     /// Memory already mapped copy-on-write from this file (a template's base layer) instead
     /// of anonymous: a capsule from that template then needs no re-mapping at all.
     pub(crate) backing: Option<BackingId>,
+    /// For a Linux guest: its kernel and initramfs, loaded into the shell's memory (with the
+    /// [`LinuxBootConfig`] given to [`ShellPool::take`]).
+    pub(crate) linux: Option<(FileStamp, FileStamp)>,
 }
 
 impl ShellShape {
@@ -77,18 +117,24 @@ pub(crate) struct Shell {
     pub(crate) vcpus: Vec<Vcpu>,
     /// The file its memory is mapped from, if not anonymous.
     pub(crate) backing: Option<BackingId>,
+    /// For a Linux shape: what [`boot::load_into_memory`] put in its memory.
+    pub(crate) loaded: Option<BootInfo>,
 }
 
 impl Shell {
-    /// Builds a shell now; `backing` must be the file `shape.backing` names.
+    /// Builds a shell now; `backing` must be the file `shape.backing` names, and `linux` the
+    /// boot configuration of a Linux shape.
     pub(crate) fn build(
         hypervisor: &Hypervisor,
         shape: ShellShape,
         backing: Option<&File>,
+        linux: Option<&LinuxBootConfig>,
     ) -> Result<Shell> {
         let size = usize::try_from(shape.memory_mb << 20)
             .map_err(|_| Error::InvalidConfig("memory size too large".into()))?;
+        let linux = linux.filter(|_| shape.linux.is_some());
         let memory = match (shape.backing, backing) {
+            _ if linux.is_some() => boot::create_memory(shape.memory_mb)?,
             (Some(_), Some(file)) => {
                 let file = file.try_clone().map_err(|source| Error::Io {
                     op: "opening a memory layer",
@@ -103,10 +149,14 @@ impl Shell {
         let vcpus = (0..shape.vcpus)
             .map(|index| vm.create_vcpu(index))
             .collect::<capsule_vmm::Result<Vec<_>>>()?;
+        let loaded = linux
+            .map(|config| boot::load_into_memory(vm.memory(), config))
+            .transpose()?;
         Ok(Shell {
             vm,
             vcpus,
             backing: shape.backing.filter(|_| backing.is_some()),
+            loaded,
         })
     }
 }
@@ -116,9 +166,13 @@ struct PoolState {
     ready: HashMap<ShellShape, Vec<Shell>>,
     /// The files that backed shapes map, by id.
     files: HashMap<BackingId, Arc<File>>,
+    /// How Linux shapes are loaded.
+    boots: HashMap<ShellShape, Arc<LinuxBootConfig>>,
     /// Shapes asked for, with a use counter for eviction.
     wanted: HashMap<ShellShape, u64>,
     uses: u64,
+    /// Takes served by a ready shell.
+    served: u64,
 }
 
 /// The pool and its filler thread.
@@ -140,12 +194,21 @@ impl PoolShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many shells of `shape` to keep.
+    fn target_for(&self, shape: &ShellShape) -> usize {
+        if shape.linux.is_some() {
+            self.target.min(LINUX_SHELLS)
+        } else {
+            self.target
+        }
+    }
+
     /// A shape that wants another shell, if any.
     fn next_to_fill(&self, state: &PoolState) -> Option<ShellShape> {
         state
             .wanted
             .keys()
-            .find(|shape| state.ready.get(shape).map_or(0, Vec::len) < self.target)
+            .find(|shape| state.ready.get(shape).map_or(0, Vec::len) < self.target_for(shape))
             .copied()
     }
 
@@ -166,11 +229,14 @@ impl PoolShared {
             let file = shape
                 .backing
                 .and_then(|id| self.state().files.get(&id).cloned());
-            if shape.backing.is_some() && file.is_none() {
+            let linux = self.state().boots.get(&shape).cloned();
+            if (shape.backing.is_some() && file.is_none())
+                || (shape.linux.is_some() && linux.is_none())
+            {
                 self.state().wanted.remove(&shape);
                 continue;
             }
-            match Shell::build(&self.hypervisor, shape, file.as_deref()) {
+            match Shell::build(&self.hypervisor, shape, file.as_deref(), linux.as_deref()) {
                 Ok(shell) => {
                     let mut state = self.state();
                     if state.wanted.contains_key(&shape) {
@@ -219,12 +285,24 @@ impl ShellPool {
         })
     }
 
-    /// A shell of `shape` (whose memory maps `backing` when `shape.backing` names it): a
-    /// pre-created one if ready, else one built now. Either way the pool then makes (more)
-    /// shells of this shape ready for next time.
-    pub(crate) fn take(&self, shape: ShellShape, backing: Option<&File>) -> Result<Shell> {
+    /// A shell of `shape` (whose memory maps `backing` when `shape.backing` names it, or is
+    /// loaded for `linux` when `shape.linux` is set): a pre-created one if ready, else one
+    /// built now. Either way the pool then makes (more) shells of this shape ready for next
+    /// time.
+    pub(crate) fn take(
+        &self,
+        shape: ShellShape,
+        backing: Option<&File>,
+        linux: Option<&LinuxBootConfig>,
+    ) -> Result<Shell> {
         let ready = {
             let mut state = self.shared.state();
+            if let (Some(_), Some(config)) = (shape.linux, linux) {
+                state
+                    .boots
+                    .entry(shape)
+                    .or_insert_with(|| Arc::new(config.clone()));
+            }
             if let (Some(id), Some(file)) = (shape.backing, backing) {
                 if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
                     let file = file.try_clone().map_err(|source| Error::Io {
@@ -253,12 +331,20 @@ impl ShellPool {
                 }
                 self.shared.wake.notify_one();
             }
-            state.ready.get_mut(&shape).and_then(Vec::pop)
+            let ready = state.ready.get_mut(&shape).and_then(Vec::pop);
+            state.served += u64::from(ready.is_some());
+            ready
         };
         match ready {
             Some(shell) => Ok(shell),
-            None => Shell::build(&self.shared.hypervisor, shape, backing),
+            None => Shell::build(&self.shared.hypervisor, shape, backing, linux),
         }
+    }
+
+    /// Shells ready now (all shapes together), and how many takes were served by one.
+    pub(crate) fn counts(&self) -> (usize, u64) {
+        let state = self.shared.state();
+        (state.ready.values().map(Vec::len).sum(), state.served)
     }
 
     /// Drops every shell mapping the file `id` and stops making them (its template is being
@@ -272,11 +358,13 @@ impl ShellPool {
 }
 
 impl PoolState {
-    /// Closes files no wanted shape maps any more.
+    /// Closes files no wanted shape maps any more, and forgets boot configurations of shapes
+    /// no longer wanted.
     fn forget_unused_files(&mut self) {
         let wanted = &self.wanted;
         self.files
             .retain(|id, _| wanted.keys().any(|shape| shape.backing == Some(*id)));
+        self.boots.retain(|shape, _| wanted.contains_key(shape));
     }
 }
 

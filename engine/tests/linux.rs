@@ -145,6 +145,44 @@ fn several_vcpus_are_seen_by_the_guest() {
 }
 
 #[test]
+fn capsules_boot_from_shells_loaded_ahead_of_time() {
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
+    // The first boot loads its kernel on the spot; then the pool loads one for next time.
+    let first = engine.create(minimal()).unwrap();
+    for round in 0..2 {
+        let deadline = Instant::now() + boot_timeout();
+        while engine.shell_pool_counts().0 == 0 {
+            assert!(Instant::now() < deadline, "no shell was pre-built");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let served = engine.shell_pool_counts().1;
+        let c = engine.create(minimal()).unwrap();
+        assert_eq!(
+            engine.shell_pool_counts().1,
+            served + 1,
+            "round {round}: the pre-built shell was used"
+        );
+        let out = c
+            .commands()
+            .run("cat /proc/cmdline; nproc; grep MemTotal /proc/meminfo")
+            .unwrap();
+        assert!(
+            out.stdout.starts_with(capsule::LINUX_KERNEL_CMDLINE),
+            "{out:?}"
+        );
+        assert!(out.stdout.contains("\n1\n"), "{out:?}");
+        c.destroy().unwrap();
+    }
+    // Each capsule has its own memory: a file written in one is not in another.
+    first.commands().run("echo mine > /tmp/owner").unwrap();
+    let other = engine.create(minimal()).unwrap();
+    let seen = other.commands().run("cat /tmp/owner 2>&1 || true").unwrap();
+    assert!(!seen.stdout.contains("mine"), "{seen:?}");
+}
+
+#[test]
 fn a_timeout_kills_the_command_and_its_children() {
     let Some((engine, _dir)) = linux_engine() else {
         return;

@@ -29,7 +29,7 @@ use capsule_devices::{AcpiPm, Bus, BusDevice};
 use capsule_vmm::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
 use capsule_vmm::boot::{self, LinuxBootConfig, VirtioMmioDesc};
 use capsule_vmm::kvm_ioctls::IoEventAddress;
-use capsule_vmm::{GuestMemory, HostInfo, Vcpu, VcpuEvent, Vm, VmOptions};
+use capsule_vmm::{GuestMemory, HostInfo, Vcpu, VcpuEvent, Vm};
 
 use super::agent_link::{AgentLink, LinkError};
 use super::{
@@ -38,6 +38,7 @@ use super::{
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
 use crate::id::CapsuleId;
+use crate::pool::{FileStamp, Shell, ShellShape};
 
 /// The template name of the Linux guest.
 pub(crate) const TEMPLATE: &str = "minimal";
@@ -138,18 +139,34 @@ impl LinuxRuntime {
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         validate(&ctx.config, ctx.hypervisor.info())?;
         let (kernel, initrd) = image_files(&ctx.linux_images)?;
-        let memory = boot::create_memory(ctx.config.memory_mb)?;
-        let vm = Vm::new(
-            &ctx.hypervisor,
-            memory,
-            VmOptions {
-                irqchip: true,
-                dirty_log: false,
-            },
-        )?;
-        let vcpus = (0..ctx.config.vcpus)
-            .map(|i| vm.create_vcpu(i))
-            .collect::<capsule_vmm::Result<Vec<_>>>()?;
+        let slot = |i: u32| {
+            VirtioMmioDesc::slot(i).ok_or_else(|| {
+                Error::Hypervisor(capsule_vmm::Error::InvalidConfig(format!(
+                    "no virtio-mmio slot {i}"
+                )))
+            })
+        };
+        let (console_slot, rng_slot) = (slot(0)?, slot(1)?);
+        let shape = ShellShape {
+            memory_mb: ctx.config.memory_mb,
+            vcpus: ctx.config.vcpus,
+            dirty_log: false,
+            irqchip: true,
+            backing: None,
+            linux: Some((FileStamp::of(&kernel)?, FileStamp::of(&initrd)?)),
+        };
+        let config = LinuxBootConfig {
+            initrd: Some(initrd.into()),
+            cmdline: CMDLINE.into(),
+            vcpus: ctx.config.vcpus,
+            memory_mb: ctx.config.memory_mb,
+            virtio_mmio: vec![console_slot, rng_slot],
+            ..LinuxBootConfig::new(kernel)
+        };
+        // A pre-built shell has the kernel and initramfs in memory already (see pool).
+        let Shell {
+            vm, vcpus, loaded, ..
+        } = ctx.shells.take(shape, None, Some(&config))?;
 
         // Port I/O: console, reset, power-off.
         let serial =
@@ -187,28 +204,16 @@ impl LinuxRuntime {
             .map_err(|e| os("starting the device thread", e))?;
         let mut mmio = Bus::new();
         let (console, host_end) = Console::new().map_err(|e| os("creating the console", e))?;
-        let slot = |i: u32| {
-            VirtioMmioDesc::slot(i).ok_or_else(|| {
-                Error::Hypervisor(capsule_vmm::Error::InvalidConfig(format!(
-                    "no virtio-mmio slot {i}"
-                )))
-            })
-        };
-        let (console_slot, rng_slot) = (slot(0)?, slot(1)?);
         let device_states = [
             attach(&vm, &devices, &mut mmio, console, console_slot)?,
             attach(&vm, &devices, &mut mmio, Rng::new(), rng_slot)?,
         ];
 
-        let config = LinuxBootConfig {
-            initrd: Some(initrd.into()),
-            cmdline: CMDLINE.into(),
-            vcpus: ctx.config.vcpus,
-            memory_mb: ctx.config.memory_mb,
-            virtio_mmio: vec![console_slot, rng_slot],
-            ..LinuxBootConfig::new(kernel)
+        let info = match loaded {
+            Some(info) => info,
+            None => boot::load_into_memory(vm.memory(), &config)?,
         };
-        boot::boot_linux(&vm, &vcpus, &config)?;
+        boot::setup_vcpus(&vm, &vcpus, &config, &info)?;
 
         let vm = Arc::new(vm);
         let stopping = Arc::new(AtomicBool::new(false));

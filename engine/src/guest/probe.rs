@@ -92,7 +92,7 @@ impl ProbeRuntime {
     /// Builds the VM, starts one thread per vCPU and waits until every vCPU is ready.
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         let mem_size = ctx.config.memory_mb << 20;
-        let shell = ctx.shells.take(shell_shape(&ctx, None), None)?;
+        let shell = ctx.shells.take(shell_shape(&ctx, None), None, None)?;
         let memory = shell.vm.memory();
         user_mode::write_tables(memory, &LAYOUT, mem_size)?;
         memory
@@ -125,7 +125,7 @@ impl ProbeRuntime {
         // A template's capsules get shells whose memory already maps its base layer.
         let shell = ctx
             .shells
-            .take(shell_shape(&ctx, image.base_id), image.base.as_ref())?;
+            .take(shell_shape(&ctx, image.base_id), image.base.as_ref(), None)?;
         persist::apply_memory(&shell, image)?;
         shell.vm.restore_state(&machine.vm)?;
         let mut vcpus = Vec::with_capacity(shell.vcpus.len());
@@ -275,6 +275,7 @@ fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
         dirty_log: options.dirty_log,
         irqchip: options.irqchip,
         backing,
+        linux: None,
     }
 }
 

@@ -315,7 +315,38 @@ impl BootVcpu {
 /// Boots `config`'s kernel into `vm` (created with [`crate::VmOptions::irqchip`] on memory
 /// from [`create_memory`]) and sets up `vcpus` (exactly `config.vcpus` of them, indices
 /// `0..n`): after it, running every vCPU runs Linux. Returns where everything was put.
+/// [`load_into_memory`] then [`setup_vcpus`], for a caller that loads the memory earlier.
 pub fn boot_linux(vm: &Vm, vcpus: &[Vcpu], config: &LinuxBootConfig) -> Result<BootInfo> {
+    check_vm(vm, vcpus, config)?;
+    let info = load_into_memory(vm.memory(), config)?;
+    setup_vcpus(vm, vcpus, config, &info)?;
+    Ok(info)
+}
+
+/// Sets up `vcpus` of `vm`, whose memory [`load_into_memory`] filled for `config` (returning
+/// `info`): the bootstrap processor at the kernel's entry, the others waiting for INIT/SIPI.
+/// Loading can so happen ahead of time, on a VM that has not run. The guest's kvm-clock is
+/// set to 0 here, so a VM built ahead of time boots with the clock of a new one (KVM starts
+/// it when the VM is created).
+pub fn setup_vcpus(
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    config: &LinuxBootConfig,
+    info: &BootInfo,
+) -> Result<()> {
+    check_vm(vm, vcpus, config)?;
+    vm.fd()
+        .set_clock(&kvm_bindings::kvm_clock_data::default())
+        .map_err(|e| Error::kvm("KVM_SET_CLOCK", e))?;
+    let setup = BootVcpu::new(vm.hypervisor().supported_cpuid()?, config.vcpus, info);
+    for vcpu in vcpus {
+        setup.apply(vcpu)?;
+    }
+    Ok(())
+}
+
+/// A Linux guest needs the in-kernel irqchip and vCPUs `0..config.vcpus` in order.
+fn check_vm(vm: &Vm, vcpus: &[Vcpu], config: &LinuxBootConfig) -> Result<()> {
     if !vm.options().irqchip {
         return Err(Error::InvalidConfig(
             "a Linux guest needs the in-kernel irqchip (VmOptions::irqchip)".into(),
@@ -333,12 +364,7 @@ pub fn boot_linux(vm: &Vm, vcpus: &[Vcpu], config: &LinuxBootConfig) -> Result<B
             vcpus.iter().map(Vcpu::index).collect::<Vec<_>>()
         )));
     }
-    let info = load_into_memory(vm.memory(), config)?;
-    let setup = BootVcpu::new(vm.hypervisor().supported_cpuid()?, config.vcpus, &info);
-    for vcpu in vcpus {
-        setup.apply(vcpu)?;
-    }
-    Ok(info)
+    Ok(())
 }
 
 #[cfg(test)]
