@@ -33,7 +33,8 @@ use capsule_vmm::{GuestMemory, HostInfo, Vcpu, VcpuEvent, Vm};
 
 use super::agent_link::{AgentLink, LinkError};
 use super::{
-    stop_vcpu_threads, BootContext, Frozen, GuestEvents, Job, Resources, Runtime, VcpuThread,
+    stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, Job, Resources, Runtime,
+    VcpuThread,
 };
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
@@ -241,11 +242,12 @@ impl LinuxRuntime {
                 channel: channel.clone(),
             };
             let index = worker.vcpu.index();
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-vcpu{index}", ctx.id))
-                .stack_size(VCPU_THREAD_STACK)
-                .spawn(move || worker.run())
-                .map_err(|e| os("spawning a vCPU thread", e))?;
+            let handle = vcpu_thread::spawn(
+                &format!("{}-vcpu{index}", ctx.id),
+                VCPU_THREAD_STACK,
+                move || worker.run(),
+            )
+            .map_err(|e| os("spawning a vCPU thread", e))?;
             workers.push((kicker, handle));
         }
         let stop_all = |workers: Vec<VcpuThread>| {

@@ -2,12 +2,13 @@
 //!
 //! A guest kind knows how to build its VM and serve commands; the engine only sees a
 //! [`Runtime`]: hand it [`Job`]s, shut it down. A guest reports crashes through
-//! [`GuestEvents`]. Today there is one kind, [`probe`]; a Linux kind with virtio devices plugs
-//! in beside it.
+//! [`GuestEvents`]. Two kinds: [`probe`] and [`linux`] (a kernel with virtio devices and the
+//! agent). Their vCPU threads come from [`vcpu_thread`].
 
 pub(crate) mod agent_link;
 pub(crate) mod linux;
 pub(crate) mod probe;
+pub(crate) mod vcpu_thread;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -204,7 +205,7 @@ pub(crate) trait Runtime: Send + Sync {
 }
 
 /// A vCPU thread and the handle that interrupts its vCPU.
-pub(crate) type VcpuThread = (Kicker, std::thread::JoinHandle<()>);
+pub(crate) type VcpuThread = (Kicker, vcpu_thread::VcpuJoinHandle);
 
 /// Interrupts every vCPU and waits for its thread. The caller has already told the threads
 /// to stop (their loop sees that once kicked). Not callable from one of these threads.

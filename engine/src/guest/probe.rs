@@ -21,8 +21,8 @@ use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use capsule_vmm::{memory, Vcpu, VcpuEvent, Vm};
 
 use super::{
-    stop_vcpu_threads, BootContext, Frozen, GuestEvents, GuestState, Job, MachineState,
-    MemoryOrigin, Resources, Runtime, VcpuThread,
+    stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, GuestState, Job,
+    MachineState, MemoryOrigin, Resources, Runtime, VcpuThread,
 };
 use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
@@ -199,10 +199,11 @@ impl ProbeRuntime {
                 seq: seq.unwrap_or(0),
             };
             let ready = ready_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("{}-vcpu{index}", ctx.id))
-                .stack_size(VCPU_THREAD_STACK)
-                .spawn(move || worker.serve(seq.is_none(), ready));
+            let spawned = vcpu_thread::spawn(
+                &format!("{}-vcpu{index}", ctx.id),
+                VCPU_THREAD_STACK,
+                move || worker.serve(seq.is_none(), ready),
+            );
             match spawned {
                 Ok(handle) => lock(&runtime.workers).push((kicker, handle)),
                 Err(e) => {
