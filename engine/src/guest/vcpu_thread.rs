@@ -46,7 +46,9 @@ extern "C" fn thread_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// A running vCPU thread. Dropping it without [`VcpuJoinHandle::join`] detaches it.
 #[derive(Debug)]
 pub(crate) struct VcpuJoinHandle {
-    thread: libc::pthread_t,
+    /// The `pthread_t`, as an integer: it is a pointer on musl, an integer on glibc, and a
+    /// plain handle either way, usable from any thread.
+    thread: usize,
     panicked: Arc<AtomicBool>,
     joined: bool,
 }
@@ -57,7 +59,7 @@ impl VcpuJoinHandle {
         self.joined = true;
         // SAFETY: `thread` was created joinable by `spawn` and is joined only here, once
         // (`joined` keeps Drop from detaching it as well).
-        unsafe { libc::pthread_join(self.thread, std::ptr::null_mut()) };
+        unsafe { libc::pthread_join(self.thread as libc::pthread_t, std::ptr::null_mut()) };
         if self.panicked.load(Ordering::SeqCst) {
             Err(())
         } else {
@@ -70,7 +72,7 @@ impl Drop for VcpuJoinHandle {
     fn drop(&mut self) {
         if !self.joined {
             // SAFETY: a joinable thread that nobody joined or detached before.
-            unsafe { libc::pthread_detach(self.thread) };
+            unsafe { libc::pthread_detach(self.thread as libc::pthread_t) };
         }
     }
 }
@@ -91,7 +93,7 @@ pub(crate) fn spawn(
         panicked: panicked.clone(),
     }));
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
-    let mut thread: libc::pthread_t = 0;
+    let mut thread = std::mem::MaybeUninit::<libc::pthread_t>::uninit();
     // SAFETY: `attr` is initialised by pthread_attr_init before any other use and destroyed
     // after pthread_create, which copies what it needs. `start` stays valid until the new
     // thread takes it back; if no thread was created it is reclaimed below.
@@ -105,7 +107,7 @@ pub(crate) fn spawn(
         let mut rc = libc::pthread_attr_setstacksize(attr.as_mut_ptr(), size);
         if rc == 0 {
             rc = libc::pthread_create(
-                &mut thread,
+                thread.as_mut_ptr(),
                 attr.as_ptr(),
                 thread_main,
                 start.cast::<libc::c_void>(),
@@ -120,8 +122,10 @@ pub(crate) fn spawn(
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
+    // SAFETY: pthread_create returned 0, so it stored the new thread's id.
+    let thread = unsafe { thread.assume_init() };
     Ok(VcpuJoinHandle {
-        thread,
+        thread: thread as usize,
         panicked,
         joined: false,
     })
