@@ -49,8 +49,11 @@ options:
   --report-boots N      boots of each kind in linux-report (default 5)
   --no-install          fail instead of installing missing tools
   --no-retry            do not run failed tests a second time (by default a test that fails
-                        runs once more, alone, and passing then counts as flaky, not failed:
-                        TCG's nested SVM now and then corrupts a guest, see xtask/README.md)
+                        runs once more, alone, and passing then counts as flaky, not failed;
+                        an L1 that hangs (silent for 300 s; env CAPSULE_NESTED_STALL) or
+                        crashes is booted once more:
+                        TCG's nested SVM now and then corrupts a guest or L1, see
+                        xtask/README.md)
   --pack-only           build target/nested/l1.cpio.gz and stop (no boot)
   -h, --help            this text";
 
@@ -533,17 +536,66 @@ fn nested_test(o: &Options) -> Result<bool> {
 
     println!("xtask: [5/5] boot L1 (QEMU TCG, -cpu max: nested SVM)");
     let log = cache.join("l1-console.log");
-    let outcome = qemu::boot(
-        &qemu::Boot {
-            kernel: kernel.vmlinuz.clone(),
-            initrd,
-            smp: o.smp,
-            memory_mb: o.memory_mb,
-            timeout: o.timeout,
-        },
-        &log,
-    )?;
+    let boot = qemu::Boot {
+        kernel: kernel.vmlinuz.clone(),
+        initrd,
+        smp: o.smp,
+        memory_mb: o.memory_mb,
+        timeout: o.timeout,
+        stall: l1_stall(),
+    };
+    let mut outcome = qemu::boot(&boot, &log)?;
+    // An L1 that hung or died is the emulator failing, not a test (see xtask/README.md):
+    // boot it once more; the summary says so.
+    let mut first_run = None;
+    if o.retry_failed {
+        if let Some(why) = l1_broke(&outcome) {
+            let first_log = cache.join("l1-console-first.log");
+            let _ = std::fs::rename(&log, &first_log);
+            println!(
+                "xtask: the first L1 run {why}; booting L1 once more (its console: {})",
+                first_log.display()
+            );
+            first_run = Some(why);
+            outcome = qemu::boot(&boot, &log)?;
+        }
+    }
+    if let Some(why) = &first_run {
+        println!("xtask: NOTE: this is the second L1 run; the first {why}");
+    }
     Ok(summarize(o, &outcome, prepared, started.elapsed(), &log))
+}
+
+/// How long L1 may print nothing before it counts as hung (env `CAPSULE_NESTED_STALL`,
+/// seconds, overrides it).
+const L1_STALL: Duration = Duration::from_secs(300);
+
+fn l1_stall() -> Duration {
+    std::env::var("CAPSULE_NESTED_STALL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(L1_STALL, Duration::from_secs)
+}
+
+/// Why an L1 run broke down by itself (hung, or stopped before `/init` finished), if it did.
+fn l1_broke(outcome: &qemu::Outcome) -> Option<String> {
+    if outcome.stalled {
+        Some(format!(
+            "hung (no console output for {} s, after {:.0} s)",
+            l1_stall().as_secs(),
+            outcome.wall.as_secs_f64()
+        ))
+    } else if outcome.report.done.is_none()
+        && !outcome.timed_out
+        && outcome.report.init_at.is_some()
+    {
+        Some(format!(
+            "stopped after {:.0} s before /init finished (L1 crashed)",
+            outcome.wall.as_secs_f64()
+        ))
+    } else {
+        None
+    }
 }
 
 /// Prints the summary and the final `N passed, M failed, K skipped` line; true on success.
@@ -641,6 +693,10 @@ fn summarize(
         (Some(code), Some(status)) if status != code * 2 + 1 => problems.push(format!(
             "/init finished with {code} but QEMU exited {status} (isa-debug-exit expects {})",
             code * 2 + 1
+        )),
+        (None, _) if outcome.stalled => problems.push(format!(
+            "L1 hung: no console output for {} s",
+            l1_stall().as_secs()
         )),
         (None, _) if !outcome.timed_out => {
             problems.push("L1 stopped before /init finished".to_string())

@@ -19,6 +19,9 @@ pub struct Boot {
     pub smp: u32,
     pub memory_mb: u32,
     pub timeout: Duration,
+    /// L1 counts as hung after this long without a console line (tests print one as each
+    /// finishes; the slowest takes about a minute in L1).
+    pub stall: Duration,
 }
 
 /// How the L1 run ended.
@@ -27,6 +30,8 @@ pub struct Outcome {
     pub report: Report,
     pub status: Option<ExitStatus>,
     pub timed_out: bool,
+    /// Stopped because the console was silent for [`Boot::stall`].
+    pub stalled: bool,
     pub wall: Duration,
 }
 
@@ -93,13 +98,17 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
 
     let deadline = started + boot.timeout;
     let mut report = Report::default();
-    let mut timed_out = false;
+    let (mut timed_out, mut stalled) = (false, false);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(boot.stall)) {
             Ok(line) => report.line(&line, started.elapsed()),
             Err(RecvTimeoutError::Timeout) => {
-                timed_out = true;
+                if left <= boot.stall {
+                    timed_out = true;
+                } else {
+                    stalled = true;
+                }
                 break;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -109,6 +118,13 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         println!(
             "xtask: L1 ran past the {} s timeout; stopping QEMU",
             boot.timeout.as_secs()
+        );
+        let _ = child.kill();
+    }
+    if stalled {
+        println!(
+            "xtask: L1 printed nothing for {} s: it hung; stopping QEMU",
+            boot.stall.as_secs()
         );
         let _ = child.kill();
     }
@@ -127,6 +143,7 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         report,
         status,
         timed_out,
+        stalled,
         wall,
     })
 }
