@@ -579,10 +579,10 @@ fn l1_stall() -> Duration {
 
 /// Why an L1 run broke down by itself (hung, or stopped before `/init` finished), if it did.
 fn l1_broke(outcome: &qemu::Outcome) -> Option<String> {
-    if outcome.stalled {
+    if let Some(silence) = outcome.stalled {
         Some(format!(
             "hung (no console output for {} s, after {:.0} s)",
-            l1_stall().as_secs(),
+            silence.as_secs(),
             outcome.wall.as_secs_f64()
         ))
     } else if outcome.report.done.is_none()
@@ -689,16 +689,20 @@ fn summarize(
             ));
         }
     }
-    match (r.done, outcome.status.and_then(|s| s.code())) {
-        (Some(code), Some(status)) if status != code * 2 + 1 => problems.push(format!(
+    match (
+        r.done,
+        outcome.status.and_then(|s| s.code()),
+        outcome.stalled,
+    ) {
+        (Some(code), Some(status), _) if status != code * 2 + 1 => problems.push(format!(
             "/init finished with {code} but QEMU exited {status} (isa-debug-exit expects {})",
             code * 2 + 1
         )),
-        (None, _) if outcome.stalled => problems.push(format!(
+        (None, _, Some(silence)) => problems.push(format!(
             "L1 hung: no console output for {} s",
-            l1_stall().as_secs()
+            silence.as_secs()
         )),
-        (None, _) if !outcome.timed_out => {
+        (None, _, None) if !outcome.timed_out => {
             problems.push("L1 stopped before /init finished".to_string())
         }
         _ => {}

@@ -30,8 +30,8 @@ pub struct Outcome {
     pub report: Report,
     pub status: Option<ExitStatus>,
     pub timed_out: bool,
-    /// Stopped because the console was silent for [`Boot::stall`].
-    pub stalled: bool,
+    /// Stopped because the console was silent this long ([`Boot::stall`]).
+    pub stalled: Option<Duration>,
     pub wall: Duration,
 }
 
@@ -98,7 +98,7 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
 
     let deadline = started + boot.timeout;
     let mut report = Report::default();
-    let (mut timed_out, mut stalled) = (false, false);
+    let (mut timed_out, mut stalled) = (false, None);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(boot.stall)) {
@@ -107,7 +107,7 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
                 if left <= boot.stall {
                     timed_out = true;
                 } else {
-                    stalled = true;
+                    stalled = Some(boot.stall);
                 }
                 break;
             }
@@ -121,10 +121,10 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         );
         let _ = child.kill();
     }
-    if stalled {
+    if let Some(silence) = stalled {
         println!(
             "xtask: L1 printed nothing for {} s: it hung; stopping QEMU",
-            boot.stall.as_secs()
+            silence.as_secs()
         );
         let _ = child.kill();
     }
