@@ -133,9 +133,10 @@ impl Shell {
         let size = usize::try_from(shape.memory_mb << 20)
             .map_err(|_| Error::InvalidConfig("memory size too large".into()))?;
         let linux = linux.filter(|_| shape.linux.is_some());
-        let memory = match (shape.backing, backing) {
-            _ if linux.is_some() => boot::create_memory(shape.memory_mb)?,
-            (Some(_), Some(file)) => {
+        let memory = match (linux, shape.backing, backing) {
+            // Linux's layout: RAM around the 32-bit MMIO gap, in huge pages.
+            (Some(_), _, _) => boot::create_memory(shape.memory_mb)?,
+            (None, Some(_), Some(file)) => {
                 let file = file.try_clone().map_err(|source| Error::Io {
                     op: "opening a memory layer",
                     path: std::path::PathBuf::new(),
