@@ -209,6 +209,22 @@ mod tests {
             .collect()
     }
 
+    /// `data` (a layer file) has `mem`'s bytes at the pages set in `bm` and zeros elsewhere.
+    fn assert_layer_holds(data: &[u8], mem: &[u8], bm: &PageBitmap) {
+        assert_eq!(data.len(), mem.len());
+        for (page, (got, want)) in data
+            .chunks(PAGE_SIZE as usize)
+            .zip(mem.chunks(PAGE_SIZE as usize))
+            .enumerate()
+        {
+            if bm.get(page as u64) {
+                assert_eq!(got, want, "page {page}");
+            } else {
+                assert!(got.iter().all(|&b| b == 0), "page {page}");
+            }
+        }
+    }
+
     #[test]
     fn direct_io_writes_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
@@ -235,15 +251,7 @@ mod tests {
         bm.set(200).unwrap();
         let p = dir.path().join("d.layer");
         write_layer(&p, mem, &bm, &WriteOptions::default().with_direct_io(true)).unwrap();
-        let data = std::fs::read(&p).unwrap();
-        for page in 0..pages {
-            let r = (page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize;
-            if bm.get(page) {
-                assert_eq!(data[r.clone()], mem[r], "page {page}");
-            } else {
-                assert!(data[r].iter().all(|&b| b == 0), "page {page}");
-            }
-        }
+        assert_layer_holds(&std::fs::read(&p).unwrap(), mem, &bm);
         // SAFETY: unmapping the mapping made above; `mem` is not used afterwards.
         unsafe { libc::munmap(addr, len) };
     }
@@ -269,15 +277,7 @@ mod tests {
             "allocated {allocated} bytes for 4 pages"
         );
 
-        let data = std::fs::read(&p).unwrap();
-        for page in 0..pages {
-            let r = (page * PAGE_SIZE) as usize..((page + 1) * PAGE_SIZE) as usize;
-            if bm.get(page) {
-                assert_eq!(data[r.clone()], mem[r], "page {page}");
-            } else {
-                assert!(data[r].iter().all(|&b| b == 0), "page {page}");
-            }
-        }
+        assert_layer_holds(&std::fs::read(&p).unwrap(), &mem, &bm);
     }
 
     #[test]
