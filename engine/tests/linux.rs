@@ -196,10 +196,13 @@ fn a_timeout_kills_the_command_and_its_children() {
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
     let child = c.commands().run("cat /tmp/child").unwrap().stdout;
+    // Killed is dead even before the agent (PID 1, which inherits the orphan) has reaped
+    // it: a zombie (state Z) counts as gone, as `kill -0` alone would not tell.
     let alive = c
         .commands()
         .run(&format!(
-            "kill -0 {} 2>/dev/null && echo alive || echo gone",
+            "read -r _ _ state _ 2>/dev/null < /proc/{}/stat; \
+             case \"$state\" in ''|Z) echo gone ;; *) echo alive ;; esac",
             child.trim()
         ))
         .unwrap();
