@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 fn engine() -> Option<(Engine, tempfile::TempDir)> {
     let dir = tempfile::tempdir().ok()?;
-    match Engine::new(EngineConfig::default().data_dir(dir.path())) {
+    match Engine::new(EngineConfig::builder().data_dir(dir.path())) {
         Ok(engine) => Some((engine, dir)),
         Err(e) => {
             eprintln!("skipping benchmarks: {e}");

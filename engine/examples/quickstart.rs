@@ -8,11 +8,11 @@ use capsule::{CapsuleConfig, Engine, EngineConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data_dir = std::env::temp_dir().join("capsule-quickstart");
-    let engine = Engine::new(EngineConfig::default().data_dir(&data_dir))?;
+    let engine = Engine::new(EngineConfig::builder().data_dir(&data_dir))?;
     println!("host KVM: {}", engine.host().virtualization);
 
     let started = Instant::now();
-    let capsule = engine.create(CapsuleConfig::new("probe").memory_mb(64))?;
+    let capsule = engine.create(CapsuleConfig::builder("probe").memory_mb(64))?;
     println!("created {} in {:?}", capsule.id(), started.elapsed());
 
     for command in [

@@ -4,8 +4,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::id::CapsuleId;
-use crate::status::Status;
+use crate::model::{CapsuleId, InvalidId, Status};
 
 pub use capsule_vmm::KvmUnavailable;
 
@@ -52,11 +51,12 @@ pub enum Error {
         /// What was attempted.
         operation: &'static str,
     },
-    /// An operation did not finish in time.
-    #[error("{operation} timed out after {after:?}")]
+    /// A command or a wait did not finish in time ([`TimeoutKind`] says which). A boot that
+    /// runs out of time is [`Error::BootTimeout`].
+    #[error("{kind} timed out after {after:?}")]
     Timeout {
         /// What timed out.
-        operation: &'static str,
+        kind: TimeoutKind,
         /// The limit that was exceeded.
         after: Duration,
     },
@@ -118,9 +118,82 @@ pub enum Error {
     /// or could not be written (disk full, I/O error). Nothing that was valid before is lost.
     #[error("snapshot: {0}")]
     Snapshot(#[source] capsule_snapshot::Error),
-    /// The hypervisor layer failed (a KVM ioctl, guest memory...).
+    /// A snapshot is readable but does not describe this capsule (another guest kind, vCPU
+    /// count or memory size), or says something the engine cannot use. The capsule stays as
+    /// it was.
+    #[error("snapshot does not match: {0}")]
+    SnapshotMismatch(String),
+    /// The hypervisor layer failed (a KVM ioctl, guest memory, building the machine...).
     #[error("hypervisor: {0}")]
     Hypervisor(#[source] capsule_vmm::Error),
+    /// The in-guest agent of a Linux capsule refused a request or broke its protocol.
+    #[error("capsule {id}: agent: {reason}")]
+    Agent {
+        /// The capsule.
+        id: CapsuleId,
+        /// What the agent said or did.
+        reason: String,
+    },
+    /// The host refused the engine a resource for `op` (a thread, a file descriptor...).
+    #[error("{op}: {source}")]
+    Os {
+        /// What the engine was doing.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Which limit an [`Error::Timeout`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// A command's own timeout ([`crate::RunOptions::timeout`]); the command was killed, the
+    /// capsule is still usable.
+    Command,
+    /// [`crate::Capsule::wait_ready`]'s timeout; the capsule was not running in time.
+    WaitReady,
+}
+
+impl std::fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Command => "command",
+            TimeoutKind::WaitReady => "waiting until ready",
+        })
+    }
+}
+
+impl From<InvalidId> for Error {
+    fn from(e: InvalidId) -> Self {
+        Error::InvalidId(e.0)
+    }
+}
+
+impl From<capsule_snapshot::Error> for Error {
+    fn from(e: capsule_snapshot::Error) -> Self {
+        Error::Snapshot(e)
+    }
+}
+
+impl Error {
+    /// An [`Error::Os`] for `op`.
+    pub(crate) fn os(op: &'static str, source: io::Error) -> Self {
+        Error::Os { op, source }
+    }
+
+    /// An [`Error::Io`] for `op` on `path`, as a `map_err` argument.
+    pub(crate) fn io<'a>(
+        op: &'static str,
+        path: &'a std::path::Path,
+    ) -> impl FnOnce(io::Error) -> Error + 'a {
+        move |source| Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// The engine's result type.

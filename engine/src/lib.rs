@@ -102,26 +102,47 @@
 //! - Errors are one enum, [`Error`]; nothing in the API panics on bad input.
 #![deny(missing_docs)]
 
-mod capsule;
+// The modules, bottom to top; each imports only modules above it in this list... read
+// upwards: `model` imports nothing of the crate, `api` may import everything.
+//
+// - model: plain data (ids, statuses, infos, command output, the capsule record)
+// - error, config, sync: the error enum, configuration builders, lock helpers
+// - store, persist, template, pool, limiter, periodic: the data directory, snapshot files,
+//   templates, pre-built VM shells, the start limiter, a background-thread helper
+// - guest: the guest kinds (probe, linux) and the contract a running guest fulfils
+// - capsule_core, registry, engine_core: one capsule's state and status machine, the
+//   engine's capsules, the engine's parts
+// - lifecycle, command, recovery, idle_watch: the steps (create, pause, resume, snapshot,
+//   destroy), running a command, start-up recovery, the inactivity watcher
+// - api: the public handles, which only delegate
+mod api;
+mod capsule_core;
+mod command;
 mod config;
-mod engine;
+mod engine_core;
 mod error;
 mod guest;
-mod id;
+mod idle_watch;
+mod lifecycle;
 mod limiter;
+mod model;
+mod periodic;
 mod persist;
 mod pool;
-mod status;
+mod recovery;
+mod registry;
 mod store;
+mod sync;
 mod template;
 
-pub use crate::capsule::{Capsule, CommandOutput, Commands};
-pub use crate::config::{CapsuleConfig, EngineConfig, RunOptions};
-pub use crate::engine::Engine;
-pub use crate::error::{Error, KvmUnavailable, Result};
-pub use crate::id::CapsuleId;
-pub use crate::status::{CapsuleInfo, Status};
-pub use crate::template::TemplateInfo;
+pub use crate::api::{Capsule, Commands, Engine};
+pub use crate::config::{
+    CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, RunOptions,
+};
+pub use crate::error::{Error, KvmUnavailable, Result, TimeoutKind};
+pub use crate::model::{
+    CapsuleId, CapsuleInfo, CommandOutput, InvalidId, ParseStatusError, Status, TemplateInfo,
+};
 pub use capsule_vmm::{HostInfo, Virtualization};
 
 /// The kernel command line Linux capsules (the `"minimal"` template) boot with: console on
@@ -130,8 +151,9 @@ pub use capsule_vmm::{HostInfo, Virtualization};
 /// `Hello` is sent.
 pub const LINUX_KERNEL_CMDLINE: &str = guest::linux::CMDLINE;
 
-/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
-#[doc(hidden)]
+/// Entry points for the fuzz targets in `fuzz/` (the `testing` feature); not part of the
+/// stable API.
+#[cfg(feature = "testing")]
 pub mod fuzzing {
     /// Decodes and validates a snapshot state file image (`state.bin`) the way `resume`
     /// does; `true` if it would be accepted. Never panics.

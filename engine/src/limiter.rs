@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::sync::{lock, wait};
+
 /// At most `limit` permits are out at any time; `acquire` blocks for one.
 #[derive(Debug)]
 pub(crate) struct StartLimiter {
@@ -19,12 +21,9 @@ impl StartLimiter {
 
     /// Blocks until a permit is free; the permit returns when the guard drops.
     pub(crate) fn acquire(self: &Arc<Self>) -> Permit {
-        let mut available = self.available.lock().unwrap_or_else(|p| p.into_inner());
+        let mut available = lock(&self.available);
         while *available == 0 {
-            available = self
-                .freed
-                .wait(available)
-                .unwrap_or_else(|p| p.into_inner());
+            available = wait(&self.freed, available);
         }
         *available -= 1;
         Permit {
@@ -41,11 +40,7 @@ pub(crate) struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut available = self
-            .limiter
-            .available
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut available = lock(&self.limiter.available);
         *available += 1;
         self.limiter.freed.notify_one();
     }

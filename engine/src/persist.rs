@@ -30,8 +30,9 @@ use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
+use crate::model::record::CapsuleRecord;
+use crate::model::GuestKind;
 use crate::pool::{BackingId, Shell};
-use crate::store::CapsuleMeta;
 
 /// Most layers a capsule's memory chain may have before it is merged (Wrenn merges after 8
 /// generations).
@@ -71,15 +72,14 @@ pub(crate) struct MemoryImage {
 
 /// The version of [`SnapshotState`]'s layout inside the state file; bump it when the layout
 /// changes so old engines refuse new snapshots instead of misreading them.
-pub(crate) const SNAPSHOT_SCHEMA: u32 = 1;
+pub(crate) const SNAPSHOT_SCHEMA: u32 = 2;
 
 /// Everything in `state.bin`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct SnapshotState {
     /// [`SNAPSHOT_SCHEMA`] when written.
     pub(crate) schema: u32,
-    /// The guest kind (`"probe"`).
-    pub(crate) kind: String,
+    pub(crate) kind: GuestKind,
     pub(crate) vcpus: u32,
     pub(crate) memory_mb: u64,
     pub(crate) machine: MachineState,
@@ -87,7 +87,7 @@ pub(crate) struct SnapshotState {
     /// Pages newer than `memory`, stored inline (see [`INLINE_MAX_PAGES`]).
     pub(crate) patch: Vec<PagePatch>,
     /// The paused capsule this is the snapshot of (none for a template).
-    pub(crate) capsule: Option<CapsuleMeta>,
+    pub(crate) capsule: Option<CapsuleRecord>,
 }
 
 fn snap(e: capsule_snapshot::Error) -> Error {
@@ -126,10 +126,10 @@ fn memory_bytes(frozen: &Frozen) -> Result<&[u8]> {
 }
 
 /// Writes `frozen` as the snapshot in `dir` (a capsule's own snapshot directory).
-pub(crate) fn write_snapshot(
+pub(crate) fn write_paused(
     dir: &Path,
     frozen: &Frozen,
-    capsule: &CapsuleMeta,
+    capsule: &CapsuleRecord,
     options: &WriteOptions,
 ) -> Result<MemoryChain> {
     fs::create_dir_all(dir).map_err(io("creating the snapshot directory", dir))?;
@@ -169,7 +169,7 @@ pub(crate) fn write_snapshot(
     }
     let state = SnapshotState {
         schema: SNAPSHOT_SCHEMA,
-        kind: capsule.kind.clone(),
+        kind: capsule.kind,
         vcpus: capsule.vcpus,
         memory_mb: capsule.memory_mb,
         machine: frozen.machine.clone(),
@@ -190,7 +190,7 @@ pub(crate) fn write_snapshot(
 pub(crate) fn write_template(
     dir: &Path,
     frozen: &Frozen,
-    kind: &str,
+    kind: GuestKind,
     vcpus: u32,
     memory_mb: u64,
 ) -> Result<()> {
@@ -222,7 +222,7 @@ pub(crate) fn write_template(
             .map_err(snap)?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
-            kind: kind.to_owned(),
+            kind,
             vcpus,
             memory_mb,
             machine: frozen.machine.clone(),
@@ -282,7 +282,8 @@ fn link_layers(from: &Path, to: &Path, chain: &MemoryChain) -> Result<()> {
 }
 
 /// Decodes and checks a `state.bin` image without touching the file system: what `load`
-/// does after reading the file. Exposed (hidden) for the fuzz target.
+/// does after reading the file. Exposed (`testing` feature) for the fuzz target.
+#[cfg(feature = "testing")]
 pub(crate) fn decode(bytes: &[u8]) -> Result<SnapshotState> {
     let state: SnapshotState =
         capsule_snapshot::state_file::decode_state_bytes(bytes).map_err(snap)?;

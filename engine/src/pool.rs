@@ -343,6 +343,7 @@ impl ShellPool {
     }
 
     /// Shells ready now (all shapes together), and how many takes were served by one.
+    #[cfg(feature = "testing")]
     pub(crate) fn counts(&self) -> (usize, u64) {
         let state = self.shared.state();
         (state.ready.values().map(Vec::len).sum(), state.served)

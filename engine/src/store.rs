@@ -31,74 +31,57 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
-use crate::id::CapsuleId;
+use crate::model::record::CapsuleRecord;
+use crate::model::CapsuleId;
+use crate::sync::lock;
 
-/// What the data directory remembers about a capsule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct CapsuleMeta {
-    pub(crate) id: String,
-    pub(crate) template: String,
-    /// The guest kind (`"probe"`).
-    pub(crate) kind: String,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_mb: u64,
-    pub(crate) timeout_ms: u64,
-    pub(crate) created_at_ms: u64,
-}
-
-impl CapsuleMeta {
-    pub(crate) fn created_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(self.created_at_ms)
-    }
-}
+/// The journal's first line; a journal without it is the same format from before the header
+/// was written.
+const JOURNAL_HEADER: &str = "capsule-journal 1";
 
 /// Milliseconds since the Unix epoch.
-pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-impl CapsuleMeta {
-    /// The journal line recording this capsule's creation.
-    fn journal_line(&self) -> String {
-        format!(
-            "create {} {} {} {} {} {} {}\n",
-            self.id,
-            self.template,
-            self.kind,
-            self.vcpus,
-            self.memory_mb,
-            self.timeout_ms,
-            self.created_at_ms
-        )
-    }
+/// The journal line recording `record`'s creation.
+fn journal_line(record: &CapsuleRecord) -> String {
+    format!(
+        "create {} {} {} {} {} {} {}\n",
+        record.id,
+        record.template,
+        record.kind,
+        record.vcpus,
+        record.memory_mb,
+        record.timeout.as_millis(),
+        unix_ms(record.created_at)
+    )
+}
 
-    fn parse(fields: &[&str]) -> Option<CapsuleMeta> {
-        let [id, template, kind, vcpus, memory_mb, timeout_ms, created_at_ms] = fields else {
-            return None;
-        };
-        id.parse::<CapsuleId>().ok()?;
-        Some(CapsuleMeta {
-            id: (*id).to_owned(),
-            template: (*template).to_owned(),
-            kind: (*kind).to_owned(),
-            vcpus: vcpus.parse().ok()?,
-            memory_mb: memory_mb.parse().ok()?,
-            timeout_ms: timeout_ms.parse().ok()?,
-            created_at_ms: created_at_ms.parse().ok()?,
-        })
-    }
+/// Reads the fields after `create`; `None` for a torn or foreign line.
+fn parse_create(fields: &[&str]) -> Option<CapsuleRecord> {
+    let [id, template, kind, vcpus, memory_mb, timeout_ms, created_at_ms] = fields else {
+        return None;
+    };
+    Some(CapsuleRecord {
+        id: id.parse().ok()?,
+        template: (*template).to_owned(),
+        kind: kind.parse().ok()?,
+        vcpus: vcpus.parse().ok()?,
+        memory_mb: memory_mb.parse().ok()?,
+        timeout: Duration::from_millis(timeout_ms.parse().ok()?),
+        created_at: UNIX_EPOCH + Duration::from_millis(created_at_ms.parse().ok()?),
+    })
 }
 
 /// What [`Store::load`] found.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
     /// Capsules the journal says exist, by id.
-    pub(crate) journal: HashMap<String, CapsuleMeta>,
+    pub(crate) journal: HashMap<CapsuleId, CapsuleRecord>,
     /// Capsules with a snapshot directory holding a `state.bin` (paused), by id.
     pub(crate) snapshots: Vec<CapsuleId>,
 }
@@ -112,14 +95,6 @@ pub(crate) struct Store {
     _lock: File,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 impl Store {
     /// Creates the layout if needed, takes the directory's lock and opens the journal.
     pub(crate) fn open(root: &Path) -> Result<Store> {
@@ -128,7 +103,7 @@ impl Store {
             root.join("capsules"),
             root.join("templates"),
         ] {
-            fs::create_dir_all(&dir).map_err(io_err("creating the data directory", &dir))?;
+            fs::create_dir_all(&dir).map_err(Error::io("creating the data directory", &dir))?;
         }
         let lock_path = root.join("lock");
         let lock = File::options()
@@ -136,7 +111,7 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(io_err("opening the lock file", &lock_path))?;
+            .map_err(Error::io("opening the lock file", &lock_path))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -155,7 +130,7 @@ impl Store {
             .create(true)
             .append(true)
             .open(&journal_path)
-            .map_err(io_err("opening the capsule journal", &journal_path))?;
+            .map_err(Error::io("opening the capsule journal", &journal_path))?;
         Ok(Store {
             root: root.to_path_buf(),
             journal: Mutex::new(journal),
@@ -176,16 +151,16 @@ impl Store {
     }
 
     fn append(&self, line: &str) -> Result<()> {
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        journal.write_all(line.as_bytes()).map_err(io_err(
+        let mut journal = lock(&self.journal);
+        journal.write_all(line.as_bytes()).map_err(Error::io(
             "writing the capsule journal",
             &self.root.join(JOURNAL),
         ))
     }
 
     /// Records a new capsule (one append, no fsync: see the module docs).
-    pub(crate) fn write_meta(&self, meta: &CapsuleMeta) -> Result<()> {
-        self.append(&meta.journal_line())
+    pub(crate) fn record(&self, record: &CapsuleRecord) -> Result<()> {
+        self.append(&journal_line(record))
     }
 
     /// Forgets a capsule and deletes its files.
@@ -195,7 +170,7 @@ impl Store {
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("deleting the capsule's files", &dir)(e)),
+            Err(e) => Err(Error::io("deleting the capsule's files", &dir)(e)),
         }
     }
 
@@ -206,24 +181,30 @@ impl Store {
         let mut loaded = Loaded::default();
         let journal_path = self.root.join(JOURNAL);
         let text = fs::read_to_string(&journal_path)
-            .map_err(io_err("reading the capsule journal", &journal_path))?;
+            .map_err(Error::io("reading the capsule journal", &journal_path))?;
         for line in text.lines() {
+            if line == JOURNAL_HEADER {
+                continue;
+            }
             let fields: Vec<&str> = line.split(' ').collect();
             match fields.split_first() {
-                Some((&"create", rest)) => {
-                    if let Some(meta) = CapsuleMeta::parse(rest) {
-                        loaded.journal.insert(meta.id.clone(), meta);
+                Some((&"create", rest)) => match parse_create(rest) {
+                    Some(record) => {
+                        loaded.journal.insert(record.id.clone(), record);
                     }
-                }
+                    None => tracing::warn!(%line, "skipping a malformed journal line"),
+                },
                 Some((&"destroy", [id])) => {
-                    loaded.journal.remove(*id);
+                    if let Ok(id) = id.parse::<CapsuleId>() {
+                        loaded.journal.remove(&id);
+                    }
                 }
                 _ => tracing::warn!(%line, "skipping a malformed journal line"),
             }
         }
         let dir = self.root.join("capsules");
-        for entry in fs::read_dir(&dir).map_err(io_err("listing capsules", &dir))? {
-            let entry = entry.map_err(io_err("listing capsules", &dir))?;
+        for entry in fs::read_dir(&dir).map_err(Error::io("listing capsules", &dir))? {
+            let entry = entry.map_err(Error::io("listing capsules", &dir))?;
             let name = entry.file_name();
             let id = name.to_str().and_then(|n| n.parse::<CapsuleId>().ok());
             let has_snapshot = entry
@@ -233,7 +214,7 @@ impl Store {
                 .exists();
             match id {
                 Some(id) if has_snapshot => loaded.snapshots.push(id),
-                Some(id) if loaded.journal.contains_key(id.as_str()) => {}
+                Some(id) if loaded.journal.contains_key(&id) => {}
                 _ => {
                     tracing::warn!(path = %entry.path().display(), "removing a stale capsule directory");
                     let _ = fs::remove_dir_all(entry.path());
@@ -244,15 +225,19 @@ impl Store {
     }
 
     /// Rewrites the journal with exactly `live` (atomically, fsynced).
-    pub(crate) fn compact(&self, live: &[CapsuleMeta]) -> Result<()> {
-        let text: String = live.iter().map(CapsuleMeta::journal_line).collect();
+    pub(crate) fn compact<'a>(
+        &self,
+        live: impl IntoIterator<Item = &'a CapsuleRecord>,
+    ) -> Result<()> {
+        let mut text = format!("{JOURNAL_HEADER}\n");
+        text.extend(live.into_iter().map(journal_line));
         let path = self.root.join(JOURNAL);
-        let mut journal = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        capsule_snapshot::atomic::write_file(&path, text.as_bytes()).map_err(Error::Snapshot)?;
+        let mut journal = lock(&self.journal);
+        capsule_snapshot::atomic::write_file(&path, text.as_bytes())?;
         *journal = File::options()
             .append(true)
             .open(&path)
-            .map_err(io_err("opening the capsule journal", &path))?;
+            .map_err(Error::io("opening the capsule journal", &path))?;
         Ok(())
     }
 }
@@ -280,19 +265,19 @@ mod tests {
     fn the_journal_replays_compacts_and_skips_torn_lines() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let meta = |n: u64| CapsuleMeta {
-            id: CapsuleId::generate().to_string(),
+        let record = |n: u64| CapsuleRecord {
+            id: CapsuleId::generate(),
             template: "probe".into(),
-            kind: "probe".into(),
+            kind: crate::model::GuestKind::Probe,
             vcpus: 2,
             memory_mb: 64,
-            timeout_ms: n,
-            created_at_ms: 1234,
+            timeout: Duration::from_millis(n),
+            created_at: UNIX_EPOCH + Duration::from_millis(1234),
         };
-        let (a, b) = (meta(1), meta(2));
-        store.write_meta(&a).unwrap();
-        store.write_meta(&b).unwrap();
-        store.remove_capsule(&a.id.parse().unwrap()).unwrap();
+        let (a, b) = (record(1), record(2));
+        store.record(&a).unwrap();
+        store.record(&b).unwrap();
+        store.remove_capsule(&a.id).unwrap();
         store.append("create cl-torn probe pro").unwrap();
         fs::create_dir_all(dir.path().join("capsules/cl-stale")).unwrap();
         let loaded = store.load().unwrap();
@@ -300,8 +285,8 @@ mod tests {
         assert_eq!(loaded.journal[&b.id], b);
         assert!(loaded.snapshots.is_empty());
         assert!(!dir.path().join("capsules/cl-stale").exists());
-        store.compact(std::slice::from_ref(&b)).unwrap();
-        store.write_meta(&a).unwrap();
+        store.compact([&b]).unwrap();
+        store.record(&a).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         let loaded = store.load().unwrap();

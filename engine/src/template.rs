@@ -10,38 +10,69 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::guest::GuestKind;
-use crate::persist::{self, SnapshotState};
+use crate::guest::{MachineState, MemoryOrigin, Resources};
+use crate::model::{GuestKind, TemplateInfo};
+use crate::persist::{self, MemoryImage, SnapshotState};
 use crate::pool::BackingId;
-
-/// A template, as listed by [`crate::Engine::templates`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct TemplateInfo {
-    /// Its name (what `CapsuleConfig::new` takes).
-    pub name: String,
-    /// vCPUs of capsules started from it.
-    pub vcpus: u32,
-    /// Memory of capsules started from it, in MiB.
-    pub memory_mb: u64,
-    /// Bytes its files occupy on disk (memory layers are sparse).
-    pub disk_bytes: u64,
-    /// When it was created.
-    pub created_at: SystemTime,
-}
+use crate::sync::lock;
 
 /// A loaded template.
 pub(crate) struct Template {
-    pub(crate) dir: PathBuf,
-    pub(crate) kind: GuestKind,
-    pub(crate) state: SnapshotState,
+    dir: PathBuf,
+    state: SnapshotState,
     /// The base layer, open: each spawn maps a dup of it.
-    pub(crate) base: File,
+    base: File,
     /// `base`'s identity, for the VM shells pre-built with it mapped.
-    pub(crate) base_id: BackingId,
+    base_id: BackingId,
+}
+
+impl Template {
+    /// The guest kind of capsules started from it.
+    pub(crate) fn kind(&self) -> GuestKind {
+        self.state.kind
+    }
+
+    /// The vCPUs and memory capsules started from it have.
+    pub(crate) fn resources(&self) -> Resources {
+        Resources {
+            vcpus: self.state.vcpus,
+            memory_mb: self.state.memory_mb,
+        }
+    }
+
+    /// Its machine state (vCPUs, VM, guest), without memory.
+    pub(crate) fn machine(&self) -> &MachineState {
+        &self.state.machine
+    }
+
+    /// The identity of its base layer file.
+    pub(crate) fn base_id(&self) -> BackingId {
+        self.base_id
+    }
+
+    /// Its memory, ready to be put under a new VM, and the origin a capsule started from it
+    /// records (which keeps the template marked in use while the capsule runs).
+    pub(crate) fn memory(self: &Arc<Self>) -> Result<(MemoryImage, MemoryOrigin)> {
+        let base = self
+            .base
+            .try_clone()
+            .map_err(Error::io("opening a template layer", &self.dir))?;
+        let image = MemoryImage {
+            dir: self.dir.clone(),
+            chain: self.state.memory.clone(),
+            base: Some(base),
+            base_id: Some(self.base_id),
+            patch: self.state.patch.clone(),
+        };
+        let origin = MemoryOrigin::Chain {
+            dir: self.dir.clone(),
+            chain: self.state.memory.clone(),
+            _pin: Some(self.clone()),
+        };
+        Ok((image, origin))
+    }
 }
 
 /// Checks a template name: 1 to 64 of `[a-z0-9._-]`, starting with a letter or digit, and
@@ -74,7 +105,7 @@ pub(crate) struct Templates {
     root: PathBuf,
     loaded: Mutex<HashMap<String, Arc<Template>>>,
     /// Serialises creating and deleting templates.
-    pub(crate) writer: Mutex<()>,
+    writer: Mutex<()>,
 }
 
 impl Templates {
@@ -91,7 +122,29 @@ impl Templates {
     }
 
     fn loaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Template>>> {
-        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.loaded)
+    }
+
+    /// Serialises creating and deleting templates for as long as the guard lives.
+    pub(crate) fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.writer)
+    }
+
+    /// The template `name` as [`crate::Engine::templates`] lists it.
+    pub(crate) fn info(&self, name: &str) -> Result<TemplateInfo> {
+        let template = self
+            .get(name)?
+            .ok_or_else(|| Error::TemplateNotFound(name.to_owned()))?;
+        let created_at = std::fs::metadata(&template.dir)
+            .and_then(|m| m.modified())
+            .map_err(Error::io("reading a template's metadata", &template.dir))?;
+        Ok(TemplateInfo {
+            name: name.to_owned(),
+            vcpus: template.state.vcpus,
+            memory_mb: template.state.memory_mb,
+            disk_bytes: disk_bytes(&template.dir),
+            created_at,
+        })
     }
 
     /// The template `name`, loading it on first use. `Ok(None)` if there is none.
@@ -107,7 +160,6 @@ impl Templates {
             return Ok(None);
         }
         let state = persist::load(&dir)?;
-        let kind = GuestKind::from_name(&state.kind)?;
         let base_name = state
             .memory
             .layers
@@ -123,7 +175,6 @@ impl Templates {
         let base_id = BackingId::of(&base)?;
         let template = Arc::new(Template {
             dir,
-            kind,
             state,
             base,
             base_id,
@@ -149,18 +200,9 @@ impl Templates {
             if validate_name(&name).is_err() {
                 continue; // temporaries and foreign files
             }
-            match self.get(&name) {
-                Ok(Some(t)) => out.push(TemplateInfo {
-                    name,
-                    vcpus: t.state.vcpus,
-                    memory_mb: t.state.memory_mb,
-                    disk_bytes: disk_bytes(&t.dir),
-                    created_at: entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
-                }),
-                Ok(None) => {}
+            match self.info(&name) {
+                Ok(info) => out.push(info),
+                Err(Error::TemplateNotFound(_)) => {}
                 Err(e) => {
                     tracing::warn!(template = %name, error = %e, "skipping unreadable template")
                 }
@@ -173,7 +215,7 @@ impl Templates {
     /// Deletes the template `name`, unless running capsules still map it.
     pub(crate) fn delete(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = self.lock_writer();
         let dir = self.dir(name);
         {
             let mut loaded = self.loaded();
@@ -197,7 +239,7 @@ impl Templates {
             path: dir.clone(),
             source,
         })?;
-        capsule_snapshot::atomic::sync_dir(&self.root).map_err(Error::Snapshot)
+        Ok(capsule_snapshot::atomic::sync_dir(&self.root)?)
     }
 }
 

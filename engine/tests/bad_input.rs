@@ -2,7 +2,7 @@
 
 mod common;
 
-use capsule::{CapsuleConfig, CapsuleId, Engine, EngineConfig, Error, KvmUnavailable};
+use capsule::{CapsuleConfig, CapsuleId, Engine, EngineConfig, Error, InvalidId, KvmUnavailable};
 use common::{engine, probe};
 
 #[test]
@@ -11,11 +11,11 @@ fn invalid_configs_are_rejected_before_anything_starts() {
         return;
     };
     let cases = [
-        probe().vcpus(0),
-        probe().vcpus(33),
-        probe().memory_mb(0),
-        probe().memory_mb(probe_abi::MIN_MEMORY_MIB - 1),
-        probe().memory_mb(u64::MAX),
+        probe().vcpus(0).build(),
+        probe().vcpus(33).build(),
+        probe().memory_mb(0).build(),
+        probe().memory_mb(probe_abi::MIN_MEMORY_MIB - 1).build(),
+        probe().memory_mb(u64::MAX).build(),
         CapsuleConfig::new("no-such-template"),
         CapsuleConfig::new(""),
     ];
@@ -47,7 +47,10 @@ fn unknown_and_malformed_ids() {
         "cl-a/b",
         "../../etc/passwd",
     ] {
-        assert!(matches!(bad.parse::<CapsuleId>(), Err(Error::InvalidId(s)) if s == bad));
+        assert!(matches!(bad.parse::<CapsuleId>(), Err(InvalidId(s)) if s == bad));
+        // `?` in a function returning capsule::Result turns it into Error::InvalidId.
+        let via_question_mark = || -> capsule::Result<CapsuleId> { Ok(bad.parse::<CapsuleId>()?) };
+        assert!(matches!(via_question_mark(), Err(Error::InvalidId(s)) if s == bad));
     }
     let err = "nope".parse::<CapsuleId>().unwrap_err();
     assert_eq!(err.to_string(), "\"nope\" is not a capsule id");
@@ -56,7 +59,7 @@ fn unknown_and_malformed_ids() {
 #[test]
 fn a_missing_kvm_device_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig::default()
+    let config = EngineConfig::builder()
         .data_dir(dir.path())
         .kvm_path("/nonexistent/kvm");
     match Engine::new(config) {
@@ -71,7 +74,7 @@ fn a_missing_kvm_device_is_a_typed_error() {
 #[test]
 fn a_kvm_path_that_is_not_kvm_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig::default()
+    let config = EngineConfig::builder()
         .data_dir(dir.path())
         .kvm_path("/dev/null");
     assert!(matches!(
@@ -90,7 +93,7 @@ fn an_unusable_data_directory_is_an_io_error() {
         return;
     }
     let file = tempfile::NamedTempFile::new().unwrap();
-    let config = EngineConfig::default().data_dir(file.path().join("sub"));
+    let config = EngineConfig::builder().data_dir(file.path().join("sub"));
     assert!(matches!(Engine::new(config), Err(Error::Io { .. })));
 }
 

@@ -19,9 +19,9 @@ fn child_pause_loop() {
     let Some(dir) = std::env::var_os(CHILD_DIR) else {
         return;
     };
-    let engine = Engine::new(EngineConfig::default().data_dir(&dir)).unwrap();
+    let engine = Engine::new(EngineConfig::builder().data_dir(&dir)).unwrap();
     let c = engine
-        .create(CapsuleConfig::new("probe").memory_mb(64))
+        .create(CapsuleConfig::builder("probe").memory_mb(64))
         .unwrap();
     println!("ready");
     for round in 0u64.. {
@@ -72,7 +72,7 @@ fn a_process_killed_mid_pause_leaves_a_usable_snapshot() {
         child.kill().unwrap();
         child.wait().unwrap();
 
-        let engine = Engine::new(EngineConfig::default().data_dir(dir.path())).unwrap();
+        let engine = Engine::new(EngineConfig::builder().data_dir(dir.path())).unwrap();
         let listed = engine.list();
         assert_eq!(
             listed.len(),

@@ -137,8 +137,8 @@ fn destroying_a_pending_capsule_stops_it_before_it_starts() {
 #[test]
 fn default_config_is_wrenns() {
     let config = CapsuleConfig::new("probe");
-    assert_eq!(config.get_vcpus(), None, "the template decides");
-    assert_eq!(config.get_memory_mb(), None);
+    assert_eq!(config.vcpus(), None, "the template decides");
+    assert_eq!(config.memory_mb(), None);
     let Some((engine, _dir)) = engine() else {
         return;
     };

@@ -12,7 +12,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsule::{CapsuleConfig, Engine, EngineConfig, Error, RunOptions, Status};
+use capsule::{
+    CapsuleConfig, CapsuleConfigBuilder, Engine, EngineConfig, Error, RunOptions, Status,
+};
 
 /// The images directory: `$CAPSULE_MINIMAL_IMAGES`, the nested harness's extra files, or the
 /// engine's default.
@@ -23,7 +25,7 @@ fn images() -> PathBuf {
     if let Some(extra) = std::env::var_os("CAPSULE_NESTED_EXTRA") {
         return PathBuf::from(extra).join("images");
     }
-    EngineConfig::default().get_linux_images()
+    EngineConfig::default().linux_images()
 }
 
 /// How long a boot may take. Inside the nested harness the L1 runs under QEMU TCG and its
@@ -34,7 +36,7 @@ fn boot_timeout() -> Duration {
     if std::env::var_os("CAPSULE_NESTED").is_some() {
         Duration::from_secs(120)
     } else {
-        EngineConfig::default().get_boot_timeout()
+        EngineConfig::default().boot_timeout()
     }
 }
 
@@ -64,8 +66,8 @@ fn linux_engine() -> Option<(Engine, tempfile::TempDir)> {
     Some((engine, dir))
 }
 
-fn minimal() -> CapsuleConfig {
-    CapsuleConfig::new("minimal").memory_mb(256)
+fn minimal() -> CapsuleConfigBuilder {
+    CapsuleConfig::builder("minimal").memory_mb(256)
 }
 
 #[test]
@@ -108,9 +110,7 @@ fn boots_and_runs_commands() {
     assert_eq!(missing.exit_code, 127);
     assert!(!missing.stderr.is_empty());
 
-    let opts = RunOptions::default()
-        .env("GREETING", "hi there")
-        .cwd("/tmp");
+    let opts = RunOptions::new().env("GREETING", "hi there").cwd("/tmp");
     let out = c
         .commands()
         .run_with("echo \"$GREETING\"; pwd", opts)
@@ -191,7 +191,7 @@ fn a_timeout_kills_the_command_and_its_children() {
     let started = Instant::now();
     let result = c.commands().run_with(
         "sleep 100 & echo $! > /tmp/child; sleep 100",
-        RunOptions::with_timeout(Duration::from_secs(2)),
+        RunOptions::new().timeout(Duration::from_secs(2)),
     );
     assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
@@ -254,7 +254,7 @@ fn poweroff_stops_the_capsule() {
     let c = engine.create(minimal()).unwrap();
     let _ = c.commands().run_with(
         "poweroff -f",
-        RunOptions::with_timeout(Duration::from_secs(10)),
+        RunOptions::new().timeout(Duration::from_secs(10)),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.status() == Status::Running && Instant::now() < deadline {
@@ -278,7 +278,7 @@ fn a_guest_panic_is_reported_with_the_console_tail_and_the_engine_carries_on() {
     let c = engine.create(minimal()).unwrap();
     let _ = c.commands().run_with(
         "echo c > /proc/sysrq-trigger",
-        RunOptions::with_timeout(Duration::from_secs(10)),
+        RunOptions::new().timeout(Duration::from_secs(10)),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.status() == Status::Running && Instant::now() < deadline {
@@ -351,7 +351,10 @@ fn destroy_while_a_command_runs() {
     let c = engine.create(minimal()).unwrap();
     let runner = {
         let c = c.clone();
-        std::thread::spawn(move || c.commands().run_with("sleep 100", RunOptions::no_timeout()))
+        std::thread::spawn(move || {
+            c.commands()
+                .run_with("sleep 100", RunOptions::new().no_timeout())
+        })
     };
     std::thread::sleep(Duration::from_millis(500));
     c.destroy().unwrap();

@@ -100,7 +100,7 @@ fn a_hundred_512_mib_capsules_fit_when_each_touches_little() {
     let capsules: Vec<_> = (0..100)
         .map(|_| {
             engine
-                .create(capsule::CapsuleConfig::new("probe").memory_mb(512))
+                .create(capsule::CapsuleConfig::builder("probe").memory_mb(512))
                 .unwrap()
         })
         .collect();
@@ -127,7 +127,7 @@ fn destroy_while_spin_runs() {
         std::thread::spawn(move || {
             let result = c
                 .commands()
-                .run_with("spin 100000000000000", RunOptions::no_timeout());
+                .run_with("spin 100000000000000", RunOptions::new().no_timeout());
             let _ = tx.send(());
             result
         })

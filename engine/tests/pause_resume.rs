@@ -183,7 +183,7 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
 #[test]
 fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || Engine::new(EngineConfig::default().data_dir(dir.path()));
+    let open = || Engine::new(EngineConfig::builder().data_dir(dir.path()));
     let engine = match open() {
         Ok(e) => e,
         Err(Error::KvmUnavailable { .. }) if !std::path::Path::new("/dev/kvm").exists() => {

@@ -147,7 +147,7 @@ fn a_timed_out_command_is_killed_and_the_capsule_carries_on() {
     let limit = Duration::from_millis(100);
     match c
         .commands()
-        .run_with("spin 100000000000000", RunOptions::with_timeout(limit))
+        .run_with("spin 100000000000000", RunOptions::new().timeout(limit))
     {
         Err(Error::Timeout { after, .. }) => assert_eq!(after, limit),
         other => panic!("expected a timeout, got {other:?}"),
@@ -170,11 +170,14 @@ fn killing_a_command_mid_touch_releases_its_lock() {
     // Long enough to be interrupted while it holds the guest's touch lock.
     let _ = c.commands().run_with(
         "touch 120000",
-        RunOptions::with_timeout(Duration::from_millis(20)),
+        RunOptions::new().timeout(Duration::from_millis(20)),
     );
     let out = c
         .commands()
-        .run_with("touch 1", RunOptions::with_timeout(Duration::from_secs(20)))
+        .run_with(
+            "touch 1",
+            RunOptions::new().timeout(Duration::from_secs(20)),
+        )
         .unwrap();
     assert_eq!(out.exit_code, 0);
     assert_eq!(c.commands().run("echo ok").unwrap().stdout, "ok\n");
@@ -192,7 +195,7 @@ fn commands_run_in_parallel_on_several_vcpus() {
         std::thread::spawn(move || {
             c.commands().run_with(
                 "spin 100000000000000",
-                RunOptions::with_timeout(Duration::from_millis(500)),
+                RunOptions::new().timeout(Duration::from_millis(500)),
             )
         })
     };

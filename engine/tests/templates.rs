@@ -140,15 +140,15 @@ fn templates_are_listed_validated_and_keep_their_resources() {
     let c = engine.create(CapsuleConfig::new("two-cpus")).unwrap();
     assert_eq!((c.info().vcpus, c.info().memory_mb), (2, 16));
     assert!(matches!(
-        engine.create(CapsuleConfig::new("two-cpus").vcpus(1)),
+        engine.create(CapsuleConfig::builder("two-cpus").vcpus(1)),
         Err(Error::InvalidConfig(_))
     ));
     assert!(matches!(
-        engine.create(CapsuleConfig::new("two-cpus").memory_mb(64)),
+        engine.create(CapsuleConfig::builder("two-cpus").memory_mb(64)),
         Err(Error::InvalidConfig(_))
     ));
     assert!(engine
-        .create(CapsuleConfig::new("two-cpus").vcpus(2).memory_mb(16))
+        .create(CapsuleConfig::builder("two-cpus").vcpus(2).memory_mb(16))
         .is_ok());
 
     // A template clone pauses and resumes like any capsule.

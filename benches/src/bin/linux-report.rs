@@ -97,7 +97,7 @@ fn main() -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let engine = Engine::new(
-        EngineConfig::default()
+        EngineConfig::builder()
             .data_dir(dir.path())
             .linux_images(&images)
             .boot_timeout(BOOT_TIMEOUT),
@@ -111,7 +111,10 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
-    let config = CapsuleConfig::new("minimal").vcpus(1).memory_mb(MEMORY_MB);
+    let config = CapsuleConfig::builder("minimal")
+        .vcpus(1)
+        .memory_mb(MEMORY_MB)
+        .build();
     start_watchdog();
 
     let mut qemu = match Qemu::from_env(&kernel, &initrd) {
@@ -324,7 +327,7 @@ fn images_dir() -> PathBuf {
     if let Some(extra) = std::env::var_os("CAPSULE_NESTED_EXTRA") {
         return PathBuf::from(extra).join("images");
     }
-    EngineConfig::default().get_linux_images()
+    EngineConfig::default().linux_images()
 }
 
 fn env_num(name: &str, default: usize) -> Result<usize> {

@@ -23,7 +23,7 @@ const MEMORY_MB: u64 = 512;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let engine = Engine::new(EngineConfig::default().data_dir(dir.path()))?;
+    let engine = Engine::new(EngineConfig::builder().data_dir(dir.path()))?;
     eprintln!("host: {}", engine.host().virtualization);
 
     println!(
@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         json_line("kvm_create_vm_vcpu", "us", summarize(&kvm_floor(200)?))
     );
 
-    let config = CapsuleConfig::new("probe").memory_mb(MEMORY_MB);
+    let config = CapsuleConfig::builder("probe").memory_mb(MEMORY_MB).build();
     // Warm up once: first use maps code and libraries.
     engine.create(config.clone())?.destroy()?;
     let mut create = Vec::new();
@@ -157,11 +157,7 @@ fn spawn_many(
     config: &CapsuleConfig,
     n: usize,
 ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
-    let template_dir = engine
-        .config()
-        .get_data_dir()
-        .join("templates")
-        .join("bench");
+    let template_dir = engine.config().data_dir().join("templates").join("bench");
     let mut keep = Vec::with_capacity(n);
     let mut rss = Vec::new();
     for _ in 0..100 {

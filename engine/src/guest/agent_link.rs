@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::sync::lock;
 use capsule_agent_protocol::{
     encode, ExitInfo, FrameDecoder, Hello, Message, RunRequest, CONTROL_ID, PROTOCOL_VERSION,
 };
@@ -50,10 +51,6 @@ pub(crate) struct AgentLink {
     next_id: AtomicU32,
     closed: Arc<AtomicBool>,
     hello: Hello,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AgentLink {

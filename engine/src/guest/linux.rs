@@ -36,9 +36,9 @@ use super::{
     stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, Job, Resources, Runtime,
     VcpuThread,
 };
-use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
-use crate::id::CapsuleId;
+use crate::model::CapsuleId;
+use crate::model::CommandOutput;
 use crate::pool::{FileStamp, Shell, ShellShape};
 
 /// The template name of the Linux guest.
@@ -491,7 +491,7 @@ fn run_job(link: &AgentLink, job: Job, grace: Duration) {
     let host_wait = job.options.timeout.map(|t| t + grace);
     let result = match link.run(request, host_wait) {
         Ok(exit) if exit.timed_out => Err(Error::Timeout {
-            operation: "command",
+            kind: crate::error::TimeoutKind::Command,
             after: job.options.timeout.unwrap_or_default(),
         }),
         Ok(exit) => Ok(CommandOutput {
@@ -506,7 +506,7 @@ fn run_job(link: &AgentLink, job: Job, grace: Duration) {
             stderr_truncated: exit.stderr_truncated,
         }),
         Err(LinkError::Timeout) => Err(Error::Timeout {
-            operation: "command",
+            kind: crate::error::TimeoutKind::Command,
             after: job.options.timeout.unwrap_or_default(),
         }),
         Err(LinkError::Closed(_)) => return, // the guest went away: the caller sees the state

@@ -24,88 +24,43 @@ use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::vm::VmState;
 use capsule_vmm::{HostInfo, Hypervisor, Kicker, Vm};
 
-use crate::capsule::CommandOutput;
 use crate::config::RunOptions;
 use crate::error::{Error, Result};
-use crate::id::CapsuleId;
+use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::persist::MemoryImage;
 use crate::pool::ShellPool;
+use crate::sync::lock;
 
-/// The guest kinds and the templates that name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GuestKind {
-    /// The built-in probe guest (`"probe"`).
-    Probe,
-    /// A Linux kernel with the agent as PID 1 (`"minimal"`).
-    Linux,
+/// Rejects resources `kind` cannot run with (or a host it cannot run on).
+pub(crate) fn validate(kind: GuestKind, resources: &Resources, host: &HostInfo) -> Result<()> {
+    match kind {
+        GuestKind::Probe => probe::validate(resources, host.max_vcpus),
+        GuestKind::Linux => linux::validate(resources, host),
+    }
 }
 
-impl GuestKind {
-    /// The built-in template with this name, if it is one.
-    pub(crate) fn builtin(name: &str) -> Option<Self> {
-        match name {
-            probe::TEMPLATE => Some(GuestKind::Probe),
-            linux::TEMPLATE => Some(GuestKind::Linux),
-            _ => None,
-        }
+/// Builds a VM of `kind` and starts its vCPUs; returns once the guest is ready.
+pub(crate) fn boot(kind: GuestKind, ctx: BootContext) -> Result<Arc<dyn Runtime>> {
+    match kind {
+        GuestKind::Probe => Ok(probe::ProbeRuntime::boot(ctx)?),
+        GuestKind::Linux => Ok(linux::LinuxRuntime::boot(ctx)?),
     }
+}
 
-    /// The kind's name, as stored in snapshots.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            GuestKind::Probe => probe::TEMPLATE,
-            GuestKind::Linux => linux::TEMPLATE,
-        }
-    }
-
-    /// The kind a snapshot names.
-    pub(crate) fn from_name(name: &str) -> Result<Self> {
-        Self::builtin(name).ok_or_else(|| {
-            Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-                reason: format!("unknown guest kind {name:?}"),
-            })
-        })
-    }
-
-    /// Default vCPUs and memory (MiB) of a capsule of this kind.
-    pub(crate) fn defaults(self) -> (u32, u64) {
-        match self {
-            GuestKind::Probe => (1, 512),
-            GuestKind::Linux => (1, 512),
-        }
-    }
-
-    /// Rejects resources this kind cannot run with.
-    pub(crate) fn validate(self, resources: &Resources, host: &HostInfo) -> Result<()> {
-        match self {
-            GuestKind::Probe => probe::validate(resources, host.max_vcpus),
-            GuestKind::Linux => linux::validate(resources, host),
-        }
-    }
-
-    /// Builds the VM and starts its vCPUs; returns once the guest is ready.
-    pub(crate) fn boot(self, ctx: BootContext) -> Result<Arc<dyn Runtime>> {
-        match self {
-            GuestKind::Probe => Ok(probe::ProbeRuntime::boot(ctx)?),
-            GuestKind::Linux => Ok(linux::LinuxRuntime::boot(ctx)?),
-        }
-    }
-
-    /// Rebuilds a VM from saved state over already-restored `memory`; the guest continues
-    /// exactly where it was frozen.
-    pub(crate) fn restore(
-        self,
-        ctx: BootContext,
-        machine: &MachineState,
-        image: &MemoryImage,
-        origin: MemoryOrigin,
-    ) -> Result<Arc<dyn Runtime>> {
-        match self {
-            GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, image, origin)?),
-            GuestKind::Linux => Err(Error::Unsupported(
-                "restoring Linux capsules is not supported yet".into(),
-            )),
-        }
+/// Rebuilds a VM of `kind` from saved state over the memory of `image`; the guest continues
+/// exactly where it was frozen.
+pub(crate) fn restore(
+    kind: GuestKind,
+    ctx: BootContext,
+    machine: &MachineState,
+    image: &MemoryImage,
+    origin: MemoryOrigin,
+) -> Result<Arc<dyn Runtime>> {
+    match kind {
+        GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, image, origin)?),
+        GuestKind::Linux => Err(Error::Unsupported(
+            "restoring Linux capsules is not supported yet".into(),
+        )),
     }
 }
 
@@ -247,7 +202,7 @@ struct JobState {
 impl JobControl {
     /// Called by the caller: marks the job cancelled and interrupts the vCPU running it.
     pub(crate) fn cancel(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         state.cancelled = true;
         if let Some(kicker) = &state.runner {
             kicker.kick();
@@ -257,7 +212,7 @@ impl JobControl {
     /// Called by a vCPU taking the job: `false` if it was already cancelled. Registering and
     /// cancelling are serialised, so a cancel either sees the runner or the runner sees it.
     pub(crate) fn start(&self, runner: Kicker) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         if state.cancelled {
             return false;
         }
@@ -267,9 +222,6 @@ impl JobControl {
 
     /// Whether the caller gave up on the job.
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .cancelled
+        lock(&self.state).cancelled
     }
 }

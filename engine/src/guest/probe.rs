@@ -24,14 +24,11 @@ use super::{
     stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, GuestState, Job,
     MachineState, MemoryOrigin, Resources, Runtime, VcpuThread,
 };
-use crate::capsule::CommandOutput;
 use crate::error::{Error, Result};
-use crate::id::CapsuleId;
+use crate::model::CapsuleId;
+use crate::model::CommandOutput;
 use crate::persist::{self, MemoryImage};
 use crate::pool::{BackingId, ShellShape};
-
-/// The template name of the probe.
-pub(crate) const TEMPLATE: &str = "probe";
 
 /// Stack for each vCPU thread: the run loop is shallow and only touched pages count.
 const VCPU_THREAD_STACK: usize = 256 * 1024;

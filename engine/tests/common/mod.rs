@@ -1,7 +1,10 @@
 //! Shared set-up for the engine's integration tests: a real engine on the host's /dev/kvm.
 #![allow(dead_code)]
 
-use capsule::{CapsuleConfig, Engine, EngineConfig, Error, KvmUnavailable};
+use capsule::{
+    CapsuleConfig, CapsuleConfigBuilder, Engine, EngineConfig, EngineConfigBuilder, Error,
+    KvmUnavailable,
+};
 
 /// An engine over a fresh temporary data directory, or `None` (with a message) only when the
 /// host has no /dev/kvm at all. Any other failure fails the test.
@@ -11,10 +14,10 @@ pub fn engine() -> Option<(Engine, tempfile::TempDir)> {
 
 /// Like [`engine`], with the configuration adjusted by `adjust`.
 pub fn engine_with(
-    adjust: impl FnOnce(EngineConfig) -> EngineConfig,
+    adjust: impl FnOnce(EngineConfigBuilder) -> EngineConfigBuilder,
 ) -> Option<(Engine, tempfile::TempDir)> {
     let dir = tempfile::tempdir().expect("temp dir");
-    match Engine::new(adjust(EngineConfig::default().data_dir(dir.path()))) {
+    match Engine::new(adjust(EngineConfig::builder().data_dir(dir.path()))) {
         Ok(engine) => Some((engine, dir)),
         Err(Error::KvmUnavailable {
             kind: KvmUnavailable::Missing,
@@ -28,6 +31,6 @@ pub fn engine_with(
 }
 
 /// A small probe configuration (memory is only reserved, but smaller slots start faster).
-pub fn probe() -> CapsuleConfig {
-    CapsuleConfig::new("probe").memory_mb(32)
+pub fn probe() -> CapsuleConfigBuilder {
+    CapsuleConfig::builder("probe").memory_mb(32)
 }

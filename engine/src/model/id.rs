@@ -3,16 +3,21 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::Error;
-
 const PREFIX: &str = "cl-";
 const RANDOM_LEN: usize = 12;
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// A capsule's id: `cl-` followed by random lowercase letters and digits, e.g. `cl-7k2m9q4x1abc`.
-/// Parse one from text with [`str::parse`].
+/// Parse one from text with [`str::parse`]. With the `serde` feature it serializes as that
+/// text (and deserializing checks it).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CapsuleId(String);
+
+/// The text given to [`CapsuleId::from_str`] is not a capsule id (`cl-` followed by 1 to 64
+/// lowercase letters and digits). Converts into [`crate::Error::InvalidId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a capsule id")]
+pub struct InvalidId(pub String);
 
 impl CapsuleId {
     /// A fresh random id.
@@ -52,9 +57,9 @@ impl CapsuleId {
 }
 
 impl FromStr for CapsuleId {
-    type Err = Error;
+    type Err = InvalidId;
 
-    fn from_str(s: &str) -> Result<Self, Error> {
+    fn from_str(s: &str) -> Result<Self, InvalidId> {
         let valid = s.strip_prefix(PREFIX).is_some_and(|rest| {
             !rest.is_empty()
                 && rest.len() <= 64
@@ -65,7 +70,7 @@ impl FromStr for CapsuleId {
         if valid {
             Ok(CapsuleId(s.to_owned()))
         } else {
-            Err(Error::InvalidId(s.to_owned()))
+            Err(InvalidId(s.to_owned()))
         }
     }
 }
@@ -79,6 +84,36 @@ impl fmt::Display for CapsuleId {
 impl fmt::Debug for CapsuleId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CapsuleId({})", self.0)
+    }
+}
+
+/// The id as its text, for the data directory's records (always compiled: the engine stores
+/// ids whether or not the public `serde` feature is on).
+pub(crate) mod as_text {
+    use super::CapsuleId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(id: &CapsuleId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(id.as_str())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CapsuleId, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for CapsuleId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        as_text::serialize(self, s)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for CapsuleId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        as_text::deserialize(d)
     }
 }
 
@@ -100,7 +135,7 @@ mod tests {
     fn malformed_ids_are_rejected() {
         for bad in ["", "cl-", "xx-abc", "cl-ABC", "cl-a b", "cl-é", "cl-../etc"] {
             assert!(
-                matches!(bad.parse::<CapsuleId>(), Err(Error::InvalidId(_))),
+                bad.parse::<CapsuleId>() == Err(InvalidId(bad.to_owned())),
                 "{bad}"
             );
         }

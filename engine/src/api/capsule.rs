@@ -1,0 +1,154 @@
+//! [`Capsule`]: a handle to one capsule, and [`Commands`], running commands in it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::capsule_core::CapsuleCore;
+use crate::config::RunOptions;
+use crate::engine_core::EngineCore;
+use crate::error::{Error, Result};
+use crate::model::{CapsuleId, CapsuleInfo, CommandOutput, Status, TemplateInfo};
+use crate::{command, lifecycle};
+
+/// A handle to a capsule. Cheap to clone; every clone refers to the same capsule, and all are
+/// `Send + Sync`. Dropping handles does not destroy the capsule: call [`Capsule::destroy`].
+#[derive(Clone)]
+pub struct Capsule {
+    core: Arc<CapsuleCore>,
+    engine: Arc<EngineCore>,
+}
+
+impl std::fmt::Debug for Capsule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capsule")
+            .field("id", self.core.id())
+            .field("status", &self.core.status())
+            .finish()
+    }
+}
+
+impl Capsule {
+    pub(crate) fn new(core: Arc<CapsuleCore>, engine: Arc<EngineCore>) -> Self {
+        Capsule { core, engine }
+    }
+
+    /// The capsule's id.
+    pub fn id(&self) -> &CapsuleId {
+        self.core.id()
+    }
+
+    /// Blocks until the capsule is running. Wakes as soon as the status changes and
+    /// re-checks at least every `interval`.
+    ///
+    /// Errors: [`Error::Timeout`] ([`crate::TimeoutKind::WaitReady`]) if it is not running
+    /// within `timeout`; at once [`Error::GuestCrashed`] (with the reason) if it is or
+    /// becomes in error, [`Error::InvalidState`] if stopped or paused.
+    pub fn wait_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
+        self.core.wait_ready(timeout, interval)
+    }
+
+    /// Whether the capsule is running now.
+    pub fn is_running(&self) -> bool {
+        self.core.status() == Status::Running
+    }
+
+    /// Current status.
+    pub fn status(&self) -> Status {
+        self.core.status()
+    }
+
+    /// Everything known about the capsule now.
+    pub fn info(&self) -> CapsuleInfo {
+        self.core.info()
+    }
+
+    /// The guest's serial console output so far, newest 64 KiB at most (Linux capsules; the
+    /// probe has no console and returns an empty string). Still readable after the capsule
+    /// stopped or crashed.
+    pub fn console_log(&self) -> String {
+        self.core.console_log()
+    }
+
+    /// Runs commands in the capsule.
+    pub fn commands(&self) -> Commands<'_> {
+        Commands { capsule: self }
+    }
+
+    /// Stops the capsule and releases everything it holds, its files on disk included.
+    /// Irreversible: afterwards the id is unknown to the engine and this handle reports
+    /// [`Status::Stopped`]. Works in every status.
+    pub fn destroy(&self) -> Result<()> {
+        lifecycle::destroy(&self.engine, self.core.id()).or_else(|e| match e {
+            // Another handle destroyed it first: the outcome is the same.
+            Error::NotFound(_) => Ok(()),
+            e => Err(e),
+        })
+    }
+
+    /// Pauses the capsule: stops its vCPUs between commands (waiting for running ones),
+    /// writes its whole state to the engine's data directory, and releases its VM (CPU,
+    /// memory, threads). A capsule that came from a snapshot or template writes only the
+    /// memory pages changed since. Pausing a paused capsule does nothing.
+    ///
+    /// Errors: [`Error::InvalidState`] if stopped, [`Error::GuestCrashed`] if in error;
+    /// [`Error::Snapshot`] or [`Error::Io`] if the state cannot be written, in which case
+    /// the capsule keeps running and any earlier snapshot is intact.
+    pub fn pause(&self) -> Result<()> {
+        lifecycle::pause(&self.engine, &self.core)
+    }
+
+    /// Resumes a paused capsule exactly where it was: memory is mapped back copy-on-write
+    /// and every vCPU, device and guest state restored. Resuming a running capsule does
+    /// nothing.
+    ///
+    /// Errors: [`Error::InvalidState`] if stopped, [`Error::GuestCrashed`] if in error;
+    /// [`Error::Snapshot`] if the snapshot is missing, corrupt or truncated and
+    /// [`Error::SnapshotMismatch`] if it describes another machine (the capsule then stays
+    /// paused).
+    pub fn resume(&self) -> Result<()> {
+        lifecycle::resume(&self.engine, &self.core)
+    }
+
+    /// Counts as activity: resets the inactivity timer. Errors with
+    /// [`Error::InvalidState`] unless the capsule is running.
+    pub fn ping(&self) -> Result<()> {
+        if self.core.status() != Status::Running {
+            return Err(self.core.state_error("ping"));
+        }
+        self.core.touch();
+        Ok(())
+    }
+
+    /// Creates a template named `name` from the capsule's current state; the capsule keeps
+    /// running. New capsules start from it with `CapsuleConfig::new(name)`, sharing its
+    /// memory copy-on-write. Returns the template as [`crate::Engine::templates`] lists it.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a bad or taken name, [`Error::InvalidState`]
+    /// unless running, [`Error::Snapshot`]/[`Error::Io`] if it cannot be written.
+    pub fn snapshot(&self, name: &str) -> Result<TemplateInfo> {
+        lifecycle::snapshot(&self.engine, &self.core, name)
+    }
+}
+
+/// Runs commands in one capsule; see [`Capsule::commands`].
+#[derive(Debug, Clone, Copy)]
+pub struct Commands<'a> {
+    capsule: &'a Capsule,
+}
+
+impl Commands<'_> {
+    /// Runs `command` with the default [`RunOptions`] (30 s timeout).
+    ///
+    /// For the probe template the commands are `echo TEXT`, `exit N`, `count`, `touch N`,
+    /// `sum`, `spin N` and `crash`; see the crate docs.
+    pub fn run(&self, command: &str) -> Result<CommandOutput> {
+        self.run_with(command, RunOptions::default())
+    }
+
+    /// Runs `command` with `options`. A command that outlives its timeout is killed and
+    /// [`Error::Timeout`] ([`crate::TimeoutKind::Command`]) returned; the capsule stays
+    /// usable. If the guest crashes meanwhile the result is [`Error::GuestCrashed`].
+    pub fn run_with(&self, command: &str, options: RunOptions) -> Result<CommandOutput> {
+        command::run(&self.capsule.core, command, &options)
+    }
+}

@@ -1,0 +1,313 @@
+//! One capsule's shared state: what it was created as, its status (changed only through the
+//! status machine, [`Status::after`]), its running guest and its console. Every handle to
+//! the capsule and its guest's vCPU threads share one [`CapsuleCore`].
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use capsule_devices::serial::SerialLog;
+
+use crate::error::{Error, Result, TimeoutKind};
+use crate::guest::{GuestEvents, Runtime};
+use crate::model::record::CapsuleRecord;
+use crate::model::status::Transition;
+use crate::model::{CapsuleId, CapsuleInfo, Status};
+use crate::sync::{lock, wait_timeout};
+
+/// State shared by every handle to one capsule and by its guest.
+pub(crate) struct CapsuleCore {
+    record: CapsuleRecord,
+    /// Serialises lifecycle operations (start, pause, resume, snapshot, destroy); commands
+    /// and status reads do not take it.
+    ops: Mutex<()>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+struct State {
+    status: Status,
+    error: Option<String>,
+    last_activity: SystemTime,
+    runtime: Option<Arc<dyn Runtime>>,
+    /// The guest's console output; kept after the guest stops, for post-mortems.
+    console: Option<SerialLog>,
+}
+
+/// A status change the status machine refused: the status the capsule was in, and the
+/// guest the change would have installed (the caller shuts it down).
+pub(crate) struct Refused {
+    pub(crate) status: Status,
+    pub(crate) runtime: Option<Arc<dyn Runtime>>,
+}
+
+impl CapsuleCore {
+    pub(crate) fn new(record: CapsuleRecord, status: Status) -> Arc<Self> {
+        Arc::new(CapsuleCore {
+            record,
+            ops: Mutex::new(()),
+            state: Mutex::new(State {
+                status,
+                error: None,
+                last_activity: SystemTime::now(),
+                runtime: None,
+                console: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn id(&self) -> &CapsuleId {
+        &self.record.id
+    }
+
+    /// What the capsule was created as.
+    pub(crate) fn record(&self) -> &CapsuleRecord {
+        &self.record
+    }
+
+    /// Takes the capsule's lifecycle lock (see [`CapsuleCore::ops`]).
+    pub(crate) fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        lock(&self.ops)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The one place a capsule's status changes: `event` moves it as the status machine
+    /// says, or is refused. `runtime` (for `Ready` and `Resume`) becomes its guest; any other
+    /// event takes the guest off, and it is returned for the caller to shut down.
+    /// `reason` (for `Crash`) is kept as the capsule's error.
+    fn apply(
+        &self,
+        event: Transition,
+        runtime: Option<Arc<dyn Runtime>>,
+        reason: Option<String>,
+    ) -> std::result::Result<Option<Arc<dyn Runtime>>, Refused> {
+        let mut state = self.state();
+        let Some(next) = state.status.after(event) else {
+            return Err(Refused {
+                status: state.status,
+                runtime,
+            });
+        };
+        tracing::trace!(capsule = %self.record.id, from = %state.status, to = %next, ?event, "status");
+        state.status = next;
+        if reason.is_some() {
+            state.error = reason;
+        }
+        let previous = match runtime {
+            Some(runtime) => {
+                if let Some(console) = runtime.console() {
+                    state.console = Some(console);
+                }
+                // The idle clock starts when the capsule becomes able to work.
+                state.last_activity = SystemTime::now();
+                state.runtime.replace(runtime)
+            }
+            None => state.runtime.take(),
+        };
+        self.changed.notify_all();
+        Ok(previous)
+    }
+
+    /// Pending → Starting. Errors with the state error if it was destroyed meanwhile.
+    pub(crate) fn start(&self) -> Result<()> {
+        self.apply(Transition::Start, None, None)
+            .map(drop)
+            .map_err(|refused| self.state_error_in(refused.status, "start"))
+    }
+
+    /// Starting → Running with its booted guest. If the capsule was destroyed while
+    /// booting, the guest is shut down and the state error returned.
+    pub(crate) fn ready(&self, runtime: Arc<dyn Runtime>) -> Result<()> {
+        self.install(Transition::Ready, runtime, "start")
+    }
+
+    /// Paused → Running with its restored guest (or the guest is shut down and the state
+    /// error returned).
+    pub(crate) fn resumed(&self, runtime: Arc<dyn Runtime>) -> Result<()> {
+        self.install(Transition::Resume, runtime, "resume")
+    }
+
+    fn install(
+        &self,
+        event: Transition,
+        runtime: Arc<dyn Runtime>,
+        operation: &'static str,
+    ) -> Result<()> {
+        match self.apply(event, Some(runtime), None) {
+            Ok(previous) => {
+                // Never two guests at once: the status machine only installs over none.
+                if let Some(previous) = previous {
+                    previous.shutdown();
+                }
+                Ok(())
+            }
+            Err(refused) => {
+                if let Some(runtime) = refused.runtime {
+                    runtime.shutdown();
+                }
+                Err(self.state_error_in(refused.status, operation))
+            }
+        }
+    }
+
+    /// Running → Paused; returns the guest to shut down (its state is on disk).
+    pub(crate) fn paused(&self) -> Result<Option<Arc<dyn Runtime>>> {
+        self.apply(Transition::Pause, None, None)
+            .map_err(|refused| self.state_error_in(refused.status, "pause"))
+    }
+
+    /// Moves to Error with `reason`; the guest (if any) is released on another thread,
+    /// since this may be called from one of its own vCPU threads. Does nothing if the
+    /// capsule cannot crash (already stopped, in error, or paused).
+    pub(crate) fn crash(&self, reason: String) {
+        if let Ok(runtime) = self.apply(Transition::Crash, None, Some(reason)) {
+            release_in_background(self.id(), runtime);
+        }
+    }
+
+    /// Moves to Stopped and releases the guest, waiting for its threads. Irreversible.
+    pub(crate) fn destroy(&self) {
+        if let Ok(Some(runtime)) = self.apply(Transition::Destroy, None, None) {
+            runtime.shutdown();
+        }
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        self.state().status
+    }
+
+    pub(crate) fn info(&self) -> CapsuleInfo {
+        let state = self.state();
+        let r = &self.record;
+        CapsuleInfo {
+            id: r.id.clone(),
+            status: state.status,
+            template: r.template.clone(),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            timeout: r.timeout,
+            created_at: r.created_at,
+            last_activity: state.last_activity,
+            error: state.error.clone(),
+        }
+    }
+
+    /// When the capsule last ran a command or was pinged.
+    pub(crate) fn last_activity(&self) -> SystemTime {
+        self.state().last_activity
+    }
+
+    /// Counts as activity: resets the inactivity clock.
+    pub(crate) fn touch(&self) {
+        self.state().last_activity = SystemTime::now();
+    }
+
+    /// The guest's console output so far (empty for guests without a console).
+    pub(crate) fn console_log(&self) -> String {
+        self.state()
+            .console
+            .as_ref()
+            .map(|log| String::from_utf8_lossy(&log.console_log()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The running guest, or the error that explains why there is none.
+    pub(crate) fn runtime(&self, operation: &'static str) -> Result<Arc<dyn Runtime>> {
+        let state = self.state();
+        match (&state.runtime, state.status) {
+            (Some(runtime), Status::Running) => Ok(runtime.clone()),
+            (_, status) => Err(self.error_for(status, state.error.clone(), operation)),
+        }
+    }
+
+    /// Why a command handed to a guest never finished: the guest crashed, was destroyed, or
+    /// was paused (if it is running again now, it was paused and resumed meanwhile, so the
+    /// answer is still "paused").
+    pub(crate) fn interrupted_error(&self) -> Error {
+        let state = self.state();
+        let status = match state.status {
+            Status::Running => Status::Paused,
+            status => status,
+        };
+        self.error_for(status, state.error.clone(), "run a command")
+    }
+
+    /// The error explaining why `operation` cannot run in the capsule's current status.
+    pub(crate) fn state_error(&self, operation: &'static str) -> Error {
+        let state = self.state();
+        self.error_for(state.status, state.error.clone(), operation)
+    }
+
+    fn state_error_in(&self, status: Status, operation: &'static str) -> Error {
+        let error = self.state().error.clone();
+        self.error_for(status, error, operation)
+    }
+
+    /// One fact, one variant: a capsule in error is reported as crashed, with its reason,
+    /// whatever was attempted.
+    fn error_for(&self, status: Status, error: Option<String>, operation: &'static str) -> Error {
+        match (status, error) {
+            (Status::Error, Some(reason)) => Error::GuestCrashed {
+                id: self.id().clone(),
+                reason,
+            },
+            (status, _) => Error::InvalidState {
+                id: self.id().clone(),
+                status,
+                operation,
+            },
+        }
+    }
+
+    /// Blocks until the capsule is running, waking on every status change and at least
+    /// every `interval`.
+    pub(crate) fn wait_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        loop {
+            match state.status {
+                Status::Running => return Ok(()),
+                Status::Pending | Status::Starting => {}
+                status => {
+                    return Err(self.error_for(status, state.error.clone(), "wait until ready"))
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    kind: TimeoutKind::WaitReady,
+                    after: timeout,
+                });
+            }
+            let wait = (deadline - now).min(interval.max(Duration::from_millis(1)));
+            state = wait_timeout(&self.changed, state, wait);
+        }
+    }
+}
+
+impl GuestEvents for CapsuleCore {
+    fn crashed(&self, reason: String) {
+        self.crash(reason);
+    }
+
+    fn exited(&self) {
+        if let Ok(runtime) = self.apply(Transition::Exit, None, None) {
+            release_in_background(self.id(), runtime);
+        }
+    }
+}
+
+/// Shuts a guest down on another thread (the caller may be one of its vCPU threads).
+fn release_in_background(id: &CapsuleId, runtime: Option<Arc<dyn Runtime>>) {
+    let Some(runtime) = runtime else { return };
+    let spawned = std::thread::Builder::new()
+        .name(format!("{id}-teardown"))
+        .spawn(move || runtime.shutdown());
+    if spawned.is_err() {
+        // Cannot tear down now; the VM is released when its last reference drops.
+        tracing::error!(capsule = %id, "could not spawn a teardown thread");
+    }
+}

@@ -1,0 +1,57 @@
+//! Running one command in a capsule: hand it to the running guest as a [`Job`] and wait for
+//! its result, its timeout, or the end of the guest.
+
+use std::sync::Arc;
+
+use crate::capsule_core::CapsuleCore;
+use crate::config::RunOptions;
+use crate::error::{Error, Result, TimeoutKind};
+use crate::guest::{Job, JobControl};
+use crate::model::CommandOutput;
+
+/// Runs `command` in `capsule` with `options`. Activity for the inactivity clock: when it
+/// starts and when it ends.
+pub(crate) fn run(
+    capsule: &CapsuleCore,
+    command: &str,
+    options: &RunOptions,
+) -> Result<CommandOutput> {
+    let bytes = command.as_bytes();
+    let runtime = capsule.runtime("run a command")?;
+    if bytes.len() > runtime.max_command_len() {
+        return Err(Error::InvalidArgument(format!(
+            "the command is {} bytes; this guest accepts at most {}",
+            bytes.len(),
+            runtime.max_command_len()
+        )));
+    }
+    capsule.touch();
+    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+    let control = Arc::new(JobControl::default());
+    let job = Job {
+        command: bytes.to_vec(),
+        reply: reply_tx,
+        control: control.clone(),
+        options: options.clone(),
+    };
+    if runtime.submit(job).is_err() {
+        return Err(capsule.interrupted_error());
+    }
+    drop(runtime);
+    let result = match options.timeout {
+        Some(limit) => reply_rx.recv_timeout(limit).map_err(|e| e.is_timeout()),
+        None => reply_rx.recv().map_err(|_| false),
+    };
+    capsule.touch();
+    match result {
+        Ok(output) => output,
+        Err(true) => {
+            control.cancel();
+            Err(Error::Timeout {
+                kind: TimeoutKind::Command,
+                after: options.timeout.unwrap_or_default(),
+            })
+        }
+        Err(false) => Err(capsule.interrupted_error()),
+    }
+}

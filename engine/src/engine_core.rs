@@ -1,0 +1,47 @@
+//! What one engine is made of: the hypervisor handle, the data directory, templates, VM
+//! shells, the start limiter and the registry of capsules. Public handles
+//! ([`crate::Engine`], [`crate::Capsule`]) hold it; dropping the last one stops every
+//! running capsule (paused ones stay on disk for the next engine).
+
+use std::sync::{Arc, Mutex};
+
+use capsule_vmm::Hypervisor;
+
+use crate::config::EngineConfig;
+use crate::limiter::StartLimiter;
+use crate::periodic::Periodic;
+use crate::pool::ShellPool;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::sync::lock;
+use crate::template::Templates;
+
+pub(crate) struct EngineCore {
+    pub(crate) config: EngineConfig,
+    pub(crate) hypervisor: Hypervisor,
+    pub(crate) store: Store,
+    pub(crate) templates: Templates,
+    pub(crate) registry: Registry,
+    pub(crate) starts: Arc<StartLimiter>,
+    pub(crate) shells: Arc<ShellPool>,
+    /// The inactivity watcher ([`crate::idle_watch`]); stopped when the engine drops.
+    pub(crate) idle_watch: Mutex<Option<Periodic>>,
+    /// Test hook: make the next snapshot layer write fail after this many bytes.
+    pub(crate) write_fault: Mutex<Option<u64>>,
+}
+
+impl EngineCore {
+    /// Takes the pending injected write fault, if a test set one.
+    pub(crate) fn take_write_fault(&self) -> Option<u64> {
+        lock(&self.write_fault).take()
+    }
+}
+
+impl Drop for EngineCore {
+    fn drop(&mut self) {
+        drop(lock(&self.idle_watch).take());
+        for capsule in self.registry.drain() {
+            capsule.destroy();
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The lifecycle steps, in one place: create and boot, pause, resume, snapshot to a
+//! template, destroy. Each takes the engine's parts and one capsule; the public handles
+//! only call these.
+//!
+//! A pause, from the handle to the disk: [`pause`] takes the capsule's lifecycle lock,
+//! freezes its guest ([`crate::guest::Runtime::freeze`]), writes the snapshot
+//! ([`persist::write_paused`], which uses `capsule_snapshot`'s save policy), moves the
+//! capsule to Paused ([`CapsuleCore::paused`]) and shuts the guest down.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use capsule_snapshot::memory::WriteOptions;
+
+use crate::capsule_core::CapsuleCore;
+use crate::config::CapsuleConfig;
+use crate::engine_core::EngineCore;
+use crate::error::{Error, Result};
+use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
+use crate::model::record::CapsuleRecord;
+use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
+use crate::persist::{self, MemoryImage};
+use crate::template::{validate_name, Template};
+
+/// What a capsule config resolves to: the record of the new capsule and, for a template
+/// made with `snapshot`, that template.
+fn resolve(
+    engine: &EngineCore,
+    config: &CapsuleConfig,
+) -> Result<(CapsuleRecord, Option<Arc<Template>>)> {
+    let (kind, resources, template) = match GuestKind::builtin(config.template()) {
+        Some(kind) => {
+            let (vcpus, memory_mb) = kind.defaults();
+            let resources = Resources {
+                vcpus: config.vcpus().unwrap_or(vcpus),
+                memory_mb: config.memory_mb().unwrap_or(memory_mb),
+            };
+            (kind, resources, None)
+        }
+        None => {
+            let Some(template) = engine.templates.get(config.template())? else {
+                return Err(Error::InvalidConfig(format!(
+                    "unknown template {:?}",
+                    config.template()
+                )));
+            };
+            let resources = template.resources();
+            if config.vcpus().is_some_and(|v| v != resources.vcpus)
+                || config.memory_mb().is_some_and(|m| m != resources.memory_mb)
+            {
+                return Err(Error::InvalidConfig(format!(
+                    "template {:?} has {} vCPUs and {} MiB; a capsule started from it cannot change them",
+                    config.template(),
+                    resources.vcpus,
+                    resources.memory_mb
+                )));
+            }
+            (template.kind(), resources, Some(template))
+        }
+    };
+    guest::validate(kind, &resources, engine.hypervisor.info())?;
+    let record = CapsuleRecord {
+        id: CapsuleId::generate(),
+        template: config.template().to_owned(),
+        kind,
+        vcpus: resources.vcpus,
+        memory_mb: resources.memory_mb,
+        timeout: config.timeout(),
+        created_at: SystemTime::now(),
+    };
+    Ok((record, template))
+}
+
+/// Records a new capsule and boots it: before returning with [`CapsuleConfig::wait`], or on
+/// a background thread. A failed boot with `wait` leaves nothing behind; in the background
+/// it leaves the capsule in error.
+pub(crate) fn create(engine: &Arc<EngineCore>, config: &CapsuleConfig) -> Result<Arc<CapsuleCore>> {
+    let (record, template) = resolve(engine, config)?;
+    engine.store.record(&record)?;
+    let capsule = CapsuleCore::new(record, Status::Pending);
+    engine.registry.insert(capsule.clone());
+    if config.wait() {
+        if let Err(e) = boot(engine, &capsule, template) {
+            let _ = destroy(engine, capsule.id());
+            return Err(e);
+        }
+        return Ok(capsule);
+    }
+    let (background, booting) = (engine.clone(), capsule.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("{}-boot", capsule.id()))
+        .spawn(move || {
+            if let Err(e) = boot(&background, &booting, template) {
+                tracing::warn!(capsule = %booting.id(), error = %e, "background boot failed");
+                booting.crash(e.to_string());
+            }
+        });
+    if let Err(e) = spawned {
+        let _ = destroy(engine, capsule.id());
+        return Err(Error::os("spawning a boot thread", e));
+    }
+    Ok(capsule)
+}
+
+/// What a guest of `capsule` needs to boot or be restored.
+fn boot_context(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> BootContext {
+    let events: Arc<dyn GuestEvents> = capsule.clone();
+    let record = capsule.record();
+    BootContext {
+        id: record.id.clone(),
+        hypervisor: engine.hypervisor.clone(),
+        config: Resources {
+            vcpus: record.vcpus,
+            memory_mb: record.memory_mb,
+        },
+        boot_timeout: engine.config.boot_timeout(),
+        events,
+        shells: engine.shells.clone(),
+        linux_images: engine.config.linux_images(),
+    }
+}
+
+/// Pending → Starting → Running, within the concurrent-start limit.
+fn boot(
+    engine: &EngineCore,
+    capsule: &Arc<CapsuleCore>,
+    template: Option<Arc<Template>>,
+) -> Result<()> {
+    let _permit = engine.starts.acquire();
+    let _ops = capsule.lock_ops();
+    capsule.start()?;
+    let ctx = boot_context(engine, capsule);
+    let kind = capsule.record().kind;
+    let runtime = match template {
+        None => guest::boot(kind, ctx)?,
+        Some(template) => {
+            let (image, origin) = template.memory()?;
+            guest::restore(kind, ctx, template.machine(), &image, origin)?
+        }
+    };
+    capsule.ready(runtime)?;
+    tracing::debug!(capsule = %capsule.id(), "running");
+    Ok(())
+}
+
+/// Forgets the capsule `id`, stops it and deletes its files.
+pub(crate) fn destroy(engine: &EngineCore, id: &CapsuleId) -> Result<()> {
+    let capsule = engine.registry.remove(id)?;
+    let _ops = capsule.lock_ops();
+    capsule.destroy();
+    engine.store.remove_capsule(id)
+}
+
+/// How the next pause writes its memory: `O_DIRECT` from the snapshot crate's threshold, and
+/// the injected fault a test asked for.
+fn write_options(engine: &EngineCore) -> WriteOptions {
+    match engine.take_write_fault() {
+        Some(bytes) => WriteOptions::failing_after(bytes),
+        None => WriteOptions::default(),
+    }
+}
+
+/// Freezes the capsule, writes its snapshot and releases its VM. Pausing a paused capsule
+/// does nothing.
+pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
+    let _ops = capsule.lock_ops();
+    if capsule.status() == Status::Paused {
+        return Ok(());
+    }
+    let runtime = capsule.runtime("pause")?;
+    let frozen = runtime.freeze()?;
+    let dir = engine.store.snapshot_dir(capsule.id());
+    persist::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
+    // Committed: release the VM. Frozen vCPU threads end on shutdown.
+    if let Some(runtime) = capsule.paused()? {
+        runtime.shutdown();
+    }
+    drop(frozen);
+    tracing::debug!(capsule = %capsule.id(), "paused");
+    Ok(())
+}
+
+/// Restores a paused capsule from its snapshot. Resuming a running capsule does nothing.
+pub(crate) fn resume(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<()> {
+    let _ops = capsule.lock_ops();
+    match capsule.status() {
+        Status::Running => return Ok(()),
+        Status::Paused => {}
+        _ => return Err(capsule.state_error("resume")),
+    }
+    let dir = engine.store.snapshot_dir(capsule.id());
+    let state = persist::load(&dir)?;
+    let record = capsule.record();
+    if (state.kind, state.vcpus, state.memory_mb) != (record.kind, record.vcpus, record.memory_mb) {
+        return Err(Error::SnapshotMismatch(format!(
+            "the snapshot in {} is of a {} guest with {} vCPUs and {} MiB; the capsule is a {} guest with {} vCPUs and {} MiB",
+            dir.display(),
+            state.kind,
+            state.vcpus,
+            state.memory_mb,
+            record.kind,
+            record.vcpus,
+            record.memory_mb
+        )));
+    }
+    let image = MemoryImage {
+        dir: dir.clone(),
+        chain: state.memory.clone(),
+        base: None,
+        base_id: None,
+        patch: state.patch,
+    };
+    let origin = MemoryOrigin::Chain {
+        dir: dir.clone(),
+        chain: state.memory,
+        _pin: None,
+    };
+    let runtime = guest::restore(
+        record.kind,
+        boot_context(engine, capsule),
+        &state.machine,
+        &image,
+        origin,
+    )?;
+    capsule.resumed(runtime)?;
+    // The snapshot no longer describes the capsule, which runs on from it: if this process
+    // dies now, a new engine must report it stopped, not roll it back to this state. Its
+    // layers stay: the running capsule maps them and its next pause builds on them.
+    let state_file = dir.join(capsule_snapshot::STATE_FILE_NAME);
+    if let Err(e) = std::fs::remove_file(&state_file) {
+        tracing::warn!(capsule = %capsule.id(), error = %e, "could not retire the snapshot");
+    }
+    tracing::debug!(capsule = %capsule.id(), "resumed");
+    Ok(())
+}
+
+/// Writes a running capsule's current state as the template `name`; the capsule keeps
+/// running. Returns the template as [`crate::Engine::templates`] lists it.
+pub(crate) fn snapshot(
+    engine: &EngineCore,
+    capsule: &CapsuleCore,
+    name: &str,
+) -> Result<TemplateInfo> {
+    validate_name(name)?;
+    let _ops = capsule.lock_ops();
+    let runtime = capsule.runtime("snapshot")?;
+    let _writer = engine.templates.lock_writer();
+    let dir = engine.templates.dir(name);
+    if dir.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "a template named {name:?} already exists"
+        )));
+    }
+    let frozen = runtime.freeze()?;
+    let record = capsule.record();
+    persist::write_template(&dir, &frozen, record.kind, record.vcpus, record.memory_mb)?;
+    drop(frozen);
+    engine.templates.info(name)
+}
