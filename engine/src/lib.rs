@@ -9,7 +9,7 @@
 //!
 //! # fn main() -> capsule::Result<()> {
 //! let engine = Engine::new(EngineConfig::default())?;
-//! let capsule = engine.create(CapsuleConfig::new("probe").memory_mb(64))?;
+//! let capsule = engine.create(CapsuleConfig::builder("probe").memory_mb(64))?;
 //! let out = capsule.commands().run("echo hi")?;
 //! assert_eq!((out.stdout.as_str(), out.exit_code), ("hi\n", 0));
 //! println!("{:?}", capsule.info().status); // Running
@@ -31,7 +31,7 @@
 //! # use capsule::{CapsuleConfig, Engine, EngineConfig};
 //! # fn main() -> capsule::Result<()> {
 //! # let engine = Engine::new(EngineConfig::default())?;
-//! let capsule = engine.create(CapsuleConfig::new("probe").timeout(Duration::from_secs(60)))?;
+//! let capsule = engine.create(CapsuleConfig::builder("probe").timeout(Duration::from_secs(60)))?;
 //! capsule.commands().run("touch 100")?;
 //! capsule.pause()?;                  // state to disk, VM released
 //! capsule.resume()?;                 // exactly where it was (also: engine.connect(&id))
@@ -48,7 +48,7 @@
 //!   failed or interrupted pause leaves the previous snapshot valid and the capsule running.
 //! - Resume maps the memory back `MAP_PRIVATE` (pages are read lazily, writes stay private)
 //!   and restores every vCPU register, MSR, FPU/XSAVE state and the guest's own state.
-//! - With [`CapsuleConfig::timeout`], a capsule is paused after that long without a command
+//! - With [`CapsuleConfigBuilder::timeout`], a capsule is paused after that long without a command
 //!   or [`Capsule::ping`]; zero (the default) never auto-pauses.
 //! - A template is a self-contained snapshot; capsules started from it map its memory
 //!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a template

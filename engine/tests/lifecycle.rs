@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use capsule::{CapsuleConfig, Error, Status};
+use capsule::{CapsuleConfig, Error, Status, TimeoutKind};
 use common::{engine, probe};
 
 #[test]
@@ -93,7 +93,10 @@ fn background_create_goes_pending_then_running() {
     assert_eq!(capsule.status(), Status::Pending);
     assert!(!capsule.is_running());
     match capsule.wait_ready(Duration::from_millis(50), Duration::from_millis(5)) {
-        Err(Error::Timeout { after, .. }) => assert_eq!(after, Duration::from_millis(50)),
+        Err(Error::Timeout {
+            kind: TimeoutKind::WaitReady,
+            after,
+        }) => assert_eq!(after, Duration::from_millis(50)),
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert_eq!(engine.list()[0].status, Status::Pending);

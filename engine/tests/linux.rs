@@ -193,7 +193,16 @@ fn a_timeout_kills_the_command_and_its_children() {
         "sleep 100 & echo $! > /tmp/child; sleep 100",
         RunOptions::new().timeout(Duration::from_secs(2)),
     );
-    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(
+        matches!(
+            result,
+            Err(Error::Timeout {
+                kind: capsule::TimeoutKind::Command,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(20));
     let child = c.commands().run("cat /tmp/child").unwrap().stdout;
     // Killed is dead even before the agent (PID 1, which inherits the orphan) has reaped
