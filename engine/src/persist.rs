@@ -194,32 +194,21 @@ pub(crate) fn write_template(
     vcpus: u32,
     memory_mb: u64,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .ok_or_else(|| Error::InvalidArgument("template directory has no parent".into()))?;
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::InvalidArgument("bad template directory".into()))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", layer_name()));
-    fs::create_dir(&tmp).map_err(io("creating the template directory", &tmp))?;
-    let result = (|| {
-        let mem = memory_bytes(frozen)?;
-        let mut pages = frozen.dirty.clone();
-        if let MemoryOrigin::Chain { chain, .. } = &frozen.origin {
-            pages
-                .or_assign(&chain.union().map_err(snap)?)
-                .map_err(snap)?;
-        }
-        let base = layer_name();
-        write_layer(&tmp.join(&base), mem, &pages, &WriteOptions::default()).map_err(snap)?;
-        let mut chain = MemoryChain::new(mem.len() as u64);
-        chain
-            .push_layer(LayerDesc {
-                file_name: base,
-                pages,
-            })
+    let mem = memory_bytes(frozen)?;
+    let mut pages = frozen.dirty.clone();
+    if let MemoryOrigin::Chain { chain, .. } = &frozen.origin {
+        pages
+            .or_assign(&chain.union().map_err(snap)?)
             .map_err(snap)?;
+    }
+    atomic::publish_new_dir(dir, |tmp| {
+        let base = layer_name();
+        write_layer(&tmp.join(&base), mem, &pages, &WriteOptions::default())?;
+        let mut chain = MemoryChain::new(mem.len() as u64);
+        chain.push_layer(LayerDesc {
+            file_name: base,
+            pages,
+        })?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
             kind: kind.to_owned(),
@@ -230,20 +219,15 @@ pub(crate) fn write_template(
             patch: Vec::new(),
             capsule: None,
         };
-        write_state(&tmp.join(STATE_FILE_NAME), &state).map_err(snap)?;
-        atomic::sync_dir(&tmp).map_err(snap)?;
-        if dir.exists() {
-            return Err(Error::InvalidArgument(format!(
-                "a template named {name:?} already exists"
-            )));
+        write_state(&tmp.join(STATE_FILE_NAME), &state)
+    })
+    .map_err(|e| match e {
+        capsule_snapshot::Error::AlreadyExists { .. } => {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            Error::InvalidArgument(format!("a template named {name:?} already exists"))
         }
-        fs::rename(&tmp, dir).map_err(io("publishing the template", dir))?;
-        atomic::sync_dir(parent).map_err(snap)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+        e => snap(e),
+    })
 }
 
 /// Copies the pages set in `pages` out of `mem`.

@@ -78,7 +78,7 @@ pub enum Error {
     /// A system call not tied to a particular file failed.
     #[error("{call} failed: {source}")]
     Sys {
-        /// Name of the failing call (e.g. `"mincore"`).
+        /// Name of the failing call (e.g. `"mmap"`).
         call: &'static str,
         /// Underlying OS error.
         #[source]
@@ -97,6 +97,13 @@ pub enum Error {
     InvalidMemory {
         /// Human readable description.
         reason: String,
+    },
+
+    /// A directory to be created already exists.
+    #[error("{} already exists", path.display())]
+    AlreadyExists {
+        /// The existing path.
+        path: PathBuf,
     },
 }
 

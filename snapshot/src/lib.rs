@@ -19,10 +19,10 @@
 //! ```
 //!
 //! Every file is written with [`atomic::write_file`] (temporary name, fsync,
-//! rename, fsync of the directory); a whole snapshot directory can be swapped
-//! in with [`atomic::replace_dir`]. Files named `.<name>.tmp-<hex>` or
-//! directories named `<name>.tmp-<hex>` / `<name>.old-<hex>` are leftovers of
-//! interrupted writes, never valid data.
+//! rename, fsync of the directory); a new directory (a template) is built
+//! under a hidden name and published with [`atomic::publish_new_dir`]. Files
+//! and directories named `.<name>.tmp-<hex>` are leftovers of interrupted
+//! writes, never valid data.
 //!
 //! # State file format (version 1)
 //!

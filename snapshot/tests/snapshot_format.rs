@@ -147,16 +147,12 @@ fn snapshot_directory_round_trip() {
     let target = root.path().join("snap-1");
     let mut rng = Rng(7);
     let mut guest = Guest::new(256, &mut rng);
-    let mut chain = None;
-    atomic::replace_dir(&target, |dir| {
+    let chain = atomic::publish_new_dir(&target, |dir| {
         write_state(&dir.join(STATE_FILE_NAME), &vm_state())?;
-        chain = Some(build_chain(dir, &mut guest, &mut rng, 3));
-        Ok(())
+        Ok(build_chain(dir, &mut guest, &mut rng, 3))
     })
     .unwrap();
-    let chain = chain.unwrap();
 
-    assert!(!atomic::recover_dir(&target).unwrap());
     assert_eq!(
         read_state::<VmState>(&target.join(STATE_FILE_NAME)).unwrap(),
         vm_state()
@@ -166,6 +162,10 @@ fn snapshot_directory_round_trip() {
     assert!(restored(&target, &loaded) == guest.mem);
     let m = PrivateMapping::map_chain(&target, &loaded).unwrap();
     assert!(m.as_slice() == guest.mem.as_slice());
+
+    // A published directory is never replaced.
+    let err = atomic::publish_new_dir(&target, |_| Ok(())).unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
 }
 
 #[test]
