@@ -159,7 +159,7 @@ pub(crate) fn write_snapshot(
         let name = layer_name();
         let direct = pages.count_ones() >= DIRECT_IO_MIN_PAGES;
         let options = options.clone().with_direct_io(direct);
-        write_layer(&dir.join(&name), mem, &pages, &options).map_err(snap)?;
+        write_layer(&dir.join(&name), &[mem], &pages, &options).map_err(snap)?;
         chain
             .push_layer(LayerDesc {
                 file_name: name,
@@ -203,7 +203,7 @@ pub(crate) fn write_template(
     }
     atomic::publish_new_dir(dir, |tmp| {
         let base = layer_name();
-        write_layer(&tmp.join(&base), mem, &pages, &WriteOptions::default())?;
+        write_layer(&tmp.join(&base), &[mem], &pages, &WriteOptions::default())?;
         let mut chain = MemoryChain::new(mem.len() as u64);
         chain.push_layer(LayerDesc {
             file_name: base,

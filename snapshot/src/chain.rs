@@ -243,7 +243,12 @@ pub fn merge(chain: &MemoryChain, dir: &Path, max_layers: usize) -> Result<Merge
     let path = dir.join(&name);
     {
         let mapping = PrivateMapping::map_chain(dir, chain)?;
-        memory::write_layer(&path, mapping.as_slice(), &union, &WriteOptions::default())?;
+        memory::write_layer(
+            &path,
+            &[mapping.as_slice()],
+            &union,
+            &WriteOptions::default(),
+        )?;
     }
     let merged = MemoryChain {
         page_size: chain.page_size,

@@ -99,6 +99,7 @@ pub mod bitmap;
 pub mod chain;
 mod codec;
 mod error;
+mod flat;
 pub mod mapping;
 pub mod memory;
 pub mod state_file;

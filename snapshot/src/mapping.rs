@@ -282,7 +282,7 @@ mod tests {
                 .map(|i| (i as u8).wrapping_add(layer * 50 + 1))
                 .collect();
             let name = format!("g{layer}.layer");
-            write_layer(&dir.join(&name), &mem, &bm, &WriteOptions::default()).unwrap();
+            write_layer(&dir.join(&name), &[&mem], &bm, &WriteOptions::default()).unwrap();
             for (f, n) in bm.runs() {
                 let r = (f * PAGE_SIZE) as usize..((f + n) * PAGE_SIZE) as usize;
                 expected[r.clone()].copy_from_slice(&mem[r]);

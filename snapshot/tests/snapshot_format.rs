@@ -103,7 +103,7 @@ fn build_chain(dir: &Path, guest: &mut Guest, rng: &mut Rng, diffs: usize) -> Me
     let base = all_pages(guest.pages);
     write_layer(
         &dir.join("base.layer"),
-        &guest.mem,
+        &[&guest.mem],
         &base,
         &WriteOptions::default(),
     )
@@ -119,7 +119,7 @@ fn build_chain(dir: &Path, guest: &mut Guest, rng: &mut Rng, diffs: usize) -> Me
         let name = format!("diff-{i}.layer");
         write_layer(
             &dir.join(&name),
-            &guest.mem,
+            &[&guest.mem],
             &dirty,
             &WriteOptions::default(),
         )
@@ -223,7 +223,13 @@ fn merge_keeps_pages_in_no_layer_zero() {
         let r = (i * 20 * PAGE_SIZE) as usize..((i * 20 + 5) * PAGE_SIZE) as usize;
         expected[r.clone()].copy_from_slice(&mem[r]);
         let name = format!("l{i}.layer");
-        write_layer(&dir.path().join(&name), &mem, &bm, &WriteOptions::default()).unwrap();
+        write_layer(
+            &dir.path().join(&name),
+            &[&mem],
+            &bm,
+            &WriteOptions::default(),
+        )
+        .unwrap();
         chain
             .push_layer(LayerDesc {
                 file_name: name,
@@ -288,7 +294,7 @@ fn sparse_layer_allocates_few_blocks() {
         bm.set(p).unwrap();
     }
     let p = dir.path().join("sparse.layer");
-    write_layer(&p, &mem, &bm, &WriteOptions::default()).unwrap();
+    write_layer(&p, &[&mem], &bm, &WriteOptions::default()).unwrap();
     let meta = fs::metadata(&p).unwrap();
     assert_eq!(meta.len(), pages * PAGE_SIZE);
     let allocated = meta.blocks() * 512;
@@ -402,7 +408,7 @@ fn fault_injection_keeps_previous_good_files() {
     for fail_after in [0, 4096 * 10 + 17, guest.mem.len() as u64 - 1] {
         let err = write_layer(
             &dir.path().join("base.layer"),
-            &guest.mem,
+            &[&guest.mem],
             &all,
             &WriteOptions::failing_after(fail_after),
         )
@@ -489,7 +495,7 @@ fn write_layer_bandwidth() {
     ] {
         let p = dir.path().join("bench.layer");
         let t = Instant::now();
-        let info = write_layer(&p, &mem, &bm, &WriteOptions::default()).unwrap();
+        let info = write_layer(&p, &[&mem], &bm, &WriteOptions::default()).unwrap();
         let el = t.elapsed();
         let bytes = info.pages_written * PAGE_SIZE;
         println!(
