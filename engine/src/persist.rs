@@ -323,10 +323,10 @@ pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
         map_base(shell, image)?;
     }
     if image.chain.layers.len() > 1 {
-        let (addr, len) = memory::host_range(memory)?;
-        // SAFETY: [addr, addr + len) is the shell's memory region, mapped from the base layer
-        // and used by nobody else yet (a shell's vCPUs have never run).
-        unsafe { overlay_layers(addr, len, &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
+        let range = memory::host_range(memory)?;
+        // SAFETY: the range is the shell's memory region, mapped from the base layer and used
+        // by nobody else yet (a shell's vCPUs have never run).
+        unsafe { overlay_layers(&[range], &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
             .map_err(snap)?;
     }
     for patch in &image.patch {
