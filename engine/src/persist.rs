@@ -7,23 +7,21 @@
 //! any earlier point leaves the previous snapshot valid (new layer files are then orphans,
 //! removed at the next successful write).
 //!
-//! What a write stores depends on where the capsule's memory came from:
-//! - fresh memory: one sparse base layer with every page written since boot;
-//! - memory mapped from a chain (a resumed capsule, or one spawned from a template): the
-//!   chain's layers (hard-linked when they live in another directory, so a template can be
-//!   deleted later) plus one diff layer with the pages dirtied since. When the chain would
-//!   exceed [`MAX_LAYERS`] generations, a single new base with every page replaces it.
+//! What a write stores (fresh base, inline pages, a new layer or a merge, layers of a
+//! template hard-linked in) is the snapshot crate's save policy:
+//! [`capsule_snapshot::save::save_memory`] for a pause, `save_full_image` for a template.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use capsule_snapshot::bitmap::PageBitmap;
-use capsule_snapshot::chain::{remove_unreferenced_layers, LayerDesc, MemoryChain};
+use capsule_snapshot::chain::{remove_unreferenced_layers, MemoryChain};
 use capsule_snapshot::mapping::{overlay_layers, MAX_OVERLAY_MAPPINGS};
-use capsule_snapshot::memory::{write_layer, WriteOptions};
+use capsule_snapshot::memory::WriteOptions;
+use capsule_snapshot::save::{save_full_image, save_memory, SavePolicy};
 use capsule_snapshot::state_file::{read_state, write_state};
+use capsule_snapshot::stored::{PagePatch, StoredMemory};
 use capsule_snapshot::{atomic, STATE_FILE_NAME};
 use capsule_vmm::memory;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
@@ -33,29 +31,6 @@ use crate::guest::{Frozen, MachineState, MemoryOrigin};
 use crate::model::record::CapsuleRecord;
 use crate::model::GuestKind;
 use crate::pool::{BackingId, Shell};
-
-/// Most layers a capsule's memory chain may have before it is merged (Wrenn merges after 8
-/// generations).
-pub(crate) const MAX_LAYERS: usize = 8;
-
-/// A pause that dirtied at most this many pages stores them inside `state.bin` instead of a
-/// new layer file: one file and one fsync instead of two, and no layer to map on resume.
-pub(crate) const INLINE_MAX_PAGES: u64 = 16;
-
-/// Layers of at least this many pages are written with `O_DIRECT` (several times faster than
-/// buffered writes plus fsync for large layers here, and they do not linger in the page
-/// cache); smaller ones are written through the page cache, which keeps them warm for a
-/// quick resume.
-pub(crate) const DIRECT_IO_MIN_PAGES: u64 = 256;
-
-/// A page stored inline in `state.bin`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct PagePatch {
-    /// Guest page number.
-    pub(crate) page: u64,
-    /// Its 4096 bytes.
-    pub(crate) data: Vec<u8>,
-}
 
 /// The memory of a snapshot or template, ready to be put under a new VM.
 pub(crate) struct MemoryImage {
@@ -84,7 +59,7 @@ pub(crate) struct SnapshotState {
     pub(crate) memory_mb: u64,
     pub(crate) machine: MachineState,
     pub(crate) memory: MemoryChain,
-    /// Pages newer than `memory`, stored inline (see [`INLINE_MAX_PAGES`]).
+    /// Pages newer than `memory`, stored inline (see [`SavePolicy::inline_max_pages`]).
     pub(crate) patch: Vec<PagePatch>,
     /// The paused capsule this is the snapshot of (none for a template).
     pub(crate) capsule: Option<CapsuleRecord>,
@@ -100,20 +75,6 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Er
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// A fresh name for a layer file.
-fn layer_name() -> String {
-    let mut bytes = [0u8; 8];
-    let random = getrandom::fill(&mut bytes)
-        .map(|()| u64::from_le_bytes(bytes))
-        .unwrap_or_else(|_| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
-    format!("{random:016x}.{}", capsule_snapshot::LAYER_EXTENSION)
 }
 
 /// The frozen VM's memory as bytes.
@@ -134,39 +95,21 @@ pub(crate) fn write_paused(
 ) -> Result<MemoryChain> {
     fs::create_dir_all(dir).map_err(io("creating the snapshot directory", dir))?;
     let mem = memory_bytes(frozen)?;
-    let (mut chain, mut pages) = match &frozen.origin {
-        MemoryOrigin::Fresh => (MemoryChain::new(mem.len() as u64), frozen.dirty.clone()),
+    let origin = match &frozen.origin {
+        MemoryOrigin::Fresh => None,
         MemoryOrigin::Chain {
             dir: origin, chain, ..
-        } => {
-            if origin != dir {
-                link_layers(origin, dir, chain)?;
-            }
-            (chain.clone(), frozen.dirty.clone())
-        }
+        } => Some((origin.as_path(), chain)),
     };
-    let mut patch = Vec::new();
-    if !chain.layers.is_empty() && pages.count_ones() <= INLINE_MAX_PAGES {
-        patch = page_patches(mem, &pages)?;
-    } else {
-        if chain.layers.len() >= MAX_LAYERS {
-            // Merge: one new base holding every page present anywhere in the chain.
-            let mut all = chain.union().map_err(snap)?;
-            all.or_assign(&pages).map_err(snap)?;
-            chain = MemoryChain::new(mem.len() as u64);
-            pages = all;
-        }
-        let name = layer_name();
-        let direct = pages.count_ones() >= DIRECT_IO_MIN_PAGES;
-        let options = options.clone().with_direct_io(direct);
-        write_layer(&dir.join(&name), mem, &pages, &options).map_err(snap)?;
-        chain
-            .push_layer(LayerDesc {
-                file_name: name,
-                pages,
-            })
-            .map_err(snap)?;
-    }
+    let StoredMemory { chain, inline } = save_memory(
+        dir,
+        &[mem],
+        &frozen.dirty,
+        origin,
+        &SavePolicy::default(),
+        options,
+    )
+    .map_err(snap)?;
     let state = SnapshotState {
         schema: SNAPSHOT_SCHEMA,
         kind: capsule.kind,
@@ -174,7 +117,7 @@ pub(crate) fn write_paused(
         memory_mb: capsule.memory_mb,
         machine: frozen.machine.clone(),
         memory: chain.clone(),
-        patch,
+        patch: inline,
         capsule: Some(capsule.clone()),
     };
     write_state(&dir.join(STATE_FILE_NAME), &state).map_err(snap)?;
@@ -194,32 +137,13 @@ pub(crate) fn write_template(
     vcpus: u32,
     memory_mb: u64,
 ) -> Result<()> {
-    let parent = dir
-        .parent()
-        .ok_or_else(|| Error::InvalidArgument("template directory has no parent".into()))?;
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::InvalidArgument("bad template directory".into()))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", layer_name()));
-    fs::create_dir(&tmp).map_err(io("creating the template directory", &tmp))?;
-    let result = (|| {
-        let mem = memory_bytes(frozen)?;
-        let mut pages = frozen.dirty.clone();
-        if let MemoryOrigin::Chain { chain, .. } = &frozen.origin {
-            pages
-                .or_assign(&chain.union().map_err(snap)?)
-                .map_err(snap)?;
-        }
-        let base = layer_name();
-        write_layer(&tmp.join(&base), mem, &pages, &WriteOptions::default()).map_err(snap)?;
-        let mut chain = MemoryChain::new(mem.len() as u64);
-        chain
-            .push_layer(LayerDesc {
-                file_name: base,
-                pages,
-            })
-            .map_err(snap)?;
+    let mem = memory_bytes(frozen)?;
+    let origin = match &frozen.origin {
+        MemoryOrigin::Fresh => None,
+        MemoryOrigin::Chain { chain, .. } => Some(chain),
+    };
+    atomic::publish_new_dir(dir, |tmp| {
+        let StoredMemory { chain, inline } = save_full_image(tmp, &[mem], &frozen.dirty, origin)?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
             kind,
@@ -227,58 +151,18 @@ pub(crate) fn write_template(
             memory_mb,
             machine: frozen.machine.clone(),
             memory: chain,
-            patch: Vec::new(),
+            patch: inline,
             capsule: None,
         };
-        write_state(&tmp.join(STATE_FILE_NAME), &state).map_err(snap)?;
-        atomic::sync_dir(&tmp).map_err(snap)?;
-        if dir.exists() {
-            return Err(Error::InvalidArgument(format!(
-                "a template named {name:?} already exists"
-            )));
+        write_state(&tmp.join(STATE_FILE_NAME), &state)
+    })
+    .map_err(|e| match e {
+        capsule_snapshot::Error::AlreadyExists { .. } => {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            Error::InvalidArgument(format!("a template named {name:?} already exists"))
         }
-        fs::rename(&tmp, dir).map_err(io("publishing the template", dir))?;
-        atomic::sync_dir(parent).map_err(snap)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
-/// Copies the pages set in `pages` out of `mem`.
-fn page_patches(mem: &[u8], pages: &PageBitmap) -> Result<Vec<PagePatch>> {
-    let page_size = capsule_snapshot::PAGE_SIZE as usize;
-    let mut patch = Vec::with_capacity(pages.count_ones() as usize);
-    for (first, count) in pages.runs() {
-        for page in first..first + count {
-            let start = page as usize * page_size;
-            let data = mem.get(start..start + page_size).ok_or_else(|| {
-                Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-                    reason: format!("dirty page {page} outside memory"),
-                })
-            })?;
-            patch.push(PagePatch {
-                page,
-                data: data.to_vec(),
-            });
-        }
-    }
-    Ok(patch)
-}
-
-/// Hard-links `chain`'s layer files from `from` into `to`, so `to` no longer depends on
-/// `from` (a template may then be deleted while capsules spawned from it live on).
-fn link_layers(from: &Path, to: &Path, chain: &MemoryChain) -> Result<()> {
-    for layer in &chain.layers {
-        let target = to.join(&layer.file_name);
-        if target.exists() {
-            continue;
-        }
-        let source = from.join(&layer.file_name);
-        fs::hard_link(&source, &target).map_err(io("linking a template layer", &source))?;
-    }
-    Ok(())
+        e => snap(e),
+    })
 }
 
 /// Decodes and checks a `state.bin` image without touching the file system: what `load`
@@ -306,27 +190,16 @@ fn check(state: SnapshotState) -> Result<SnapshotState> {
             },
         ));
     }
-    state.memory.validate().map_err(snap)?;
-    let pages = state.memory.page_count();
-    let page_size = capsule_snapshot::PAGE_SIZE as usize;
-    if let Some(bad) = state
-        .patch
-        .iter()
-        .find(|p| p.page >= pages || p.data.len() != page_size)
-    {
-        return Err(Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-            reason: format!("inline page {} is malformed", bad.page),
-        }));
-    }
-    if state.memory.mem_size != state.memory_mb << 20 {
-        return Err(Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-            reason: format!(
-                "memory chain of {} bytes for a {} MiB guest",
-                state.memory.mem_size, state.memory_mb
-            ),
-        }));
-    }
-    Ok(state)
+    let stored = StoredMemory {
+        chain: state.memory,
+        inline: state.patch,
+    };
+    stored.validate(state.memory_mb << 20).map_err(snap)?;
+    Ok(SnapshotState {
+        memory: stored.chain,
+        patch: stored.inline,
+        ..state
+    })
 }
 
 /// Puts `image` under `shell`'s VM: the base layer mapped `MAP_PRIVATE` in place of the
@@ -340,10 +213,10 @@ pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
         map_base(shell, image)?;
     }
     if image.chain.layers.len() > 1 {
-        let (addr, len) = memory::host_range(memory)?;
-        // SAFETY: [addr, addr + len) is the shell's memory region, mapped from the base layer
-        // and used by nobody else yet (a shell's vCPUs have never run).
-        unsafe { overlay_layers(addr, len, &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
+        let range = memory::host_range(memory)?;
+        // SAFETY: the range is the shell's memory region, mapped from the base layer and used
+        // by nobody else yet (a shell's vCPUs have never run).
+        unsafe { overlay_layers(&[range], &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
             .map_err(snap)?;
     }
     for patch in &image.patch {

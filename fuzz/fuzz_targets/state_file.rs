@@ -2,17 +2,19 @@
 //! or a value, never a panic, hang or oversized allocation.
 #![no_main]
 
-use capsule_snapshot::chain::MemoryChain;
 use capsule_snapshot::state_file::{decode_state_bytes, encode_state_bytes};
+use capsule_snapshot::stored::StoredMemory;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    // The manifest is the most structured payload this crate defines.
-    if let Ok(chain) = decode_state_bytes::<MemoryChain>(data) {
+    // The memory description is the most structured payload this crate defines.
+    if let Ok(stored) = decode_state_bytes::<StoredMemory>(data) {
+        // Checking it must not panic either, whatever it claims.
+        let _ = stored.validate(stored.chain.mem_size);
         // Anything accepted must re-encode to a file that decodes to the same value.
-        let again = encode_state_bytes(&chain).expect("re-encode");
-        let back: MemoryChain = decode_state_bytes(&again).expect("decode re-encoded");
-        assert_eq!(back, chain);
+        let again = encode_state_bytes(&stored).expect("re-encode");
+        let back: StoredMemory = decode_state_bytes(&again).expect("decode re-encoded");
+        assert_eq!(back, stored);
     }
     // A generic shape exercising strings, sequences, options and integers.
     let _ = decode_state_bytes::<(String, Vec<u64>, Option<u32>, bool)>(data);

@@ -13,24 +13,13 @@
 //!
 //! # Directories
 //!
-//! [`replace_dir`] builds the new directory as a sibling `<name>.tmp-<hex>`,
-//! fsyncs every file in it, the directory itself and the parent, and then
-//! swaps it into place:
-//!
-//! * If nothing exists at the target yet, a plain `rename(2)` moves it in.
-//! * Otherwise `renameat2(RENAME_EXCHANGE)` swaps the two directories in one
-//!   atomic step (the target name always holds a complete version), the parent
-//!   is fsynced, and the old version (now under the temporary name) is deleted.
-//! * On file systems without `RENAME_EXCHANGE` the *rename-aside* fallback is
-//!   used: the old version is renamed to `<name>.old-<hex>` (parent fsynced),
-//!   the new one renamed to `<name>` (parent fsynced), then the old one deleted.
-//!   A crash between the two renames leaves no `<name>` at all but a complete
-//!   `<name>.old-<hex>`; [`recover_dir`] renames it back.
-//!
-//! Readers of a directory replaced this way should call [`recover_dir`] once
-//! before opening it: it restores a renamed-aside previous version if the
-//! target is missing and removes leftover `.tmp-`/`.old-` siblings. Only one
-//! writer per target is supported at a time.
+//! [`publish_new_dir`] builds a new directory under a hidden sibling name
+//! `.<name>.tmp-<16 hex digits>`, fsyncs every file in it, the directory itself
+//! and the parent, and then renames it to its final name with
+//! `renameat2(RENAME_NOREPLACE)`, so an existing directory is never replaced
+//! ([`Error::AlreadyExists`]). Readers never see a half-built directory under
+//! the final name; after a crash a hidden `.<name>.tmp-<hex>` directory may
+//! remain, never valid data.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -44,8 +33,6 @@ use crate::error::{Error, IoContext, Result};
 
 /// Marker put between a file's name and the random suffix of its temporary.
 const TMP_MARKER: &str = ".tmp-";
-/// Marker put between a directory's name and the random suffix of its renamed-aside old version.
-const OLD_MARKER: &str = ".old-";
 /// How many random names to try before giving up on creating a temporary.
 const CREATE_ATTEMPTS: usize = 16;
 
@@ -79,134 +66,33 @@ where
     Ok(())
 }
 
-/// Builds a directory with `build` and atomically puts it at `target`,
-/// replacing any previous version (see the module docs for the protocol).
+/// Builds a new directory with `build` and atomically publishes it at
+/// `target`, which must not exist (see the module docs for the protocol).
 ///
-/// `build` receives the path of the (empty) temporary directory to fill.
-/// If it fails, the temporary directory is removed and `target` is untouched.
-pub fn replace_dir<F>(target: &Path, build: F) -> Result<()>
+/// `build` receives the path of the (empty) temporary directory to fill; its
+/// value is returned once the directory is in place. If `build` or any later
+/// step fails, the temporary directory is removed and nothing appears at
+/// `target`. Fails with [`Error::AlreadyExists`] if `target` exists (checked
+/// atomically by the final rename where the file system supports
+/// `RENAME_NOREPLACE`).
+pub fn publish_new_dir<T, F>(target: &Path, build: F) -> Result<T>
 where
-    F: FnOnce(&Path) -> Result<()>,
-{
-    replace_dir_with(target, build, DirSwap::Exchange)
-}
-
-/// How [`replace_dir_with`] swaps the new directory in. Exposed to the crate
-/// so tests can exercise the fallback explicitly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DirSwap {
-    /// `renameat2(RENAME_EXCHANGE)`, falling back to rename-aside when unsupported.
-    Exchange,
-    /// Always rename-aside (used by tests to cover the fallback).
-    #[cfg_attr(not(test), allow(dead_code))]
-    RenameAside,
-}
-
-/// [`replace_dir`] with an explicit swap strategy.
-pub(crate) fn replace_dir_with<F>(target: &Path, build: F, swap: DirSwap) -> Result<()>
-where
-    F: FnOnce(&Path) -> Result<()>,
+    F: FnOnce(&Path) -> Result<T>,
 {
     let (parent, name) = split_path(target)?;
-    let tmp = sibling(&parent, &name, TMP_MARKER);
+    let mut hidden = OsString::from(".");
+    hidden.push(&name);
+    let tmp = sibling(&parent, &hidden, TMP_MARKER);
     fs::create_dir(&tmp).at(&tmp)?;
     let guard = RemoveOnDrop::new(tmp.clone());
 
-    build(&tmp)?;
+    let value = build(&tmp)?;
     sync_tree(&tmp)?;
-    sync_dir(&parent)?;
-
-    let target_exists = match fs::symlink_metadata(target) {
-        Ok(_) => true,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(Error::io(target, e)),
-    };
-
-    if !target_exists {
-        fs::rename(&tmp, target).at(target)?;
-        guard.disarm();
-        sync_dir(&parent)?;
-        tracing::debug!(target = %target.display(), "created directory atomically");
-        return Ok(());
-    }
-
-    if swap == DirSwap::Exchange {
-        match rename_exchange(&tmp, target) {
-            Ok(()) => {
-                // `tmp` now holds the previous version; the guard deletes it.
-                sync_dir(&parent)?;
-                drop(guard);
-                sync_dir(&parent)?;
-                tracing::debug!(target = %target.display(), "exchanged directory atomically");
-                return Ok(());
-            }
-            Err(e) if exchange_unsupported(&e) => {
-                tracing::debug!(error = %e, "RENAME_EXCHANGE unsupported, renaming aside");
-            }
-            Err(e) => return Err(Error::io(target, e)),
-        }
-    }
-
-    let old = sibling(&parent, &name, OLD_MARKER);
-    fs::rename(target, &old).at(target)?;
-    sync_dir(&parent)?;
-    if let Err(e) = fs::rename(&tmp, target) {
-        // Put the previous version back; if that fails too, `recover_dir` will.
-        if let Err(back) = fs::rename(&old, target) {
-            tracing::error!(error = %back, old = %old.display(), "could not restore previous directory");
-        }
-        return Err(Error::io(target, e));
-    }
+    rename_no_replace(&tmp, target)?;
     guard.disarm();
     sync_dir(&parent)?;
-    remove_dir_logged(&old);
-    sync_dir(&parent)?;
-    tracing::debug!(target = %target.display(), "replaced directory by renaming aside");
-    Ok(())
-}
-
-/// Repairs the aftermath of a crash during [`replace_dir`] on `target`.
-///
-/// If `target` is missing but a renamed-aside `<name>.old-<hex>` sibling exists,
-/// it is renamed back (the newest one if several). Then every leftover
-/// `<name>.tmp-<hex>` and `<name>.old-<hex>` sibling is removed. Returns
-/// `true` if a previous version was restored.
-pub fn recover_dir(target: &Path) -> Result<bool> {
-    let (parent, name) = split_path(target)?;
-    let mut temps = Vec::new();
-    let mut olds = Vec::new();
-    for entry in fs::read_dir(&parent).at(&parent)? {
-        let entry = entry.at(&parent)?;
-        let file_name = entry.file_name();
-        if has_marker(&file_name, &name, TMP_MARKER) {
-            temps.push(entry.path());
-        } else if has_marker(&file_name, &name, OLD_MARKER) {
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(UNIX_EPOCH);
-            olds.push((modified, entry.path()));
-        }
-    }
-
-    let mut restored = false;
-    let target_exists = fs::symlink_metadata(target).is_ok();
-    if !target_exists {
-        olds.sort();
-        if let Some((_, newest)) = olds.pop() {
-            fs::rename(&newest, target).at(target)?;
-            sync_dir(&parent)?;
-            tracing::warn!(target = %target.display(), from = %newest.display(), "restored previous directory version after interrupted replace");
-            restored = true;
-        }
-    }
-    for path in temps.iter().chain(olds.iter().map(|(_, p)| p)) {
-        remove_dir_logged(path);
-    }
-    if !temps.is_empty() || !olds.is_empty() {
-        sync_dir(&parent)?;
-    }
-    Ok(restored)
+    tracing::debug!(target = %target.display(), "published directory atomically");
+    Ok(value)
 }
 
 /// Removes temporaries left in `dir` by interrupted [`write_file`] calls
@@ -295,16 +181,6 @@ fn create_temp_file(parent: &Path, name: &OsStr) -> Result<(PathBuf, File)> {
     Err(Error::io(parent, e))
 }
 
-/// Whether `file_name` is `<name><marker><16 hex digits>`.
-fn has_marker(file_name: &OsStr, name: &OsStr, marker: &str) -> bool {
-    let bytes = file_name.as_bytes();
-    let prefix_len = name.len() + marker.len();
-    bytes.len() == prefix_len + 16
-        && bytes.starts_with(name.as_bytes())
-        && &bytes[name.len()..prefix_len] == marker.as_bytes()
-        && bytes[prefix_len..].iter().all(u8::is_ascii_hexdigit)
-}
-
 /// Whether `file_name` looks like `.<something>.tmp-<16 hex digits>`.
 fn is_file_temp_name(file_name: &OsStr) -> bool {
     let bytes = file_name.as_bytes();
@@ -331,8 +207,31 @@ fn sync_tree(dir: &Path) -> Result<()> {
     sync_dir(dir)
 }
 
-/// `renameat2(from, to, RENAME_EXCHANGE)`.
-fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
+/// Renames `from` to `to` unless `to` exists ([`Error::AlreadyExists`]).
+fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
+    match renameat2_noreplace(from, to) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(already_exists(to)),
+        Err(e) if !noreplace_unsupported(&e) => return Err(Error::io(to, e)),
+        Err(e) => tracing::debug!(error = %e, "RENAME_NOREPLACE unsupported, checking first"),
+    }
+    // Without kernel support the check and the rename are two steps; callers
+    // serialise their writers, so only a foreign process could slip in between.
+    match fs::symlink_metadata(to) {
+        Ok(_) => Err(already_exists(to)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(from, to).at(to),
+        Err(e) => Err(Error::io(to, e)),
+    }
+}
+
+fn already_exists(path: &Path) -> Error {
+    Error::AlreadyExists {
+        path: path.to_path_buf(),
+    }
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`.
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let from_c = CString::new(from.as_os_str().as_bytes())?;
     let to_c = CString::new(to.as_os_str().as_bytes())?;
     // SAFETY: both pointers come from live, NUL-terminated `CString`s that
@@ -345,7 +244,7 @@ fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
             from_c.as_ptr(),
             libc::AT_FDCWD,
             to_c.as_ptr(),
-            libc::RENAME_EXCHANGE,
+            libc::RENAME_NOREPLACE,
         )
     };
     if rc == 0 {
@@ -355,8 +254,8 @@ fn rename_exchange(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Errors meaning "this kernel / file system cannot exchange".
-fn exchange_unsupported(e: &io::Error) -> bool {
+/// Errors meaning "this kernel / file system cannot rename without replacing".
+fn noreplace_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
@@ -447,72 +346,47 @@ mod tests {
         assert_eq!(files_in(dir.path()), vec!["a.bin", "a.tmp-notreally"]);
     }
 
-    fn build_with(content: &'static [u8]) -> impl FnOnce(&Path) -> Result<()> {
-        move |d: &Path| {
-            fs::write(d.join("f"), content).at(d)?;
-            fs::create_dir(d.join("sub")).at(d)?;
-            fs::write(d.join("sub/g"), content).at(d)
-        }
-    }
-
     #[test]
-    fn replace_dir_both_strategies() {
-        for swap in [DirSwap::Exchange, DirSwap::RenameAside] {
-            let root = tempfile::tempdir().unwrap();
-            let target = root.path().join("snap");
-            replace_dir_with(&target, build_with(b"v1"), swap).unwrap();
-            assert_eq!(fs::read(target.join("sub/g")).unwrap(), b"v1");
-            replace_dir_with(&target, build_with(b"v2"), swap).unwrap();
-            assert_eq!(fs::read(target.join("f")).unwrap(), b"v2");
-            assert_eq!(fs::read(target.join("sub/g")).unwrap(), b"v2");
-            assert_eq!(files_in(root.path()), vec!["snap"], "{swap:?}");
-        }
-    }
-
-    #[test]
-    fn failing_build_keeps_previous_dir() {
+    fn publish_new_dir_builds_then_appears() {
         let root = tempfile::tempdir().unwrap();
-        let target = root.path().join("snap");
-        replace_dir(&target, build_with(b"v1")).unwrap();
-        let err = replace_dir(&target, |d| {
+        let target = root.path().join("tpl");
+        let value = publish_new_dir(&target, |d| {
+            fs::write(d.join("f"), b"v1").at(d)?;
+            fs::create_dir(d.join("sub")).at(d)?;
+            fs::write(d.join("sub/g"), b"v1").at(d)?;
+            Ok(7)
+        })
+        .unwrap();
+        assert_eq!(value, 7);
+        assert_eq!(fs::read(target.join("sub/g")).unwrap(), b"v1");
+        assert_eq!(files_in(root.path()), vec!["tpl"]);
+    }
+
+    #[test]
+    fn publish_new_dir_never_replaces() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("tpl");
+        // Even an empty directory, which plain rename(2) would replace, is kept.
+        fs::create_dir(&target).unwrap();
+        let err = publish_new_dir(&target, |d| fs::write(d.join("f"), b"new").at(d)).unwrap_err();
+        assert!(
+            matches!(err, Error::AlreadyExists { ref path } if path == &target),
+            "{err:?}"
+        );
+        assert_eq!(files_in(root.path()), vec!["tpl"]);
+        assert!(files_in(&target).is_empty());
+    }
+
+    #[test]
+    fn failing_build_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("tpl");
+        let err = publish_new_dir(&target, |d| {
             fs::write(d.join("f"), b"partial").at(d)?;
-            Err(Error::invalid("injected"))
+            Err::<(), _>(Error::invalid("injected"))
         })
         .unwrap_err();
         assert!(matches!(err, Error::InvalidMemory { .. }));
-        assert_eq!(fs::read(target.join("f")).unwrap(), b"v1");
-        assert_eq!(files_in(root.path()), vec!["snap"]);
-    }
-
-    #[test]
-    fn recover_restores_renamed_aside_version() {
-        // Simulate a crash between the two renames of the fallback protocol.
-        let root = tempfile::tempdir().unwrap();
-        let target = root.path().join("snap");
-        replace_dir(&target, build_with(b"v1")).unwrap();
-        let old = root.path().join("snap.old-00000000000000aa");
-        fs::rename(&target, &old).unwrap();
-        let tmp = root.path().join("snap.tmp-00000000000000bb");
-        fs::create_dir(&tmp).unwrap();
-        fs::write(tmp.join("f"), b"v2-maybe-partial").unwrap();
-
-        assert!(recover_dir(&target).unwrap());
-        assert_eq!(fs::read(target.join("f")).unwrap(), b"v1");
-        assert_eq!(files_in(root.path()), vec!["snap"]);
-        // Nothing to do the second time.
-        assert!(!recover_dir(&target).unwrap());
-    }
-
-    #[test]
-    fn recover_removes_leftovers_when_target_exists() {
-        let root = tempfile::tempdir().unwrap();
-        let target = root.path().join("snap");
-        replace_dir(&target, build_with(b"v2")).unwrap();
-        fs::create_dir(root.path().join("snap.tmp-0000000000000001")).unwrap();
-        fs::create_dir(root.path().join("snap.old-0000000000000002")).unwrap();
-        fs::create_dir(root.path().join("snapshot-other")).unwrap();
-        assert!(!recover_dir(&target).unwrap());
-        assert_eq!(files_in(root.path()), vec!["snap", "snapshot-other"]);
-        assert_eq!(fs::read(target.join("f")).unwrap(), b"v2");
+        assert!(files_in(root.path()).is_empty());
     }
 }

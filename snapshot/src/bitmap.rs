@@ -96,6 +96,45 @@ impl PageBitmap {
         Ok(bm)
     }
 
+    /// ORs in the `KVM_GET_DIRTY_LOG` words of one memory slot of `pages`
+    /// pages whose first page is flat page `first_page` of this bitmap.
+    ///
+    /// This is how the dirty logs of several memory regions make one flat
+    /// bitmap (see the crate docs). `words` must hold at least
+    /// `ceil(pages / 64)` words; bits past `pages` are ignored.
+    pub fn or_kvm_words(&mut self, first_page: u64, words: &[u64], pages: u64) -> Result<()> {
+        let need = words_for(pages);
+        let Some(src) = words.get(..need) else {
+            return Err(Error::bitmap(format!(
+                "{} words given, {need} needed for {pages} pages",
+                words.len()
+            )));
+        };
+        if first_page
+            .checked_add(pages)
+            .is_none_or(|end| end > self.pages)
+        {
+            return Err(Error::bitmap(format!(
+                "slot of {pages} pages at page {first_page} exceeds {} pages",
+                self.pages
+            )));
+        }
+        for (index, &word) in src.iter().enumerate() {
+            let base = index as u64 * WORD_BITS;
+            let mut bits = word;
+            while bits != 0 {
+                let page = base + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if page >= pages {
+                    break;
+                }
+                let (w, b) = split(first_page + page);
+                self.words[w] |= 1 << b;
+            }
+        }
+        Ok(())
+    }
+
     /// Number of pages this bitmap describes (set or not).
     pub fn page_count(&self) -> u64 {
         self.pages
@@ -281,53 +320,6 @@ impl Iterator for Runs<'_> {
     }
 }
 
-/// Returns which pages of `[addr, addr + len)` are resident in RAM, via
-/// `mincore(2)`. `len` is rounded up to whole pages.
-///
-/// Fails if `addr` is not page aligned or the host page size is not
-/// [`PAGE_SIZE`].
-///
-/// # Safety
-///
-/// `[addr, addr + len)` must be a live mapping in this process for the
-/// duration of the call (`mincore` itself only inspects page tables and never
-/// touches the memory, but an unmapped range yields `ENOMEM` and a range that is
-/// concurrently unmapped and remapped gives meaningless results).
-pub unsafe fn resident_pages(addr: *const u8, len: usize) -> Result<PageBitmap> {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let host_page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if host_page != PAGE_SIZE as libc::c_long {
-        return Err(Error::bitmap(format!(
-            "host page size {host_page} is not {PAGE_SIZE}"
-        )));
-    }
-    if (addr as usize) % PAGE_SIZE as usize != 0 {
-        return Err(Error::bitmap(format!(
-            "address {addr:p} is not page aligned"
-        )));
-    }
-    let pages = (len as u64).div_ceil(PAGE_SIZE);
-    let mut vec = vec![0u8; pages as usize];
-    if len > 0 {
-        // SAFETY: the caller guarantees [addr, addr+len) is mapped; `vec` has
-        // one byte per page of the (rounded-up) range as mincore requires and
-        // lives across the call.
-        let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(Error::last_os("mincore"));
-        }
-    }
-    let mut bm = PageBitmap::new(pages);
-    for (i, chunk) in vec.chunks(WORD_BITS as usize).enumerate() {
-        let mut word = 0u64;
-        for (bit, &v) in chunk.iter().enumerate() {
-            word |= u64::from(v & 1) << bit;
-        }
-        bm.words[i] = word;
-    }
-    Ok(bm)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,37 +434,13 @@ mod tests {
     }
 
     #[test]
-    fn mincore_sees_touched_anonymous_pages() {
-        let pages = 16usize;
-        let len = pages * PAGE_SIZE as usize;
-        // SAFETY: anonymous private mapping, checked for MAP_FAILED, unmapped below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        let base = ptr as *mut u8;
-        for p in [1usize, 2, 9] {
-            // SAFETY: in bounds of the live mapping.
-            unsafe { base.add(p * PAGE_SIZE as usize).write(0xAB) };
-        }
-        // SAFETY: the mapping is live for the call.
-        let bm = unsafe { resident_pages(base, len) }.unwrap();
-        assert_eq!(bm.page_count(), pages as u64);
-        assert!(bm.get(1) && bm.get(2) && bm.get(9));
-        assert!(
-            !bm.get(0),
-            "untouched anonymous page should not be resident"
-        );
-        // SAFETY: misaligned address is rejected before any syscall.
-        assert!(unsafe { resident_pages(base.add(1), 10) }.is_err());
-        // SAFETY: same mapping, unmapped exactly once.
-        assert_eq!(unsafe { libc::munmap(ptr, len) }, 0);
+    fn kvm_words_of_two_slots_make_one_flat_bitmap() {
+        let mut flat = PageBitmap::new(48 + 80);
+        flat.or_kvm_words(0, &[1 | 1 << 47 | 1 << 50], 48).unwrap();
+        flat.or_kvm_words(48, &[1, 1 << 15 | 1 << 20], 80).unwrap();
+        let set: Vec<u64> = (0..128).filter(|&p| flat.get(p)).collect();
+        assert_eq!(set, vec![0, 47, 48, 48 + 79]);
+        assert!(flat.or_kvm_words(49, &[0, 0], 80).is_err());
+        assert!(flat.or_kvm_words(0, &[0], 80).is_err());
     }
 }

@@ -1,25 +1,20 @@
-//! Chains of memory layers: manifest, restore plan and merging.
+//! Chains of memory layers and the plan for restoring them.
 //!
 //! A snapshot's memory is an ordered chain of layers, base first, then diffs.
 //! A page's contents come from the newest layer whose bitmap holds it; a page
-//! in no layer is zero. Chains grow by one diff per incremental snapshot and
-//! are collapsed by [`merge`] once they get longer than a limit.
+//! in no layer is zero. [`crate::save`] decides when a chain grows by a diff
+//! and when it is collapsed into a new base.
 
 use std::collections::HashSet;
 use std::fs;
-use std::io;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::PageBitmap;
 use crate::error::{Error, Result};
-use crate::mapping::PrivateMapping;
-use crate::memory::{self, WriteOptions};
-use crate::{atomic, state_file, LAYER_EXTENSION, MANIFEST_FILE_NAME, PAGE_SIZE};
-
-/// Default for the `max_layers` argument of [`merge`]: eight generations.
-pub const DEFAULT_MAX_LAYERS: usize = 8;
+use crate::memory;
+use crate::{atomic, LAYER_EXTENSION, PAGE_SIZE};
 
 /// One layer of a chain: a layer file (see [`crate::memory`]) and the pages present in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,12 +26,14 @@ pub struct LayerDesc {
     pub pages: PageBitmap,
 }
 
-/// A snapshot's memory: the manifest stored in `memory.manifest`.
+/// A snapshot's memory layers, as the integrator stores them (inside a
+/// [`crate::stored::StoredMemory`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryChain {
     /// Page size in bytes; always [`PAGE_SIZE`].
     pub page_size: u64,
-    /// Size of guest memory in bytes (a multiple of `page_size`); every layer file has this length.
+    /// Size of guest memory in bytes (a multiple of `page_size`): all regions
+    /// together. Every layer file has this length.
     pub mem_size: u64,
     /// Layers, base first, newest last.
     pub layers: Vec<LayerDesc>,
@@ -44,15 +41,15 @@ pub struct MemoryChain {
 
 /// A run of consecutive pages restored from one layer, see [`restore_plan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapRun {
+pub(crate) struct MapRun {
     /// Index into [`MemoryChain::layers`] of the layer holding the run.
-    pub layer_index: usize,
+    pub(crate) layer_index: usize,
     /// That layer's file name.
-    pub file_name: String,
-    /// Byte offset of the run, both in guest memory and in the layer file.
-    pub offset: u64,
+    pub(crate) file_name: String,
+    /// Flat byte offset of the run, both in guest memory and in the layer file.
+    pub(crate) offset: u64,
     /// Length of the run in bytes (a multiple of the page size).
-    pub len: u64,
+    pub(crate) len: u64,
 }
 
 impl MemoryChain {
@@ -81,8 +78,8 @@ impl MemoryChain {
     /// least one layer (the base), every bitmap's page count, safe and unique
     /// file names.
     ///
-    /// Requiring a base also bounds memory use on untrusted manifests: every
-    /// layer's bitmap is as large as the memory size implies, so a manifest
+    /// Requiring a base also bounds memory use on untrusted state files: every
+    /// layer's bitmap is as large as the memory size implies, so a chain
     /// cannot claim a huge memory size without being correspondingly large.
     pub fn validate(&self) -> Result<()> {
         if self.page_size != PAGE_SIZE {
@@ -150,27 +147,14 @@ fn validate_file_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Validates `chain` and writes it to `dir/memory.manifest` atomically.
-pub fn save_manifest(dir: &Path, chain: &MemoryChain) -> Result<()> {
-    chain.validate()?;
-    state_file::write_state(&dir.join(MANIFEST_FILE_NAME), chain)
-}
-
-/// Reads `dir/memory.manifest` and validates the chain in it.
-pub fn load_manifest(dir: &Path) -> Result<MemoryChain> {
-    let chain: MemoryChain = state_file::read_state(&dir.join(MANIFEST_FILE_NAME))?;
-    chain.validate()?;
-    Ok(chain)
-}
-
 /// For every page, the newest layer holding it, as coalesced runs sorted by
 /// offset.
 ///
 /// Runs owned by the base (layer 0) are included too, so the plan alone
 /// describes the whole memory; pages in no layer appear in no run and read
-/// as zero. [`PrivateMapping::map_chain`] maps the base file whole and then
-/// only applies the runs with `layer_index > 0`.
-pub fn restore_plan(chain: &MemoryChain) -> Result<Vec<MapRun>> {
+/// as zero. [`crate::mapping::overlay_layers`] only applies the runs with
+/// `layer_index > 0`; the caller maps the base.
+pub(crate) fn restore_plan(chain: &MemoryChain) -> Result<Vec<MapRun>> {
     chain.validate()?;
     let mut claimed = PageBitmap::new(chain.page_count());
     let mut runs = Vec::new();
@@ -189,92 +173,11 @@ pub fn restore_plan(chain: &MemoryChain) -> Result<Vec<MapRun>> {
     Ok(runs)
 }
 
-/// Reads the memory described by `chain` (layer files in `dir`) into `dst`
-/// with plain positioned reads: the copying alternative to
-/// [`PrivateMapping::map_chain`]. `dst` must be `chain.mem_size` bytes.
-pub fn restore_into(dir: &Path, chain: &MemoryChain, dst: &mut [u8]) -> Result<()> {
-    if dst.len() as u64 != chain.mem_size {
-        return Err(Error::invalid(format!(
-            "destination is {} bytes, memory is {}",
-            dst.len(),
-            chain.mem_size
-        )));
-    }
-    let plan = restore_plan(chain)?;
-    dst.fill(0);
-    let mut files = LayerFiles::new(dir, chain.mem_size);
-    for run in &plan {
-        let (file, path) = files.get(run.layer_index, &run.file_name)?;
-        let range = run.offset as usize..(run.offset + run.len) as usize;
-        let Some(buf) = dst.get_mut(range) else {
-            return Err(Error::invalid("run outside memory"));
-        };
-        memory::read_exact_at(file, path, buf, run.offset)?;
-    }
-    Ok(())
-}
-
-/// What [`merge`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MergeOutcome {
-    /// The chain had at most `max_layers` layers and was left alone.
-    Unchanged,
-    /// The chain was collapsed into the single base layer described by the new chain.
-    Merged(MemoryChain),
-}
-
-/// Collapses `chain` (layer files in `dir`) into a single base layer when it
-/// has more than `max_layers` layers (`0` is treated as `1`).
-///
-/// Crash-safe order: the new base `merged-<hex>.layer` is written atomically
-/// (holding exactly the union of all layers' pages, taken through a
-/// [`PrivateMapping`] of the old chain); then the new one-layer manifest
-/// replaces `dir/memory.manifest` atomically; only then are the old layer
-/// files deleted. A crash before the manifest switch leaves the old chain
-/// intact (plus an orphan that [`remove_unreferenced_layers`] deletes); a
-/// crash after it leaves a valid new chain (plus orphans).
-pub fn merge(chain: &MemoryChain, dir: &Path, max_layers: usize) -> Result<MergeOutcome> {
-    chain.validate()?;
-    if chain.layers.len() <= max_layers.max(1) {
-        return Ok(MergeOutcome::Unchanged);
-    }
-    let union = chain.union()?;
-    let name = fresh_layer_name(dir, chain)?;
-    let path = dir.join(&name);
-    {
-        let mapping = PrivateMapping::map_chain(dir, chain)?;
-        memory::write_layer(&path, mapping.as_slice(), &union, &WriteOptions::default())?;
-    }
-    let merged = MemoryChain {
-        page_size: chain.page_size,
-        mem_size: chain.mem_size,
-        layers: vec![LayerDesc {
-            file_name: name,
-            pages: union,
-        }],
-    };
-    if let Err(e) = save_manifest(dir, &merged) {
-        // The old manifest is still in place; drop the unreferenced new base.
-        let _ = fs::remove_file(&path);
-        return Err(e);
-    }
-    for layer in &chain.layers {
-        let old = dir.join(&layer.file_name);
-        if let Err(e) = fs::remove_file(&old) {
-            tracing::warn!(path = %old.display(), error = %e, "could not remove merged layer");
-        }
-    }
-    atomic::sync_dir(dir)?;
-    tracing::info!(
-        dir = %dir.display(),
-        from = chain.layers.len(),
-        "merged memory chain into one base layer"
-    );
-    Ok(MergeOutcome::Merged(merged))
-}
-
 /// Deletes `*.layer` files in `dir` that `chain` does not reference, and
 /// temporaries left by interrupted writes. Returns how many files were removed.
+///
+/// Call it only after the state file naming `chain` is committed: until then
+/// the previous state file may still need the layers this deletes.
 pub fn remove_unreferenced_layers(dir: &Path, chain: &MemoryChain) -> Result<usize> {
     let keep: HashSet<&str> = chain.layers.iter().map(|l| l.file_name.as_str()).collect();
     let mut removed = atomic::remove_stale_temps(dir)?;
@@ -292,20 +195,6 @@ pub fn remove_unreferenced_layers(dir: &Path, chain: &MemoryChain) -> Result<usi
         atomic::sync_dir(dir)?;
     }
     Ok(removed)
-}
-
-/// A `merged-<16 hex>.layer` name used neither by `chain` nor by a file in `dir`.
-fn fresh_layer_name(dir: &Path, chain: &MemoryChain) -> Result<String> {
-    for _ in 0..16 {
-        let name = format!("merged-{:016x}.{LAYER_EXTENSION}", atomic::unique_u64());
-        let taken = chain.layers.iter().any(|l| l.file_name == name);
-        match fs::symlink_metadata(dir.join(&name)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !taken => return Ok(name),
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(Error::io(dir, e)),
-            _ => {}
-        }
-    }
-    Err(Error::invalid("could not find a free layer file name"))
 }
 
 /// Lazily opened, length-checked layer files of a chain.
@@ -405,13 +294,5 @@ mod tests {
         c.page_size = 8192;
         assert!(c.validate().is_err());
         assert!(MemoryChain::new(100).validate().is_err());
-    }
-
-    #[test]
-    fn manifest_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = chain_with(100, &[&[(0, 100)], &[(3, 7)]]);
-        save_manifest(dir.path(), &c).unwrap();
-        assert_eq!(load_manifest(dir.path()).unwrap(), c);
     }
 }

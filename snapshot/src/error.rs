@@ -78,7 +78,7 @@ pub enum Error {
     /// A system call not tied to a particular file failed.
     #[error("{call} failed: {source}")]
     Sys {
-        /// Name of the failing call (e.g. `"mincore"`).
+        /// Name of the failing call (e.g. `"mmap"`).
         call: &'static str,
         /// Underlying OS error.
         #[source]
@@ -92,11 +92,39 @@ pub enum Error {
         reason: String,
     },
 
-    /// A memory image, chain or manifest is inconsistent.
+    /// A memory image or chain is inconsistent.
     #[error("invalid memory image: {reason}")]
     InvalidMemory {
         /// Human readable description.
         reason: String,
+    },
+
+    /// A stored memory chain describes a different amount of memory than the
+    /// guest it is loaded for.
+    #[error("memory chain of {stored} bytes for a guest of {expected} bytes")]
+    MemorySizeMismatch {
+        /// Memory size the chain records.
+        stored: u64,
+        /// Memory size of the guest.
+        expected: u64,
+    },
+
+    /// An inline page lies outside guest memory or is not exactly one page long.
+    #[error("inline page {page} is malformed: {len} bytes, memory has {pages} pages")]
+    BadInlinePage {
+        /// Flat page number the inline page claims.
+        page: u64,
+        /// Its length in bytes (must be [`crate::PAGE_SIZE`]).
+        len: usize,
+        /// Number of pages of guest memory.
+        pages: u64,
+    },
+
+    /// A directory to be created already exists.
+    #[error("{} already exists", path.display())]
+    AlreadyExists {
+        /// The existing path.
+        path: PathBuf,
     },
 }
 

@@ -1,11 +1,13 @@
-//! Zero-copy, copy-on-write restore of a memory chain.
+//! Zero-copy, copy-on-write restore of a memory chain over caller-owned mappings.
 //!
-//! [`PrivateMapping::map_chain`] maps the base layer file whole with
-//! `MAP_PRIVATE | MAP_NORESERVE`, read-write, then overlays every run owned by
-//! a newer layer (see [`restore_plan`]) by mapping that layer's file at the
-//! same offset with `MAP_PRIVATE | MAP_FIXED`. Pages are faulted in from the
-//! page cache on first touch; guest writes copy the page privately and never
-//! reach the files.
+//! The caller maps the base layer file `MAP_PRIVATE`, read-write, as its guest
+//! memory: one host range per memory region, region `i` mapped from the base
+//! file at its flat offset (see the crate docs). [`overlay_layers`] then maps
+//! every run owned by a newer layer over those ranges with
+//! `MAP_PRIVATE | MAP_FIXED`, at the same flat offset of that layer's file; a
+//! run crossing from one range into the next is split in two. Pages are
+//! faulted in from the page cache on first touch; guest writes copy the page
+//! privately and never reach the files.
 //!
 //! Overlay mappings are bounded by [`MAX_OVERLAY_MAPPINGS`] (each one is a
 //! kernel VMA, and a process has `vm.max_map_count`, 65530 by default). When a
@@ -16,147 +18,17 @@
 //! Layer files must not be modified while mapped: pages of a `MAP_PRIVATE`
 //! mapping that were never written may reflect later changes to the file.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::ptr::NonNull;
 
-use crate::chain::{restore_plan, LayerFiles, MapRun, MemoryChain};
+use crate::chain::{restore_plan, LayerFiles, MemoryChain};
 use crate::error::{Error, Result};
+use crate::flat::{FlatLayout, Piece};
 use crate::memory;
 use crate::PAGE_SIZE;
-use std::os::fd::AsRawFd;
 
-/// Most overlay `mmap`s [`PrivateMapping::map_chain`] creates; further runs are copied.
+/// Default for the `max_overlays` argument of [`overlay_layers`]; further runs are copied.
 pub const MAX_OVERLAY_MAPPINGS: usize = 4096;
-
-/// A private, writable mapping of a restored memory chain; unmapped on drop.
-///
-/// The address stays valid and fixed until the value is dropped, so it can
-/// be handed to e.g. vm-memory's `MmapRegion::build_raw`, which must not
-/// outlive it.
-#[derive(Debug)]
-pub struct PrivateMapping {
-    ptr: NonNull<u8>,
-    len: usize,
-    overlays: usize,
-    copied_runs: usize,
-}
-
-// SAFETY: the mapping is plain process memory exclusively owned by this value;
-// the safe API hands out `&[u8]` only through `&self` and `&mut [u8]` only
-// through `&mut self`, so Rust's aliasing rules carry over across threads.
-unsafe impl Send for PrivateMapping {}
-// SAFETY: see `Send`; shared access is read-only.
-unsafe impl Sync for PrivateMapping {}
-
-impl PrivateMapping {
-    /// Maps the memory described by `chain` (layer files in `dir`), copy-on-write.
-    pub fn map_chain(dir: &Path, chain: &MemoryChain) -> Result<Self> {
-        Self::map_chain_with_limit(dir, chain, MAX_OVERLAY_MAPPINGS)
-    }
-
-    /// [`map_chain`](Self::map_chain) with an explicit cap on overlay
-    /// mappings (`0` copies every overlay run).
-    pub fn map_chain_with_limit(
-        dir: &Path,
-        chain: &MemoryChain,
-        max_overlays: usize,
-    ) -> Result<Self> {
-        chain.validate()?;
-        let Some(base) = chain.layers.first() else {
-            return Err(Error::invalid("memory chain has no layers"));
-        };
-        let len = usize::try_from(chain.mem_size)
-            .map_err(|_| Error::invalid("memory size exceeds the address space"))?;
-        let mut files = LayerFiles::new(dir, chain.mem_size);
-
-        let (base_file, _) = files.get(0, &base.file_name)?;
-        // SAFETY: a fresh mapping (no MAP_FIXED) of a file whose length we
-        // checked equals `len`, so every page is backed; the result is checked
-        // for MAP_FAILED before use.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                base_file.as_raw_fd(),
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap"));
-        }
-        let Some(ptr) = NonNull::new(raw.cast::<u8>()) else {
-            return Err(Error::invalid("mmap returned null"));
-        };
-        // From here on, Drop unmaps on every error path.
-        let mut mapping = PrivateMapping {
-            ptr,
-            len,
-            overlays: 0,
-            copied_runs: 0,
-        };
-        // SAFETY: the whole range is the private mapping created just above, owned by
-        // `mapping` and not yet shared with anyone.
-        let stats = unsafe { overlay_layers(ptr.as_ptr(), len, dir, chain, max_overlays)? };
-        mapping.overlays = stats.overlays;
-        mapping.copied_runs = stats.copied_runs;
-        Ok(mapping)
-    }
-
-    /// Start address of the mapping (valid until `self` is dropped).
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// Length of the mapping in bytes (= guest memory size).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never true for a mapped chain).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Number of overlay `mmap`s applied over the base mapping.
-    pub fn overlay_count(&self) -> usize {
-        self.overlays
-    }
-
-    /// Number of overlay runs that were copied with `pread` instead of mapped.
-    pub fn copied_run_count(&self) -> usize {
-        self.copied_runs
-    }
-
-    /// The memory as a byte slice.
-    ///
-    /// Anyone writing through [`as_ptr`](Self::as_ptr) while this borrow lives
-    /// breaks Rust's aliasing rules; that requires `unsafe` on their side.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is a live, readable mapping owned by self for
-        // at least the lifetime of the borrow.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// The memory as a mutable byte slice (writes stay private to this process).
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as for `as_slice`, and `&mut self` guarantees exclusivity
-        // within safe code; the mapping is PROT_WRITE.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for PrivateMapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len describe exactly the region mapped in map_chain
-        // (overlays replaced sub-ranges of it), unmapped only here, once.
-        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        if rc != 0 {
-            tracing::error!(error = %std::io::Error::last_os_error(), "munmap failed");
-        }
-    }
-}
 
 /// What [`overlay_layers`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -167,48 +39,77 @@ pub struct OverlayStats {
     pub copied_runs: usize,
 }
 
-/// Lays the newer layers of `chain` (files in `dir`) over an existing mapping of its base
-/// layer at `addr`: the largest `max_overlays` runs are mapped `MAP_PRIVATE | MAP_FIXED` at
-/// their offsets, the rest copied in with `pread`.
+/// One piece of a newer layer's run, inside one host range.
+struct Overlay<'a> {
+    layer_index: usize,
+    file_name: &'a str,
+    piece: Piece,
+}
+
+/// Lays the newer layers of `chain` (files in `dir`) over the caller's mapping of its base
+/// layer: the largest `max_overlays` pieces are mapped `MAP_PRIVATE | MAP_FIXED` at their
+/// offsets, the rest copied in with `pread`.
 ///
-/// This lets a caller own the base mapping (for instance a vm-memory region mapped
-/// `MAP_PRIVATE` from the base file, unmapped when the region drops).
+/// `ranges` are the host ranges `(address, length)` holding guest memory, in flat order
+/// (region 0 first); each is page aligned and a whole number of pages long, and together
+/// they are `chain.mem_size` bytes (both checked). For the result to be the chain's memory,
+/// each range must already hold the base layer's bytes at its flat offsets (typically a
+/// `MAP_PRIVATE` mapping of the base file at that file offset); overlays replace pages
+/// of those mappings only.
 ///
 /// # Safety
-/// `[addr, addr + len)` must be one private, writable mapping owned by the caller, `len`
-/// must equal `chain.mem_size`, and no one may access the range during the call. Overlays
-/// replace pages of that mapping only.
+/// Every range must be one private, writable mapping owned by the caller, no two may
+/// overlap, and no one may access them during the call.
 pub unsafe fn overlay_layers(
-    addr: *mut u8,
-    len: usize,
+    ranges: &[(*mut u8, usize)],
     dir: &Path,
     chain: &MemoryChain,
     max_overlays: usize,
 ) -> Result<OverlayStats> {
-    if len as u64 != chain.mem_size {
-        return Err(Error::invalid(
-            "mapping length differs from the chain's memory size",
-        ));
+    let layout = FlatLayout::new(ranges.iter().map(|&(_, len)| len as u64))?;
+    if layout.len() != chain.mem_size {
+        return Err(Error::invalid(format!(
+            "mappings of {} bytes for a chain of {} bytes",
+            layout.len(),
+            chain.mem_size
+        )));
+    }
+    if let Some(index) = ranges
+        .iter()
+        .position(|&(addr, _)| addr as usize % PAGE_SIZE as usize != 0)
+    {
+        return Err(Error::invalid(format!(
+            "memory region {index} is not page aligned"
+        )));
     }
     let plan = restore_plan(chain)?;
-    let mut files = LayerFiles::new(dir, chain.mem_size);
-    let overlays: Vec<&MapRun> = plan.iter().filter(|r| r.layer_index > 0).collect();
+    let mut overlays = Vec::new();
+    for run in plan.iter().filter(|r| r.layer_index > 0) {
+        for piece in layout.pieces(run.offset, run.len)? {
+            overlays.push(Overlay {
+                layer_index: run.layer_index,
+                file_name: &run.file_name,
+                piece,
+            });
+        }
+    }
     let map_limit = if host_page_is_4k() { max_overlays } else { 0 };
     let (to_map, to_copy) = split_by_size(overlays, map_limit);
+    let mut files = LayerFiles::new(dir, chain.mem_size);
     let mut stats = OverlayStats::default();
-    for run in to_map {
-        let (file, _) = files.get(run.layer_index, &run.file_name)?;
-        let offset = libc::off_t::try_from(run.offset)
+    for overlay in &to_map {
+        let piece = overlay.piece;
+        let (file, _) = files.get(overlay.layer_index, overlay.file_name)?;
+        let offset = libc::off_t::try_from(piece.flat_offset)
             .map_err(|_| Error::invalid("overlay offset too large"))?;
-        // The plan's runs lie inside [0, mem_size) and are page aligned (restore_plan
-        // validates the chain), and mem_size == len.
-        // SAFETY: the target range is inside the caller's mapping (see above) which the
-        // caller owns exclusively; the layer file is mem_size bytes long (checked when
+        // SAFETY: the piece lies inside range `piece.region` (FlatLayout cut it from the
+        // ranges' lengths), which the caller owns exclusively, so the target is part of
+        // the caller's mapping; the layer file is mem_size bytes long (checked when
         // opened), so the file range is fully backed.
         let raw = unsafe {
             libc::mmap(
-                addr.add(run.offset as usize).cast(),
-                run.len as usize,
+                target(ranges, &piece).cast(),
+                piece.len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
@@ -220,29 +121,44 @@ pub unsafe fn overlay_layers(
         }
         stats.overlays += 1;
     }
-    for run in to_copy {
-        let (file, path) = files.get(run.layer_index, &run.file_name)?;
-        // SAFETY: the run lies inside the caller's mapping (as above), which nobody else
+    for overlay in &to_copy {
+        let piece = overlay.piece;
+        let (file, path) = files.get(overlay.layer_index, overlay.file_name)?;
+        // SAFETY: the piece lies inside range `piece.region` (as above), which nobody else
         // accesses during this call.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(addr.add(run.offset as usize), run.len as usize)
-        };
-        memory::read_exact_at(file, path, dst, run.offset)?;
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(target(ranges, &piece), piece.len as usize) };
+        memory::read_exact_at(file, path, dst, piece.flat_offset)?;
         stats.copied_runs += 1;
     }
     tracing::debug!(dir = %dir.display(), ?stats, "overlaid memory layers");
     Ok(stats)
 }
 
-/// Splits overlay runs into (mapped, copied): the `limit` largest are mapped.
-fn split_by_size(mut runs: Vec<&MapRun>, limit: usize) -> (Vec<&MapRun>, Vec<&MapRun>) {
-    if runs.len() <= limit {
-        return (runs, Vec::new());
+/// Host address of `piece`, inside its range.
+fn target(ranges: &[(*mut u8, usize)], piece: &Piece) -> *mut u8 {
+    let (addr, _) = ranges[piece.region];
+    // The offset is inside the range (FlatLayout), so this stays in one allocation.
+    addr.wrapping_add(piece.region_offset as usize)
+}
+
+/// Splits overlay pieces into (mapped, copied): the `limit` largest are mapped.
+fn split_by_size(
+    mut overlays: Vec<Overlay<'_>>,
+    limit: usize,
+) -> (Vec<Overlay<'_>>, Vec<Overlay<'_>>) {
+    if overlays.len() <= limit {
+        return (overlays, Vec::new());
     }
     // Largest first; ties by offset for determinism.
-    runs.sort_unstable_by(|a, b| b.len.cmp(&a.len).then(a.offset.cmp(&b.offset)));
-    let copied = runs.split_off(limit);
-    (runs, copied)
+    overlays.sort_unstable_by(|a, b| {
+        b.piece
+            .len
+            .cmp(&a.piece.len)
+            .then(a.piece.flat_offset.cmp(&b.piece.flat_offset))
+    });
+    let copied = overlays.split_off(limit);
+    (overlays, copied)
 }
 
 /// Whether the host page size equals [`PAGE_SIZE`] (required for 4 KiB overlays).
@@ -271,7 +187,7 @@ mod tests {
                 let pick = match layer {
                     0 => p < 60,
                     1 if fragmented => p % 2 == 0,
-                    1 => (10..20).contains(&p),
+                    1 => (10..30).contains(&p),
                     _ => p % 7 == 3 || p == 62,
                 };
                 if pick {
@@ -282,7 +198,7 @@ mod tests {
                 .map(|i| (i as u8).wrapping_add(layer * 50 + 1))
                 .collect();
             let name = format!("g{layer}.layer");
-            write_layer(&dir.join(&name), &mem, &bm, &WriteOptions::default()).unwrap();
+            write_layer(&dir.join(&name), &[&mem], &bm, &WriteOptions::default()).unwrap();
             for (f, n) in bm.runs() {
                 let r = (f * PAGE_SIZE) as usize..((f + n) * PAGE_SIZE) as usize;
                 expected[r.clone()].copy_from_slice(&mem[r]);
@@ -297,8 +213,57 @@ mod tests {
         (chain, expected)
     }
 
+    /// The base layer mapped privately as separate ranges of `split` pages, then `pages - split`.
+    struct Mapped {
+        ranges: Vec<(*mut u8, usize)>,
+    }
+
+    impl Mapped {
+        fn base(dir: &Path, chain: &MemoryChain, split: u64) -> Self {
+            let file = std::fs::File::open(dir.join(&chain.layers[0].file_name)).unwrap();
+            let lens = [split, chain.page_count() - split];
+            let mut offset = 0;
+            let mut ranges = Vec::new();
+            for pages in lens {
+                let len = (pages * PAGE_SIZE) as usize;
+                // SAFETY: a fresh private mapping of a file long enough for it, checked below.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE,
+                        file.as_raw_fd(),
+                        offset as libc::off_t,
+                    )
+                };
+                assert_ne!(addr, libc::MAP_FAILED);
+                ranges.push((addr.cast::<u8>(), len));
+                offset += len;
+            }
+            Mapped { ranges }
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            self.ranges
+                .iter()
+                // SAFETY: each range is a live mapping owned by `self`.
+                .flat_map(|&(a, l)| unsafe { std::slice::from_raw_parts(a, l) }.to_vec())
+                .collect()
+        }
+    }
+
+    impl Drop for Mapped {
+        fn drop(&mut self) {
+            for &(addr, len) in &self.ranges {
+                // SAFETY: unmapping a range mapped in `base`, once.
+                unsafe { libc::munmap(addr.cast(), len) };
+            }
+        }
+    }
+
     #[test]
-    fn mapped_chain_matches_and_writes_stay_private() {
+    fn overlays_over_two_ranges_match_and_stay_private() {
         let dir = tempfile::tempdir().unwrap();
         let (chain, expected) = build(dir.path(), false);
         let before: Vec<Vec<u8>> = chain
@@ -306,14 +271,19 @@ mod tests {
             .iter()
             .map(|l| std::fs::read(dir.path().join(&l.file_name)).unwrap())
             .collect();
+        // Layer 1's run 10..30 crosses the boundary at page 24.
+        let m = Mapped::base(dir.path(), &chain, 24);
+        // SAFETY: the ranges are private mappings owned by `m`, used by nobody else.
+        let stats =
+            unsafe { overlay_layers(&m.ranges, dir.path(), &chain, MAX_OVERLAY_MAPPINGS) }.unwrap();
+        assert!(stats.overlays > 0);
+        assert_eq!(stats.copied_runs, 0);
+        assert!(m.bytes() == expected);
 
-        let mut m = PrivateMapping::map_chain(dir.path(), &chain).unwrap();
-        assert_eq!(m.len(), expected.len());
-        assert!(m.overlay_count() > 0);
-        assert_eq!(m.copied_run_count(), 0);
-        assert!(m.as_slice() == expected.as_slice());
-
-        m.as_mut_slice().fill(0xEE);
+        for &(addr, len) in &m.ranges {
+            // SAFETY: writes into our own private mappings.
+            unsafe { std::ptr::write_bytes(addr, 0xEE, len) };
+        }
         drop(m);
         for (l, old) in chain.layers.iter().zip(&before) {
             assert_eq!(&std::fs::read(dir.path().join(&l.file_name)).unwrap(), old);
@@ -325,13 +295,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (chain, expected) = build(dir.path(), true);
         for limit in [0usize, 3, usize::MAX] {
-            let m = PrivateMapping::map_chain_with_limit(dir.path(), &chain, limit).unwrap();
-            assert!(m.overlay_count() <= limit);
+            let m = Mapped::base(dir.path(), &chain, 33);
+            // SAFETY: as above.
+            let stats = unsafe { overlay_layers(&m.ranges, dir.path(), &chain, limit) }.unwrap();
+            assert!(stats.overlays <= limit);
             if limit == 0 {
-                assert_eq!(m.overlay_count(), 0);
-                assert!(m.copied_run_count() > 0);
+                assert_eq!(stats.overlays, 0);
+                assert!(stats.copied_runs > 0);
             }
-            assert!(m.as_slice() == expected.as_slice(), "limit {limit}");
+            assert!(m.bytes() == expected, "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn ranges_that_do_not_fit_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (chain, _) = build(dir.path(), false);
+        let m = Mapped::base(dir.path(), &chain, 24);
+        let (a, la) = m.ranges[0];
+        let (b, lb) = m.ranges[1];
+        for ranges in [
+            vec![(a, la)],
+            vec![(a, la - 1), (b, lb + 1)],
+            vec![(a.wrapping_add(1), la), (b, lb)],
+        ] {
+            // SAFETY: every call is rejected before touching memory; the ranges are ours.
+            let err = unsafe { overlay_layers(&ranges, dir.path(), &chain, 1) }.unwrap_err();
+            assert!(matches!(err, Error::InvalidMemory { .. }), "{err:?}");
         }
     }
 
@@ -339,10 +329,10 @@ mod tests {
     fn short_layer_file_is_rejected_not_mapped() {
         let dir = tempfile::tempdir().unwrap();
         let (chain, _) = build(dir.path(), false);
+        let m = Mapped::base(dir.path(), &chain, 24);
         std::fs::write(dir.path().join("g1.layer"), b"short").unwrap();
-        assert!(matches!(
-            PrivateMapping::map_chain(dir.path(), &chain),
-            Err(Error::InvalidMemory { .. })
-        ));
+        // SAFETY: the ranges are private mappings owned by `m`.
+        let err = unsafe { overlay_layers(&m.ranges, dir.path(), &chain, 16) }.unwrap_err();
+        assert!(matches!(err, Error::InvalidMemory { .. }), "{err:?}");
     }
 }

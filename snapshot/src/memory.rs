@@ -1,9 +1,10 @@
 //! Sparse memory layer files.
 //!
-//! A layer is a raw file exactly as long as guest memory. Each present page
-//! is stored at its own guest offset; absent pages are holes, so a layer with
-//! few pages costs few disk blocks. The set of present pages is carried
-//! separately (in the chain manifest) as a [`PageBitmap`].
+//! A layer is a raw file exactly as long as guest memory (all regions laid
+//! end to end, see the crate docs). Each present page is stored at its own
+//! flat offset; absent pages are holes, so a layer with few pages costs few
+//! disk blocks. The set of present pages is carried separately (in the
+//! [`crate::chain::MemoryChain`]) as a [`PageBitmap`].
 
 use std::fs::File;
 use std::io;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::atomic;
 use crate::bitmap::PageBitmap;
 use crate::error::{Error, IoContext, Result};
+use crate::flat::FlatLayout;
 use crate::PAGE_SIZE;
 
 /// Options for [`write_layer`].
@@ -62,28 +64,32 @@ pub struct LayerInfo {
     pub file_len: u64,
     /// Number of pages written.
     pub pages_written: u64,
-    /// Number of coalesced runs (= data `pwrite` batches) written.
-    pub runs: u64,
+    /// Number of positioned writes: runs of selected pages, split where
+    /// they cross from one memory slice into the next.
+    pub writes: u64,
 }
 
 /// The message of the injected fault, see [`WriteOptions::fail_after_bytes`].
 pub const INJECTED_FAULT_MESSAGE: &str = "injected write fault";
 
-/// Writes the pages of `mem` selected by `pages` into a new sparse layer
+/// Writes the pages of `memory` selected by `pages` into a new sparse layer
 /// file at `path`, atomically (temporary + fsync + rename + directory fsync).
 ///
-/// `mem` must be exactly `pages.page_count() * PAGE_SIZE` bytes. Each run of
-/// consecutive selected pages is written with one positioned write (split
-/// only by the kernel's per-call limit), so the cost is one syscall per run,
-/// not per page. The file length is set to `mem.len()` so that unselected
-/// pages are holes.
+/// `memory` is guest memory as slices in flat order (region 0, region 1, ...;
+/// see the crate docs), each a whole number of pages, together exactly
+/// `pages.page_count() * PAGE_SIZE` bytes. Each run of consecutive selected
+/// pages is written with one positioned write per slice it touches (split
+/// only by the kernel's per-call limit), so the cost is about one syscall per
+/// run, not per page. The file length is set to the memory size so that
+/// unselected pages are holes.
 pub fn write_layer(
     path: &Path,
-    mem: &[u8],
+    memory: &[&[u8]],
     pages: &PageBitmap,
     opts: &WriteOptions,
 ) -> Result<LayerInfo> {
-    let mem_len = mem.len() as u64;
+    let layout = FlatLayout::new(memory.iter().map(|m| m.len() as u64))?;
+    let mem_len = layout.len();
     if mem_len != pages.page_count().saturating_mul(PAGE_SIZE) {
         return Err(Error::bitmap(format!(
             "memory of {mem_len} bytes does not match a bitmap of {} pages",
@@ -94,7 +100,7 @@ pub fn write_layer(
         path: path.to_path_buf(),
         file_len: mem_len,
         pages_written: 0,
-        runs: 0,
+        writes: 0,
     };
     let mut budget = opts.fail_after_bytes;
 
@@ -106,31 +112,34 @@ pub fn write_layer(
             None
         };
         for (first, count) in pages.runs() {
-            let offset = first * PAGE_SIZE;
-            let len = count * PAGE_SIZE;
-            let data = slice(mem, offset, len)?;
-            let written = match &direct {
-                Some(direct) => match write_with_budget(direct, tmp, data, offset, &mut budget) {
-                    // A device with stricter O_DIRECT alignment rules: use the page cache.
-                    Err(Error::Io { source, .. })
-                        if source.raw_os_error() == Some(libc::EINVAL) =>
-                    {
-                        write_with_budget(file, tmp, data, offset, &mut budget)
+            for piece in layout.pieces(first * PAGE_SIZE, count * PAGE_SIZE)? {
+                let data = region_slice(memory, piece.region, piece.region_offset, piece.len)?;
+                let offset = piece.flat_offset;
+                let written = match &direct {
+                    Some(direct) => {
+                        match write_with_budget(direct, tmp, data, offset, &mut budget) {
+                            // A device with stricter O_DIRECT alignment rules: use the page cache.
+                            Err(Error::Io { source, .. })
+                                if source.raw_os_error() == Some(libc::EINVAL) =>
+                            {
+                                write_with_budget(file, tmp, data, offset, &mut budget)
+                            }
+                            other => other,
+                        }
                     }
-                    other => other,
-                },
-                None => write_with_budget(file, tmp, data, offset, &mut budget),
-            };
-            written?;
+                    None => write_with_budget(file, tmp, data, offset, &mut budget),
+                };
+                written?;
+                info.writes += 1;
+            }
             info.pages_written += count;
-            info.runs += 1;
         }
         Ok(())
     })?;
     tracing::debug!(
         path = %path.display(),
         pages = info.pages_written,
-        runs = info.runs,
+        writes = info.writes,
         "wrote memory layer"
     );
     Ok(info)
@@ -170,13 +179,23 @@ fn open_direct(tmp: &Path) -> Option<File> {
         .ok()
 }
 
-/// `mem[offset..offset + len]`, or an error instead of a panic.
-fn slice(mem: &[u8], offset: u64, len: u64) -> Result<&[u8]> {
+/// `memory[region][offset..offset + len]`, or an error instead of a panic.
+pub(crate) fn region_slice<'a>(
+    memory: &[&'a [u8]],
+    region: usize,
+    offset: u64,
+    len: u64,
+) -> Result<&'a [u8]> {
+    let mem = memory.get(region).copied().unwrap_or_default();
     usize::try_from(offset)
         .ok()
         .zip(usize::try_from(len).ok())
         .and_then(|(o, l)| mem.get(o..o.checked_add(l)?))
-        .ok_or_else(|| Error::invalid(format!("range {offset}+{len} outside memory")))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "range {offset}+{len} outside memory region {region}"
+            ))
+        })
 }
 
 /// Opens the layer file at `path` for reading and checks that it is exactly
@@ -250,7 +269,13 @@ mod tests {
         bm.set_range(3, 40).unwrap();
         bm.set(200).unwrap();
         let p = dir.path().join("d.layer");
-        write_layer(&p, mem, &bm, &WriteOptions::default().with_direct_io(true)).unwrap();
+        write_layer(
+            &p,
+            &[&*mem],
+            &bm,
+            &WriteOptions::default().with_direct_io(true),
+        )
+        .unwrap();
         assert_layer_holds(&std::fs::read(&p).unwrap(), mem, &bm);
         // SAFETY: unmapping the mapping made above; `mem` is not used afterwards.
         unsafe { libc::munmap(addr, len) };
@@ -265,9 +290,9 @@ mod tests {
         bm.set_range(10, 3).unwrap();
         bm.set(4000).unwrap();
         let p = dir.path().join("l.layer");
-        let info = write_layer(&p, &mem, &bm, &WriteOptions::default()).unwrap();
+        let info = write_layer(&p, &[&mem], &bm, &WriteOptions::default()).unwrap();
         assert_eq!(info.pages_written, 4);
-        assert_eq!(info.runs, 2);
+        assert_eq!(info.writes, 2);
 
         let meta = std::fs::metadata(&p).unwrap();
         assert_eq!(meta.len(), pages * PAGE_SIZE);
@@ -281,11 +306,42 @@ mod tests {
     }
 
     #[test]
+    fn runs_crossing_slices_are_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = patterned(128);
+        let (low, high) = mem.split_at(48 * PAGE_SIZE as usize);
+        let mut bm = PageBitmap::new(128);
+        bm.set_range(40, 20).unwrap(); // crosses the boundary at page 48
+        bm.set(0).unwrap();
+        bm.set(127).unwrap();
+        let p = dir.path().join("two.layer");
+        let info = write_layer(&p, &[low, high], &bm, &WriteOptions::default()).unwrap();
+        assert_eq!(info.pages_written, 22);
+        assert_eq!(info.writes, 4);
+        assert_layer_holds(&std::fs::read(&p).unwrap(), &mem, &bm);
+    }
+
+    #[test]
+    fn slices_of_partial_pages_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = vec![0u8; 2 * PAGE_SIZE as usize];
+        let (a, b) = mem.split_at(100);
+        let err = write_layer(
+            &dir.path().join("x"),
+            &[a, b],
+            &PageBitmap::new(2),
+            &WriteOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidMemory { .. }), "{err:?}");
+    }
+
+    #[test]
     fn size_mismatch_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let err = write_layer(
             &dir.path().join("x"),
-            &[0u8; 100],
+            &[&[0u8; 2 * PAGE_SIZE as usize]],
             &PageBitmap::new(1),
             &WriteOptions::default(),
         )
@@ -300,12 +356,12 @@ mod tests {
         let mut bm = PageBitmap::new(64);
         bm.set_range(0, 64).unwrap();
         let old = vec![0x11u8; 64 * PAGE_SIZE as usize];
-        write_layer(&p, &old, &bm, &WriteOptions::default()).unwrap();
+        write_layer(&p, &[&old], &bm, &WriteOptions::default()).unwrap();
 
         let new = vec![0x22u8; 64 * PAGE_SIZE as usize];
         for fail_at in [0, 1, PAGE_SIZE * 3 + 5] {
             let err =
-                write_layer(&p, &new, &bm, &WriteOptions::failing_after(fail_at)).unwrap_err();
+                write_layer(&p, &[&new], &bm, &WriteOptions::failing_after(fail_at)).unwrap_err();
             match err {
                 Error::Io { source, .. } => {
                     assert_eq!(source.to_string(), INJECTED_FAULT_MESSAGE)
@@ -317,7 +373,7 @@ mod tests {
             assert_eq!(names.len(), 1, "temporary left behind");
         }
         // A budget covering everything succeeds.
-        write_layer(&p, &new, &bm, &WriteOptions::failing_after(u64::MAX)).unwrap();
+        write_layer(&p, &[&new], &bm, &WriteOptions::failing_after(u64::MAX)).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), new);
     }
 
