@@ -118,6 +118,15 @@ pub enum Error {
     /// or could not be written (disk full, I/O error). Nothing that was valid before is lost.
     #[error("snapshot: {0}")]
     Snapshot(#[source] capsule_snapshot::Error),
+    /// A snapshot was written by an engine whose snapshot layout this one does not read
+    /// (`found`, where this engine reads `supported`). Nothing is changed.
+    #[error("snapshot layout version {found} is not supported (this engine reads {supported})")]
+    SnapshotVersion {
+        /// The layout version in the file.
+        found: u32,
+        /// The version this engine reads.
+        supported: u32,
+    },
     /// A snapshot is readable but does not describe this capsule (another guest kind, vCPU
     /// count or memory size), or says something the engine cannot use. The capsule stays as
     /// it was.

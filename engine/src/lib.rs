@@ -107,7 +107,7 @@
 //
 // - model: plain data (ids, statuses, infos, command output, the capsule record)
 // - error, config, sync: the error enum, configuration builders, lock helpers
-// - store, persist, template, pool, limiter, periodic: the data directory, snapshot files,
+// - store, snapshot_files, template, pool, limiter, periodic: the data directory, snapshot files,
 //   templates, pre-built VM shells, the start limiter, a background-thread helper
 // - guest: the guest kinds (probe, linux) and the contract a running guest fulfils
 // - capsule_core, registry, engine_core: one capsule's state and status machine, the
@@ -127,10 +127,10 @@ mod lifecycle;
 mod limiter;
 mod model;
 mod periodic;
-mod persist;
 mod pool;
 mod recovery;
 mod registry;
+mod snapshot_files;
 mod store;
 mod sync;
 mod template;
@@ -158,6 +158,6 @@ pub mod fuzzing {
     /// Decodes and validates a snapshot state file image (`state.bin`) the way `resume`
     /// does; `true` if it would be accepted. Never panics.
     pub fn decode_snapshot_state(bytes: &[u8]) -> bool {
-        crate::persist::decode(bytes).is_ok()
+        crate::snapshot_files::decode(bytes).is_ok()
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! A pause, from the handle to the disk: [`pause`] takes the capsule's lifecycle lock,
 //! freezes its guest ([`crate::guest::Runtime::freeze`]), writes the snapshot
-//! ([`persist::write_paused`], which uses `capsule_snapshot`'s save policy), moves the
+//! ([`snapshot_files::write_paused`], which uses `capsule_snapshot`'s save policy), moves the
 //! capsule to Paused ([`CapsuleCore::paused`]) and shuts the guest down.
 
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
 use crate::model::record::CapsuleRecord;
 use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
-use crate::persist::{self, MemoryImage};
+use crate::snapshot_files::{self, MemoryImage};
 use crate::template::{validate_name, Template};
 
 /// What a capsule config resolves to: the record of the new capsule and, for a template
@@ -170,7 +170,7 @@ pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
     let runtime = capsule.runtime("pause")?;
     let frozen = runtime.freeze()?;
     let dir = engine.store.snapshot_dir(capsule.id());
-    persist::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
+    snapshot_files::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
     // Committed: release the VM. Frozen vCPU threads end on shutdown.
     if let Some(runtime) = capsule.paused()? {
         runtime.shutdown();
@@ -189,31 +189,31 @@ pub(crate) fn resume(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<
         _ => return Err(capsule.state_error("resume")),
     }
     let dir = engine.store.snapshot_dir(capsule.id());
-    let state = persist::load(&dir)?;
+    let state = snapshot_files::load(&dir)?;
     let record = capsule.record();
-    if (state.kind, state.vcpus, state.memory_mb) != (record.kind, record.vcpus, record.memory_mb) {
+    let (kind, vcpus, memory_mb) = state.of.shape();
+    if (kind, vcpus, memory_mb) != (record.kind, record.vcpus, record.memory_mb) {
         return Err(Error::SnapshotMismatch(format!(
             "the snapshot in {} is of a {} guest with {} vCPUs and {} MiB; the capsule is a {} guest with {} vCPUs and {} MiB",
             dir.display(),
-            state.kind,
-            state.vcpus,
-            state.memory_mb,
+            kind,
+            vcpus,
+            memory_mb,
             record.kind,
             record.vcpus,
             record.memory_mb
         )));
     }
-    let image = MemoryImage {
-        dir: dir.clone(),
-        chain: state.memory.clone(),
-        base: None,
-        base_id: None,
-        patch: state.patch,
-    };
     let origin = MemoryOrigin::Chain {
         dir: dir.clone(),
-        chain: state.memory,
+        chain: state.memory.chain.clone(),
         _pin: None,
+    };
+    let image = MemoryImage {
+        dir: dir.clone(),
+        memory: state.memory,
+        base: None,
+        base_id: None,
     };
     let runtime = guest::restore(
         record.kind,
@@ -253,7 +253,7 @@ pub(crate) fn snapshot(
     }
     let frozen = runtime.freeze()?;
     let record = capsule.record();
-    persist::write_template(&dir, &frozen, record.kind, record.vcpus, record.memory_mb)?;
+    snapshot_files::write_template(&dir, &frozen, record.kind, record.vcpus, record.memory_mb)?;
     drop(frozen);
     engine.templates.info(name)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::capsule_core::CapsuleCore;
 use crate::error::Result;
 use crate::model::Status;
-use crate::persist;
+use crate::snapshot_files;
 use crate::store::Store;
 
 /// The capsules `store` describes, each in the status it is really in.
@@ -19,9 +19,9 @@ pub(crate) fn recover(store: &Store) -> Result<Vec<Arc<CapsuleCore>>> {
         let record = match loaded.journal.remove(id) {
             Some(record) => Some(record),
             // Not in the journal (its line was lost): the snapshot describes it.
-            None => persist::load(&store.snapshot_dir(id))
+            None => snapshot_files::load(&store.snapshot_dir(id))
                 .ok()
-                .and_then(|state| state.capsule),
+                .and_then(|state| state.of.capsule().cloned()),
         };
         match record {
             Some(record) => found.push((record, Status::Paused)),

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::guest::{MachineState, MemoryOrigin, Resources};
 use crate::model::{GuestKind, TemplateInfo};
-use crate::persist::{self, MemoryImage, SnapshotState};
 use crate::pool::BackingId;
+use crate::snapshot_files::{self, MemoryImage, SnapshotState};
 use crate::sync::lock;
 
 /// A loaded template.
@@ -31,15 +31,13 @@ pub(crate) struct Template {
 impl Template {
     /// The guest kind of capsules started from it.
     pub(crate) fn kind(&self) -> GuestKind {
-        self.state.kind
+        self.state.of.shape().0
     }
 
     /// The vCPUs and memory capsules started from it have.
     pub(crate) fn resources(&self) -> Resources {
-        Resources {
-            vcpus: self.state.vcpus,
-            memory_mb: self.state.memory_mb,
-        }
+        let (_, vcpus, memory_mb) = self.state.of.shape();
+        Resources { vcpus, memory_mb }
     }
 
     /// Its machine state (vCPUs, VM, guest), without memory.
@@ -61,14 +59,13 @@ impl Template {
             .map_err(Error::io("opening a template layer", &self.dir))?;
         let image = MemoryImage {
             dir: self.dir.clone(),
-            chain: self.state.memory.clone(),
+            memory: self.state.memory.clone(),
             base: Some(base),
             base_id: Some(self.base_id),
-            patch: self.state.patch.clone(),
         };
         let origin = MemoryOrigin::Chain {
             dir: self.dir.clone(),
-            chain: self.state.memory.clone(),
+            chain: self.state.memory.chain.clone(),
             _pin: Some(self.clone()),
         };
         Ok((image, origin))
@@ -140,8 +137,8 @@ impl Templates {
             .map_err(Error::io("reading a template's metadata", &template.dir))?;
         Ok(TemplateInfo {
             name: name.to_owned(),
-            vcpus: template.state.vcpus,
-            memory_mb: template.state.memory_mb,
+            vcpus: template.resources().vcpus,
+            memory_mb: template.resources().memory_mb,
             disk_bytes: disk_bytes(&template.dir),
             created_at,
         })
@@ -159,9 +156,10 @@ impl Templates {
         if !dir.join(capsule_snapshot::STATE_FILE_NAME).exists() {
             return Ok(None);
         }
-        let state = persist::load(&dir)?;
+        let state = snapshot_files::load(&dir)?;
         let base_name = state
             .memory
+            .chain
             .layers
             .first()
             .map(|l| l.file_name.clone())

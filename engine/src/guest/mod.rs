@@ -27,8 +27,8 @@ use capsule_vmm::{HostInfo, Hypervisor, Kicker, Vm};
 use crate::config::RunOptions;
 use crate::error::{Error, Result};
 use crate::model::{CapsuleId, CommandOutput, GuestKind};
-use crate::persist::MemoryImage;
 use crate::pool::ShellPool;
+use crate::snapshot_files::MemoryImage;
 use crate::sync::lock;
 
 /// Rejects resources `kind` cannot run with (or a host it cannot run on).

@@ -27,8 +27,8 @@ use super::{
 use crate::error::{Error, Result};
 use crate::model::CapsuleId;
 use crate::model::CommandOutput;
-use crate::persist::{self, MemoryImage};
 use crate::pool::{BackingId, ShellShape};
+use crate::snapshot_files::{self, MemoryImage};
 
 /// Stack for each vCPU thread: the run loop is shallow and only touched pages count.
 const VCPU_THREAD_STACK: usize = 256 * 1024;
@@ -123,7 +123,7 @@ impl ProbeRuntime {
         let shell = ctx
             .shells
             .take(shell_shape(&ctx, image.base_id), image.base.as_ref(), None)?;
-        persist::apply_memory(&shell, image)?;
+        snapshot_files::apply_memory(&shell, image)?;
         shell.vm.restore_state(&machine.vm)?;
         let mut vcpus = Vec::with_capacity(shell.vcpus.len());
         for ((vcpu, state), seq) in shell.vcpus.into_iter().zip(&machine.vcpus).zip(seqs) {

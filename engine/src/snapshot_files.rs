@@ -1,5 +1,8 @@
-//! Writing a frozen capsule to disk and mapping it back: the engine's snapshot format on top
-//! of `capsule_snapshot`.
+//! Snapshot files: writing a frozen machine to disk and reading it back, in the format of
+//! `capsule_snapshot`. Words used throughout the engine: a *snapshot* is the files of a
+//! frozen machine (this format); a *pause* writes one into the capsule's own directory
+//! ([`write_paused`]); [`crate::Capsule::snapshot`] publishes one as a named *template*
+//! ([`write_template`]).
 //!
 //! A snapshot directory holds `state.bin` (a [`SnapshotState`] in the versioned, checksummed
 //! state-file format) and memory layer files. `state.bin` is the commit point: it is written
@@ -16,12 +19,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use capsule_snapshot::chain::{remove_unreferenced_layers, MemoryChain};
+use capsule_snapshot::chain::remove_unreferenced_layers;
 use capsule_snapshot::mapping::{overlay_layers, MAX_OVERLAY_MAPPINGS};
 use capsule_snapshot::memory::WriteOptions;
 use capsule_snapshot::save::{save_full_image, save_memory, SavePolicy};
 use capsule_snapshot::state_file::{read_state, write_state};
-use capsule_snapshot::stored::{PagePatch, StoredMemory};
+use capsule_snapshot::stored::StoredMemory;
 use capsule_snapshot::{atomic, STATE_FILE_NAME};
 use capsule_vmm::memory;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
@@ -36,13 +39,12 @@ use crate::pool::{BackingId, Shell};
 pub(crate) struct MemoryImage {
     /// Where the layer files are.
     pub(crate) dir: PathBuf,
-    pub(crate) chain: MemoryChain,
+    /// The layer chain and the pages stored inline.
+    pub(crate) memory: StoredMemory,
     /// The base layer, already open (templates keep it open).
     pub(crate) base: Option<fs::File>,
     /// `base`'s identity, known in advance (a template's, taken when it was loaded).
     pub(crate) base_id: Option<BackingId>,
-    /// Pages newer than the chain.
-    pub(crate) patch: Vec<PagePatch>,
 }
 
 /// The version of [`SnapshotState`]'s layout inside the state file; bump it when the layout
@@ -54,15 +56,46 @@ pub(crate) const SNAPSHOT_SCHEMA: u32 = 2;
 pub(crate) struct SnapshotState {
     /// [`SNAPSHOT_SCHEMA`] when written.
     pub(crate) schema: u32,
-    pub(crate) kind: GuestKind,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_mb: u64,
+    /// Whose snapshot this is, which also says what machine it is of.
+    pub(crate) of: SnapshotOf,
     pub(crate) machine: MachineState,
-    pub(crate) memory: MemoryChain,
-    /// Pages newer than `memory`, stored inline (see [`SavePolicy::inline_max_pages`]).
-    pub(crate) patch: Vec<PagePatch>,
-    /// The paused capsule this is the snapshot of (none for a template).
-    pub(crate) capsule: Option<CapsuleRecord>,
+    /// The memory: the layer chain and the pages stored inline.
+    pub(crate) memory: StoredMemory,
+}
+
+/// Whose snapshot a `state.bin` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SnapshotOf {
+    /// A paused capsule, as it was created.
+    Capsule(CapsuleRecord),
+    /// A template: the machine of the capsules that start from it.
+    Template {
+        kind: GuestKind,
+        vcpus: u32,
+        memory_mb: u64,
+    },
+}
+
+impl SnapshotOf {
+    /// The guest kind, vCPU count and memory size (MiB) of the machine.
+    pub(crate) fn shape(&self) -> (GuestKind, u32, u64) {
+        match self {
+            SnapshotOf::Capsule(r) => (r.kind, r.vcpus, r.memory_mb),
+            SnapshotOf::Template {
+                kind,
+                vcpus,
+                memory_mb,
+            } => (*kind, *vcpus, *memory_mb),
+        }
+    }
+
+    /// The paused capsule's record, if this is one's.
+    pub(crate) fn capsule(&self) -> Option<&CapsuleRecord> {
+        match self {
+            SnapshotOf::Capsule(record) => Some(record),
+            SnapshotOf::Template { .. } => None,
+        }
+    }
 }
 
 fn snap(e: capsule_snapshot::Error) -> Error {
@@ -92,7 +125,7 @@ pub(crate) fn write_paused(
     frozen: &Frozen,
     capsule: &CapsuleRecord,
     options: &WriteOptions,
-) -> Result<MemoryChain> {
+) -> Result<()> {
     fs::create_dir_all(dir).map_err(io("creating the snapshot directory", dir))?;
     let mem = memory_bytes(frozen)?;
     let origin = match &frozen.origin {
@@ -101,30 +134,25 @@ pub(crate) fn write_paused(
             dir: origin, chain, ..
         } => Some((origin.as_path(), chain)),
     };
-    let StoredMemory { chain, inline } = save_memory(
+    let memory = save_memory(
         dir,
         &[mem],
         &frozen.dirty,
         origin,
         &SavePolicy::default(),
         options,
-    )
-    .map_err(snap)?;
+    )?;
     let state = SnapshotState {
         schema: SNAPSHOT_SCHEMA,
-        kind: capsule.kind,
-        vcpus: capsule.vcpus,
-        memory_mb: capsule.memory_mb,
+        of: SnapshotOf::Capsule(capsule.clone()),
         machine: frozen.machine.clone(),
-        memory: chain.clone(),
-        patch: inline,
-        capsule: Some(capsule.clone()),
+        memory,
     };
-    write_state(&dir.join(STATE_FILE_NAME), &state).map_err(snap)?;
-    if let Err(e) = remove_unreferenced_layers(dir, &chain) {
+    write_state(&dir.join(STATE_FILE_NAME), &state)?;
+    if let Err(e) = remove_unreferenced_layers(dir, &state.memory.chain) {
         tracing::warn!(dir = %dir.display(), error = %e, "could not remove old layers");
     }
-    Ok(chain)
+    Ok(())
 }
 
 /// Writes `frozen` as a new, self-contained template in `dir` (which must not exist): one
@@ -143,16 +171,16 @@ pub(crate) fn write_template(
         MemoryOrigin::Chain { chain, .. } => Some(chain),
     };
     atomic::publish_new_dir(dir, |tmp| {
-        let StoredMemory { chain, inline } = save_full_image(tmp, &[mem], &frozen.dirty, origin)?;
+        let memory = save_full_image(tmp, &[mem], &frozen.dirty, origin)?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
-            kind,
-            vcpus,
-            memory_mb,
+            of: SnapshotOf::Template {
+                kind,
+                vcpus,
+                memory_mb,
+            },
             machine: frozen.machine.clone(),
-            memory: chain,
-            patch: inline,
-            capsule: None,
+            memory,
         };
         write_state(&tmp.join(STATE_FILE_NAME), &state)
     })
@@ -183,23 +211,14 @@ pub(crate) fn load(dir: &Path) -> Result<SnapshotState> {
 /// The checks every loaded snapshot passes before it is used.
 fn check(state: SnapshotState) -> Result<SnapshotState> {
     if state.schema != SNAPSHOT_SCHEMA {
-        return Err(Error::Snapshot(
-            capsule_snapshot::Error::UnsupportedVersion {
-                found: state.schema,
-                supported: SNAPSHOT_SCHEMA,
-            },
-        ));
+        return Err(Error::SnapshotVersion {
+            found: state.schema,
+            supported: SNAPSHOT_SCHEMA,
+        });
     }
-    let stored = StoredMemory {
-        chain: state.memory,
-        inline: state.patch,
-    };
-    stored.validate(state.memory_mb << 20).map_err(snap)?;
-    Ok(SnapshotState {
-        memory: stored.chain,
-        patch: stored.inline,
-        ..state
-    })
+    let (_, _, memory_mb) = state.of.shape();
+    state.memory.validate(memory_mb << 20)?;
+    Ok(state)
 }
 
 /// Puts `image` under `shell`'s VM: the base layer mapped `MAP_PRIVATE` in place of the
@@ -212,14 +231,21 @@ pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
     if !premapped {
         map_base(shell, image)?;
     }
-    if image.chain.layers.len() > 1 {
+    if image.memory.chain.layers.len() > 1 {
         let range = memory::host_range(memory)?;
         // SAFETY: the range is the shell's memory region, mapped from the base layer and used
         // by nobody else yet (a shell's vCPUs have never run).
-        unsafe { overlay_layers(&[range], &image.dir, &image.chain, MAX_OVERLAY_MAPPINGS) }
-            .map_err(snap)?;
+        unsafe {
+            overlay_layers(
+                &[range],
+                &image.dir,
+                &image.memory.chain,
+                MAX_OVERLAY_MAPPINGS,
+            )
+        }
+        .map_err(snap)?;
     }
-    for patch in &image.patch {
+    for patch in &image.memory.inline {
         memory
             .write_slice(
                 &patch.data,
@@ -238,6 +264,7 @@ fn map_base(shell: &Shell, image: &MemoryImage) -> Result<()> {
             .map_err(io("opening a memory layer", &image.dir))?,
         None => {
             let name = image
+                .memory
                 .chain
                 .layers
                 .first()
@@ -249,9 +276,6 @@ fn map_base(shell: &Shell, image: &MemoryImage) -> Result<()> {
     };
     // SAFETY: a shell's vCPUs have never run and the shell is ours alone until it is handed
     // to a runtime, so nothing reads or maps its memory meanwhile.
-    unsafe { memory::replace_with_private_file(shell.vm.memory(), &base) }.map_err(|e| {
-        Error::Snapshot(capsule_snapshot::Error::InvalidMemory {
-            reason: e.to_string(),
-        })
-    })
+    unsafe { memory::replace_with_private_file(shell.vm.memory(), &base) }?;
+    Ok(())
 }
