@@ -5,7 +5,8 @@
 //! virtual machines and exposes every piece of their state to whoever drives them.
 //!
 //! - [`hypervisor`]: `/dev/kvm`, and what kind of KVM the host has ([`HostInfo`]).
-//! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes.
+//! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes;
+//!   every operation works on all of its regions.
 //! - [`vm`]: a VM with its memory slots and optional in-kernel irqchip and PIT; its state
 //!   ([`vm::VmState`], saved and restored by [`Vm::save_state`] / [`Vm::restore_state`]).
 //! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled), how

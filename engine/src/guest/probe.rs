@@ -246,12 +246,9 @@ impl ProbeRuntime {
     fn collect_dirty(&self) -> Result<PageBitmap> {
         let mut total = lock(&self.dirty);
         let pages = total.page_count();
-        let kvm =
-            PageBitmap::from_kvm_words(&self.vm.dirty_log(0)?, pages).map_err(snapshot_err)?;
-        let vmm = PageBitmap::from_kvm_words(&memory::take_vmm_dirty(self.vm.memory()), pages)
-            .map_err(snapshot_err)?;
-        total.or_assign(&kvm).map_err(snapshot_err)?;
-        total.or_assign(&vmm).map_err(snapshot_err)?;
+        let flat = memory::flatten_dirty(self.vm.memory(), &self.vm.take_dirty_pages()?)?;
+        let written = PageBitmap::from_kvm_words(&flat, pages).map_err(snapshot_err)?;
+        total.or_assign(&written).map_err(snapshot_err)?;
         Ok(total.clone())
     }
 }

@@ -14,7 +14,7 @@ pub use state::VmState;
 
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
-use crate::memory::GuestMemory;
+use crate::memory::{self, GuestMemory};
 use crate::vcpu::state::VcpuCaps;
 use crate::vcpu::Vcpu;
 
@@ -142,5 +142,24 @@ impl Vm {
         self.fd
             .get_dirty_log(slot, region.len() as usize)
             .map_err(|e| Error::kvm("KVM_GET_DIRTY_LOG", e))
+    }
+
+    /// Takes (and clears) the pages written since the last call, per memory region (slot i =
+    /// region i, in flat order): KVM's dirty log of the guest's writes OR the VMM's own
+    /// writes ([`memory::take_vmm_dirty`]), each in KVM's dirty-log word format (bit i of
+    /// word w = page 64w + i of that region). [`memory::flatten_dirty`] joins them into flat
+    /// pages. Requires [`VmOptions::dirty_log`].
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        if !self.options.dirty_log {
+            return Err(Error::InvalidConfig(
+                "the VM does not log dirty pages (VmOptions::dirty_log)".into(),
+            ));
+        }
+        let mut pages = memory::take_vmm_dirty(&self.memory);
+        for (slot, words) in pages.iter_mut().enumerate() {
+            let guest = self.dirty_log(slot as u32)?;
+            memory::or_words(words, &guest);
+        }
+        Ok(pages)
     }
 }
