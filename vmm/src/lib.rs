@@ -30,7 +30,7 @@ pub mod vm;
 pub use error::{Error, KvmUnavailable, Result};
 pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
-pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuState};
+pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuPosition, VcpuState};
 pub use vm::{Vm, VmOptions, VmState};
 
 /// Re-exported so users of this crate name the same types.

@@ -7,8 +7,9 @@ pub mod state;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use state::VmState;
 
@@ -161,5 +162,22 @@ impl Vm {
             memory::or_words(words, &guest);
         }
         Ok(pages)
+    }
+
+    /// Has KVM inject interrupt `gsi` whenever `evt` is written (`KVM_IRQFD`), so a device
+    /// raises it without a VMM round trip. Requires [`VmOptions::irqchip`].
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| Error::kvm("KVM_IRQFD", e))
+    }
+
+    /// Has KVM signal `evt` instead of exiting to the VMM when the guest writes `datamatch`
+    /// (4 bytes) to guest-physical `addr` (`KVM_IOEVENTFD`): how a virtio-mmio queue
+    /// notification reaches a device thread without a vCPU exit.
+    pub fn register_mmio_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|e| Error::kvm("KVM_IOEVENTFD", e))
     }
 }
