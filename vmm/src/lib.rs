@@ -17,12 +17,15 @@
 //! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers; for
 //!   Linux guests also the memory layout, kernel loader, CPUID, MSRs, LAPIC and ACPI tables.
 //! - [`boot`]: booting a stock Linux kernel ([`boot::boot_linux`]).
+//! - [`machine`]: the machines built from all of the above, devices included: Linux
+//!   ([`machine::LinuxMachine`]) and the probe ([`machine::probe`]).
 #![deny(missing_docs)]
 
 pub mod arch;
 pub mod boot;
 mod error;
 pub mod hypervisor;
+pub mod machine;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
