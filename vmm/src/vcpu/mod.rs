@@ -120,8 +120,8 @@ impl Vcpu {
             .map_err(|e| Error::kvm("KVM_SET_SREGS", e))
     }
 
-    /// The KVM vCPU handle, for state this crate does not wrap yet.
-    pub fn fd(&self) -> &VcpuFd {
+    /// The KVM vCPU handle.
+    pub(crate) fn fd(&self) -> &VcpuFd {
         &self.fd
     }
 

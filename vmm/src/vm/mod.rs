@@ -117,8 +117,8 @@ impl Vm {
         &self.memory
     }
 
-    /// The KVM VM handle, for state this crate does not wrap yet.
-    pub fn fd(&self) -> &VmFd {
+    /// The KVM VM handle.
+    pub(crate) fn fd(&self) -> &VmFd {
         &self.fd
     }
 
