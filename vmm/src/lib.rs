@@ -5,7 +5,8 @@
 //! virtual machines and exposes every piece of their state to whoever drives them.
 //!
 //! - [`hypervisor`]: `/dev/kvm`, and what kind of KVM the host has ([`HostInfo`]).
-//! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes.
+//! - [`memory`]: guest RAM, reserved but not populated, with a dirty bitmap for VMM writes;
+//!   every operation works on all of its regions.
 //! - [`vm`]: a VM with its memory slots and optional in-kernel irqchip and PIT; its state
 //!   ([`vm::VmState`], saved and restored by [`Vm::save_state`] / [`Vm::restore_state`]).
 //! - [`vcpu`]: a vCPU, its run loop ([`vcpu::Vcpu::run`]: where VM exits are handled), how
@@ -16,12 +17,15 @@
 //! - [`arch::x86_64`]: boot-time CPU state: page tables, GDT/TSS and segment registers; for
 //!   Linux guests also the memory layout, kernel loader, CPUID, MSRs, LAPIC and ACPI tables.
 //! - [`boot`]: booting a stock Linux kernel ([`boot::boot_linux`]).
+//! - [`machine`]: the machines built from all of the above, devices included: Linux
+//!   ([`machine::LinuxMachine`]) and the probe ([`machine::probe`]).
 #![deny(missing_docs)]
 
 pub mod arch;
 pub mod boot;
 mod error;
 pub mod hypervisor;
+pub mod machine;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
@@ -29,7 +33,7 @@ pub mod vm;
 pub use error::{Error, KvmUnavailable, Result};
 pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
-pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuState};
+pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuPosition, VcpuState};
 pub use vm::{Vm, VmOptions, VmState};
 
 /// Re-exported so users of this crate name the same types.

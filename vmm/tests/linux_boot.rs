@@ -10,6 +10,9 @@
 //! - `boots_linux_to_init`: with `CAPSULE_TEST_KERNEL` and hardware virtualization, boots the
 //!   kernel with a tiny initramfs whose static `/init` writes a marker to `/dev/kmsg` and powers
 //!   off; asserts the banner and the marker on the serial console.
+//! - `the_linux_machine_is_assembled_and_its_devices_answer`: wherever `/dev/kvm` exists: the
+//!   `LinuxMachine` on a synthetic kernel, its devices on their buses, its vCPUs set up, and
+//!   the entry's writes reaching its serial console and i8042.
 
 mod common;
 
@@ -24,11 +27,10 @@ use std::time::Duration;
 use capsule_devices::{Bus, BusDevice, WriteOutcome};
 use capsule_vmm::arch::x86_64::layout;
 use capsule_vmm::boot::{self, BootProtocol, LinuxBootConfig, VirtioMmioDesc};
-use capsule_vmm::kvm_bindings::{
-    kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
-};
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
+use capsule_vmm::machine::LinuxMachine;
 use capsule_vmm::{Hypervisor, Vcpu, VcpuEvent, Vm, VmOptions};
+use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+use vm_memory::{Bytes, GuestAddress};
 
 /// What the test devices hand the run loop.
 const YIELD_POWEROFF: u64 = 1;
@@ -165,16 +167,6 @@ fn boot(hv: &Hypervisor, config: &LinuxBootConfig) -> (Vm, Vec<Vcpu>, boot::Boot
     (vm, vcpus, info)
 }
 
-fn read_msr(vcpu: &Vcpu, index: u32) -> u64 {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .unwrap();
-    assert_eq!(vcpu.fd().get_msrs(&mut msrs).unwrap(), 1);
-    msrs.as_slice()[0].data
-}
-
 /// Checks what every Linux boot leaves in the vCPUs, on KVM itself.
 fn check_vcpu_state(vcpus: &[Vcpu], info: &boot::BootInfo) {
     let bsp = &vcpus[0];
@@ -195,34 +187,34 @@ fn check_vcpu_state(vcpus: &[Vcpu], info: &boot::BootInfo) {
             assert_eq!(sregs.cr3, layout::PML4_START);
         }
     }
-    let fpu = bsp.fd().get_fpu().unwrap();
-    assert_eq!(fpu.fcw, 0x37f);
+    let bsp_state = bsp.save_state(&[]).unwrap();
+    assert_eq!(bsp_state.fpu.fcw, 0x37f);
     // KVM_GET_FPU does not report MXCSR (KVM leaves the field 0); it lives in the XSAVE
     // area's legacy region, word 6.
-    if let Some(xsave) = bsp.save_state(&[]).unwrap().xsave {
+    if let Some(xsave) = bsp_state.xsave {
         assert_eq!(xsave[6], 0x1f80, "MXCSR");
     }
     for vcpu in vcpus {
         let i = vcpu.index();
-        let mp = vcpu.fd().get_mp_state().unwrap().mp_state;
+        // KVM_GET_CPUID2, KVM_GET_MSRS (MTRRdefType), KVM_GET_LAPIC and KVM_GET_MP_STATE.
+        let state = vcpu.save_state(&[0x2ff]).unwrap();
+        let mp = vcpu.mp_state().unwrap();
+        assert_eq!(mp, state.mp_state.mp_state);
         let expected = if i == 0 {
             KVM_MP_STATE_RUNNABLE
         } else {
             KVM_MP_STATE_UNINITIALIZED
         };
         assert_eq!(mp, expected, "vCPU {i} MP state");
-        let cpuid = vcpu.fd().get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let leaf1 = cpuid.as_slice().iter().find(|e| e.function == 1).unwrap();
+        let cpuid = &state.cpuid;
+        let leaf1 = cpuid.iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ebx >> 24, i, "APIC ID in CPUID");
         assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
-        let sig = cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == 0x4000_0000)
-            .unwrap();
+        let sig = cpuid.iter().find(|e| e.function == 0x4000_0000).unwrap();
         assert_eq!(sig.ebx, 0x4b4d_564b, "KVMK");
-        assert_eq!(read_msr(vcpu, 0x2ff), 0x806, "MTRRdefType");
-        let lapic = vcpu.fd().get_lapic().unwrap();
+        assert_eq!(state.msrs.len(), 1);
+        assert_eq!(state.msrs[0].data, 0x806, "MTRRdefType");
+        let lapic = state.lapic.unwrap();
         let lvt = |at: usize| u32::from_le_bytes(std::array::from_fn(|k| lapic.regs[at + k] as u8));
         assert_eq!((lvt(0x350) >> 8) & 7, 7, "LINT0 ExtINT");
         assert_eq!((lvt(0x360) >> 8) & 7, 4, "LINT1 NMI");
@@ -320,7 +312,7 @@ fn real_kernel_loads() {
         boot::KernelFormat::BzImage => {
             assert_eq!(info.protocol, BootProtocol::Linux64);
             assert_eq!(info.entry, layout::HIMEM_START + 0x200);
-            let params: capsule_vmm::linux_loader::loader::bootparam::boot_params = memory
+            let params: linux_loader::loader::bootparam::boot_params = memory
                 .read_obj(GuestAddress(layout::ZERO_PAGE_START))
                 .unwrap();
             let hdr = params.hdr;
@@ -342,7 +334,7 @@ fn real_kernel_loads() {
                 BootProtocol::Pvh,
                 "Debian's vmlinux has the PVH note"
             );
-            let start: capsule_vmm::linux_loader::loader::elf::start_info::hvm_start_info = memory
+            let start: linux_loader::loader::elf::start_info::hvm_start_info = memory
                 .read_obj(GuestAddress(layout::PVH_INFO_START))
                 .unwrap();
             assert_eq!(start.magic, 0x336e_c578);
@@ -528,4 +520,63 @@ fn boots_linux_to_init() {
     assert!(serial.contains("Linux version"), "kernel banner missing");
     assert!(serial.contains(INIT_MARKER), "init marker missing");
     assert_eq!(outcome, "poweroff", "ACPI poweroff should reach the VMM");
+}
+
+#[test]
+fn the_linux_machine_is_assembled_and_its_devices_answer() {
+    let Some(hv) = common::hypervisor() else {
+        return;
+    };
+    // mov al, 'O'; mov edx, 0x3f8; out dx, al; mov al, 'K'; out dx, al;
+    // mov al, 0xfe; out 0x64, al (i8042: pulse reset); hlt
+    let code = [
+        0xb0, b'O', 0xba, 0xf8, 0x03, 0, 0, 0xee, 0xb0, b'K', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4,
+    ];
+    let kernel = test_images::elf_with_code(true, &code);
+    let config = LinuxMachine::boot_config(kernel, None, "console=ttyS0", 2, 64).unwrap();
+    let build = |config: &LinuxBootConfig| {
+        let memory = boot::create_memory(config.memory_mb).unwrap();
+        let vm = Vm::new(&hv, memory, LinuxMachine::vm_options()).unwrap();
+        let vcpus = (0..config.vcpus)
+            .map(|i| vm.create_vcpu(i).unwrap())
+            .collect();
+        LinuxMachine::assemble("test", vm, vcpus, config, None)
+    };
+    // ACPI must describe exactly the machine's devices.
+    let undescribed = LinuxBootConfig {
+        virtio_mmio: Vec::new(),
+        ..config.clone()
+    };
+    assert!(matches!(
+        build(&undescribed),
+        Err(capsule_vmm::Error::InvalidConfig(_))
+    ));
+
+    let mut machine = build(&config).unwrap();
+    let info = *machine.boot_info();
+    assert_eq!(info.protocol, BootProtocol::Pvh);
+    assert_eq!(machine.describe_devices().len(), 2);
+    assert!(machine.take_agent_channel().is_some());
+    assert!(machine.take_agent_channel().is_none());
+    for desc in &config.virtio_mmio {
+        let mut magic = [0u8; 4];
+        assert!(machine.mmio().read(desc.base, &mut magic));
+        assert_eq!(&magic, b"virt", "virtio-mmio magic at {:#x}", desc.base);
+    }
+    let mut vcpus = machine.take_vcpus();
+    assert_eq!(vcpus.len(), 2);
+    assert!(machine.take_vcpus().is_empty());
+    let bsp = vcpus[0].position().unwrap();
+    assert_eq!(bsp.rip, info.entry);
+    assert_eq!(bsp.mp_state, KVM_MP_STATE_RUNNABLE);
+    assert!(bsp.to_string().starts_with("vCPU0: rip 0x"), "{bsp}");
+    let ap = vcpus[1].position().unwrap();
+    assert_eq!(ap.mp_state, KVM_MP_STATE_UNINITIALIZED);
+
+    // The entry prints to COM1, then resets through the i8042.
+    let (pio, mmio) = (machine.pio().clone(), machine.mmio().clone());
+    assert_eq!(vcpus[0].run(&pio, &mmio).unwrap(), VcpuEvent::Shutdown);
+    assert_eq!(machine.console_log().console_log(), b"OK");
+    machine.stop_devices().unwrap();
+    machine.stop_devices().unwrap();
 }

@@ -5,11 +5,12 @@
 
 mod common;
 
-use capsule_vmm::kvm_bindings::{kvm_msr_entry, KVM_MP_STATE_RUNNABLE};
+use capsule_vmm::machine::probe;
 use capsule_vmm::vm::VmOptions;
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use capsule_vmm::{Error, Vcpu, VcpuState, Vm, VmState};
 use common::{boot_with, copy_memory, pio_bus, Probe};
+use kvm_bindings::{kvm_msr_entry, KVM_MP_STATE_RUNNABLE};
+use vm_memory::{Bytes, GuestAddress};
 
 /// MSRs that count time on their own and so differ between two saves of an idle vCPU:
 /// `MSR_IA32_TSC`, and on hardware KVM the Hyper-V reference time counter
@@ -68,9 +69,14 @@ fn run_and_save(options: VmOptions) -> Option<(Probe, VcpuState, VmState, String
 fn restore_copy(original: &Probe, vcpu_state: &VcpuState, vm_state: &VmState) -> Probe {
     let options = original.vm.options();
     let vm = Vm::new(&original.hv, copy_memory(original.vm.memory()), options).unwrap();
-    vm.restore_state(vm_state).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.restore_state(vcpu_state).unwrap();
+    probe::restore(
+        &vm,
+        std::slice::from_ref(&vcpu),
+        vm_state,
+        std::slice::from_ref(vcpu_state),
+    )
+    .unwrap();
     Probe {
         hv: original.hv.clone(),
         vm,

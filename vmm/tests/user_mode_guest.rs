@@ -60,13 +60,12 @@ fn probe_runs_with_the_in_kernel_irqchip_and_pit() {
     p.start();
     assert_eq!(p.command(1, "echo with irqchip"), "with irqchip");
     assert_eq!(p.command(2, "count"), "1");
-    // The in-kernel chips exist: KVM answers for the IOAPIC.
-    let mut ioapic = capsule_vmm::kvm_bindings::kvm_irqchip {
-        chip_id: capsule_vmm::kvm_bindings::KVM_IRQCHIP_IOAPIC,
-        ..Default::default()
-    };
-    p.vm.fd().get_irqchip(&mut ioapic).unwrap();
-    p.vm.fd().get_pit2().unwrap();
+    // The in-kernel chips exist: KVM answers for the PICs, the IOAPIC and the PIT, and
+    // takes an irqfd.
+    let state = p.vm.save_state().unwrap();
+    assert!(state.irqchip.is_some() && state.pit.is_some());
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    p.vm.register_irqfd(&evt, 4).unwrap();
 }
 
 #[test]
@@ -75,5 +74,7 @@ fn without_the_option_there_is_no_in_kernel_irqchip() {
         return;
     };
     assert!(!vm.options().irqchip);
-    assert!(vm.fd().get_pit2().is_err());
+    // KVM refuses an irqfd without an in-kernel irqchip.
+    let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    assert!(vm.register_irqfd(&evt, 4).is_err());
 }

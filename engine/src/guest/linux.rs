@@ -18,18 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capsule_agent_protocol::{ExitStatus, RunRequest};
-use capsule_devices::event_loop::DeviceThread;
-use capsule_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-use capsule_devices::serial::{SerialDevice, SerialLog, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
-use capsule_devices::virtio::console::Console;
-use capsule_devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
-use capsule_devices::virtio::rng::Rng;
-use capsule_devices::virtio::VirtioDevice;
-use capsule_devices::{AcpiPm, Bus, BusDevice};
-use capsule_vmm::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
-use capsule_vmm::boot::{self, LinuxBootConfig, VirtioMmioDesc};
-use capsule_vmm::kvm_ioctls::IoEventAddress;
-use capsule_vmm::{GuestMemory, HostInfo, Vcpu, VcpuEvent, Vm};
+use capsule_devices::serial::SerialLog;
+use capsule_devices::Bus;
+use capsule_vmm::machine::LinuxMachine;
+use capsule_vmm::{HostInfo, Vcpu, VcpuEvent, Vm};
 
 use super::agent_link::{AgentLink, LinkError};
 use super::{
@@ -112,15 +104,14 @@ pub(crate) fn image_files(images: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((kernel, initrd))
 }
 
-type Transport<D> = MmioTransport<D, GuestMemory>;
-
 /// A running Linux guest.
 pub(crate) struct LinuxRuntime {
     link: Arc<AgentLink>,
     console: SerialLog,
     stopping: Arc<AtomicBool>,
     workers: Mutex<Vec<VcpuThread>>,
-    devices: Mutex<Option<DeviceThread>>,
+    /// The devices and their thread, released (with the VM) at shutdown.
+    machine: Mutex<Option<LinuxMachine>>,
     boot_timeout: Duration,
 }
 
@@ -140,83 +131,33 @@ impl LinuxRuntime {
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         validate(&ctx.config, ctx.hypervisor.info())?;
         let (kernel, initrd) = image_files(&ctx.linux_images)?;
-        let slot = |i: u32| {
-            VirtioMmioDesc::slot(i).ok_or_else(|| {
-                Error::Hypervisor(capsule_vmm::Error::InvalidConfig(format!(
-                    "no virtio-mmio slot {i}"
-                )))
-            })
-        };
-        let (console_slot, rng_slot) = (slot(0)?, slot(1)?);
+        let options = LinuxMachine::vm_options();
         let shape = ShellShape {
             memory_mb: ctx.config.memory_mb,
             vcpus: ctx.config.vcpus,
-            dirty_log: false,
-            irqchip: true,
+            dirty_log: options.dirty_log,
+            irqchip: options.irqchip,
             backing: None,
             linux: Some((FileStamp::of(&kernel)?, FileStamp::of(&initrd)?)),
         };
-        let config = LinuxBootConfig {
-            initrd: Some(initrd.into()),
-            cmdline: CMDLINE.into(),
-            vcpus: ctx.config.vcpus,
-            memory_mb: ctx.config.memory_mb,
-            virtio_mmio: vec![console_slot, rng_slot],
-            ..LinuxBootConfig::new(kernel)
-        };
+        let config = LinuxMachine::boot_config(
+            kernel,
+            Some(initrd.into()),
+            CMDLINE,
+            ctx.config.vcpus,
+            ctx.config.memory_mb,
+        )?;
         // A pre-built shell has the kernel and initramfs in memory already (see pool).
         let Shell {
             vm, vcpus, loaded, ..
         } = ctx.shells.take(shape, None, Some(&config))?;
+        let mut machine = LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded)?;
 
-        // Port I/O: console, reset, power-off.
-        let serial =
-            SerialDevice::with_new_eventfd().map_err(|e| os("creating the serial port", e))?;
-        vm.fd()
-            .register_irqfd(serial.irq_evt(), COM1_IRQ)
-            .map_err(|e| os("KVM_IRQFD for the serial port", e))?;
-        let console_log = serial.log();
-        let mut pio = Bus::new();
-        let insert = |bus: &mut Bus, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64| {
-            bus.insert(dev, base, len)
-                .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))
-        };
-        insert(
-            &mut pio,
-            Arc::new(Mutex::new(serial)),
-            u64::from(COM1_PORT),
-            SERIAL_PORT_LEN,
-        )?;
-        insert(
-            &mut pio,
-            Arc::new(Mutex::new(I8042)),
-            u64::from(I8042_PORT),
-            I8042_PORT_LEN,
-        )?;
-        insert(
-            &mut pio,
-            Arc::new(Mutex::new(AcpiPm::new(ACPI_S5_SLEEP_TYPE))),
-            u64::from(ACPI_SLEEP_CONTROL_PORT),
-            2,
-        )?;
-
-        // virtio-mmio: the agent's console in slot 0, entropy in slot 1.
-        let devices = DeviceThread::spawn(&format!("{}-devices", ctx.id))
-            .map_err(|e| os("starting the device thread", e))?;
-        let mut mmio = Bus::new();
-        let (console, host_end) = Console::new().map_err(|e| os("creating the console", e))?;
-        let device_states = [
-            attach(&vm, &devices, &mut mmio, console, console_slot)?,
-            attach(&vm, &devices, &mut mmio, Rng::new(), rng_slot)?,
-        ];
-
-        let info = match loaded {
-            Some(info) => info,
-            None => boot::load_into_memory(vm.memory(), &config)?,
-        };
-        boot::setup_vcpus(&vm, &vcpus, &config, &info)?;
-
-        let vm = Arc::new(vm);
+        let vm = machine.vm().clone();
+        let console_log = machine.console_log().clone();
+        let host_end = machine
+            .take_agent_channel()
+            .ok_or_else(|| os("taking the agent channel", "it was taken already"))?;
         let stopping = Arc::new(AtomicBool::new(false));
         let positions = Arc::new(Mutex::new(Vec::new()));
         // A vCPU whose guest ended closes the agent's channel, so nobody waits for an agent
@@ -226,6 +167,7 @@ impl LinuxRuntime {
                 .try_clone()
                 .map_err(|e| os("cloning the agent channel", e))?,
         );
+        let vcpus = machine.take_vcpus();
         let mut workers = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let kicker = vcpu.kicker();
@@ -233,8 +175,8 @@ impl LinuxRuntime {
                 id: ctx.id.clone(),
                 vcpu,
                 _vm: vm.clone(),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
+                pio: machine.pio().clone(),
+                mmio: machine.mmio().clone(),
                 stopping: stopping.clone(),
                 events: ctx.events.clone(),
                 console: console_log.clone(),
@@ -270,7 +212,7 @@ impl LinuxRuntime {
                 stop_all(workers);
                 let mut state = std::mem::take(&mut *lock(&positions));
                 state.sort();
-                state.extend(device_states.iter().map(|describe| describe()));
+                state.extend(machine.describe_devices());
                 return Err(match e {
                     LinkError::Timeout => Error::BootTimeout {
                         id: ctx.id.clone(),
@@ -294,45 +236,10 @@ impl LinuxRuntime {
             console: console_log,
             stopping,
             workers: Mutex::new(workers),
-            devices: Mutex::new(Some(devices)),
+            machine: Mutex::new(Some(machine)),
             boot_timeout: ctx.boot_timeout,
         }))
     }
-}
-
-/// Describes a device's transport and queues, for a boot that timed out.
-type DescribeDevice = Box<dyn Fn() -> String + Send>;
-
-/// Puts a virtio device on the MMIO bus at `slot`, with its notifications as ioeventfds and
-/// its interrupt as an irqfd, and hands it to the device thread.
-fn attach<D: VirtioDevice + 'static>(
-    vm: &Vm,
-    devices: &DeviceThread,
-    mmio: &mut Bus,
-    device: D,
-    slot: VirtioMmioDesc,
-) -> Result<DescribeDevice> {
-    let transport: Transport<D> = MmioTransport::new(device, vm.memory().clone())
-        .map_err(|e| os("creating a virtio device", e))?;
-    vm.fd()
-        .register_irqfd(transport.irq_evt(), slot.gsi)
-        .map_err(|e| os("KVM_IRQFD for a virtio device", e))?;
-    for (queue, evt) in transport.queue_evts().iter().enumerate() {
-        vm.fd()
-            .register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
-                queue as u32,
-            )
-            .map_err(|e| os("KVM_IOEVENTFD for a virtio queue", e))?;
-    }
-    let transport = Arc::new(Mutex::new(transport));
-    mmio.insert(transport.clone(), slot.base, MMIO_SIZE)
-        .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))?;
-    devices
-        .register_transport(transport.clone())
-        .map_err(|e| os("registering a virtio device", e))?;
-    Ok(Box::new(move || lock(&transport).describe()))
 }
 
 /// The last lines of the console, for error reports.
@@ -414,16 +321,9 @@ impl VcpuLoop {
 impl VcpuLoop {
     /// The vCPU's instruction pointer, stack pointer and multiprocessing state, in words.
     fn position(&self) -> String {
-        let index = self.vcpu.index();
-        let regs = self.vcpu.regs();
-        let mp_state = self.vcpu.fd().get_mp_state();
-        match (regs, mp_state) {
-            (Ok(r), Ok(mp)) => format!(
-                "vCPU{index}: rip {:#x}, rsp {:#x}, rflags {:#x}, mp_state {}",
-                r.rip, r.rsp, r.rflags, mp.mp_state
-            ),
-            (Err(e), _) => format!("vCPU{index}: registers unreadable: {e}"),
-            (_, Err(e)) => format!("vCPU{index}: mp_state unreadable: {e}"),
+        match self.vcpu.position() {
+            Ok(position) => position.to_string(),
+            Err(e) => format!("vCPU{}: position unreadable: {e}", self.vcpu.index()),
         }
     }
 }
@@ -465,8 +365,8 @@ impl Runtime for LinuxRuntime {
     fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         stop_vcpu_threads(std::mem::take(&mut *lock(&self.workers)));
-        if let Some(devices) = lock(&self.devices).take() {
-            let _ = devices.stop();
+        if let Some(mut machine) = lock(&self.machine).take() {
+            let _ = machine.stop_devices();
         }
     }
 }

@@ -11,12 +11,10 @@ use std::time::Instant;
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use capsule_devices::{Bus, Doorbell};
+use capsule_devices::Bus;
 use capsule_snapshot::bitmap::PageBitmap;
-use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
-use capsule_vmm::kvm_bindings::kvm_regs;
+use capsule_vmm::machine::probe as probe_machine;
 use capsule_vmm::vcpu::VcpuState;
-use capsule_vmm::vm::VmOptions;
 use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use capsule_vmm::{memory, Vcpu, VcpuEvent, Vm};
 
@@ -32,15 +30,6 @@ use crate::snapshot_files::{self, MemoryImage};
 
 /// Stack for each vCPU thread: the run loop is shallow and only touched pages count.
 const VCPU_THREAD_STACK: usize = 256 * 1024;
-
-const LAYOUT: UserModeLayout = UserModeLayout {
-    gdt: probe_abi::GDT_ADDR,
-    tss: probe_abi::TSS_ADDR,
-    pml4: probe_abi::PML4_ADDR,
-    pdpt: probe_abi::PDPT_ADDR,
-    pd: probe_abi::PD_ADDR,
-    max_pd_pages: probe_abi::MAX_PD_PAGES,
-};
 
 /// Rejects vCPU counts and memory sizes the probe cannot run with.
 pub(crate) fn validate(config: &Resources, host_max_vcpus: usize) -> Result<()> {
@@ -90,17 +79,12 @@ impl ProbeRuntime {
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
         let mem_size = ctx.config.memory_mb << 20;
         let shell = ctx.shells.take(shell_shape(&ctx, None), None, None)?;
-        let memory = shell.vm.memory();
-        user_mode::write_tables(memory, &LAYOUT, mem_size)?;
-        memory
-            .write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
-            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
-        let mut vcpus = Vec::with_capacity(shell.vcpus.len());
-        for vcpu in shell.vcpus {
-            vcpu.set_sregs(&user_mode::sregs(vcpu.sregs()?, &LAYOUT))?;
-            vcpu.set_regs(&entry_regs(vcpu.index(), mem_size))?;
-            vcpus.push((vcpu, Start::Boot));
-        }
+        probe_machine::boot(&shell.vm, &shell.vcpus, mem_size)?;
+        let vcpus = shell
+            .vcpus
+            .into_iter()
+            .map(|vcpu| (vcpu, Start::Boot))
+            .collect();
         Self::start(ctx, shell.vm, vcpus, MemoryOrigin::Fresh)
     }
 
@@ -124,12 +108,13 @@ impl ProbeRuntime {
             .shells
             .take(shell_shape(&ctx, image.base_id), image.base.as_ref(), None)?;
         snapshot_files::apply_memory(&shell, image)?;
-        shell.vm.restore_state(&machine.vm)?;
-        let mut vcpus = Vec::with_capacity(shell.vcpus.len());
-        for ((vcpu, state), seq) in shell.vcpus.into_iter().zip(&machine.vcpus).zip(seqs) {
-            vcpu.restore_state(state)?;
-            vcpus.push((vcpu, Start::Restored { seq: *seq }));
-        }
+        probe_machine::restore(&shell.vm, &shell.vcpus, &machine.vm, &machine.vcpus)?;
+        let vcpus = shell
+            .vcpus
+            .into_iter()
+            .zip(seqs)
+            .map(|(vcpu, seq)| (vcpu, Start::Restored { seq: *seq }))
+            .collect();
         Self::start(ctx, shell.vm, vcpus, origin)
     }
 
@@ -140,15 +125,12 @@ impl ProbeRuntime {
         origin: MemoryOrigin,
     ) -> Result<Arc<Self>> {
         let mem_size = ctx.config.memory_mb << 20;
-        let msrs = ctx.hypervisor.msrs_to_save(vm_options().irqchip)?.to_vec();
+        let msrs = ctx
+            .hypervisor
+            .msrs_to_save(probe_machine::vm_options().irqchip)?
+            .to_vec();
         let vm = Arc::new(vm);
-        let mut pio = Bus::new();
-        pio.insert(
-            Arc::new(Mutex::new(Doorbell)),
-            u64::from(probe_abi::DOORBELL_PORT),
-            4,
-        )
-        .map_err(|e| Error::Hypervisor(capsule_vmm::Error::InvalidConfig(e.to_string())))?;
+        let pio = probe_machine::pio_bus()?;
 
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
@@ -182,7 +164,7 @@ impl ProbeRuntime {
             };
             let worker = VcpuWorker {
                 id: ctx.id.clone(),
-                entry: entry_regs(index, mem_size),
+                mem_size,
                 vcpu,
                 vm: vm.clone(),
                 pio: pio.clone(),
@@ -243,12 +225,9 @@ impl ProbeRuntime {
     fn collect_dirty(&self) -> Result<PageBitmap> {
         let mut total = lock(&self.dirty);
         let pages = total.page_count();
-        let kvm =
-            PageBitmap::from_kvm_words(&self.vm.dirty_log(0)?, pages).map_err(snapshot_err)?;
-        let vmm = PageBitmap::from_kvm_words(&memory::take_vmm_dirty(self.vm.memory()), pages)
-            .map_err(snapshot_err)?;
-        total.or_assign(&kvm).map_err(snapshot_err)?;
-        total.or_assign(&vmm).map_err(snapshot_err)?;
+        let flat = memory::flatten_dirty(self.vm.memory(), &self.vm.take_dirty_pages()?)?;
+        let written = PageBitmap::from_kvm_words(&flat, pages).map_err(snapshot_err)?;
+        total.or_assign(&written).map_err(snapshot_err)?;
         Ok(total.clone())
     }
 }
@@ -257,16 +236,8 @@ fn snapshot_err(e: capsule_snapshot::Error) -> Error {
     Error::Snapshot(e)
 }
 
-/// The probe's VMs: KVM logs dirty pages (for incremental snapshots); no irqchip is needed.
-fn vm_options() -> VmOptions {
-    VmOptions {
-        dirty_log: true,
-        ..VmOptions::default()
-    }
-}
-
 fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
-    let options = vm_options();
+    let options = probe_machine::vm_options();
     ShellShape {
         memory_mb: ctx.config.memory_mb,
         vcpus: ctx.config.vcpus,
@@ -275,15 +246,6 @@ fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
         backing,
         linux: None,
     }
-}
-
-/// Registers at the probe's entry point for vCPU `index`.
-fn entry_regs(index: u32, mem_size: u64) -> kvm_regs {
-    user_mode::regs(
-        probe_guest::ENTRY,
-        probe_abi::stack_top(u64::from(index)),
-        [u64::from(index), mem_size],
-    )
 }
 
 /// Requests to a vCPU thread other than commands.
@@ -383,8 +345,8 @@ enum Outcome {
 struct VcpuWorker {
     id: CapsuleId,
     vcpu: Vcpu,
-    /// Registers at `_start`, to restart the vCPU after its command is killed.
-    entry: kvm_regs,
+    /// The guest's memory size, to restart the vCPU at its entry after its command is killed.
+    mem_size: u64,
     vm: Arc<Vm>,
     pio: Bus,
     mmio: Bus,
@@ -442,9 +404,7 @@ impl VcpuWorker {
                 }
                 Outcome::Cancelled => {
                     // Kill the command: restart the vCPU at its entry point with a fresh stack.
-                    if let Err(reason) = self
-                        .vcpu
-                        .set_regs(&self.entry)
+                    if let Err(reason) = probe_machine::restart(&self.vcpu, self.mem_size)
                         .map_err(|e| e.to_string())
                         .and_then(|()| self.run_until_ready())
                     {

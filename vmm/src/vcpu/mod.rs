@@ -32,6 +32,32 @@ pub enum VcpuEvent {
     Failed(String),
 }
 
+/// Where a vCPU is ([`Vcpu::position`]). Displays as
+/// `vCPU{index}: rip {rip:#x}, rsp {rsp:#x}, rflags {rflags:#x}, mp_state {mp_state}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuPosition {
+    /// The vCPU's index.
+    pub index: u32,
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Flags register.
+    pub rflags: u64,
+    /// Multiprocessing state (`KVM_MP_STATE_*`).
+    pub mp_state: u32,
+}
+
+impl std::fmt::Display for VcpuPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vCPU{}: rip {:#x}, rsp {:#x}, rflags {:#x}, mp_state {}",
+            self.index, self.rip, self.rsp, self.rflags, self.mp_state
+        )
+    }
+}
+
 /// One virtual CPU. Owned and run by one thread at a time.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -94,9 +120,30 @@ impl Vcpu {
             .map_err(|e| Error::kvm("KVM_SET_SREGS", e))
     }
 
-    /// The KVM vCPU handle, for state this crate does not wrap yet.
-    pub fn fd(&self) -> &VcpuFd {
+    /// The KVM vCPU handle.
+    pub(crate) fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// The multiprocessing state (`KVM_MP_STATE_*`: runnable, waiting for INIT/SIPI, halted...).
+    pub fn mp_state(&self) -> Result<u32> {
+        self.fd
+            .get_mp_state()
+            .map(|state| state.mp_state)
+            .map_err(|e| Error::kvm("KVM_GET_MP_STATE", e))
+    }
+
+    /// Where the vCPU is: instruction and stack pointers, flags and multiprocessing state
+    /// (for reports on a guest that is stuck or gone).
+    pub fn position(&self) -> Result<VcpuPosition> {
+        let regs = self.regs()?;
+        Ok(VcpuPosition {
+            index: self.index,
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            mp_state: self.mp_state()?,
+        })
     }
 
     /// Whether the last [`Vcpu::run`] returned from inside a port I/O or MMIO exit (a
@@ -196,4 +243,24 @@ fn after_write(outcome: Option<WriteOutcome>, exit_pending: &mut bool) -> Option
     };
     *exit_pending = true;
     Some(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_reads_as_one_line() {
+        let position = VcpuPosition {
+            index: 1,
+            rip: 0x1000,
+            rsp: 0x8ff0,
+            rflags: 0x202,
+            mp_state: 0,
+        };
+        assert_eq!(
+            position.to_string(),
+            "vCPU1: rip 0x1000, rsp 0x8ff0, rflags 0x202, mp_state 0"
+        );
+    }
 }

@@ -7,14 +7,15 @@ pub mod state;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use state::VmState;
 
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
-use crate::memory::GuestMemory;
+use crate::memory::{self, GuestMemory};
 use crate::vcpu::state::VcpuCaps;
 use crate::vcpu::Vcpu;
 
@@ -116,8 +117,8 @@ impl Vm {
         &self.memory
     }
 
-    /// The KVM VM handle, for state this crate does not wrap yet.
-    pub fn fd(&self) -> &VmFd {
+    /// The KVM VM handle.
+    pub(crate) fn fd(&self) -> &VmFd {
         &self.fd
     }
 
@@ -142,5 +143,41 @@ impl Vm {
         self.fd
             .get_dirty_log(slot, region.len() as usize)
             .map_err(|e| Error::kvm("KVM_GET_DIRTY_LOG", e))
+    }
+
+    /// Takes (and clears) the pages written since the last call, per memory region (slot i =
+    /// region i, in flat order): KVM's dirty log of the guest's writes OR the VMM's own
+    /// writes ([`memory::take_vmm_dirty`]), each in KVM's dirty-log word format (bit i of
+    /// word w = page 64w + i of that region). [`memory::flatten_dirty`] joins them into flat
+    /// pages. Requires [`VmOptions::dirty_log`].
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        if !self.options.dirty_log {
+            return Err(Error::InvalidConfig(
+                "the VM does not log dirty pages (VmOptions::dirty_log)".into(),
+            ));
+        }
+        let mut pages = memory::take_vmm_dirty(&self.memory);
+        for (slot, words) in pages.iter_mut().enumerate() {
+            let guest = self.dirty_log(slot as u32)?;
+            memory::or_words(words, &guest);
+        }
+        Ok(pages)
+    }
+
+    /// Has KVM inject interrupt `gsi` whenever `evt` is written (`KVM_IRQFD`), so a device
+    /// raises it without a VMM round trip. Requires [`VmOptions::irqchip`].
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| Error::kvm("KVM_IRQFD", e))
+    }
+
+    /// Has KVM signal `evt` instead of exiting to the VMM when the guest writes `datamatch`
+    /// (4 bytes) to guest-physical `addr` (`KVM_IOEVENTFD`): how a virtio-mmio queue
+    /// notification reaches a device thread without a vCPU exit.
+    pub fn register_mmio_ioeventfd(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|e| Error::kvm("KVM_IOEVENTFD", e))
     }
 }

@@ -1,28 +1,14 @@
 //! Helpers shared by the integration tests that boot the probe guest on the host's real KVM.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::{Arc, Mutex};
-
-use capsule_devices::{Bus, Doorbell};
-use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
+use capsule_devices::Bus;
+use capsule_vmm::machine::probe;
 use capsule_vmm::vm::VmOptions;
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use capsule_vmm::{memory, GuestMemory, Hypervisor, Vcpu, VcpuEvent, Vm};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest RAM of every test VM.
 pub const MEM: usize = 16 << 20;
-
-/// Where the probe ABI wants the boot structures.
-pub fn layout() -> UserModeLayout {
-    UserModeLayout {
-        gdt: probe_abi::GDT_ADDR,
-        tss: probe_abi::TSS_ADDR,
-        pml4: probe_abi::PML4_ADDR,
-        pdpt: probe_abi::PDPT_ADDR,
-        pd: probe_abi::PD_ADDR,
-        max_pd_pages: probe_abi::MAX_PD_PAGES,
-    }
-}
 
 /// Opens /dev/kvm, or prints why the test is skipped and returns `None` when it does not exist.
 /// Any other failure (no permission, not KVM) fails the test.
@@ -36,14 +22,7 @@ pub fn hypervisor() -> Option<Hypervisor> {
 
 /// The port I/O bus of a probe VM: just the doorbell.
 pub fn pio_bus() -> Bus {
-    let mut pio = Bus::new();
-    pio.insert(
-        Arc::new(Mutex::new(Doorbell)),
-        u64::from(probe_abi::DOORBELL_PORT),
-        4,
-    )
-    .unwrap();
-    pio
+    probe::pio_bus().unwrap()
 }
 
 /// A booted probe: a VM with vCPU 0 set to enter the guest, not yet run.
@@ -64,19 +43,9 @@ pub fn boot() -> Option<(Vm, Vcpu, Bus)> {
 pub fn boot_with(options: VmOptions) -> Option<Probe> {
     let hv = hypervisor()?;
     let mem = memory::create_anonymous(MEM).unwrap();
-    user_mode::write_tables(&mem, &layout(), MEM as u64).unwrap();
-    mem.write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
-        .unwrap();
     let vm = Vm::new(&hv, mem, options).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_sregs(&user_mode::sregs(vcpu.sregs().unwrap(), &layout()))
-        .unwrap();
-    vcpu.set_regs(&user_mode::regs(
-        probe_guest::ENTRY,
-        probe_abi::stack_top(0),
-        [0, MEM as u64],
-    ))
-    .unwrap();
+    probe::boot(&vm, std::slice::from_ref(&vcpu), MEM as u64).unwrap();
     Some(Probe {
         hv,
         vm,
