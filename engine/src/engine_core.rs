@@ -24,7 +24,8 @@ pub(crate) struct EngineCore {
     pub(crate) registry: Registry,
     pub(crate) starts: Arc<StartLimiter>,
     pub(crate) shells: Arc<ShellPool>,
-    /// The inactivity watcher ([`crate::idle_watch`]); stopped when the engine drops.
+    /// The inactivity watcher (started by the `idle_watch` module); stopped when the engine
+    /// drops.
     pub(crate) idle_watch: Mutex<Option<Periodic>>,
     /// Test hook: make the next snapshot layer write fail after this many bytes.
     pub(crate) write_fault: Mutex<Option<u64>>,

@@ -16,10 +16,11 @@ use crate::capsule_core::CapsuleCore;
 use crate::config::CapsuleConfig;
 use crate::engine_core::EngineCore;
 use crate::error::{Error, Result};
+use crate::guest::MemoryImage;
 use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
 use crate::model::record::CapsuleRecord;
 use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
-use crate::snapshot_files::{self, MemoryImage};
+use crate::snapshot_files;
 use crate::template::{validate_name, Template};
 
 /// What a capsule config resolves to: the record of the new capsule and, for a template

@@ -31,6 +31,7 @@ use capsule_vmm::vm::VmOptions;
 use capsule_vmm::{memory, Hypervisor, Vcpu, Vm};
 
 use crate::error::{Error, Result};
+use crate::sync::{lock, wait};
 
 /// Most distinct shapes kept warm at once; the least recently asked for is dropped.
 const MAX_SHAPES: usize = 4;
@@ -48,11 +49,9 @@ pub(crate) struct BackingId {
 impl BackingId {
     /// The id of an open file.
     pub(crate) fn of(file: &File) -> Result<BackingId> {
-        let meta = file.metadata().map_err(|source| Error::Io {
-            op: "reading a memory layer's metadata",
-            path: std::path::PathBuf::new(),
-            source,
-        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::os("reading a memory layer's metadata", e))?;
         Ok(BackingId {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -137,11 +136,9 @@ impl Shell {
             // Linux's layout: RAM around the 32-bit MMIO gap, in huge pages.
             (Some(_), _, _) => boot::create_memory(shape.memory_mb)?,
             (None, Some(_), Some(file)) => {
-                let file = file.try_clone().map_err(|source| Error::Io {
-                    op: "opening a memory layer",
-                    path: std::path::PathBuf::new(),
-                    source,
-                })?;
+                let file = file
+                    .try_clone()
+                    .map_err(|e| Error::os("duplicating a memory layer's descriptor", e))?;
                 memory::map_private_file(file, size)?
             }
             _ => memory::create_anonymous(size)?,
@@ -179,7 +176,7 @@ struct PoolState {
 /// The pool and its filler thread.
 pub(crate) struct ShellPool {
     shared: Arc<PoolShared>,
-    filler: Mutex<Option<JoinHandle<()>>>,
+    filler: Option<JoinHandle<()>>,
 }
 
 struct PoolShared {
@@ -192,7 +189,7 @@ struct PoolShared {
 
 impl PoolShared {
     fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// How many shells of `shape` to keep.
@@ -224,7 +221,7 @@ impl PoolShared {
                     if let Some(shape) = self.next_to_fill(&state) {
                         break shape;
                     }
-                    state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                    state = wait(&self.wake, state);
                 }
             };
             let file = shape
@@ -270,20 +267,12 @@ impl ShellPool {
                 std::thread::Builder::new()
                     .name("capsule-vm-shells".into())
                     .spawn(move || worker.fill())
-                    .map_err(|e| {
-                        Error::Hypervisor(capsule_vmm::Error::Os {
-                            op: "spawning the VM shell thread",
-                            source: e,
-                        })
-                    })?,
+                    .map_err(|e| Error::os("spawning the VM shell thread", e))?,
             )
         } else {
             None
         };
-        Ok(ShellPool {
-            shared,
-            filler: Mutex::new(filler),
-        })
+        Ok(ShellPool { shared, filler })
     }
 
     /// A shell of `shape` (whose memory maps `backing` when `shape.backing` names it, or is
@@ -306,11 +295,9 @@ impl ShellPool {
             }
             if let (Some(id), Some(file)) = (shape.backing, backing) {
                 if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
-                    let file = file.try_clone().map_err(|source| Error::Io {
-                        op: "opening a memory layer",
-                        path: std::path::PathBuf::new(),
-                        source,
-                    })?;
+                    let file = file
+                        .try_clone()
+                        .map_err(|e| Error::os("duplicating a memory layer's descriptor", e))?;
                     slot.insert(Arc::new(file));
                 }
             }
@@ -374,12 +361,7 @@ impl Drop for ShellPool {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake.notify_all();
-        if let Some(handle) = self
-            .filler
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(handle) = self.filler.take() {
             let _ = handle.join();
         }
     }

@@ -1,5 +1,5 @@
-//! The engine's capsules, by id. It only keeps them: lifecycle steps live in
-//! [`crate::lifecycle`].
+//! The engine's capsules, by id. It only keeps them: the lifecycle steps live in the
+//! `lifecycle` module.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

@@ -15,37 +15,22 @@
 //! [`capsule_snapshot::save::save_memory`] for a pause, `save_full_image` for a template.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use capsule_snapshot::chain::remove_unreferenced_layers;
-use capsule_snapshot::mapping::{overlay_layers, MAX_OVERLAY_MAPPINGS};
 use capsule_snapshot::memory::WriteOptions;
 use capsule_snapshot::save::{save_full_image, save_memory, SavePolicy};
 use capsule_snapshot::state_file::{read_state, write_state};
 use capsule_snapshot::stored::StoredMemory;
 use capsule_snapshot::{atomic, STATE_FILE_NAME};
 use capsule_vmm::memory;
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
 use crate::model::record::CapsuleRecord;
 use crate::model::GuestKind;
-use crate::pool::{BackingId, Shell};
-
-/// The memory of a snapshot or template, ready to be put under a new VM.
-pub(crate) struct MemoryImage {
-    /// Where the layer files are.
-    pub(crate) dir: PathBuf,
-    /// The layer chain and the pages stored inline.
-    pub(crate) memory: StoredMemory,
-    /// The base layer, already open (templates keep it open).
-    pub(crate) base: Option<fs::File>,
-    /// `base`'s identity, known in advance (a template's, taken when it was loaded).
-    pub(crate) base_id: Option<BackingId>,
-}
 
 /// The version of [`SnapshotState`]'s layout inside the state file; bump it when the layout
 /// changes so old engines refuse new snapshots instead of misreading them.
@@ -98,25 +83,13 @@ impl SnapshotOf {
     }
 }
 
-fn snap(e: capsule_snapshot::Error) -> Error {
-    Error::Snapshot(e)
-}
-
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// The frozen VM's memory as bytes.
-fn memory_bytes(frozen: &Frozen) -> Result<&[u8]> {
-    let (addr, len) = memory::host_range(frozen.vm.memory())?;
-    // SAFETY: the region is a live mapping owned by the VM, which `frozen` keeps alive for the
-    // borrow; every vCPU is stopped and the VMM writes guest memory only while serving a
-    // command, so nothing writes it while the slice exists.
-    Ok(unsafe { std::slice::from_raw_parts(addr, len) })
+/// The frozen VM's memory, each region's bytes in flat order.
+fn memory_slices(frozen: &Frozen) -> Result<Vec<&[u8]>> {
+    // SAFETY: the regions are live mappings owned by the VM, which `frozen` keeps alive for
+    // the borrow; every vCPU is stopped and the VMM writes guest memory only while serving a
+    // guest (a command, a device), which a frozen guest does not do, so nothing writes or
+    // remaps it while the slices exist.
+    Ok(unsafe { memory::host_slices(frozen.vm.memory()) }?)
 }
 
 /// Writes `frozen` as the snapshot in `dir` (a capsule's own snapshot directory).
@@ -126,8 +99,8 @@ pub(crate) fn write_paused(
     capsule: &CapsuleRecord,
     options: &WriteOptions,
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(io("creating the snapshot directory", dir))?;
-    let mem = memory_bytes(frozen)?;
+    fs::create_dir_all(dir).map_err(Error::io("creating the snapshot directory", dir))?;
+    let mem = memory_slices(frozen)?;
     let origin = match &frozen.origin {
         MemoryOrigin::Fresh => None,
         MemoryOrigin::Chain {
@@ -136,7 +109,7 @@ pub(crate) fn write_paused(
     };
     let memory = save_memory(
         dir,
-        &[mem],
+        &mem,
         &frozen.dirty,
         origin,
         &SavePolicy::default(),
@@ -165,13 +138,13 @@ pub(crate) fn write_template(
     vcpus: u32,
     memory_mb: u64,
 ) -> Result<()> {
-    let mem = memory_bytes(frozen)?;
+    let mem = memory_slices(frozen)?;
     let origin = match &frozen.origin {
         MemoryOrigin::Fresh => None,
         MemoryOrigin::Chain { chain, .. } => Some(chain),
     };
     atomic::publish_new_dir(dir, |tmp| {
-        let memory = save_full_image(tmp, &[mem], &frozen.dirty, origin)?;
+        let memory = save_full_image(tmp, &mem, &frozen.dirty, origin)?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
             of: SnapshotOf::Template {
@@ -189,7 +162,7 @@ pub(crate) fn write_template(
             let name = dir.file_name().unwrap_or_default().to_string_lossy();
             Error::InvalidArgument(format!("a template named {name:?} already exists"))
         }
-        e => snap(e),
+        e => e.into(),
     })
 }
 
@@ -197,14 +170,13 @@ pub(crate) fn write_template(
 /// does after reading the file. Exposed (`testing` feature) for the fuzz target.
 #[cfg(feature = "testing")]
 pub(crate) fn decode(bytes: &[u8]) -> Result<SnapshotState> {
-    let state: SnapshotState =
-        capsule_snapshot::state_file::decode_state_bytes(bytes).map_err(snap)?;
+    let state: SnapshotState = capsule_snapshot::state_file::decode_state_bytes(bytes)?;
     check(state)
 }
 
 /// Reads and checks `dir/state.bin`.
 pub(crate) fn load(dir: &Path) -> Result<SnapshotState> {
-    let state: SnapshotState = read_state(&dir.join(STATE_FILE_NAME)).map_err(snap)?;
+    let state: SnapshotState = read_state(&dir.join(STATE_FILE_NAME))?;
     check(state)
 }
 
@@ -219,63 +191,4 @@ fn check(state: SnapshotState) -> Result<SnapshotState> {
     let (_, _, memory_mb) = state.of.shape();
     state.memory.validate(memory_mb << 20)?;
     Ok(state)
-}
-
-/// Puts `image` under `shell`'s VM: the base layer mapped `MAP_PRIVATE` in place of the
-/// shell's anonymous memory, newer layers overlaid, inline pages written (the VMM's dirty
-/// bitmap then records them, so the next snapshot carries them forward).
-pub(crate) fn apply_memory(shell: &Shell, image: &MemoryImage) -> Result<()> {
-    let memory = shell.vm.memory();
-    // A shell pre-built for this template already maps its base layer.
-    let premapped = image.base_id.is_some() && image.base_id == shell.backing;
-    if !premapped {
-        map_base(shell, image)?;
-    }
-    if image.memory.chain.layers.len() > 1 {
-        let range = memory::host_range(memory)?;
-        // SAFETY: the range is the shell's memory region, mapped from the base layer and used
-        // by nobody else yet (a shell's vCPUs have never run).
-        unsafe {
-            overlay_layers(
-                &[range],
-                &image.dir,
-                &image.memory.chain,
-                MAX_OVERLAY_MAPPINGS,
-            )
-        }
-        .map_err(snap)?;
-    }
-    for patch in &image.memory.inline {
-        memory
-            .write_slice(
-                &patch.data,
-                GuestAddress(patch.page * capsule_snapshot::PAGE_SIZE),
-            )
-            .map_err(|e| Error::Hypervisor(capsule_vmm::Error::Memory(e.to_string())))?;
-    }
-    Ok(())
-}
-
-/// Maps the image's base layer over the shell's memory.
-fn map_base(shell: &Shell, image: &MemoryImage) -> Result<()> {
-    let base = match &image.base {
-        Some(file) => file
-            .try_clone()
-            .map_err(io("opening a memory layer", &image.dir))?,
-        None => {
-            let name = image
-                .memory
-                .chain
-                .layers
-                .first()
-                .map(|l| l.file_name.as_str())
-                .unwrap_or_default();
-            let path = image.dir.join(name);
-            fs::File::open(&path).map_err(io("opening a memory layer", &path))?
-        }
-    };
-    // SAFETY: a shell's vCPUs have never run and the shell is ours alone until it is handed
-    // to a runtime, so nothing reads or maps its memory meanwhile.
-    unsafe { memory::replace_with_private_file(shell.vm.memory(), &base) }?;
-    Ok(())
 }

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::guest::MemoryImage;
 use crate::guest::{MachineState, MemoryOrigin, Resources};
 use crate::model::{GuestKind, TemplateInfo};
 use crate::pool::BackingId;
-use crate::snapshot_files::{self, MemoryImage, SnapshotState};
+use crate::snapshot_files::{self, SnapshotState};
 use crate::sync::lock;
 
 /// A loaded template.

@@ -35,12 +35,3 @@ pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
 pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuPosition, VcpuState};
 pub use vm::{Vm, VmOptions, VmState};
-
-/// Re-exported so users of this crate name the same types.
-pub use kvm_bindings;
-/// Re-exported so users of this crate name the same types (ioeventfd addresses...).
-pub use kvm_ioctls;
-/// Re-exported so users of this crate name the same types (`boot_params`, `hvm_start_info`).
-pub use linux_loader;
-/// Re-exported so users of this crate name the same types.
-pub use vm_memory;

@@ -24,17 +24,15 @@ use capsule_vmm::machine::LinuxMachine;
 use capsule_vmm::{HostInfo, Vcpu, VcpuEvent, Vm};
 
 use super::agent_link::{AgentLink, LinkError};
-use super::{
-    stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, Job, Resources, Runtime,
-    VcpuThread,
-};
-use crate::error::{Error, Result};
-use crate::model::CapsuleId;
-use crate::model::CommandOutput;
+use super::vcpu_set::VcpuSet;
+use super::{BootContext, Frozen, GuestEvents, Job, Resources, Runtime};
+use crate::error::{Error, Result, TimeoutKind};
+use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::pool::{FileStamp, Shell, ShellShape};
+use crate::sync::lock;
 
 /// The template name of the Linux guest.
-pub(crate) const TEMPLATE: &str = "minimal";
+const TEMPLATE: &str = GuestKind::Linux.template();
 /// The kernel and initramfs of the minimal template, in its image directory: the bzImage,
 /// and (preferred when present) the same kernel as an uncompressed ELF booted through PVH,
 /// which spares every boot the kernel's self-decompression.
@@ -106,24 +104,13 @@ pub(crate) fn image_files(images: &Path) -> Result<(PathBuf, PathBuf)> {
 
 /// A running Linux guest.
 pub(crate) struct LinuxRuntime {
+    id: CapsuleId,
     link: Arc<AgentLink>,
     console: SerialLog,
-    stopping: Arc<AtomicBool>,
-    workers: Mutex<Vec<VcpuThread>>,
+    vcpus: VcpuSet,
     /// The devices and their thread, released (with the VM) at shutdown.
     machine: Mutex<Option<LinuxMachine>>,
     boot_timeout: Duration,
-}
-
-fn os(op: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::Hypervisor(capsule_vmm::Error::Os {
-        op,
-        source: std::io::Error::other(e.to_string()),
-    })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl LinuxRuntime {
@@ -155,21 +142,22 @@ impl LinuxRuntime {
 
         let vm = machine.vm().clone();
         let console_log = machine.console_log().clone();
-        let host_end = machine
-            .take_agent_channel()
-            .ok_or_else(|| os("taking the agent channel", "it was taken already"))?;
-        let stopping = Arc::new(AtomicBool::new(false));
+        let host_end = machine.take_agent_channel().ok_or_else(|| {
+            Error::os(
+                "taking the agent channel",
+                std::io::Error::other("a new machine's channel was taken already"),
+            )
+        })?;
+        let vcpu_set = VcpuSet::new();
         let positions = Arc::new(Mutex::new(Vec::new()));
         // A vCPU whose guest ended closes the agent's channel, so nobody waits for an agent
         // that is gone (a boot that crashed fails at once rather than at its timeout).
         let channel = Arc::new(
             host_end
                 .try_clone()
-                .map_err(|e| os("cloning the agent channel", e))?,
+                .map_err(|e| Error::os("cloning the agent channel", e))?,
         );
-        let vcpus = machine.take_vcpus();
-        let mut workers = Vec::with_capacity(vcpus.len());
-        for vcpu in vcpus {
+        for vcpu in machine.take_vcpus() {
             let kicker = vcpu.kicker();
             let worker = VcpuLoop {
                 id: ctx.id.clone(),
@@ -177,39 +165,30 @@ impl LinuxRuntime {
                 _vm: vm.clone(),
                 pio: machine.pio().clone(),
                 mmio: machine.mmio().clone(),
-                stopping: stopping.clone(),
+                stopping: vcpu_set.stop_flag(),
                 events: ctx.events.clone(),
                 console: console_log.clone(),
                 positions: positions.clone(),
                 channel: channel.clone(),
             };
             let index = worker.vcpu.index();
-            let handle = vcpu_thread::spawn(
+            // On failure the set is dropped, which stops the threads started so far.
+            vcpu_set.spawn(
                 &format!("{}-vcpu{index}", ctx.id),
                 VCPU_THREAD_STACK,
+                kicker,
                 move || worker.run(),
-            )
-            .map_err(|e| os("spawning a vCPU thread", e))?;
-            workers.push((kicker, handle));
+            )?;
         }
-        let stop_all = |workers: Vec<VcpuThread>| {
-            stopping.store(true, Ordering::SeqCst);
-            stop_vcpu_threads(workers);
-        };
-
-        let reader = match host_end.try_clone() {
-            Ok(reader) => reader,
-            Err(e) => {
-                stop_all(workers);
-                return Err(os("cloning the agent channel", e));
-            }
-        };
+        let reader = host_end
+            .try_clone()
+            .map_err(|e| Error::os("cloning the agent channel", e))?;
         let link = match AgentLink::connect(Box::new(reader), Box::new(host_end), ctx.boot_timeout)
         {
             Ok(link) => link,
             Err(e) => {
                 let tail = console_tail(&console_log);
-                stop_all(workers);
+                vcpu_set.stop();
                 let mut state = std::mem::take(&mut *lock(&positions));
                 state.sort();
                 state.extend(machine.describe_devices());
@@ -232,10 +211,10 @@ impl LinuxRuntime {
         };
         tracing::debug!(capsule = %ctx.id, agent = %link.hello().agent_version, "agent ready");
         Ok(Arc::new(LinuxRuntime {
+            id: ctx.id.clone(),
             link,
             console: console_log,
-            stopping,
-            workers: Mutex::new(workers),
+            vcpus: vcpu_set,
             machine: Mutex::new(Some(machine)),
             boot_timeout: ctx.boot_timeout,
         }))
@@ -330,22 +309,18 @@ impl VcpuLoop {
 
 impl Runtime for LinuxRuntime {
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
-        if self.stopping.load(Ordering::SeqCst) || self.link.is_closed() {
+        if self.vcpus.is_stopping() || self.link.is_closed() {
             return Err(job);
         }
-        let link = self.link.clone();
-        let grace = self.boot_timeout;
+        let (link, id, grace) = (self.link.clone(), self.id.clone(), self.boot_timeout);
+        let reply = job.reply.clone();
         let spawned = std::thread::Builder::new()
             .name("capsule-linux-cmd".into())
-            .spawn(move || run_job(&link, job, grace));
-        match spawned {
-            Ok(_) => Ok(()),
-            Err(_) => {
-                // No thread: the job was moved into the closure that failed to spawn; it is
-                // dropped and its caller sees the capsule's state.
-                Ok(())
-            }
+            .spawn(move || run_job(&link, &id, job, grace));
+        if let Err(e) = spawned {
+            let _ = reply.send(Err(Error::os("spawning a command thread", e)));
         }
+        Ok(())
     }
 
     fn max_command_len(&self) -> usize {
@@ -363,8 +338,7 @@ impl Runtime for LinuxRuntime {
     }
 
     fn shutdown(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        stop_vcpu_threads(std::mem::take(&mut *lock(&self.workers)));
+        self.vcpus.stop();
         if let Some(mut machine) = lock(&self.machine).take() {
             let _ = machine.stop_devices();
         }
@@ -378,7 +352,7 @@ impl Drop for LinuxRuntime {
 }
 
 /// Runs one command through the agent and answers the job.
-fn run_job(link: &AgentLink, job: Job, grace: Duration) {
+fn run_job(link: &AgentLink, id: &CapsuleId, job: Job, grace: Duration) {
     let mut request = RunRequest::shell(String::from_utf8_lossy(&job.command).into_owned());
     request.env = job.options.envs.clone();
     request.cwd = job.options.cwd.clone();
@@ -391,7 +365,7 @@ fn run_job(link: &AgentLink, job: Job, grace: Duration) {
     let host_wait = job.options.timeout.map(|t| t + grace);
     let result = match link.run(request, host_wait) {
         Ok(exit) if exit.timed_out => Err(Error::Timeout {
-            kind: crate::error::TimeoutKind::Command,
+            kind: TimeoutKind::Command,
             after: job.options.timeout.unwrap_or_default(),
         }),
         Ok(exit) => Ok(CommandOutput {
@@ -406,11 +380,14 @@ fn run_job(link: &AgentLink, job: Job, grace: Duration) {
             stderr_truncated: exit.stderr_truncated,
         }),
         Err(LinkError::Timeout) => Err(Error::Timeout {
-            kind: crate::error::TimeoutKind::Command,
+            kind: TimeoutKind::Command,
             after: job.options.timeout.unwrap_or_default(),
         }),
         Err(LinkError::Closed(_)) => return, // the guest went away: the caller sees the state
-        Err(e) => Err(Error::InvalidArgument(e.to_string())),
+        Err(e @ (LinkError::Agent(_) | LinkError::Protocol(_))) => Err(Error::Agent {
+            id: id.clone(),
+            reason: e.to_string(),
+        }),
     };
     let _ = job.reply.send(result);
 }

@@ -3,11 +3,15 @@
 //! A guest kind knows how to build its VM and serve commands; the engine only sees a
 //! [`Runtime`]: hand it [`Job`]s, shut it down. A guest reports crashes through
 //! [`GuestEvents`]. Two kinds: [`probe`] and [`linux`] (a kernel with virtio devices and the
-//! agent). Their vCPU threads come from [`vcpu_thread`].
+//! agent); the machines themselves are built by `capsule_vmm::machine`. Both keep their vCPU
+//! threads in a [`vcpu_set::VcpuSet`] (threads from [`vcpu_thread`]); a snapshot's memory is
+//! put under a new VM by [`memory::restore`].
 
 pub(crate) mod agent_link;
 pub(crate) mod linux;
+pub(crate) mod memory;
 pub(crate) mod probe;
+pub(crate) mod vcpu_set;
 pub(crate) mod vcpu_thread;
 
 use std::path::PathBuf;
@@ -28,8 +32,9 @@ use crate::config::RunOptions;
 use crate::error::{Error, Result};
 use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::pool::ShellPool;
-use crate::snapshot_files::MemoryImage;
 use crate::sync::lock;
+
+pub(crate) use memory::MemoryImage;
 
 /// Rejects resources `kind` cannot run with (or a host it cannot run on).
 pub(crate) fn validate(kind: GuestKind, resources: &Resources, host: &HostInfo) -> Result<()> {
@@ -157,22 +162,6 @@ pub(crate) trait Runtime: Send + Sync {
     /// Stops every vCPU, waits for their threads and releases the VM. Idempotent. Must not be
     /// called from one of this runtime's own vCPU threads.
     fn shutdown(&self);
-}
-
-/// A vCPU thread and the handle that interrupts its vCPU.
-pub(crate) type VcpuThread = (Kicker, vcpu_thread::VcpuJoinHandle);
-
-/// Interrupts every vCPU and waits for its thread. The caller has already told the threads
-/// to stop (their loop sees that once kicked). Not callable from one of these threads.
-pub(crate) fn stop_vcpu_threads(threads: Vec<VcpuThread>) {
-    for (kicker, _) in &threads {
-        kicker.kick();
-    }
-    for (_, handle) in threads {
-        if handle.join().is_err() {
-            tracing::error!("a vCPU thread panicked");
-        }
-    }
 }
 
 /// One command on its way to the guest.

@@ -15,18 +15,18 @@ use capsule_devices::Bus;
 use capsule_snapshot::bitmap::PageBitmap;
 use capsule_vmm::machine::probe as probe_machine;
 use capsule_vmm::vcpu::VcpuState;
-use capsule_vmm::vm_memory::{Bytes, GuestAddress};
 use capsule_vmm::{memory, Vcpu, VcpuEvent, Vm};
+use vm_memory::{Bytes, GuestAddress};
 
+use super::vcpu_set::VcpuSet;
 use super::{
-    stop_vcpu_threads, vcpu_thread, BootContext, Frozen, GuestEvents, GuestState, Job,
-    MachineState, MemoryOrigin, Resources, Runtime, VcpuThread,
+    BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryImage, MemoryOrigin,
+    Resources, Runtime,
 };
 use crate::error::{Error, Result};
-use crate::model::CapsuleId;
-use crate::model::CommandOutput;
+use crate::model::{CapsuleId, CommandOutput};
 use crate::pool::{BackingId, ShellShape};
-use crate::snapshot_files::{self, MemoryImage};
+use crate::sync::lock;
 
 /// Stack for each vCPU thread: the run loop is shallow and only touched pages count.
 const VCPU_THREAD_STACK: usize = 256 * 1024;
@@ -53,13 +53,14 @@ pub(crate) fn validate(config: &Resources, host_max_vcpus: usize) -> Result<()> 
 
 /// A running probe VM.
 pub(crate) struct ProbeRuntime {
+    id: CapsuleId,
     vm: Arc<Vm>,
     jobs: Sender<Job>,
     /// One control channel per vCPU thread (freeze requests).
     controls: Vec<Sender<Control>>,
+    /// Dropped to wake threads waiting for work or a thaw, when the guest shuts down.
     stop: Mutex<Option<Sender<()>>>,
-    stopping: Arc<AtomicBool>,
-    workers: Mutex<Vec<VcpuThread>>,
+    vcpus: VcpuSet,
     origin: MemoryOrigin,
     /// Pages written since the origin, accumulated over freezes (reading KVM's dirty log
     /// clears it, and a template snapshot must not make a later pause miss pages).
@@ -97,9 +98,10 @@ impl ProbeRuntime {
     ) -> Result<Arc<Self>> {
         let GuestState::Probe { seqs } = &machine.guest;
         if machine.vcpus.len() != ctx.config.vcpus as usize || seqs.len() != machine.vcpus.len() {
-            return Err(Error::InvalidConfig(format!(
-                "the snapshot has {} vCPUs, the capsule {}",
+            return Err(Error::SnapshotMismatch(format!(
+                "the snapshot has {} vCPUs ({} mailbox states), the capsule {}",
                 machine.vcpus.len(),
+                seqs.len(),
                 ctx.config.vcpus
             )));
         }
@@ -107,7 +109,10 @@ impl ProbeRuntime {
         let shell = ctx
             .shells
             .take(shell_shape(&ctx, image.base_id), image.base.as_ref(), None)?;
-        snapshot_files::apply_memory(&shell, image)?;
+        let premapped = image.base_id.is_some() && image.base_id == shell.backing;
+        // SAFETY: a shell's vCPUs have never run, and the shell is ours alone until it is
+        // handed to the runtime below.
+        unsafe { super::memory::restore(shell.vm.memory(), image, premapped) }?;
         probe_machine::restore(&shell.vm, &shell.vcpus, &machine.vm, &machine.vcpus)?;
         let vcpus = shell
             .vcpus
@@ -137,24 +142,25 @@ impl ProbeRuntime {
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
         let mut controls = Vec::with_capacity(vcpus.len());
         let mut workers = Vec::with_capacity(vcpus.len());
-        for (vcpu, _) in &vcpus {
+        for _ in &vcpus {
             let (control_tx, control_rx) = crossbeam_channel::unbounded();
             controls.push(control_tx);
-            workers.push((vcpu.kicker(), control_rx));
+            workers.push(control_rx);
         }
         let runtime = Arc::new(ProbeRuntime {
+            id: ctx.id.clone(),
             vm: vm.clone(),
             jobs: jobs_tx,
             controls,
             stop: Mutex::new(Some(stop_tx)),
-            stopping: Arc::new(AtomicBool::new(false)),
-            workers: Mutex::new(Vec::new()),
+            vcpus: VcpuSet::new(),
             origin,
             dirty: Mutex::new(PageBitmap::for_len(mem_size)),
         });
         let mut booting = 0;
-        for ((vcpu, start), (kicker, control)) in vcpus.into_iter().zip(workers) {
+        for ((vcpu, start), control) in vcpus.into_iter().zip(workers) {
             let index = vcpu.index();
+            let kicker = vcpu.kicker();
             let seq = match start {
                 Start::Boot => {
                     booting += 1;
@@ -172,26 +178,21 @@ impl ProbeRuntime {
                 jobs: jobs_rx.clone(),
                 control,
                 stop: stop_rx.clone(),
-                stopping: runtime.stopping.clone(),
+                stopping: runtime.vcpus.stop_flag(),
                 events: ctx.events.clone(),
                 msrs: msrs.clone(),
                 seq: seq.unwrap_or(0),
             };
             let ready = ready_tx.clone();
-            let spawned = vcpu_thread::spawn(
+            let spawned = runtime.vcpus.spawn(
                 &format!("{}-vcpu{index}", ctx.id),
                 VCPU_THREAD_STACK,
+                kicker,
                 move || worker.serve(seq.is_none(), ready),
             );
-            match spawned {
-                Ok(handle) => lock(&runtime.workers).push((kicker, handle)),
-                Err(e) => {
-                    runtime.shutdown();
-                    return Err(Error::Hypervisor(capsule_vmm::Error::Os {
-                        op: "spawning a vCPU thread",
-                        source: e,
-                    }));
-                }
+            if let Err(e) = spawned {
+                runtime.shutdown();
+                return Err(e);
             }
         }
         drop(ready_tx);
@@ -226,14 +227,19 @@ impl ProbeRuntime {
         let mut total = lock(&self.dirty);
         let pages = total.page_count();
         let flat = memory::flatten_dirty(self.vm.memory(), &self.vm.take_dirty_pages()?)?;
-        let written = PageBitmap::from_kvm_words(&flat, pages).map_err(snapshot_err)?;
-        total.or_assign(&written).map_err(snapshot_err)?;
+        let written = PageBitmap::from_kvm_words(&flat, pages)?;
+        total.or_assign(&written)?;
         Ok(total.clone())
     }
-}
 
-fn snapshot_err(e: capsule_snapshot::Error) -> Error {
-    Error::Snapshot(e)
+    /// Why a vCPU thread could not be frozen: it ended, which only a crash does while the
+    /// capsule's lifecycle lock is held.
+    fn ended_error(&self) -> Error {
+        Error::GuestCrashed {
+            id: self.id.clone(),
+            reason: "a vCPU thread ended while the capsule was being frozen".into(),
+        }
+    }
 }
 
 fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
@@ -252,14 +258,14 @@ fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
 enum Control {
     /// Stop between commands, report the vCPU's state, and wait until `thaw` closes.
     Freeze {
-        reply: Sender<std::result::Result<(u32, VcpuState, u32), String>>,
+        reply: Sender<capsule_vmm::Result<(u32, VcpuState, u32)>>,
         thaw: Receiver<()>,
     },
 }
 
 impl Runtime for ProbeRuntime {
     fn submit(&self, job: Job) -> std::result::Result<(), Job> {
-        if self.stopping.load(Ordering::SeqCst) {
+        if self.vcpus.is_stopping() {
             return Err(job);
         }
         self.jobs.send(job).map_err(|e| e.into_inner())
@@ -278,9 +284,7 @@ impl Runtime for ProbeRuntime {
                 thaw: thaw_rx.clone(),
             };
             if control.send(request).is_err() {
-                return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(
-                    "a vCPU thread has stopped".into(),
-                )));
+                return Err(self.ended_error());
             }
         }
         drop(reply_tx);
@@ -288,14 +292,8 @@ impl Runtime for ProbeRuntime {
         for _ in 0..self.controls.len() {
             match reply_rx.recv() {
                 Ok(Ok(frozen)) => states.push(frozen),
-                Ok(Err(reason)) => {
-                    return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(reason)))
-                }
-                Err(_) => {
-                    return Err(Error::Hypervisor(capsule_vmm::Error::InvalidConfig(
-                        "a vCPU thread stopped while freezing".into(),
-                    )))
-                }
+                Ok(Err(e)) => return Err(Error::Hypervisor(e)),
+                Err(_) => return Err(self.ended_error()),
             }
         }
         states.sort_by_key(|(index, _, _)| *index);
@@ -317,9 +315,9 @@ impl Runtime for ProbeRuntime {
     }
 
     fn shutdown(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.vcpus.mark_stopping();
         lock(&self.stop).take();
-        stop_vcpu_threads(std::mem::take(&mut *lock(&self.workers)));
+        self.vcpus.stop();
     }
 }
 
@@ -327,10 +325,6 @@ impl Drop for ProbeRuntime {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How one command ended, from the vCPU's side.
@@ -429,8 +423,7 @@ impl VcpuWorker {
                     .vcpu
                     .complete_pending_exit()
                     .and_then(|()| self.vcpu.save_state(&self.msrs))
-                    .map(|state| (self.vcpu.index(), state, self.seq))
-                    .map_err(|e| format!("saving vCPU {}: {e}", self.vcpu.index()));
+                    .map(|state| (self.vcpu.index(), state, self.seq));
                 let _ = reply.send(state);
                 select! {
                     recv(thaw) -> _ => true,

@@ -25,7 +25,7 @@ impl GuestKind {
     pub(crate) const ALL: [GuestKind; 2] = [GuestKind::Probe, GuestKind::Linux];
 
     /// The name of the built-in template that runs this kind.
-    pub(crate) fn template(self) -> &'static str {
+    pub(crate) const fn template(self) -> &'static str {
         match self {
             GuestKind::Probe => "probe",
             GuestKind::Linux => "minimal",

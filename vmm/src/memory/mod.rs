@@ -124,15 +124,6 @@ pub unsafe fn host_slices(memory: &GuestMemory) -> Result<Vec<&[u8]>> {
         .collect())
 }
 
-/// Host address and length of guest memory's first region only. Prefer [`host_ranges`],
-/// which sees every region; this stays until the engine stops using it.
-pub fn host_range(memory: &GuestMemory) -> Result<(*mut u8, usize)> {
-    host_ranges(memory)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Memory("guest memory has no region".into()))
-}
-
 fn check_size(size: usize) -> Result<()> {
     if size == 0 || size % PAGE_SIZE != 0 {
         return Err(Error::InvalidConfig(format!(
@@ -215,7 +206,6 @@ mod tests {
             ranges[1].0,
             mem.get_host_address(GuestAddress(HIGH)).unwrap()
         );
-        assert_eq!(host_range(&mem).unwrap(), ranges[0]);
         // SAFETY: nothing writes the memory while the slices are alive.
         let slices = unsafe { host_slices(&mem) }.unwrap();
         assert_eq!(slices.len(), 2);
