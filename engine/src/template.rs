@@ -158,19 +158,7 @@ impl Templates {
             return Ok(None);
         }
         let state = snapshot_files::load(&dir)?;
-        let base_name = state
-            .memory
-            .chain
-            .layers
-            .first()
-            .map(|l| l.file_name.clone())
-            .unwrap_or_default();
-        let base_path = dir.join(base_name);
-        let base = File::open(&base_path).map_err(|source| Error::Io {
-            op: "opening a template layer",
-            path: base_path,
-            source,
-        })?;
+        let base = state.memory.chain.open_base(&dir)?;
         let base_id = BackingId::of(&base)?;
         let template = Arc::new(Template {
             dir,

@@ -110,6 +110,17 @@ impl MemoryChain {
         Ok(())
     }
 
+    /// Opens the base layer (the first) in `dir` for mapping, checking that it is exactly
+    /// `mem_size` bytes long: a shorter file would fault the host when a page past its end
+    /// is touched. A chain without layers is [`Error::InvalidMemory`].
+    pub fn open_base(&self, dir: &Path) -> Result<std::fs::File> {
+        let base = self
+            .layers
+            .first()
+            .ok_or_else(|| Error::invalid("the memory chain has no base layer"))?;
+        memory::open_layer(&dir.join(&base.file_name), self.mem_size)
+    }
+
     /// Union of all layers' pages: every page with non-zero-by-definition contents.
     pub fn union(&self) -> Result<PageBitmap> {
         let mut all = PageBitmap::new(self.page_count());

@@ -56,20 +56,12 @@ pub(crate) unsafe fn restore(
     Ok(())
 }
 
-/// The image's base layer file.
+/// The image's base layer file, its length checked.
 fn open_base(image: &MemoryImage) -> Result<File> {
-    if let Some(file) = &image.base {
-        return file
+    match &image.base {
+        Some(file) => file
             .try_clone()
-            .map_err(Error::io("opening a memory layer", &image.dir));
+            .map_err(|e| Error::os("duplicating a memory layer's descriptor", e)),
+        None => Ok(image.memory.chain.open_base(&image.dir)?),
     }
-    let name = image
-        .memory
-        .chain
-        .layers
-        .first()
-        .map(|l| l.file_name.as_str())
-        .unwrap_or_default();
-    let path = image.dir.join(name);
-    File::open(&path).map_err(Error::io("opening a memory layer", &path))
 }
