@@ -99,11 +99,23 @@
 //! - vCPU threads are interrupted with the real-time signal `SIGRTMIN` (+
 //!   [`capsule_vmm::vcpu::KICK_SIGNAL_OFFSET`]); the engine installs its handler, so leave
 //!   that signal to it.
-//! - Errors are one enum, [`Error`]; nothing in the API panics on bad input.
+//! - Errors are one enum, [`Error`]; nothing in the API panics on bad input. One fact is one
+//!   variant wherever it is seen: a capsule in error is [`Error::GuestCrashed`] (with its
+//!   reason) for every call, a timeout is [`Error::Timeout`] with its [`TimeoutKind`] (a boot
+//!   that runs out of time is [`Error::BootTimeout`]), a snapshot of another machine is
+//!   [`Error::SnapshotMismatch`], a host that refuses a thread or descriptor is [`Error::Os`].
+//! - Configuration: builders ([`EngineConfig::builder`], [`CapsuleConfig::builder`],
+//!   [`RunOptions::new`]) and getters without `get_`; [`Engine::new`] and [`Engine::create`]
+//!   take a config, its builder, or (for `create`) a template name.
+//! - Words: a *snapshot* is the files of a frozen machine; a *pause* writes one into the
+//!   capsule's own directory; [`Capsule::snapshot`] publishes one as a named *template*.
+//! - Cargo features: `serde` (serialization of [`CapsuleInfo`], [`Status`], [`CapsuleId`],
+//!   [`TemplateInfo`]); `testing` (hooks for this workspace's tests, benches and fuzz
+//!   targets; not a stable API).
 #![deny(missing_docs)]
 
-// The modules, bottom to top; each imports only modules above it in this list... read
-// upwards: `model` imports nothing of the crate, `api` may import everything.
+// The modules, bottom to top: each imports only modules listed before it (`model` imports
+// nothing of the crate, `api` may import everything; tests/layering.rs checks it).
 //
 // - model: plain data (ids, statuses, infos, command output, the capsule record)
 // - error, config, sync: the error enum, configuration builders, lock helpers
