@@ -69,6 +69,12 @@ fn imports(text: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
 #[test]
 fn engine_modules_import_one_way() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    if !src.is_dir() {
+        // The nested harness runs this binary in a VM without the source tree; the host run
+        // (`cargo test`) already checked the same sources.
+        eprintln!("SKIPPED: the engine's sources are not on this machine");
+        return;
+    }
     let files = sources(&src);
     let modules: BTreeSet<String> = files
         .iter()
