@@ -1,6 +1,6 @@
 //! A 16550A-compatible UART (the 8250 family Linux drives as `ttyS0`) on port I/O.
 //!
-//! Register emulation is vm-superio's [`Serial`](vm_superio::Serial). What the guest transmits
+//! Register emulation is vm-superio's [`vm_superio::Serial`]. What the guest transmits
 //! goes into a bounded [`SerialLog`] (newest bytes kept, the dropped ones counted) and, when
 //! set, to a tee callback. The interrupt is an [`EventFd`] the VMM registers with
 //! `KVM_IRQFD` for [`COM1_IRQ`].

@@ -9,7 +9,8 @@
 //! itself is durable. At every instant the final name holds either the
 //! complete previous version or the complete new one. If the writer fails,
 //! the temporary is removed; after a crash a stray temporary may remain, but
-//! it never carries the final name and [`remove_stale_temps`] deletes it.
+//! it never carries the final name and is deleted at the next layer cleanup
+//! (`chain::remove_unreferenced_layers`).
 //!
 //! # Directories
 //!
@@ -97,7 +98,7 @@ where
 
 /// Removes temporaries left in `dir` by interrupted [`write_file`] calls
 /// (hidden files named `.<name>.tmp-<16 hex digits>`). Returns how many were removed.
-pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+pub(crate) fn remove_stale_temps(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;

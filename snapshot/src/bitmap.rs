@@ -96,45 +96,6 @@ impl PageBitmap {
         Ok(bm)
     }
 
-    /// ORs in the `KVM_GET_DIRTY_LOG` words of one memory slot of `pages`
-    /// pages whose first page is flat page `first_page` of this bitmap.
-    ///
-    /// This is how the dirty logs of several memory regions make one flat
-    /// bitmap (see the crate docs). `words` must hold at least
-    /// `ceil(pages / 64)` words; bits past `pages` are ignored.
-    pub fn or_kvm_words(&mut self, first_page: u64, words: &[u64], pages: u64) -> Result<()> {
-        let need = words_for(pages);
-        let Some(src) = words.get(..need) else {
-            return Err(Error::bitmap(format!(
-                "{} words given, {need} needed for {pages} pages",
-                words.len()
-            )));
-        };
-        if first_page
-            .checked_add(pages)
-            .is_none_or(|end| end > self.pages)
-        {
-            return Err(Error::bitmap(format!(
-                "slot of {pages} pages at page {first_page} exceeds {} pages",
-                self.pages
-            )));
-        }
-        for (index, &word) in src.iter().enumerate() {
-            let base = index as u64 * WORD_BITS;
-            let mut bits = word;
-            while bits != 0 {
-                let page = base + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                if page >= pages {
-                    break;
-                }
-                let (w, b) = split(first_page + page);
-                self.words[w] |= 1 << b;
-            }
-        }
-        Ok(())
-    }
-
     /// Number of pages this bitmap describes (set or not).
     pub fn page_count(&self) -> u64 {
         self.pages
@@ -431,16 +392,5 @@ mod tests {
         let raw = (130u64, vec![0u64, 0, 1 << 5]);
         let bytes = bincode::Options::serialize(opts, &raw).unwrap();
         assert!(bincode::Options::deserialize::<PageBitmap>(opts, &bytes).is_err());
-    }
-
-    #[test]
-    fn kvm_words_of_two_slots_make_one_flat_bitmap() {
-        let mut flat = PageBitmap::new(48 + 80);
-        flat.or_kvm_words(0, &[1 | 1 << 47 | 1 << 50], 48).unwrap();
-        flat.or_kvm_words(48, &[1, 1 << 15 | 1 << 20], 80).unwrap();
-        let set: Vec<u64> = (0..128).filter(|&p| flat.get(p)).collect();
-        assert_eq!(set, vec![0, 47, 48, 48 + 79]);
-        assert!(flat.or_kvm_words(49, &[0, 0], 80).is_err());
-        assert!(flat.or_kvm_words(0, &[0], 80).is_err());
     }
 }

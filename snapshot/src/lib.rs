@@ -72,9 +72,9 @@
 //! to a guest-physical address is the integrator's business. APIs that touch
 //! memory take it as several host slices ([`memory::write_layer`],
 //! [`save::save_memory`]) or host ranges ([`mapping::overlay_layers`]) in flat
-//! order, and split runs of pages where they cross from one into the next;
-//! [`bitmap::PageBitmap::or_kvm_words`] builds a flat dirty bitmap from the
-//! dirty logs of several KVM memory slots.
+//! order, and split runs of pages where they cross from one into the next.
+//! (The VMM joins the dirty logs of several KVM memory slots into one flat
+//! bitmap; [`bitmap::PageBitmap::from_kvm_words`] takes it.)
 //!
 //! # Memory layer files
 //!

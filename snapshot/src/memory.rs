@@ -70,7 +70,7 @@ pub struct LayerInfo {
 }
 
 /// The message of the injected fault, see [`WriteOptions::fail_after_bytes`].
-pub const INJECTED_FAULT_MESSAGE: &str = "injected write fault";
+pub(crate) const INJECTED_FAULT_MESSAGE: &str = "injected write fault";
 
 /// Writes the pages of `memory` selected by `pages` into a new sparse layer
 /// file at `path`, atomically (temporary + fsync + rename + directory fsync).

@@ -224,20 +224,27 @@ fn read_loop(
     lock(&waiters).clear();
 }
 
+/// The real agent serving one end of a socket pair on a thread; a link on the other (for
+/// tests of this module and of the Linux runtime).
+#[cfg(test)]
+pub(crate) fn real_agent() -> Arc<AgentLink> {
+    use std::os::unix::net::UnixStream;
+    let (host, guest) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let reader = guest.try_clone().unwrap();
+        let _ = capsule_agent::serve(reader, guest, &capsule_agent::ServeConfig::default());
+    });
+    let reader = host.try_clone().unwrap();
+    AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    /// The real agent serving one end of a socket pair; the link on the other.
     fn agent() -> Arc<AgentLink> {
-        let (host, guest) = UnixStream::pair().unwrap();
-        std::thread::spawn(move || {
-            let reader = guest.try_clone().unwrap();
-            let _ = capsule_agent::serve(reader, guest, &capsule_agent::ServeConfig::default());
-        });
-        let reader = host.try_clone().unwrap();
-        AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap()
+        real_agent()
     }
 
     #[test]

@@ -391,3 +391,39 @@ fn run_job(link: &AgentLink, id: &CapsuleId, job: Job, grace: Duration) {
     };
     let _ = job.reply.send(result);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunOptions;
+    use crate::guest::{agent_link, JobControl};
+
+    /// Runs `command` with `options` through `run_job` against the real agent.
+    fn run(command: &str, options: RunOptions) -> Result<CommandOutput> {
+        let link = agent_link::real_agent();
+        let (reply, result) = crossbeam_channel::bounded(1);
+        let job = Job {
+            command: command.as_bytes().to_vec(),
+            reply,
+            control: Arc::new(JobControl::default()),
+            options,
+        };
+        let id: CapsuleId = "cl-test".parse().unwrap();
+        run_job(&link, &id, job, Duration::from_secs(5));
+        result.recv().unwrap()
+    }
+
+    #[test]
+    fn commands_run_and_an_agent_refusal_is_an_agent_error() {
+        let out = run("echo hi; exit 3", RunOptions::new()).unwrap();
+        assert_eq!((out.stdout.as_str(), out.exit_code), ("hi\n", 3));
+        match run("true", RunOptions::new().cwd("/no/such/directory")) {
+            Err(Error::Agent { id, reason }) => {
+                assert_eq!(id.as_str(), "cl-test");
+                // The agent could not start the command: it says so, with the OS error.
+                assert!(reason.contains("spawn"), "{reason}");
+            }
+            other => panic!("expected an agent error, got {other:?}"),
+        }
+    }
+}
