@@ -27,7 +27,14 @@ pub(crate) struct CapsuleCore {
 struct State {
     status: Status,
     error: Option<String>,
+    /// When the capsule last started or finished a command or was pinged, or became
+    /// running: the inactivity clock.
     last_activity: SystemTime,
+    /// Commands running now: a capsule running one is never idle, however long it takes.
+    running_commands: u32,
+    /// Bumped by every activity, so that the inactivity watcher can tell whether any came
+    /// while it was pausing the capsule.
+    activity: u64,
     runtime: Option<Arc<dyn Runtime>>,
     /// The guest's console output; kept after the guest stops, for post-mortems.
     console: Option<SerialLog>,
@@ -49,6 +56,8 @@ impl CapsuleCore {
                 status,
                 error: None,
                 last_activity: SystemTime::now(),
+                running_commands: 0,
+                activity: 0,
                 runtime: None,
                 console: None,
             }),
@@ -85,6 +94,17 @@ impl CapsuleCore {
         reason: Option<String>,
     ) -> std::result::Result<Option<Arc<dyn Runtime>>, Refused> {
         let mut state = self.state();
+        self.apply_locked(&mut state, event, runtime, reason)
+    }
+
+    /// [`CapsuleCore::apply`] with the state already locked.
+    fn apply_locked(
+        &self,
+        state: &mut State,
+        event: Transition,
+        runtime: Option<Arc<dyn Runtime>>,
+        reason: Option<String>,
+    ) -> std::result::Result<Option<Arc<dyn Runtime>>, Refused> {
         let Some(next) = state.status.after(event) else {
             return Err(Refused {
                 status: state.status,
@@ -102,7 +122,7 @@ impl CapsuleCore {
                     state.console = Some(console);
                 }
                 // The idle clock starts when the capsule becomes able to work.
-                state.last_activity = SystemTime::now();
+                note_activity(state);
                 state.runtime.replace(runtime)
             }
             None => state.runtime.take(),
@@ -195,14 +215,67 @@ impl CapsuleCore {
         }
     }
 
-    /// When the capsule last ran a command or was pinged.
-    pub(crate) fn last_activity(&self) -> SystemTime {
-        self.state().last_activity
+    /// Counts as activity if the capsule is running: resets the inactivity clock.
+    pub(crate) fn ping(&self) -> Result<()> {
+        let mut state = self.state();
+        if state.status != Status::Running {
+            return Err(self.error_for(state.status, state.error.clone(), "ping"));
+        }
+        note_activity(&mut state);
+        Ok(())
     }
 
-    /// Counts as activity: resets the inactivity clock.
-    pub(crate) fn touch(&self) {
-        self.state().last_activity = SystemTime::now();
+    /// The running guest for a command about to start, which counts as activity until the
+    /// returned guard drops (the command ended). Status check and activity are one step, so
+    /// an auto-pause either sees the command or the command sees the capsule paused.
+    pub(crate) fn begin_command(&self) -> Result<(Arc<dyn Runtime>, CommandActivity<'_>)> {
+        let mut state = self.state();
+        match (&state.runtime, state.status) {
+            (Some(runtime), Status::Running) => {
+                let runtime = runtime.clone();
+                state.running_commands += 1;
+                note_activity(&mut state);
+                Ok((runtime, CommandActivity { capsule: self }))
+            }
+            (_, status) => Err(self.error_for(status, state.error.clone(), "run a command")),
+        }
+    }
+
+    /// If the capsule is running, runs no command and has been idle for at least its
+    /// timeout at `now`: a stamp of its activity, to hand to
+    /// [`CapsuleCore::pause_if_still_idle`].
+    pub(crate) fn idle_stamp(&self, now: SystemTime) -> Option<IdleStamp> {
+        let state = self.state();
+        let timeout = self.record.timeout;
+        let idle = !timeout.is_zero()
+            && state.status == Status::Running
+            && state.running_commands == 0
+            && now
+                .duration_since(state.last_activity)
+                .is_ok_and(|idle| idle >= timeout);
+        idle.then_some(IdleStamp(state.activity))
+    }
+
+    /// Whether nothing happened since `stamp` was taken.
+    pub(crate) fn still_idle(&self, stamp: IdleStamp) -> bool {
+        let state = self.state();
+        state.activity == stamp.0 && state.running_commands == 0
+    }
+
+    /// Running → Paused, for the inactivity watcher: only if nothing happened since
+    /// `stamp`, checked in the same step as the status change. `Ok(None)` when the capsule
+    /// was used meanwhile (it stays running); otherwise the guest to shut down.
+    pub(crate) fn pause_if_still_idle(
+        &self,
+        stamp: IdleStamp,
+    ) -> Result<Option<Option<Arc<dyn Runtime>>>> {
+        let mut state = self.state();
+        if state.activity != stamp.0 || state.running_commands != 0 {
+            return Ok(None);
+        }
+        self.apply_locked(&mut state, Transition::Pause, None, None)
+            .map(Some)
+            .map_err(|refused| self.error_for(refused.status, state.error.clone(), "pause"))
     }
 
     /// The guest's console output so far (empty for guests without a console).
@@ -298,6 +371,29 @@ impl GuestEvents for CapsuleCore {
             release_in_background(self.id(), runtime);
         }
     }
+}
+
+/// The activity stamp of an idle capsule (see [`CapsuleCore::idle_stamp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IdleStamp(u64);
+
+/// A command counted as running; its end counts as activity too.
+pub(crate) struct CommandActivity<'a> {
+    capsule: &'a CapsuleCore,
+}
+
+impl Drop for CommandActivity<'_> {
+    fn drop(&mut self) {
+        let mut state = self.capsule.state();
+        state.running_commands = state.running_commands.saturating_sub(1);
+        note_activity(&mut state);
+    }
+}
+
+/// Records one activity: the inactivity clock restarts.
+fn note_activity(state: &mut State) {
+    state.activity = state.activity.wrapping_add(1);
+    state.last_activity = SystemTime::now();
 }
 
 /// Shuts a guest down on another thread (the caller may be one of its vCPU threads).

@@ -9,15 +9,15 @@ use crate::error::{Error, Result, TimeoutKind};
 use crate::guest::{Job, JobControl};
 use crate::model::CommandOutput;
 
-/// Runs `command` in `capsule` with `options`. Activity for the inactivity clock: when it
-/// starts and when it ends.
+/// Runs `command` in `capsule` with `options`. The capsule counts as active from the moment
+/// the command starts until it ends, so it is never auto-paused while a command runs.
 pub(crate) fn run(
     capsule: &CapsuleCore,
     command: &str,
     options: &RunOptions,
 ) -> Result<CommandOutput> {
     let bytes = command.as_bytes();
-    let runtime = capsule.runtime("run a command")?;
+    let (runtime, _activity) = capsule.begin_command()?;
     if bytes.len() > runtime.max_command_len() {
         return Err(Error::InvalidArgument(format!(
             "the command is {} bytes; this guest accepts at most {}",
@@ -25,7 +25,6 @@ pub(crate) fn run(
             runtime.max_command_len()
         )));
     }
-    capsule.touch();
     let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
     let control = Arc::new(JobControl::default());
     let job = Job {
@@ -42,7 +41,6 @@ pub(crate) fn run(
         Some(limit) => reply_rx.recv_timeout(limit).map_err(|e| e.is_timeout()),
         None => reply_rx.recv().map_err(|_| false),
     };
-    capsule.touch();
     match result {
         Ok(output) => output,
         Err(true) => {

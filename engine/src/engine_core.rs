@@ -9,6 +9,7 @@ use capsule_vmm::Hypervisor;
 
 use crate::config::EngineConfig;
 use crate::limiter::StartLimiter;
+use crate::pause_gate::PauseGate;
 use crate::periodic::Periodic;
 use crate::pool::ShellPool;
 use crate::registry::Registry;
@@ -27,6 +28,8 @@ pub(crate) struct EngineCore {
     /// The inactivity watcher (started by the `idle_watch` module); stopped when the engine
     /// drops.
     pub(crate) idle_watch: Mutex<Option<Periodic>>,
+    /// Where tests hold the inactivity watcher (see `pause_gate`).
+    pub(crate) pause_gate: PauseGate,
     /// Test hook: make the next snapshot layer write fail after this many bytes.
     pub(crate) write_fault: Mutex<Option<u64>>,
 }

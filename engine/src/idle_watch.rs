@@ -4,11 +4,9 @@
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
-use crate::capsule_core::CapsuleCore;
 use crate::engine_core::EngineCore;
 use crate::error::Result;
 use crate::lifecycle;
-use crate::model::Status;
 use crate::periodic::Periodic;
 use crate::sync::lock;
 
@@ -31,26 +29,18 @@ pub(crate) fn start(engine: &Arc<EngineCore>) -> Result<()> {
     Ok(())
 }
 
-/// Whether `capsule` is running and has been idle for at least its timeout.
-fn is_idle(capsule: &CapsuleCore, now: SystemTime) -> bool {
-    let timeout = capsule.record().timeout;
-    !timeout.is_zero()
-        && capsule.status() == Status::Running
-        && now
-            .duration_since(capsule.last_activity())
-            .is_ok_and(|idle| idle >= timeout)
-}
-
-/// Pauses every running capsule whose inactivity timeout has passed.
+/// Pauses every running capsule whose inactivity timeout has passed; each is checked again
+/// under its own lock as it is paused ([`lifecycle::pause_if_idle`]).
 fn pause_idle(engine: &EngineCore) {
     let now = SystemTime::now();
     for capsule in engine.registry.all() {
-        if !is_idle(&capsule, now) {
+        if capsule.idle_stamp(now).is_none() {
             continue;
         }
-        tracing::debug!(capsule = %capsule.id(), "pausing after inactivity");
-        if let Err(e) = lifecycle::pause(engine, &capsule) {
-            tracing::warn!(capsule = %capsule.id(), error = %e, "auto-pause failed");
+        match lifecycle::pause_if_idle(engine, &capsule, now) {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(capsule = %capsule.id(), "in use again: not paused"),
+            Err(e) => tracing::warn!(capsule = %capsule.id(), error = %e, "auto-pause failed"),
         }
     }
 }

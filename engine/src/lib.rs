@@ -119,8 +119,9 @@
 //
 // - model: plain data (ids, statuses, infos, command output, the capsule record)
 // - error, config, sync: the error enum, configuration builders, lock helpers
-// - store, snapshot_files, template, pool, limiter, periodic: the data directory, snapshot files,
-//   templates, pre-built VM shells, the start limiter, a background-thread helper
+// - store, snapshot_files, template, pool, limiter, periodic, pause_gate: the data directory,
+//   snapshot files, templates, pre-built VM shells, the start limiter, a background-thread
+//   helper, the inactivity watcher's test gate
 // - guest: the guest kinds (probe, linux) and the contract a running guest fulfils
 // - capsule_core, registry, engine_core: one capsule's state and status machine, the
 //   engine's capsules, the engine's parts
@@ -138,6 +139,7 @@ mod idle_watch;
 mod lifecycle;
 mod limiter;
 mod model;
+mod pause_gate;
 mod periodic;
 mod pool;
 mod recovery;
@@ -162,6 +164,12 @@ pub use capsule_vmm::{HostInfo, Virtualization};
 /// `capsule.ready` so that the agent prints `capsule-agent: ready` on the console once its
 /// `Hello` is sent.
 pub const LINUX_KERNEL_CMDLINE: &str = guest::linux::CMDLINE;
+
+/// Types of the test hooks (the `testing` feature); not part of the stable API.
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use crate::pause_gate::{AutoPauseHold, AutoPausePoint};
+}
 
 /// Entry points for the fuzz targets in `fuzz/` (the `testing` feature); not part of the
 /// stable API.

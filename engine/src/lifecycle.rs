@@ -20,6 +20,7 @@ use crate::guest::MemoryImage;
 use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
 use crate::model::record::CapsuleRecord;
 use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
+use crate::pause_gate::AutoPausePoint;
 use crate::snapshot_files;
 use crate::template::{validate_name, Template};
 
@@ -227,12 +228,52 @@ pub(crate) fn resume(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<
     // The snapshot no longer describes the capsule, which runs on from it: if this process
     // dies now, a new engine must report it stopped, not roll it back to this state. Its
     // layers stay: the running capsule maps them and its next pause builds on them.
-    let state_file = dir.join(capsule_snapshot::STATE_FILE_NAME);
-    if let Err(e) = std::fs::remove_file(&state_file) {
-        tracing::warn!(capsule = %capsule.id(), error = %e, "could not retire the snapshot");
-    }
+    snapshot_files::retire(&dir);
     tracing::debug!(capsule = %capsule.id(), "resumed");
     Ok(())
+}
+
+/// The inactivity watcher's pause: like [`pause`], but only of a capsule that is still idle
+/// at every step. Under the capsule's lifecycle lock it checks the capsule is idle, freezes
+/// it, checks again, writes the snapshot, and commits the pause only if no command started
+/// or ended and no ping came since the first check, in the same step as the status change;
+/// otherwise the snapshot is retired and the capsule thawed, running as before (a command
+/// that arrived meanwhile runs once it is thawed). `Ok(true)` if it paused.
+pub(crate) fn pause_if_idle(
+    engine: &EngineCore,
+    capsule: &CapsuleCore,
+    now: SystemTime,
+) -> Result<bool> {
+    let _ops = capsule.lock_ops();
+    let Some(stamp) = capsule.idle_stamp(now) else {
+        return Ok(false);
+    };
+    engine.pause_gate.pass(AutoPausePoint::Decided);
+    let runtime = capsule.runtime("pause")?;
+    let frozen = runtime.freeze()?;
+    engine.pause_gate.pass(AutoPausePoint::Frozen);
+    if !capsule.still_idle(stamp) {
+        return Ok(false); // dropping `frozen` thaws the guest
+    }
+    let dir = engine.store.snapshot_dir(capsule.id());
+    snapshot_files::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
+    engine.pause_gate.pass(AutoPausePoint::Written);
+    match capsule.pause_if_still_idle(stamp)? {
+        Some(runtime) => {
+            if let Some(runtime) = runtime {
+                runtime.shutdown();
+            }
+            drop(frozen);
+            tracing::debug!(capsule = %capsule.id(), "paused after inactivity");
+            Ok(true)
+        }
+        None => {
+            // Used while its snapshot was being written: it runs on, so that snapshot must
+            // not be taken for its state later.
+            snapshot_files::retire(&dir);
+            Ok(false)
+        }
+    }
 }
 
 /// Writes a running capsule's current state as the template `name`; the capsule keeps

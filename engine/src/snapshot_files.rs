@@ -166,6 +166,19 @@ pub(crate) fn write_template(
     })
 }
 
+/// Retires the snapshot in `dir` (removes its `state.bin`, the commit point) when the
+/// capsule runs on from it: a new engine then reports the capsule stopped if this process
+/// dies, never rolled back. The layers stay: the running capsule may map them, and its next
+/// pause builds on them or removes them.
+pub(crate) fn retire(dir: &Path) {
+    let state_file = dir.join(STATE_FILE_NAME);
+    if let Err(e) = fs::remove_file(&state_file) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %state_file.display(), error = %e, "could not retire a snapshot");
+        }
+    }
+}
+
 /// Decodes and checks a `state.bin` image without touching the file system: what `load`
 /// does after reading the file. Exposed (`testing` feature) for the fuzz target.
 #[cfg(feature = "testing")]

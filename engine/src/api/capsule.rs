@@ -109,14 +109,10 @@ impl Capsule {
         lifecycle::resume(&self.engine, &self.core)
     }
 
-    /// Counts as activity: resets the inactivity timer. Errors with
-    /// [`Error::InvalidState`] unless the capsule is running.
+    /// Counts as activity: resets the inactivity timer (so does every command, for as long as
+    /// it runs). Errors with [`Error::InvalidState`] unless the capsule is running.
     pub fn ping(&self) -> Result<()> {
-        if self.core.status() != Status::Running {
-            return Err(self.core.state_error("ping"));
-        }
-        self.core.touch();
-        Ok(())
+        self.core.ping()
     }
 
     /// Creates a template named `name` from the capsule's current state; the capsule keeps

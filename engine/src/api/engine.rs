@@ -78,6 +78,7 @@ impl Engine {
             templates,
             registry: Registry::new(capsules),
             idle_watch: Mutex::new(None),
+            pause_gate: Default::default(),
             write_fault: Mutex::new(None),
         });
         idle_watch::start(&core)?;
@@ -190,6 +191,15 @@ impl Engine {
     /// starts took one so far.
     pub fn shell_pool_counts(&self) -> (usize, u64) {
         self.core.shells.counts()
+    }
+
+    /// Holds the inactivity watcher at `point` of its next auto-pause until the returned
+    /// hold is dropped.
+    pub fn hold_auto_pause(
+        &self,
+        point: crate::testing::AutoPausePoint,
+    ) -> crate::testing::AutoPauseHold {
+        self.core.pause_gate.arm(point)
     }
 
     /// The next snapshot memory write fails after `bytes` bytes (an injected I/O error, as
