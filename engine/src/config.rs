@@ -26,6 +26,8 @@ pub struct EngineConfig {
     idle_check_interval: Duration,
     shell_pool_size: usize,
     linux_images: Option<PathBuf>,
+    max_capsules: Option<usize>,
+    max_memory_mb: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +45,8 @@ impl Default for EngineConfig {
             idle_check_interval: Duration::from_millis(100),
             shell_pool_size: 2,
             linux_images: None,
+            max_capsules: None,
+            max_memory_mb: None,
         }
     }
 }
@@ -95,6 +99,18 @@ impl EngineConfig {
     /// How many ready VM shells are kept per recent capsule shape.
     pub fn shell_pool_size(&self) -> usize {
         self.shell_pool_size
+    }
+
+    /// The most capsules that may hold a VM at once (pending, starting or running; paused
+    /// ones hold none), if limited.
+    pub fn max_capsules(&self) -> Option<usize> {
+        self.max_capsules
+    }
+
+    /// The most guest memory, in MiB, that capsules holding a VM may have together, if
+    /// limited.
+    pub fn max_memory_mb(&self) -> Option<u64> {
+        self.max_memory_mb
     }
 
     /// The Linux images directory in effect (the one set, or `DATA_DIR/images`).
@@ -163,6 +179,24 @@ impl EngineConfigBuilder {
     /// default `DATA_DIR/images`, where `cargo xtask build-minimal` puts them.
     pub fn linux_images(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.linux_images = Some(dir.into());
+        self
+    }
+
+    /// Admission control: at most `n` capsules holding a VM at once (pending, starting or
+    /// running; paused ones hold none). A `create`, `resume` or `connect` that would exceed
+    /// it fails with [`crate::Error::ResourceExhausted`] ([`crate::Resource::Capsules`]) and
+    /// leaves nothing behind. Default: no limit.
+    pub fn max_capsules(mut self, n: usize) -> Self {
+        self.config.max_capsules = Some(n);
+        self
+    }
+
+    /// Admission control: at most `mb` MiB of guest memory for the capsules holding a VM
+    /// together (each counts its full memory size, though only touched pages are
+    /// resident). Exceeding it fails as [`EngineConfigBuilder::max_capsules`] does, with
+    /// [`crate::Resource::MemoryMb`]. Default: no limit.
+    pub fn max_memory_mb(mut self, mb: u64) -> Self {
+        self.config.max_memory_mb = Some(mb);
         self
     }
 

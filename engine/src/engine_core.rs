@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use capsule_vmm::Hypervisor;
 
+use crate::admission::Admission;
 use crate::config::EngineConfig;
 use crate::limiter::StartLimiter;
 use crate::pause_gate::PauseGate;
@@ -23,6 +24,8 @@ pub(crate) struct EngineCore {
     pub(crate) store: Store,
     pub(crate) templates: Templates,
     pub(crate) registry: Registry,
+    /// Admission control (the engine's limits).
+    pub(crate) admission: Admission,
     pub(crate) starts: Arc<StartLimiter>,
     pub(crate) shells: Arc<ShellPool>,
     /// The inactivity watcher (started by the `idle_watch` module); stopped when the engine
@@ -35,6 +38,11 @@ pub(crate) struct EngineCore {
 }
 
 impl EngineCore {
+    /// What admission control needs: the limits and the capsules.
+    pub(crate) fn admission_parts(&self) -> crate::admission::Parts<'_> {
+        (&self.config, &self.registry)
+    }
+
     /// Takes the pending injected write fault, if a test set one.
     pub(crate) fn take_write_fault(&self) -> Option<u64> {
         lock(&self.write_fault).take()

@@ -143,6 +143,23 @@ pub enum Error {
         /// What the agent said or did.
         reason: String,
     },
+    /// An engine limit ([`crate::EngineConfigBuilder::max_capsules`],
+    /// [`crate::EngineConfigBuilder::max_memory_mb`]) or a host resource (file descriptors,
+    /// threads, memory) is used up. Nothing was left behind, and other capsules are as they
+    /// were.
+    #[error("{resource} exhausted: {in_use} in use{}", limit_suffix(*limit))]
+    ResourceExhausted {
+        /// Which limit or resource.
+        resource: Resource,
+        /// How much of it is in use (capsules, MiB, open descriptors, threads; MiB of
+        /// resident memory for host memory).
+        in_use: u64,
+        /// The limit, where one is known.
+        limit: Option<u64>,
+        /// The failure that showed a host resource was used up (none for an engine limit).
+        #[source]
+        cause: Option<Box<Error>>,
+    },
     /// The host refused the engine a resource for `op` (a thread, a file descriptor...).
     #[error("{op}: {source}")]
     Os {
@@ -152,6 +169,39 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// What an [`Error::ResourceExhausted`] ran out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Resource {
+    /// Capsules holding a VM (pending, starting or running) reached
+    /// [`crate::EngineConfig::max_capsules`].
+    Capsules,
+    /// Their guest memory reached [`crate::EngineConfig::max_memory_mb`] (MiB).
+    MemoryMb,
+    /// The process has no file descriptor left (`RLIMIT_NOFILE`, or the system's table).
+    FileDescriptors,
+    /// The process may not start another thread.
+    Threads,
+    /// The host could not give the memory asked for.
+    HostMemory,
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Resource::Capsules => "the engine's capsule limit",
+            Resource::MemoryMb => "the engine's guest memory limit (MiB)",
+            Resource::FileDescriptors => "file descriptors",
+            Resource::Threads => "threads",
+            Resource::HostMemory => "host memory",
+        })
+    }
+}
+
+fn limit_suffix(limit: Option<u64>) -> String {
+    limit.map(|l| format!(" of {l}")).unwrap_or_default()
 }
 
 /// Which limit an [`Error::Timeout`] is about.
@@ -187,6 +237,17 @@ impl From<capsule_snapshot::Error> for Error {
 }
 
 impl Error {
+    /// The OS error number behind this error, if an OS call failed.
+    pub(crate) fn os_error(&self) -> Option<i32> {
+        match self {
+            Error::Os { source, .. }
+            | Error::Io { source, .. }
+            | Error::KvmUnavailable { source, .. } => source.raw_os_error(),
+            Error::Hypervisor(e) => e.os_error(),
+            _ => None,
+        }
+    }
+
     /// An [`Error::Os`] for `op`.
     pub(crate) fn os(op: &'static str, source: io::Error) -> Self {
         Error::Os { op, source }

@@ -123,11 +123,13 @@
 //   snapshot files, templates, pre-built VM shells, the start limiter, a background-thread
 //   helper, the inactivity watcher's test gate
 // - guest: the guest kinds (probe, linux) and the contract a running guest fulfils
-// - capsule_core, registry, engine_core: one capsule's state and status machine, the
-//   engine's capsules, the engine's parts
+// - capsule_core, registry, admission, engine_core: one capsule's state and status machine,
+//   the engine's capsules, its limits, its parts
+// - host_limits: the process's limits (raising RLIMIT_NOFILE, naming what ran out)
 // - lifecycle, command, recovery, idle_watch: the steps (create, pause, resume, snapshot,
 //   destroy), running a command, start-up recovery, the inactivity watcher
 // - api: the public handles, which only delegate
+mod admission;
 mod api;
 mod capsule_core;
 mod command;
@@ -135,6 +137,7 @@ mod config;
 mod engine_core;
 mod error;
 mod guest;
+mod host_limits;
 mod idle_watch;
 mod lifecycle;
 mod limiter;
@@ -153,7 +156,7 @@ pub use crate::api::{Capsule, Commands, Engine};
 pub use crate::config::{
     CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, RunOptions,
 };
-pub use crate::error::{Error, KvmUnavailable, Result, TimeoutKind};
+pub use crate::error::{Error, KvmUnavailable, Resource, Result, TimeoutKind};
 pub use crate::model::{
     CapsuleId, CapsuleInfo, CommandOutput, InvalidId, ParseStatusError, Status, TemplateInfo,
 };

@@ -18,6 +18,7 @@ use crate::engine_core::EngineCore;
 use crate::error::{Error, Result};
 use crate::guest::MemoryImage;
 use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
+use crate::host_limits;
 use crate::model::record::CapsuleRecord;
 use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
 use crate::pause_gate::AutoPausePoint;
@@ -78,13 +79,18 @@ fn resolve(
 /// it leaves the capsule in error.
 pub(crate) fn create(engine: &Arc<EngineCore>, config: &CapsuleConfig) -> Result<Arc<CapsuleCore>> {
     let (record, template) = resolve(engine, config)?;
-    engine.store.record(&record)?;
     let capsule = CapsuleCore::new(record, Status::Pending);
-    engine.registry.insert(capsule.clone());
+    engine
+        .admission
+        .admit_new(engine.admission_parts(), &capsule)?;
+    if let Err(e) = engine.store.record(capsule.record()) {
+        let _ = engine.registry.remove(capsule.id());
+        return Err(host_limits::classify(e));
+    }
     if config.wait() {
         if let Err(e) = boot(engine, &capsule, template) {
             let _ = destroy(engine, capsule.id());
-            return Err(e);
+            return Err(host_limits::classify(e));
         }
         return Ok(capsule);
     }
@@ -94,12 +100,15 @@ pub(crate) fn create(engine: &Arc<EngineCore>, config: &CapsuleConfig) -> Result
         .spawn(move || {
             if let Err(e) = boot(&background, &booting, template) {
                 tracing::warn!(capsule = %booting.id(), error = %e, "background boot failed");
-                booting.crash(e.to_string());
+                booting.crash(host_limits::classify(e).to_string());
             }
         });
     if let Err(e) = spawned {
         let _ = destroy(engine, capsule.id());
-        return Err(Error::os("spawning a boot thread", e));
+        return Err(host_limits::classify(Error::os(
+            "spawning a boot thread",
+            e,
+        )));
     }
     Ok(capsule)
 }
@@ -182,7 +191,8 @@ pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
     Ok(())
 }
 
-/// Restores a paused capsule from its snapshot. Resuming a running capsule does nothing.
+/// Restores a paused capsule from its snapshot, within the engine's limits. Resuming a
+/// running capsule does nothing.
 pub(crate) fn resume(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<()> {
     let _ops = capsule.lock_ops();
     match capsule.status() {
@@ -190,6 +200,14 @@ pub(crate) fn resume(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<
         Status::Paused => {}
         _ => return Err(capsule.state_error("resume")),
     }
+    let _ticket = engine
+        .admission
+        .admit_resume(engine.admission_parts(), capsule)?;
+    restore_paused(engine, capsule).map_err(host_limits::classify)
+}
+
+/// The restore of [`resume`], once admitted.
+fn restore_paused(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<()> {
     let dir = engine.store.snapshot_dir(capsule.id());
     let state = snapshot_files::load(&dir)?;
     let record = capsule.record();

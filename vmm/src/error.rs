@@ -137,6 +137,30 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The OS error number behind this error, when an OS call failed (`EMFILE` when the
+    /// process ran out of file descriptors, `ENOMEM`, ...).
+    pub fn os_error(&self) -> Option<i32> {
+        match self {
+            Error::KvmUnavailable { source, .. }
+            | Error::Kvm { source, .. }
+            | Error::BootFile { source, .. }
+            | Error::Os { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// Wraps a failed `mmap` of guest memory: the OS error kept when there is one (so a
+    /// caller can tell `ENOMEM` apart), the description otherwise.
+    pub(crate) fn mmap(what: &str, e: vm_memory::mmap::MmapRegionError) -> Self {
+        match e {
+            vm_memory::mmap::MmapRegionError::Mmap(source) => Error::Os {
+                op: "mapping guest memory",
+                source,
+            },
+            other => Error::Memory(format!("{what}: {other}")),
+        }
+    }
+
     /// Wraps a failed KVM ioctl.
     pub(crate) fn kvm(op: &'static str, e: kvm_ioctls::Error) -> Self {
         Error::Kvm {

@@ -14,7 +14,7 @@ use crate::pool::ShellPool;
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::template::Templates;
-use crate::{idle_watch, lifecycle, recovery};
+use crate::{host_limits, idle_watch, lifecycle, recovery};
 
 /// Creates, finds, pauses, resumes and destroys capsules. `Send + Sync` and cheap to clone:
 /// share it between threads freely. Dropping the last clone (and every [`Capsule`] handle)
@@ -56,6 +56,7 @@ impl Engine {
     pub fn new(config: impl Into<EngineConfig>) -> Result<Engine> {
         let config = config.into();
         let hypervisor = Hypervisor::open_path(config.kvm_path())?;
+        host_limits::raise_file_limit();
         capsule_vmm::vcpu::install_kick_handler()?;
         let store = Store::open(config.data_dir())?;
         let templates = Templates::new(store.templates_dir());
@@ -77,6 +78,7 @@ impl Engine {
             store,
             templates,
             registry: Registry::new(capsules),
+            admission: Default::default(),
             idle_watch: Mutex::new(None),
             pause_gate: Default::default(),
             write_fault: Mutex::new(None),

@@ -46,7 +46,7 @@ pub fn map_private_file_regions(
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| Error::Memory(format!("mmap of the memory file at {offset:#x}: {e}")))?;
+            .map_err(|e| Error::mmap(&format!("mmap of the memory file at {offset:#x}"), e))?;
         regions.push(guest_region(mapping, start)?);
         offset += size as u64;
     }

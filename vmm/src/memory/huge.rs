@@ -45,7 +45,7 @@ pub(super) fn map_huge_page_aligned(size: usize) -> Result<MmapRegion<AtomicBitm
     unsafe { libc::munmap(reserved, aligned + size - base) };
     let built =
         MmapRegion::<AtomicBitmap>::build(None, size, libc::PROT_READ | libc::PROT_WRITE, flags)
-            .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")));
+            .map_err(|e| Error::mmap(&format!("mmap of {size} bytes"), e));
     // SAFETY: the rest of the reservation, [aligned + size, base + reserve_len), is still
     // ours: the mapping just made does not overlap it (the kernel never places a new
     // mapping over an existing one without MAP_FIXED).

@@ -49,7 +49,7 @@ pub fn create_anonymous(size: usize) -> Result<GuestMemory> {
         libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
     )
-    .map_err(|e| Error::Memory(format!("mmap of {size} bytes: {e}")))?;
+    .map_err(|e| Error::mmap(&format!("mmap of {size} bytes"), e))?;
     from_region(region)
 }
 
