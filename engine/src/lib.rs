@@ -48,8 +48,14 @@
 //!   failed or interrupted pause leaves the previous snapshot valid and the capsule running.
 //! - Resume maps the memory back `MAP_PRIVATE` (pages are read lazily, writes stay private)
 //!   and restores every vCPU register, MSR, FPU/XSAVE state and the guest's own state.
-//! - With [`CapsuleConfigBuilder::timeout`], a capsule is paused after that long without a command
-//!   or [`Capsule::ping`]; zero (the default) never auto-pauses.
+//! - With [`CapsuleConfigBuilder::timeout`], a capsule is paused after that long without a
+//!   command or [`Capsule::ping`]; zero (the default) never auto-pauses. A running command is
+//!   activity until it ends, the idle clock starts when the capsule runs, and a command or
+//!   ping that arrives while the watcher is pausing the capsule cancels that pause.
+//! - Admission control: [`EngineConfigBuilder::max_capsules`] and
+//!   [`EngineConfigBuilder::max_memory_mb`] bound the capsules holding a VM; a create, resume
+//!   or connect past them is [`Error::ResourceExhausted`], as is running out of file
+//!   descriptors, threads or host memory (the engine raises `RLIMIT_NOFILE` at start).
 //! - A template is a self-contained snapshot; capsules started from it map its memory
 //!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a template
 //!   that running capsules map is refused; paused capsules keep hard links to what they need.
