@@ -59,6 +59,10 @@
 //! - A template is a self-contained snapshot; capsules started from it map its memory
 //!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a template
 //!   that running capsules map is refused; paused capsules keep hard links to what they need.
+//! - [`Capsule::fork`] starts n capsules in the exact state of a running or paused one,
+//!   sharing its memory copy-on-write through an anonymous template that is removed with the
+//!   last capsule mapping it (probe capsules; Linux ones return [`Error::Unsupported`] until
+//!   they can be snapshotted).
 //! - Paused capsules survive the process: a new [`Engine`] on the same data directory lists
 //!   them and can resume them. A resumed capsule's snapshot is retired (it runs on from it),
 //!   so a capsule running when its process dies is reported stopped, never silently rolled

@@ -294,6 +294,91 @@ pub(crate) fn pause_if_idle(
     }
 }
 
+/// `n` new running capsules in the exact state of `source` (running or paused), through an
+/// anonymous template that goes when the last capsule mapping it does. The source is not
+/// changed (a running one is frozen while its state is written). All or nothing: if one
+/// fork cannot start (a limit, an error), those already started are destroyed.
+pub(crate) fn fork(
+    engine: &Arc<EngineCore>,
+    source: &CapsuleCore,
+    n: usize,
+) -> Result<Vec<Arc<CapsuleCore>>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let dir = engine.templates.anonymous_dir();
+    let record = source.record().clone();
+    {
+        let _ops = source.lock_ops();
+        match source.status() {
+            Status::Running => {
+                let frozen = source.runtime("fork")?.freeze()?;
+                snapshot_files::write_template(
+                    &dir,
+                    &frozen,
+                    record.kind,
+                    record.vcpus,
+                    record.memory_mb,
+                )?;
+            }
+            Status::Paused => {
+                snapshot_files::write_template_from_paused(
+                    &engine.store.snapshot_dir(source.id()),
+                    &dir,
+                )?;
+            }
+            _ => return Err(source.state_error("fork")),
+        }
+    }
+    let template = engine.templates.load_anonymous(dir)?;
+    let mut forks = Vec::with_capacity(n);
+    for _ in 0..n {
+        match start_fork(engine, &record, &template) {
+            Ok(capsule) => forks.push(capsule),
+            Err(e) => {
+                engine.shells.forget_backing(template.base_id());
+                for capsule in forks {
+                    let _ = destroy(engine, capsule.id());
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Every fork has started: VM shells kept ready for this template would only hold its
+    // files open.
+    engine.shells.forget_backing(template.base_id());
+    tracing::debug!(capsule = %source.id(), n, "forked");
+    Ok(forks)
+}
+
+/// One fork: a capsule like `source` started from its anonymous template.
+fn start_fork(
+    engine: &EngineCore,
+    source: &CapsuleRecord,
+    template: &Arc<Template>,
+) -> Result<Arc<CapsuleCore>> {
+    let record = CapsuleRecord {
+        id: CapsuleId::generate(),
+        created_at: SystemTime::now(),
+        ..source.clone()
+    };
+    let capsule = CapsuleCore::new(record, Status::Pending);
+    engine
+        .admission
+        .admit_new(engine.admission_parts(), &capsule)?;
+    let started = engine
+        .store
+        .record(capsule.record())
+        .and_then(|()| boot(engine, &capsule, Some(template.clone())));
+    match started {
+        Ok(()) => Ok(capsule),
+        Err(e) => {
+            let _ = destroy(engine, capsule.id());
+            Err(host_limits::classify(e))
+        }
+    }
+}
+
 /// Writes a running capsule's current state as the template `name`; the capsule keeps
 /// running. Returns the template as [`crate::Engine::templates`] lists it.
 pub(crate) fn snapshot(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use capsule_snapshot::chain::remove_unreferenced_layers;
 use capsule_snapshot::memory::WriteOptions;
-use capsule_snapshot::save::{save_full_image, save_memory, SavePolicy};
+use capsule_snapshot::save::{link_layers, save_full_image, save_memory, SavePolicy};
 use capsule_snapshot::state_file::{read_state, write_state};
 use capsule_snapshot::stored::StoredMemory;
 use capsule_snapshot::{atomic, STATE_FILE_NAME};
@@ -164,6 +164,28 @@ pub(crate) fn write_template(
         }
         e => e.into(),
     })
+}
+
+/// Publishes the paused capsule's snapshot in `from` as a new template in `dir`: its layers
+/// hard-linked, its state marked as a template's. The paused capsule is not changed.
+pub(crate) fn write_template_from_paused(from: &Path, dir: &Path) -> Result<()> {
+    let paused = load(from)?;
+    let (kind, vcpus, memory_mb) = paused.of.shape();
+    atomic::publish_new_dir(dir, |tmp| {
+        link_layers(from, tmp, &paused.memory.chain)?;
+        let state = SnapshotState {
+            schema: SNAPSHOT_SCHEMA,
+            of: SnapshotOf::Template {
+                kind,
+                vcpus,
+                memory_mb,
+            },
+            machine: paused.machine.clone(),
+            memory: paused.memory.clone(),
+        };
+        write_state(&tmp.join(STATE_FILE_NAME), &state)
+    })?;
+    Ok(())
 }
 
 /// Retires the snapshot in `dir` (removes its `state.bin`, the commit point) when the

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::guest::MemoryImage;
 use crate::guest::{MachineState, MemoryOrigin, Resources};
-use crate::model::{GuestKind, TemplateInfo};
+use crate::model::{CapsuleId, GuestKind, TemplateInfo};
 use crate::pool::BackingId;
 use crate::snapshot_files::{self, SnapshotState};
 use crate::sync::lock;
@@ -27,9 +27,25 @@ pub(crate) struct Template {
     base: File,
     /// `base`'s identity, for the VM shells pre-built with it mapped.
     base_id: BackingId,
+    /// A fork's template, with no name: its files go when the last capsule mapping it does.
+    anonymous: bool,
 }
 
 impl Template {
+    /// Loads the template in `dir`.
+    fn load(dir: PathBuf, anonymous: bool) -> Result<Template> {
+        let state = snapshot_files::load(&dir)?;
+        let base = state.memory.chain.open_base(&dir)?;
+        let base_id = BackingId::of(&base)?;
+        Ok(Template {
+            dir,
+            state,
+            base,
+            base_id,
+            anonymous,
+        })
+    }
+
     /// The guest kind of capsules started from it.
     pub(crate) fn kind(&self) -> GuestKind {
         self.state.of.shape().0
@@ -128,6 +144,43 @@ impl Templates {
         lock(&self.writer)
     }
 
+    /// A new directory for an anonymous template (a fork's): hidden from listings, since its
+    /// name is not a template name.
+    pub(crate) fn anonymous_dir(&self) -> PathBuf {
+        self.root
+            .join(format!("{ANONYMOUS_PREFIX}{}", CapsuleId::generate()))
+    }
+
+    /// Loads the anonymous template in `dir`; its files are removed when the last capsule
+    /// mapping it (and the returned handle) is gone.
+    pub(crate) fn load_anonymous(&self, dir: PathBuf) -> Result<Arc<Template>> {
+        match Template::load(dir.clone(), true) {
+            Ok(template) => Ok(Arc::new(template)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the anonymous templates a process that ended left behind: capsules forked
+    /// from them that were paused hold their own links to the layers they need.
+    pub(crate) fn remove_stale_anonymous(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(ANONYMOUS_PREFIX)
+            {
+                tracing::debug!(path = %entry.path().display(), "removing a stale fork template");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
     /// The template `name` as [`crate::Engine::templates`] lists it.
     pub(crate) fn info(&self, name: &str) -> Result<TemplateInfo> {
         let template = self
@@ -157,15 +210,7 @@ impl Templates {
         if !dir.join(capsule_snapshot::STATE_FILE_NAME).exists() {
             return Ok(None);
         }
-        let state = snapshot_files::load(&dir)?;
-        let base = state.memory.chain.open_base(&dir)?;
-        let base_id = BackingId::of(&base)?;
-        let template = Arc::new(Template {
-            dir,
-            state,
-            base,
-            base_id,
-        });
+        let template = Arc::new(Template::load(dir, false)?);
         let mut loaded = self.loaded();
         Ok(Some(
             loaded.entry(name.to_owned()).or_insert(template).clone(),
@@ -227,6 +272,19 @@ impl Templates {
             source,
         })?;
         Ok(capsule_snapshot::atomic::sync_dir(&self.root)?)
+    }
+}
+
+/// How the directories of anonymous templates begin.
+const ANONYMOUS_PREFIX: &str = ".fork-";
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        if self.anonymous {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!(path = %self.dir.display(), error = %e, "could not remove a fork's template");
+            }
+        }
     }
 }
 

@@ -378,6 +378,9 @@ fn pausing_a_linux_capsule_is_refused_cleanly() {
     };
     let c = engine.create(minimal()).unwrap();
     assert!(matches!(c.pause(), Err(Error::Unsupported(_))));
+    assert!(matches!(c.fork(1), Err(Error::Unsupported(_))));
+    assert!(matches!(c.snapshot("linux-t"), Err(Error::Unsupported(_))));
+    assert_eq!(engine.list().len(), 1, "a refused fork leaves nothing");
     assert!(c.is_running());
     assert_eq!(c.commands().run("echo ok").unwrap().stdout, "ok\n");
 }

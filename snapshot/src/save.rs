@@ -206,10 +206,11 @@ fn page_patches(
     Ok(patches)
 }
 
-/// Hard-links `chain`'s layer files from `from` into `to`; names already in
-/// `to` are kept (left by an earlier, interrupted save of the same chain).
-/// The links become durable with the state file, whose atomic write fsyncs `to`.
-fn link_layers(from: &Path, to: &Path, chain: &MemoryChain) -> Result<()> {
+/// Hard-links `chain`'s layer files from `from` into `to`, so that a snapshot in
+/// `to` can use the chain without `from` (which may then be deleted); names already
+/// in `to` are kept (left by an earlier, interrupted save of the same chain). The
+/// links become durable with the state file, whose atomic write fsyncs `to`.
+pub fn link_layers(from: &Path, to: &Path, chain: &MemoryChain) -> Result<()> {
     for layer in &chain.layers {
         let source = from.join(&layer.file_name);
         let target = to.join(&layer.file_name);

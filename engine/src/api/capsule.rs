@@ -115,6 +115,22 @@ impl Capsule {
         self.core.ping()
     }
 
+    /// `n` new running capsules in this capsule's exact state (running or paused), which
+    /// is not changed. They share its memory copy-on-write through an anonymous template,
+    /// removed with the last capsule that maps it; each then diverges on its own. All or
+    /// nothing: if one cannot start, none is left. `n == 0` returns no capsule.
+    ///
+    /// Errors: [`Error::InvalidState`] unless running or paused, [`Error::GuestCrashed`] if
+    /// in error, [`Error::ResourceExhausted`] past the engine's limits,
+    /// [`Error::Unsupported`] for guests that cannot be snapshotted yet (Linux),
+    /// [`Error::Snapshot`]/[`Error::Io`] if the state cannot be written or read.
+    pub fn fork(&self, n: usize) -> Result<Vec<Capsule>> {
+        Ok(lifecycle::fork(&self.engine, &self.core, n)?
+            .into_iter()
+            .map(|core| Capsule::new(core, self.engine.clone()))
+            .collect())
+    }
+
     /// Creates a template named `name` from the capsule's current state; the capsule keeps
     /// running. New capsules start from it with `CapsuleConfig::new(name)`, sharing its
     /// memory copy-on-write. Returns the template as [`crate::Engine::templates`] lists it.

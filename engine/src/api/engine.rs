@@ -60,6 +60,7 @@ impl Engine {
         capsule_vmm::vcpu::install_kick_handler()?;
         let store = Store::open(config.data_dir())?;
         let templates = Templates::new(store.templates_dir());
+        templates.remove_stale_anonymous();
         let capsules = recovery::recover(&store)?;
         tracing::info!(
             host = %hypervisor.info().virtualization,
@@ -143,6 +144,11 @@ impl Engine {
     /// Resumes the capsule `id` (see [`Capsule::resume`]).
     pub fn resume(&self, id: &CapsuleId) -> Result<()> {
         self.get(id)?.resume()
+    }
+
+    /// Forks the capsule `id` into `n` new capsules (see [`Capsule::fork`]).
+    pub fn fork(&self, id: &CapsuleId, n: usize) -> Result<Vec<Capsule>> {
+        self.get(id)?.fork(n)
     }
 
     /// Destroys the capsule `id` (see [`Capsule::destroy`]). Errors:
