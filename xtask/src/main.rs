@@ -14,6 +14,7 @@ mod minimal;
 mod qemu;
 mod report;
 mod setup;
+mod soak;
 mod util;
 
 use std::fs;
@@ -101,6 +102,10 @@ fn main() -> ExitCode {
                     .context(|| format!("cannot create {}", cache.display()))?;
                 minimal::build(&workspace, &cache, &options).map(|_| true)
             }
+            None => Ok(true),
+        }),
+        Some("soak") => soak::parse(&args[1..]).and_then(|o| match o {
+            Some(options) => soak::run(&options),
             None => Ok(true),
         }),
         Some("-h" | "--help" | "help") => {
