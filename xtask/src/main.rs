@@ -3,7 +3,8 @@
 //! `cargo xtask nested-test [OPTIONS] [-- LIBTEST-ARGS...]` runs the KVM test binaries inside
 //! a Linux L1 booted under QEMU TCG (`-cpu max` emulates AMD SVM), where `/dev/kvm` is real
 //! hardware-virtualization KVM, nested. `cargo xtask build-minimal` builds the "minimal" Linux
-//! template's kernel and initramfs. See `xtask/README.md`.
+//! template's kernel and initramfs. `cargo xtask soak` runs probe capsules under a random mix of
+//! lifecycle operations, checking the engine's invariants after every step. See `xtask/README.md`.
 
 mod binaries;
 mod cpio;
