@@ -1754,12 +1754,23 @@ impl Soak {
                 .map(|s| s.1)
                 .max()
                 .unwrap_or(0);
+            let warmup = self.o.duration.mul_f64(WARMUP_FRACTION).max(WARMUP_MIN);
+            let top = |in_warmup: bool| {
+                self.stats
+                    .rss_samples
+                    .iter()
+                    .filter(|(t, _)| (*t <= warmup) == in_warmup)
+                    .map(|(_, r)| *r)
+                    .max()
+                    .map_or_else(|| "-".to_string(), |r| r.to_string())
+            };
             println!(
-                "soak: RSS with nothing running ({} samples, one per reopen): first {} KiB, last {} KiB, max {} KiB",
+                "soak: RSS with nothing running ({} samples, one per reopen): first {} KiB, last {} KiB, max {max} KiB; largest in the warm-up {} KiB, after it {} KiB (allowed: +{RSS_TOLERANCE_KIB} KiB)",
                 self.stats.rss_samples.len(),
                 first.1,
                 last.1,
-                max
+                top(true),
+                top(false)
             );
         }
     }
