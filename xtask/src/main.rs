@@ -3,7 +3,8 @@
 //! `cargo xtask nested-test [OPTIONS] [-- LIBTEST-ARGS...]` runs the KVM test binaries inside
 //! a Linux L1 booted under QEMU TCG (`-cpu max` emulates AMD SVM), where `/dev/kvm` is real
 //! hardware-virtualization KVM, nested. `cargo xtask build-minimal` builds the "minimal" Linux
-//! template's kernel and initramfs. See `xtask/README.md`.
+//! template's kernel and initramfs. `cargo xtask soak` runs probe capsules under a random mix of
+//! lifecycle operations, checking the engine's invariants after every step. See `xtask/README.md`.
 
 mod binaries;
 mod cpio;
@@ -14,6 +15,7 @@ mod minimal;
 mod qemu;
 mod report;
 mod setup;
+mod soak;
 mod util;
 
 use std::fs;
@@ -101,6 +103,10 @@ fn main() -> ExitCode {
                     .context(|| format!("cannot create {}", cache.display()))?;
                 minimal::build(&workspace, &cache, &options).map(|_| true)
             }
+            None => Ok(true),
+        }),
+        Some("soak") => soak::parse(&args[1..]).and_then(|o| match o {
+            Some(options) => soak::run(&options),
             None => Ok(true),
         }),
         Some("-h" | "--help" | "help") => {

@@ -80,6 +80,16 @@ impl Status {
             _ => None,
         }
     }
+
+    /// Whether one event of the status machine ([`Status::after`], the one table) moves a
+    /// capsule from `self` to `to`. For the soak (`cargo xtask soak`), which checks the
+    /// statuses it observes against that table; only with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn can_change_to(self, to: Status) -> bool {
+        Transition::ALL
+            .into_iter()
+            .any(|event| self.after(event) == Some(to))
+    }
 }
 
 /// What happens to a capsule, as the status machine sees it.
@@ -99,6 +109,20 @@ pub(crate) enum Transition {
     Exit,
     /// It was destroyed.
     Destroy,
+}
+
+impl Transition {
+    /// Every event.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+    pub(crate) const ALL: [Transition; 7] = [
+        Transition::Start,
+        Transition::Ready,
+        Transition::Pause,
+        Transition::Resume,
+        Transition::Crash,
+        Transition::Exit,
+        Transition::Destroy,
+    ];
 }
 
 impl fmt::Display for Status {
@@ -128,15 +152,7 @@ impl FromStr for Status {
 mod tests {
     use super::*;
 
-    const EVENTS: [Transition; 7] = [
-        Transition::Start,
-        Transition::Ready,
-        Transition::Pause,
-        Transition::Resume,
-        Transition::Crash,
-        Transition::Exit,
-        Transition::Destroy,
-    ];
+    const EVENTS: [Transition; 7] = Transition::ALL;
 
     #[test]
     fn statuses_read_back_their_names() {
