@@ -278,6 +278,7 @@ pub(crate) fn pause_if_idle(
     engine.pause_gate.pass(AutoPausePoint::Written);
     match capsule.pause_if_still_idle(stamp)? {
         Some(runtime) => {
+            engine.pause_gate.pass(AutoPausePoint::Committed);
             if let Some(runtime) = runtime {
                 runtime.shutdown();
             }

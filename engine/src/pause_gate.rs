@@ -19,6 +19,8 @@ pub enum AutoPausePoint {
     Frozen,
     /// Its snapshot is written; the pause is not committed yet.
     Written,
+    /// The pause is committed (the capsule shows as paused); its VM is not released yet.
+    Committed,
 }
 
 struct Armed {

@@ -162,3 +162,35 @@ fn the_idle_clock_starts_when_the_capsule_is_running() {
     assert_eq!(capsule.commands().run("count").unwrap().stdout, "1\n");
     assert_eq!(capsule.status(), Status::Running);
 }
+
+#[test]
+fn deleting_a_template_waits_for_a_clone_being_paused_to_release_it() {
+    let Some((engine, _dir)) = engine() else {
+        return;
+    };
+    let source = engine.create(probe()).unwrap();
+    source.snapshot("released").unwrap();
+    source.destroy().unwrap();
+    // Hold the watcher after its pause of the clone is committed, before the clone's VM,
+    // which maps the template, is released.
+    let hold = engine.hold_auto_pause(AutoPausePoint::Committed);
+    let clone = engine
+        .create(capsule::CapsuleConfig::builder("released").timeout(Duration::from_millis(100)))
+        .unwrap();
+    assert!(hold.wait_reached(Duration::from_secs(20)));
+    assert_eq!(clone.status(), Status::Paused);
+    let deleting = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.delete_template("released"))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !deleting.is_finished(),
+        "the delete waits for the pause to finish"
+    );
+    drop(hold);
+    // A paused capsule never blocks deletion.
+    deleting.join().unwrap().unwrap();
+    clone.resume().unwrap();
+    assert_eq!(clone.commands().run("echo on").unwrap().stdout, "on\n");
+}

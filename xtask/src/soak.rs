@@ -237,6 +237,20 @@ impl GuestModel {
     }
 }
 
+/// How the engine names the directories of forks' anonymous templates (`templates/.fork-…`).
+const ANONYMOUS_PREFIX: &str = ".fork-";
+
+/// The anonymous templates in the data directory `root`.
+fn anonymous_templates(root: &Path) -> Result<BTreeSet<String>> {
+    let dir = root.join("templates");
+    Ok(std::fs::read_dir(&dir)
+        .context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(ANONYMOUS_PREFIX))
+        .collect())
+}
+
 // ---------------------------------------------------------------------------------------
 // The model of the engine's capsules and templates.
 
@@ -284,10 +298,10 @@ enum Op {
     DeleteTemplate,
     AutoPause,
     Reopen,
-    // FORK: once `Capsule::fork` exists, `Op::Fork` joins the mix here (and in `MIX` and
-    // `Soak::step`): fork a running capsule, then check that the child's counter and `sum`
-    // continue from the parent's values at the fork, that the parent's continue unchanged,
-    // and that both are attributed their own VM, threads and files.
+    /// Fork a running or paused capsule into 1 to 3 capsules: each continues from the
+    /// parent's counter and pages, the parent continues unchanged, and the forks' anonymous
+    /// template lives exactly as long as a fork maps it.
+    Fork,
 }
 
 impl Op {
@@ -303,12 +317,13 @@ impl Op {
             Op::DeleteTemplate => "delete-template",
             Op::AutoPause => "auto-pause",
             Op::Reopen => "reopen",
+            Op::Fork => "fork",
         }
     }
 }
 
 /// The mix: each operation's weight, when it applies.
-const MIX: [(Op, u64); 10] = [
+const MIX: [(Op, u64); 11] = [
     (Op::Create, 8),
     (Op::Run, 30),
     (Op::Pause, 10),
@@ -319,6 +334,7 @@ const MIX: [(Op, u64); 10] = [
     (Op::DeleteTemplate, 2),
     (Op::AutoPause, 2),
     (Op::Reopen, 1),
+    (Op::Fork, 4),
 ];
 
 /// Whether a capsule seen in `from` may be seen in `to` next: a path of the engine's status
@@ -436,8 +452,6 @@ struct Stats {
     checks: u64,
     auto_pauses_seen: u64,
     paused_answers: u64,
-    /// `TemplateInUse` answers that counted a capsule the watcher had just paused.
-    transient_in_use: u64,
     rss_samples: Vec<(Duration, u64)>,
 }
 
@@ -506,7 +520,6 @@ pub fn run(o: &Options) -> Result<bool> {
             checks: 0,
             auto_pauses_seen: 0,
             paused_answers: 0,
-            transient_in_use: 0,
             rss_samples: Vec::new(),
         },
     };
@@ -638,6 +651,7 @@ impl Soak {
                 .iter()
                 .any(|c| c.timeout.is_some() && c.expect == Expect::Running),
             Op::Reopen => true,
+            Op::Fork => live < self.o.max_capsules && (any(Expect::Running) || any(Expect::Paused)),
         };
         let choices: Vec<(Op, u64)> = MIX.iter().copied().filter(|(op, _)| applies(*op)).collect();
         let total: u64 = choices.iter().map(|(_, w)| w).sum();
@@ -674,6 +688,7 @@ impl Soak {
             }
             Op::AutoPause => self.auto_pause(),
             Op::Reopen => self.reopen(before),
+            Op::Fork => self.fork(),
         }
     }
 
@@ -1016,6 +1031,68 @@ impl Soak {
         self.verify_guest(i, &format!("spawning from {name}"))
     }
 
+    fn fork(&mut self) -> Result<()> {
+        let Some(p) = self.pick_cap(&[Expect::Running, Expect::Paused]) else {
+            return Ok(());
+        };
+        let room = self
+            .o
+            .max_capsules
+            .saturating_sub(self.caps.len())
+            .clamp(1, 3);
+        let n = 1 + self.rng.below(room as u64) as usize;
+        let before = anonymous_templates(&self.data_dir)?;
+        let (parent_id, vcpus, timeout, guest) = {
+            let c = &self.caps[p];
+            (c.id.clone(), c.vcpus, c.timeout, c.guest.clone())
+        };
+        let forks = self.caps[p]
+            .handle
+            .fork(n)
+            .map_err(|e| violation(format!("fork({n}) of {parent_id} failed: {e}")))?;
+        if forks.len() != n {
+            return Err(violation(format!(
+                "fork({n}) of {parent_id} gave {} capsules",
+                forks.len()
+            )));
+        }
+        // Its anonymous template: there unless every fork (they inherit the parent's
+        // timeout) was already paused by the watcher.
+        let new: Vec<String> = anonymous_templates(&self.data_dir)?
+            .difference(&before)
+            .cloned()
+            .collect();
+        if new.len() > 1 {
+            return Err(violation(format!(
+                "one fork made {} anonymous templates: {new:?}",
+                new.len()
+            )));
+        }
+        let pinned = new.into_iter().next();
+        for handle in forks {
+            let id = handle.id().clone();
+            let first = handle.status();
+            self.caps.push(Cap {
+                handle,
+                id,
+                vcpus,
+                timeout,
+                pinned: pinned.clone(),
+                expect: Expect::Running,
+                seen: first,
+                guest: guest.clone(),
+            });
+            let i = self.caps.len() - 1;
+            self.observe(i, first)?;
+            self.verify_guest(i, &format!("forking {parent_id}"))?;
+        }
+        // The parent goes on from where it was (a paused one stays paused).
+        if self.caps[p].expect == Expect::Running {
+            self.verify_guest(p, "being forked")?;
+        }
+        Ok(())
+    }
+
     fn destroy(&mut self) -> Result<()> {
         let i = self.rng.below(self.caps.len() as u64) as usize;
         let by_id = self.rng.chance(50);
@@ -1071,21 +1148,9 @@ impl Soak {
             .iter()
             .filter(|&&i| self.caps[i].timeout.is_none())
             .count();
-        // A capsule the idle watcher has just paused (its status is already Paused) may hold
-        // the template for the few milliseconds its VM takes to be released: an answer that
-        // counts more users than the model allows is asked again until that has passed.
-        let deadline = Instant::now() + SETTLE;
-        let first = loop {
-            match self.engine()?.delete_template(&name) {
-                Err(CapsuleError::TemplateInUse { capsules, .. })
-                    if capsules > pinned.len() && Instant::now() < deadline =>
-                {
-                    self.stats.transient_in_use += 1;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                other => break other,
-            }
-        };
+        // A capsule the watcher has paused no longer holds the template: the engine lets
+        // such pauses finish before it counts the users.
+        let first = self.engine()?.delete_template(&name);
         match first {
             Ok(()) if certain == 0 => {}
             Ok(()) => {
@@ -1432,6 +1497,28 @@ impl Soak {
     }
 
     /// The data directory holds the live capsules' and templates' files and nothing else.
+    /// Forks' anonymous templates: those that must exist (a fork without a timeout maps it,
+    /// running since the fork) and those that may (any fork that may still map it; a fork
+    /// with a timeout may have been paused by the watcher, releasing it).
+    fn fork_templates(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut required = BTreeSet::new();
+        let mut allowed = BTreeSet::new();
+        for cap in &self.caps {
+            let Some(name) = cap
+                .pinned
+                .as_ref()
+                .filter(|n| n.starts_with(ANONYMOUS_PREFIX))
+            else {
+                continue;
+            };
+            allowed.insert(name.clone());
+            if cap.timeout.is_none() && cap.expect == Expect::Running {
+                required.insert(name.clone());
+            }
+        }
+        (required, allowed)
+    }
+
     fn check_files(&mut self) -> Result<()> {
         let root = &self.data_dir;
         let names = |dir: &Path| -> Result<Vec<String>> {
@@ -1492,18 +1579,33 @@ impl Soak {
             }
         }
         let expected: BTreeSet<String> = self.templates.iter().map(|t| t.name.clone()).collect();
-        let found: BTreeSet<String> = names(&root.join("templates"))?.into_iter().collect();
+        let (anonymous, found): (BTreeSet<String>, BTreeSet<String>) =
+            names(&root.join("templates"))?
+                .into_iter()
+                .partition(|n| n.starts_with(ANONYMOUS_PREFIX));
         if expected != found {
             return Err(violation(format!(
                 "templates/ holds {found:?}, the live templates are {expected:?}"
             )));
         }
-        for name in &found {
+        let (required, allowed) = self.fork_templates();
+        if !required.is_subset(&anonymous) || !anonymous.is_subset(&allowed) {
+            return Err(violation(format!(
+                "templates/ holds the fork templates {anonymous:?}; forks running certainly map {required:?}, possibly {allowed:?}"
+            )));
+        }
+        for name in found.iter().chain(&anonymous) {
             let files = names(&root.join("templates").join(name))?;
             let layers = files.iter().filter(|f| f.ends_with(".layer")).count();
-            if files.len() != 2 || layers != 1 || !files.iter().any(|f| f == "state.bin") {
+            // A named template or a running capsule's fork has one layer; a paused one's fork
+            // links its whole chain (at most 8 layers).
+            let max_layers = if anonymous.contains(name) { 8 } else { 1 };
+            if !(1..=max_layers).contains(&layers)
+                || files.len() != layers + 1
+                || !files.iter().any(|f| f == "state.bin")
+            {
                 return Err(violation(format!(
-                    "templates/{name} holds {files:?} (expected state.bin and one layer)"
+                    "templates/{name} holds {files:?} (expected state.bin and 1 to {max_layers} layers)"
                 )));
             }
         }
@@ -1615,8 +1717,13 @@ impl Soak {
                 *have = have.saturating_sub(*n);
             }
         }
-        let live_templates: BTreeSet<&str> =
-            self.templates.iter().map(|t| t.name.as_str()).collect();
+        let (_, forks_allowed) = self.fork_templates();
+        let live_templates: BTreeSet<&str> = self
+            .templates
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(forks_allowed.iter().map(String::as_str))
+            .collect();
         let mut template_fds = 0;
         for (target, n) in fds {
             if n == 0 || target.starts_with("anon_inode:kvm-v") {
@@ -1640,7 +1747,8 @@ impl Soak {
             }
             let _ = write!(out, "{n} stray descriptor(s) of {target}; ");
         }
-        let template_allowance = 2 * self.templates.len() + shells + running.len();
+        let template_allowance =
+            2 * (self.templates.len() + forks_allowed.len()) + shells + running.len();
         if template_fds > template_allowance {
             let _ = write!(
                 out,
@@ -1737,11 +1845,8 @@ impl Soak {
             ops.join(", ")
         );
         println!(
-            "soak: {} checks; auto-pauses seen {}; Paused answers to capsules with a timeout {}; transient TemplateInUse {}",
-            self.stats.checks,
-            self.stats.auto_pauses_seen,
-            self.stats.paused_answers,
-            self.stats.transient_in_use
+            "soak: {} checks; auto-pauses seen {}; Paused answers to capsules with a timeout {}",
+            self.stats.checks, self.stats.auto_pauses_seen, self.stats.paused_answers
         );
         if let (Some(first), Some(last)) = (
             self.stats.rss_samples.first(),

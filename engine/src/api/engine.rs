@@ -177,6 +177,13 @@ impl Engine {
     /// or destroy them first), [`crate::Error::TemplateNotFound`],
     /// [`crate::Error::InvalidArgument`] for a built-in or malformed name.
     pub fn delete_template(&self, name: &str) -> Result<()> {
+        // A capsule shows as paused a moment before its pause has released its VM, and with
+        // it the template it mapped: let pauses under way finish first.
+        for capsule in self.core.registry.all() {
+            if capsule.status() == Status::Paused {
+                drop(capsule.lock_ops());
+            }
+        }
         // Pre-built shells map the template's memory: let them go first.
         if let Some(template) = self.core.templates.get(name)? {
             self.core.shells.forget_backing(template.base_id());
