@@ -73,7 +73,10 @@ fn a_vcpu_thread_is_refused_calls_outside_its_list_and_everything_carries_on() {
     // is released (on an unfiltered thread), the other capsule carries on.
     assert!(confined.commands().run("crash").is_err());
     assert_eq!(confined.info().status, Status::Error);
-    assert_eq!(other.commands().run("echo still").unwrap().stdout, "still\n");
+    assert_eq!(
+        other.commands().run("echo still").unwrap().stdout,
+        "still\n"
+    );
     confined.destroy().unwrap();
     other.destroy().unwrap();
 }
@@ -85,7 +88,10 @@ fn switched_off_the_vcpu_threads_are_not_filtered() {
     };
     assert!(!engine.config().seccomp());
     let capsule = engine.create(common::probe()).unwrap();
-    assert_eq!(forbidden_calls_on_a_vcpu_thread(&engine, capsule.id()), (0, 0));
+    assert_eq!(
+        forbidden_calls_on_a_vcpu_thread(&engine, capsule.id()),
+        (0, 0)
+    );
     assert_eq!(capsule.commands().run("echo hi").unwrap().stdout, "hi\n");
     capsule.destroy().unwrap();
 }

@@ -19,7 +19,11 @@
 //! emulation) opening files, sockets or processes, or issuing KVM ioctls that reshape its VM.
 //!
 //! The lists below were taken from `strace -f` of the test suites and from reading the code
-//! that runs on these threads; each entry says why it is there. A thread also runs code of
+//! that runs on these threads; each entry says why it is there. Refusals that are expected
+//! and harmless: glibc's malloc reads `/proc/sys/vm/overcommit_memory` once per process and
+//! `/sys/devices/system/cpu/online` once (when it first needs more arenas); if that first
+//! time is on a filtered thread, the open fails and glibc falls back to its defaults (heap
+//! shrinking as without strict overcommit, the CPU count from `sched_getaffinity`). A thread also runs code of
 //! the embedding program: a `tracing` subscriber that does more than `write`, a debugger,
 //! profiler or sanitizer making its own calls on these threads. That is the reason to switch
 //! the filters off (the engine's `EngineConfig::seccomp(false)`).
@@ -128,6 +132,13 @@ fn rules(role: ThreadRole) -> std::result::Result<BTreeMap<i64, Vec<SeccompRule>
     allow(libc::SYS_getrandom);
     // `Instant::now` where the vDSO falls back to the system call (some clock sources).
     allow(libc::SYS_clock_gettime);
+    // glibc counts the CPUs (to bound malloc's arenas) with it when reading
+    // /sys/devices/system/cpu/online is refused (openat is not allowed).
+    allow(libc::SYS_sched_getaffinity);
+    // The virtio-console's host socket: std's UnixStream writes with send. A vCPU thread
+    // writes to it when the guest's MMIO write activates the console with transmit buffers
+    // already queued.
+    allow(libc::SYS_sendto);
     match role {
         ThreadRole::Vcpu => {
             // A Linux guest that ended: its vCPU shuts the agent's socket down, so nobody
@@ -141,10 +152,8 @@ fn rules(role: ThreadRole) -> std::result::Result<BTreeMap<i64, Vec<SeccompRule>
             allow(libc::SYS_epoll_ctl);
             // Draining eventfds (queue notifications, the wake-up).
             allow(libc::SYS_read);
-            // The virtio-console's host socket (std's UnixStream reads and writes with
-            // recv/send).
+            // The virtio-console's host socket (std's UnixStream reads with recv).
             allow(libc::SYS_recvfrom);
-            allow(libc::SYS_sendto);
             // A std::thread removes its signal stack when it ends.
             allow(libc::SYS_sigaltstack);
         }

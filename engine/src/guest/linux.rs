@@ -138,14 +138,8 @@ impl LinuxRuntime {
         let Shell {
             vm, vcpus, loaded, ..
         } = ctx.shells.take(shape, None, Some(&config))?;
-        let mut machine = LinuxMachine::assemble(
-            &ctx.id.to_string(),
-            vm,
-            vcpus,
-            &config,
-            loaded,
-            ctx.seccomp,
-        )?;
+        let mut machine =
+            LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded, ctx.seccomp)?;
 
         let vm = machine.vm().clone();
         let console_log = machine.console_log().clone();
