@@ -164,6 +164,17 @@ pub struct DeviceThread {
 impl DeviceThread {
     /// Starts the thread (named `name`).
     pub fn spawn(name: &str) -> Result<Self, EventLoopError> {
+        Self::spawn_confined(name, || Ok(()))
+    }
+
+    /// Starts the thread (named `name`), which calls `confine` on itself once its event loop
+    /// is set up and before it serves any event (the VMM installs its seccomp filter there).
+    /// If `confine` fails, the thread ends and so does this call, with
+    /// [`EventLoopError::Setup`].
+    pub fn spawn_confined(
+        name: &str,
+        confine: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<Self, EventLoopError> {
         let wake = Arc::new(
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| EventLoopError::Setup(e.to_string()))?,
         );
@@ -173,7 +184,7 @@ impl DeviceThread {
         let (thread_wake, thread_stop) = (wake.clone(), stop.clone());
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(thread_wake, thread_stop, rx, ready_tx))
+            .spawn(move || run(thread_wake, thread_stop, rx, ready_tx, confine))
             .map_err(EventLoopError::Spawn)?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -234,6 +245,7 @@ fn run(
     stop: Arc<AtomicBool>,
     rx: Receiver<BoxedSubscriber>,
     ready: mpsc::SyncSender<Result<(), String>>,
+    confine: impl FnOnce() -> Result<(), String>,
 ) {
     let mut manager = match EventManager::<BoxedSubscriber>::new() {
         Ok(m) => m,
@@ -243,6 +255,11 @@ fn run(
         }
     };
     manager.add_subscriber(Box::new(Waker(wake)));
+    // After the setup (which creates descriptors), before the first event.
+    if let Err(e) = confine() {
+        let _ = ready.send(Err(e));
+        return;
+    }
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::SeqCst) {
         while let Ok(subscriber) = rx.try_recv() {
@@ -251,6 +268,28 @@ fn run(
         if let Err(e) = manager.run() {
             tracing::error!(error = %e, "device event loop failed; stopping");
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confine_runs_on_the_device_thread_and_its_failure_fails_the_spawn() {
+        let (tx, rx) = mpsc::channel();
+        let thread = DeviceThread::spawn_confined("confined-test", move || {
+            let name = std::thread::current().name().map(str::to_owned);
+            tx.send(name).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("confined-test"));
+        thread.stop().unwrap();
+
+        match DeviceThread::spawn_confined("refused-test", || Err("no filter".into())) {
+            Err(EventLoopError::Setup(reason)) => assert_eq!(reason, "no filter"),
+            other => panic!("expected a setup error, got {other:?}"),
         }
     }
 }

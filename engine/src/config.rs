@@ -28,13 +28,15 @@ pub struct EngineConfig {
     linux_images: Option<PathBuf>,
     max_capsules: Option<usize>,
     max_memory_mb: Option<u64>,
+    seccomp: bool,
 }
 
 impl Default for EngineConfig {
     /// Data under `$XDG_DATA_HOME/capsule` (or `~/.local/share/capsule`, or a per-user
     /// folder in the temp dir when neither is set), `/dev/kvm`, at most twice the CPU count of
     /// capsules booting at once, 30 s for a guest to become ready, an inactivity check every
-    /// 100 ms, two ready VM shells per recent shape, Linux images under `DATA_DIR/images`.
+    /// 100 ms, two ready VM shells per recent shape, Linux images under `DATA_DIR/images`,
+    /// seccomp filters on the vCPU and device threads.
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         EngineConfig {
@@ -47,6 +49,7 @@ impl Default for EngineConfig {
             linux_images: None,
             max_capsules: None,
             max_memory_mb: None,
+            seccomp: true,
         }
     }
 }
@@ -118,6 +121,12 @@ impl EngineConfig {
         self.linux_images
             .clone()
             .unwrap_or_else(|| self.data_dir.join("images"))
+    }
+
+    /// Whether vCPU threads and device threads run under their seccomp filters (see
+    /// [`EngineConfigBuilder::seccomp`]).
+    pub fn seccomp(&self) -> bool {
+        self.seccomp
     }
 }
 
@@ -197,6 +206,19 @@ impl EngineConfigBuilder {
     /// [`crate::Resource::MemoryMb`]. Default: no limit.
     pub fn max_memory_mb(mut self, mb: u64) -> Self {
         self.config.max_memory_mb = Some(mb);
+        self
+    }
+
+    /// Whether each thread that handles guest-controlled data (every vCPU thread, and a
+    /// Linux capsule's device thread) installs a seccomp filter on itself, allowing only the
+    /// system calls and KVM ioctls it needs; anything else fails with `EPERM` (a capsule
+    /// whose thread is refused a call it needs goes to [`crate::Status::Error`] with the
+    /// failed operation as its reason). Default `true`; no other thread of the program is
+    /// filtered. Switch it off when something else makes system calls on those threads: a
+    /// debugger, profiler or sanitizer, or a `tracing` subscriber that opens files or sockets
+    /// (writing to an open descriptor is allowed). The lists: `capsule_vmm::seccomp`.
+    pub fn seccomp(mut self, on: bool) -> Self {
+        self.config.seccomp = on;
         self
     }
 
@@ -440,6 +462,8 @@ mod tests {
         assert_eq!(config.max_concurrent_starts(), 1);
         assert_eq!(config.idle_check_interval(), Duration::from_millis(1));
         assert_eq!(config.linux_images(), Path::new("/d/images"));
+        assert!(config.seccomp());
+        assert!(!EngineConfig::builder().seccomp(false).build().seccomp());
         let capsule: CapsuleConfig = CapsuleConfig::builder("t").memory_mb(64).wait(false).into();
         assert_eq!(
             (capsule.template(), capsule.memory_mb(), capsule.wait()),

@@ -109,6 +109,14 @@
 //! - vCPU threads are interrupted with the real-time signal `SIGRTMIN` (+
 //!   [`capsule_vmm::vcpu::KICK_SIGNAL_OFFSET`]); the engine installs its handler, so leave
 //!   that signal to it.
+//! - The threads that handle guest-controlled data (every vCPU thread; a Linux capsule's
+//!   device thread) each install a seccomp filter on themselves, allowing only the system
+//!   calls and KVM ioctls they need (the lists: [`capsule_vmm::seccomp`]). No other thread
+//!   of your program is filtered. A call outside a list fails with `EPERM`: it kills neither
+//!   the process nor the thread, and a capsule whose thread is refused a call it needs goes
+//!   to [`Status::Error`] with the failed operation as its reason while the others carry on.
+//!   Switch the filters off with [`EngineConfigBuilder::seccomp`]`(false)` when a debugger,
+//!   profiler, sanitizer or `tracing` subscriber makes its own calls on those threads.
 //! - Errors are one enum, [`Error`]; nothing in the API panics on bad input. One fact is one
 //!   variant wherever it is seen: a capsule in error is [`Error::GuestCrashed`] (with its
 //!   reason) for every call, a timeout is [`Error::Timeout`] with its [`TimeoutKind`] (a boot

@@ -128,6 +128,7 @@ fn boot_context(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> BootContext 
         events,
         shells: engine.shells.clone(),
         linux_images: engine.config.linux_images(),
+        seccomp: engine.config.seccomp(),
     }
 }
 

@@ -122,6 +122,9 @@ pub enum Error {
         /// The most the kernel accepts (without the terminating NUL).
         max: usize,
     },
+    /// A thread's seccomp filter could not be built or installed (see [`crate::seccomp`]).
+    #[error("seccomp: {0}")]
+    Seccomp(String),
     /// Another OS call failed.
     #[error("{op}: {source}")]
     Os {

@@ -19,6 +19,9 @@
 //! - [`boot`]: booting a stock Linux kernel ([`boot::boot_linux`]).
 //! - [`machine`]: the machines built from all of the above, devices included: Linux
 //!   ([`machine::LinuxMachine`]) and the probe ([`machine::probe`]).
+//! - [`seccomp`]: the seccomp filters vCPU threads and the device thread install on
+//!   themselves (the system calls and KVM ioctls each may make; anything else fails with
+//!   `EPERM`).
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -27,6 +30,7 @@ mod error;
 pub mod hypervisor;
 pub mod machine;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 

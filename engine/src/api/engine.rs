@@ -222,4 +222,19 @@ impl Engine {
     pub fn inject_write_fault(&self, bytes: Option<u64>) {
         *crate::sync::lock(&self.core.write_fault) = bytes;
     }
+
+    /// Runs `f` on a vCPU thread of the running probe capsule `id`, between two commands,
+    /// under that thread's seccomp filter when filters are on; returns once `f` is handed
+    /// over (it reports back itself, e.g. through a channel).
+    pub fn run_on_vcpu_thread(
+        &self,
+        id: &CapsuleId,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
+        self.core
+            .registry
+            .find(id)?
+            .runtime("run code on a vCPU thread")?
+            .run_on_vcpu_thread(Box::new(f))
+    }
 }

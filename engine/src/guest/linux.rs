@@ -138,7 +138,8 @@ impl LinuxRuntime {
         let Shell {
             vm, vcpus, loaded, ..
         } = ctx.shells.take(shape, None, Some(&config))?;
-        let mut machine = LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded)?;
+        let mut machine =
+            LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded, ctx.seccomp)?;
 
         let vm = machine.vm().clone();
         let console_log = machine.console_log().clone();
@@ -149,6 +150,7 @@ impl LinuxRuntime {
             )
         })?;
         let vcpu_set = VcpuSet::new();
+        let events = super::event_relay::for_vcpu_threads(&ctx)?;
         let positions = Arc::new(Mutex::new(Vec::new()));
         // A vCPU whose guest ended closes the agent's channel, so nobody waits for an agent
         // that is gone (a boot that crashed fails at once rather than at its timeout).
@@ -166,7 +168,7 @@ impl LinuxRuntime {
                 pio: machine.pio().clone(),
                 mmio: machine.mmio().clone(),
                 stopping: vcpu_set.stop_flag(),
-                events: ctx.events.clone(),
+                events: events.clone(),
                 console: console_log.clone(),
                 positions: positions.clone(),
                 channel: channel.clone(),
@@ -177,6 +179,7 @@ impl LinuxRuntime {
                 &format!("{}-vcpu{index}", ctx.id),
                 VCPU_THREAD_STACK,
                 kicker,
+                ctx.seccomp,
                 move || worker.run(),
             )?;
         }

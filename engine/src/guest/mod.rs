@@ -4,10 +4,12 @@
 //! [`Runtime`]: hand it [`Job`]s, shut it down. A guest reports crashes through
 //! [`GuestEvents`]. Two kinds: [`probe`] and [`linux`] (a kernel with virtio devices and the
 //! agent); the machines themselves are built by `capsule_vmm::machine`. Both keep their vCPU
-//! threads in a [`vcpu_set::VcpuSet`] (threads from [`vcpu_thread`]); a snapshot's memory is
-//! put under a new VM by [`memory::restore`].
+//! threads in a [`vcpu_set::VcpuSet`] (threads from [`vcpu_thread`], each under its seccomp
+//! filter by default, reporting crashes through [`event_relay`]); a snapshot's memory is put
+//! under a new VM by [`memory::restore`].
 
 pub(crate) mod agent_link;
+pub(crate) mod event_relay;
 pub(crate) mod linux;
 pub(crate) mod memory;
 pub(crate) mod probe;
@@ -136,6 +138,8 @@ pub(crate) struct BootContext {
     pub(crate) shells: Arc<ShellPool>,
     /// Where the Linux templates' kernel and initramfs are.
     pub(crate) linux_images: PathBuf,
+    /// Whether vCPU and device threads install their seccomp filters.
+    pub(crate) seccomp: bool,
 }
 
 /// How a running guest tells the engine about things it did not ask for.
@@ -162,6 +166,15 @@ pub(crate) trait Runtime: Send + Sync {
     /// Stops every vCPU, waits for their threads and releases the VM. Idempotent. Must not be
     /// called from one of this runtime's own vCPU threads.
     fn shutdown(&self);
+    /// Runs `f` on one of the guest's vCPU threads, between commands (tests check what those
+    /// threads may do); returns once it is handed over.
+    #[cfg(feature = "testing")]
+    fn run_on_vcpu_thread(&self, f: Box<dyn FnOnce() + Send>) -> Result<()> {
+        drop(f);
+        Err(Error::Unsupported(
+            "this guest kind does not run test code on its vCPU threads".into(),
+        ))
+    }
 }
 
 /// One command on its way to the guest.

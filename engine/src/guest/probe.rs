@@ -136,6 +136,7 @@ impl ProbeRuntime {
             .to_vec();
         let vm = Arc::new(vm);
         let pio = probe_machine::pio_bus()?;
+        let events = super::event_relay::for_vcpu_threads(&ctx)?;
 
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
@@ -179,7 +180,7 @@ impl ProbeRuntime {
                 control,
                 stop: stop_rx.clone(),
                 stopping: runtime.vcpus.stop_flag(),
-                events: ctx.events.clone(),
+                events: events.clone(),
                 msrs: msrs.clone(),
                 seq: seq.unwrap_or(0),
             };
@@ -188,6 +189,7 @@ impl ProbeRuntime {
                 &format!("{}-vcpu{index}", ctx.id),
                 VCPU_THREAD_STACK,
                 kicker,
+                ctx.seccomp,
                 move || worker.serve(seq.is_none(), ready),
             );
             if let Err(e) = spawned {
@@ -261,6 +263,9 @@ enum Control {
         reply: Sender<capsule_vmm::Result<(u32, VcpuState, u32)>>,
         thaw: Receiver<()>,
     },
+    /// Run test code on this thread (see [`Runtime::run_on_vcpu_thread`]).
+    #[cfg(feature = "testing")]
+    Call(Box<dyn FnOnce() + Send>),
 }
 
 impl Runtime for ProbeRuntime {
@@ -312,6 +317,19 @@ impl Runtime for ProbeRuntime {
             origin: self.origin.clone(),
             _thaw: thaw_tx,
         })
+    }
+
+    #[cfg(feature = "testing")]
+    fn run_on_vcpu_thread(&self, f: Box<dyn FnOnce() + Send>) -> Result<()> {
+        let sent = self
+            .controls
+            .first()
+            .is_some_and(|control| control.send(Control::Call(f)).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            Err(self.ended_error())
+        }
     }
 
     fn shutdown(&self) {
@@ -429,6 +447,11 @@ impl VcpuWorker {
                     recv(thaw) -> _ => true,
                     recv(self.stop) -> _ => false,
                 }
+            }
+            #[cfg(feature = "testing")]
+            Control::Call(f) => {
+                f();
+                true
             }
         }
     }

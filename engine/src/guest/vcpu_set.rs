@@ -1,10 +1,11 @@
-//! The vCPU threads of one running guest, as both guest kinds keep them: started together,
-//! told to stop through one flag, interrupted and joined together, and stopped when the set
-//! is dropped.
+//! The vCPU threads of one running guest, as both guest kinds keep them: started together
+//! (each under its seccomp filter unless the engine's config turns filters off), told to stop
+//! through one flag, interrupted and joined together, and stopped when the set is dropped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use capsule_vmm::seccomp::{self, ThreadRole};
 use capsule_vmm::Kicker;
 
 use super::vcpu_thread::{self, VcpuJoinHandle};
@@ -40,18 +41,51 @@ impl VcpuSet {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Starts a vCPU thread named `name` running `body`; `kicker` interrupts its vCPU.
+    /// Starts a vCPU thread named `name` running `body`; `kicker` interrupts its vCPU. With
+    /// `seccomp`, the thread first installs the vCPU filter on itself and `body` runs only
+    /// once it is in place (this waits for that; a thread that cannot install it ends, and
+    /// so does the start, with the error).
     pub(crate) fn spawn(
         &self,
         name: &str,
         stack_size: usize,
         kicker: Kicker,
+        seccomp: bool,
         body: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
-        let handle = vcpu_thread::spawn(name, stack_size, body)
-            .map_err(|e| Error::os("spawning a vCPU thread", e))?;
-        lock(&self.threads).push((kicker, handle));
-        Ok(())
+        if !seccomp {
+            let handle = vcpu_thread::spawn(name, stack_size, body)
+                .map_err(|e| Error::os("spawning a vCPU thread", e))?;
+            lock(&self.threads).push((kicker, handle));
+            return Ok(());
+        }
+        let (confined_tx, confined_rx) = crossbeam_channel::bounded(1);
+        let handle = vcpu_thread::spawn(name, stack_size, move || {
+            let confined = seccomp::confine_current_thread(ThreadRole::Vcpu);
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if ok {
+                body();
+            }
+        })
+        .map_err(|e| Error::os("spawning a vCPU thread", e))?;
+        match confined_rx.recv() {
+            Ok(Ok(())) => {
+                lock(&self.threads).push((kicker, handle));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(Error::Hypervisor(e))
+            }
+            Err(_) => {
+                let _ = handle.join();
+                Err(Error::os(
+                    "starting a vCPU thread",
+                    std::io::Error::other("the thread ended before installing its filter"),
+                ))
+            }
+        }
     }
 
     /// Raises the stop flag, interrupts every vCPU and waits for every thread. Idempotent.

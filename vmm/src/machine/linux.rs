@@ -12,8 +12,9 @@
 //! let config = LinuxMachine::boot_config(kernel, initrd, cmdline, vcpus, memory_mb)?;
 //! let vm = Vm::new(&hv, boot::create_memory(memory_mb)?, LinuxMachine::vm_options())?;
 //! let vcpus = ...;                                     // vm.create_vcpu(i), i in 0..vcpus
-//! let mut machine = LinuxMachine::assemble("name", vm, vcpus, &config, None)?;
-//! // run each of machine.take_vcpus() on machine.pio() / machine.mmio()
+//! let mut machine = LinuxMachine::assemble("name", vm, vcpus, &config, None, true)?;
+//! // run each of machine.take_vcpus() on machine.pio() / machine.mmio(), each on a thread
+//! // that calls seccomp::confine_current_thread(ThreadRole::Vcpu) first
 //! ```
 
 use std::os::unix::net::UnixStream;
@@ -32,6 +33,7 @@ use crate::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
 use crate::boot::{self, BootInfo, ImageSource, LinuxBootConfig, VirtioMmioDesc};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
+use crate::seccomp::{self, ThreadRole};
 use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmOptions};
 
@@ -119,13 +121,16 @@ impl LinuxMachine {
     /// [`boot::create_memory`]) and its `vcpus` (`0..config.vcpus`, in order): devices,
     /// buses, the device thread (named `{name}-devices`), the kernel loaded unless `loaded`
     /// says it already is (by [`boot::load_into_memory`] with the same `config`), and the
-    /// vCPUs set up to boot. `config` must come from [`Self::boot_config`]. Starts no vCPU.
+    /// vCPUs set up to boot. `config` must come from [`Self::boot_config`]. With `seccomp`,
+    /// the device thread installs its filter ([`ThreadRole::Devices`]) before it serves the
+    /// guest. Starts no vCPU.
     pub fn assemble(
         name: &str,
         vm: Vm,
         vcpus: Vec<Vcpu>,
         config: &LinuxBootConfig,
         loaded: Option<BootInfo>,
+        seccomp: bool,
     ) -> Result<LinuxMachine> {
         let [console_slot, rng_slot] = virtio_slots()?;
         if config.virtio_mmio != [console_slot, rng_slot] {
@@ -166,8 +171,14 @@ impl LinuxMachine {
         )?;
 
         // virtio-mmio: the agent's console and entropy.
-        let device_thread = DeviceThread::spawn(&format!("{name}-devices"))
-            .map_err(|e| os("starting the device thread", e))?;
+        let device_thread = DeviceThread::spawn_confined(&format!("{name}-devices"), move || {
+            if seccomp {
+                seccomp::confine_current_thread(ThreadRole::Devices).map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| os("starting the device thread", e))?;
         let mut mmio = Bus::new();
         let (console, agent_channel) = Console::new().map_err(|e| os("creating the console", e))?;
         let console = attach(&vm, &device_thread, &mut mmio, console, console_slot)?;
