@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         match dec.next_frame() {
             Ok(Some(frame)) => {
                 let bytes = encode(&frame.message, frame.id);
-                assert_eq!(decode_frame(&bytes).ok().flatten().map(|(f, _)| f), Some(frame));
+                assert_eq!(
+                    decode_frame(&bytes).ok().flatten().map(|(f, _)| f),
+                    Some(frame)
+                );
             }
             Ok(None) => break,
             Err(e) if e.is_fatal() => break,

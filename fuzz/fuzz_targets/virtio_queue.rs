@@ -1,11 +1,12 @@
 //! Fuzzes descriptor-chain validation and the devices' queue processing: the input is the
 //! guest memory holding a queue's descriptor table and available ring.
 //!
-//! Layout of the 64 KiB guest memory: the input is copied to address 0; the queue's
-//! descriptor table is at 0, its available ring at 0x1000, its used ring at 0x2000 (sizes
-//! and the starting ring positions come from the first bytes). Properties: nothing panics;
-//! every chain `walk_chain` accepts lies inside guest memory and within the limit; the
-//! devices never return more used entries than the driver made available.
+//! Layout of the 64 KiB guest memory (`capsule_fuzz::queue_layout`): the input is copied to
+//! address 0; the queue's descriptor table is at 0, its available ring at 0x1000, its used
+//! ring at 0x2000 (its size, a chain byte limit and the starting ring position come from the
+//! first bytes). Properties: nothing panics; every chain `walk_chain` accepts lies inside
+//! guest memory and within the limit; the devices never return more used entries than the
+//! driver made available.
 #![no_main]
 
 use std::io::Write;
@@ -14,23 +15,26 @@ use capsule_devices::virtio::console::Console;
 use capsule_devices::virtio::queue_check::{walk_chain, ChainRules, Direction};
 use capsule_devices::virtio::rng::Rng;
 use capsule_devices::virtio::{HostEvent, QueueContext, VirtioDevice};
+use capsule_fuzz::queue_layout::{Header, AVAIL_RING, DESC_TABLE, INPUT_MAX, MEM_SIZE, USED_RING};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-const MEM_SIZE: usize = 0x1_0000;
-
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 4 {
+    let Some(Header {
+        size,
+        max_bytes,
+        next_avail,
+    }) = Header::decode(data)
+    else {
         return;
-    }
+    };
+    let max_bytes = u32::from(max_bytes);
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]) else {
         return;
     };
-    let n = data.len().min(0x2000);
+    let n = data.len().min(INPUT_MAX);
     let _ = mem.write_slice(&data[..n], GuestAddress(0));
-    let size = 1u16 << (data[0] % 9);
-    let max_bytes = u32::from(u16::from_le_bytes([data[1], data[2]]));
 
     // The chain walker on every head.
     for head in 0..size.saturating_add(2) {
@@ -43,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
                 direction,
                 max_bytes,
             };
-            if let Ok(chain) = walk_chain(&mem, GuestAddress(0), size, head, rules) {
+            if let Ok(chain) = walk_chain(&mem, GuestAddress(DESC_TABLE), size, head, rules) {
                 let total: u64 = chain
                     .readable
                     .iter()
@@ -64,10 +68,10 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => return,
     };
     queue.set_size(size);
-    queue.set_desc_table_address(Some(0), Some(0));
-    queue.set_avail_ring_address(Some(0x1000), Some(0));
-    queue.set_used_ring_address(Some(0x2000), Some(0));
-    queue.set_next_avail(u16::from(data[3]));
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_next_avail(u16::from(next_avail));
     queue.set_ready(true);
     let before = queue.next_used();
 

@@ -1,0 +1,203 @@
+//! `agent_frame_host` and `agent_frame_guest` seeds: conversations in the agent protocol,
+//! encoded by `capsule_agent_protocol::encode`.
+
+use capsule_agent_protocol::{
+    caps, decode_frame, encode, Command, DirEntry, ErrorCode, ExitInfo, ExitStatus, FileType,
+    Hello, Message, RunRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
+};
+
+use crate::Seed;
+
+/// The frames, each on its id, back to back.
+fn frames(messages: &[(u32, Message)]) -> Vec<u8> {
+    messages.iter().flat_map(|(id, m)| encode(m, *id)).collect()
+}
+
+fn exit(status: ExitStatus, stdout: &[u8], stderr: &[u8]) -> ExitInfo {
+    ExitInfo {
+        status,
+        duration_us: 1234,
+        timed_out: false,
+        stdout_truncated: false,
+        stderr_truncated: false,
+        stdout: stdout.to_vec(),
+        stderr: stderr.to_vec(),
+    }
+}
+
+/// What an agent sends the host.
+pub fn host_seeds() -> Result<Vec<Seed>, String> {
+    let hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "capsule-agent 0.1.0".into(),
+        capabilities: caps::RUN | caps::STREAM,
+    });
+    let killed = ExitInfo {
+        timed_out: true,
+        stdout_truncated: true,
+        ..exit(ExitStatus::Signal(9), b"", b"")
+    };
+    let listing = Message::DirListing {
+        entries: vec![
+            DirEntry {
+                name: "bin".into(),
+                file_type: FileType::Dir,
+                size: 4096,
+                mode: 0o40755,
+            },
+            DirEntry {
+                name: "init".into(),
+                file_type: FileType::File,
+                size: 812_345,
+                mode: 0o100755,
+            },
+            DirEntry {
+                name: "sh".into(),
+                file_type: FileType::Symlink,
+                size: 7,
+                mode: 0o120777,
+            },
+        ],
+        truncated: false,
+    };
+    Ok(vec![
+        Seed::new("hello", frames(&[(CONTROL_ID, hello)])),
+        Seed::new(
+            "buffered-run",
+            frames(&[
+                (1, Message::Started { pid: 42 }),
+                (1, Message::Exit(exit(ExitStatus::Code(0), b"hello\n", b""))),
+            ]),
+        ),
+        Seed::new(
+            "streamed-run-killed",
+            frames(&[
+                (2, Message::Started { pid: 43 }),
+                (2, Message::Stdout(b"partial out".to_vec())),
+                (2, Message::Stderr(b"warning\n".to_vec())),
+                (2, Message::Exit(killed)),
+            ]),
+        ),
+        Seed::new(
+            "pong-and-errors",
+            frames(&[
+                (3, Message::Pong(b"are you there".to_vec())),
+                (4, Message::error(ErrorCode::SPAWN_FAILED, "no such file")),
+                (
+                    CONTROL_ID,
+                    Message::error(ErrorCode::MALFORMED, "bad frame"),
+                ),
+            ]),
+        ),
+        Seed::new(
+            "file-replies",
+            frames(&[
+                (5, Message::Ack),
+                (
+                    6,
+                    Message::FileData {
+                        data: b"root:x:0:0".to_vec(),
+                        eof: true,
+                    },
+                ),
+                (7, listing),
+            ]),
+        ),
+    ])
+}
+
+/// What the host sends an agent; the first byte is the target's chunk size.
+pub fn guest_seeds() -> Result<Vec<Seed>, String> {
+    let exec = RunRequest {
+        command: Command::Exec {
+            program: "/bin/cat".into(),
+            args: vec!["-n".into(), "-".into()],
+        },
+        env: vec![("LANG".into(), "C".into()), ("HOME".into(), "/root".into())],
+        clear_env: true,
+        cwd: Some("/tmp".into()),
+        timeout_ms: 5000,
+        stdout_limit: 4096,
+        stderr_limit: 1024,
+        stream: true,
+        stdin: true,
+    };
+    let chunked = |chunk: u8, bytes: Vec<u8>| [vec![chunk], bytes].concat();
+    Ok(vec![
+        Seed::new(
+            "run-shell",
+            chunked(
+                7,
+                frames(&[(1, Message::Run(RunRequest::shell("echo hello")))]),
+            ),
+        ),
+        Seed::new(
+            "run-exec-with-stdin",
+            chunked(
+                3,
+                frames(&[
+                    (2, Message::Run(exec)),
+                    (2, Message::Stdin(b"line one\nline two\n".to_vec())),
+                    (2, Message::CloseStdin),
+                    (2, Message::Signal { sig: 15 }),
+                ]),
+            ),
+        ),
+        Seed::new(
+            "ping",
+            chunked(31, frames(&[(3, Message::Ping(b"are you there".to_vec()))])),
+        ),
+        Seed::new(
+            "file-requests",
+            chunked(
+                16,
+                frames(&[
+                    (
+                        4,
+                        Message::WriteFile(WriteFile {
+                            path: "/tmp/x".into(),
+                            mode: 0o644,
+                            truncate: true,
+                            append: false,
+                            data: b"contents".to_vec(),
+                        }),
+                    ),
+                    (
+                        5,
+                        Message::ReadFile {
+                            path: "/etc/passwd".into(),
+                            offset: 0,
+                            len: 65536,
+                        },
+                    ),
+                    (6, Message::ListDir { path: "/".into() }),
+                ]),
+            ),
+        ),
+    ])
+}
+
+/// Every byte of `data` is consumed by frames that decode.
+fn all_frames_decode(mut data: &[u8]) -> Result<(), String> {
+    if data.is_empty() {
+        return Err("no frames".into());
+    }
+    while !data.is_empty() {
+        match decode_frame(data) {
+            Ok(Some((_, used))) => data = &data[used..],
+            Ok(None) => return Err(format!("{} bytes of an incomplete frame", data.len())),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// A host-target seed is a whole number of valid frames.
+pub fn check_host(data: &[u8]) -> Result<(), String> {
+    all_frames_decode(data)
+}
+
+/// A guest-target seed is a chunk-size byte, then a whole number of valid frames.
+pub fn check_guest(data: &[u8]) -> Result<(), String> {
+    all_frames_decode(data.get(1..).unwrap_or_default())
+}
