@@ -118,8 +118,8 @@ pub fn fd_count() -> usize {
 }
 
 /// Raises this process's soft `RLIMIT_NOFILE` to its hard limit, and first the hard limit to
-/// `hard` when given and higher (which needs `CAP_SYS_RESOURCE`). Returns the limits now in
-/// effect (soft, hard).
+/// `hard` when given and higher, where the process may (`CAP_SYS_RESOURCE`). Returns the
+/// limits now in effect (soft, hard).
 pub fn raise_nofile_limit(hard: Option<u64>) -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -130,7 +130,15 @@ pub fn raise_nofile_limit(hard: Option<u64>) -> std::io::Result<(u64, u64)> {
         return Err(std::io::Error::last_os_error());
     }
     if let Some(hard) = hard.filter(|&h| h > lim.rlim_max) {
-        lim.rlim_max = hard;
+        let raised = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok((hard, hard));
+        }
+        // Without CAP_SYS_RESOURCE: keep the hard limit, raise the soft one to it.
     }
     lim.rlim_cur = lim.rlim_max;
     // SAFETY: setrlimit reads the struct we own.
@@ -154,12 +162,26 @@ pub fn disk_write_gbps(dir: &std::path::Path, len: usize) -> std::io::Result<f64
         .create_new(true)
         .custom_flags(libc::O_DIRECT)
         .open(&path)?;
-    let written = file.write_all_at(buffer.as_slice(), 0).and_then(|()| file.sync_all());
+    let written = file
+        .write_all_at(buffer.as_slice(), 0)
+        .and_then(|()| file.sync_all());
     let elapsed = t.elapsed();
     drop(file);
     std::fs::remove_file(&path)?;
     written?;
     Ok(len as f64 / elapsed.as_secs_f64() / 1e9)
+}
+
+/// Commits everything pending on the file system holding `dir` (`syncfs`), so that the next
+/// timed write does not also pay for earlier work (an unlinked file's freed extents).
+pub fn sync_file_system(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let handle = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own for the duration of the call.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Page-aligned anonymous memory filled with a pattern (so every page is resident).

@@ -328,13 +328,14 @@ impl ShellPool {
             None => {
                 // The pool's shared descriptor of the file; without a pool (target 0, or the
                 // shape just evicted) one for this shell alone.
-                let file = match (shared_file, backing) {
-                    (Some(file), _) => Some(file),
-                    (None, Some(file)) => Some(Arc::new(file.try_clone().map_err(|e| {
-                        Error::os("duplicating a memory layer's descriptor", e)
-                    })?)),
-                    (None, None) => None,
-                };
+                let file =
+                    match (shared_file, backing) {
+                        (Some(file), _) => Some(file),
+                        (None, Some(file)) => Some(Arc::new(file.try_clone().map_err(|e| {
+                            Error::os("duplicating a memory layer's descriptor", e)
+                        })?)),
+                        (None, None) => None,
+                    };
                 Shell::build(&self.shared.hypervisor, shape, file.as_ref(), linux)
             }
         }

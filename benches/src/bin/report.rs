@@ -10,7 +10,8 @@
 //! - `resume_to_ready`: resume of a paused probe until the first command is answered.
 //! - `pause_dirty_{0,1,16,256}mib`: pause of a resumed probe that dirtied that much memory.
 //! - `disk_write_gbps`: 256 MiB written with `O_DIRECT` to a new file in the data directory
-//!   and fsynced, by this program, each time right before a 256 MiB pause.
+//!   and fsynced, by this program, each time right before a 256 MiB pause (with `syncfs`
+//!   before and after it, untimed, so neither pays for the other's leftovers).
 //! - `pause_256mib_over_disk`: pause bandwidth (256 MiB / the median `pause_dirty_256mib`)
 //!   over the median `disk_write_gbps`.
 //! - `spawn_1000_from_template_ms`: 1000 capsules from one template, total milliseconds.
@@ -25,14 +26,16 @@
 //!   `CAP_SYS_RESOURCE`). If a spawn fails, it says after how many and why.
 //!
 //! `CAPSULE_REPORT_ONLY=pause,spawn` (any of `floor`, `create`, `echo`, `idle`, `memcpy`,
-//! `template`, `resume`, `pause`, `spawn`) runs only those sections.
+//! `template`, `resume`, `pause`, `spawn`) runs only those sections; `CAPSULE_REPORT_POOL=N`
+//! sets the engine's shell pool size (default 2).
 
 use std::time::Instant;
 
 use capsule::{CapsuleConfig, Engine, EngineConfig};
 use capsule_benches::{
-    disk_write_gbps, fd_count, json_line, json_ratio_line, map_count, micros, raise_nofile_limit, rss_kib,
-    rss_of_mappings_sized_kib, rss_of_mappings_under_kib, summarize, Summary,
+    disk_write_gbps, fd_count, json_line, json_ratio_line, map_count, micros, raise_nofile_limit,
+    rss_kib, rss_of_mappings_sized_kib, rss_of_mappings_under_kib, summarize, sync_file_system,
+    Summary,
 };
 
 const MEMORY_MB: u64 = 512;
@@ -183,7 +186,10 @@ fn pauses(engine: &Engine, capsule: &capsule::Capsule) -> Result<(), Box<dyn std
         for _ in 0..n {
             capsule.commands().run(&format!("touch {}", mib * 256))?;
             if mib == 256 {
-                disk.push(disk_write_gbps(&data_dir, 256 << 20)?);
+                // Each timed write starts from a file system with nothing pending.
+                sync_file_system(data_dir)?;
+                disk.push(disk_write_gbps(data_dir, 256 << 20)?);
+                sync_file_system(data_dir)?;
             }
             let t = Instant::now();
             capsule.pause()?;
@@ -289,15 +295,27 @@ fn spawn_scale(
     }
     println!(
         "{}",
-        json_line("spawn_rss_per_clone_kib", "kib", one(per(rss0 as f64, rss1 as f64)))
+        json_line(
+            "spawn_rss_per_clone_kib",
+            "kib",
+            one(per(rss0 as f64, rss1 as f64))
+        )
     );
     println!(
         "{}",
-        json_line("spawn_maps_per_capsule", "maps", one(per(maps0 as f64, maps1 as f64)))
+        json_line(
+            "spawn_maps_per_capsule",
+            "maps",
+            one(per(maps0 as f64, maps1 as f64))
+        )
     );
     println!(
         "{}",
-        json_line("spawn_fds_per_capsule", "fds", one(per(fds0 as f64, fds1 as f64)))
+        json_line(
+            "spawn_fds_per_capsule",
+            "fds",
+            one(per(fds0 as f64, fds1 as f64))
+        )
     );
     let t = Instant::now();
     for capsule in keep {

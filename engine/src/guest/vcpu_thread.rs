@@ -208,7 +208,9 @@ pub(crate) fn spawn(
         body: Box::new(body),
         panicked: panicked.clone(),
     }));
-    let size = stack_size.max(libc::PTHREAD_STACK_MIN).next_multiple_of(GUARD);
+    let size = stack_size
+        .max(libc::PTHREAD_STACK_MIN)
+        .next_multiple_of(GUARD);
     let stack = PooledStack::take(size).ok();
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
     let mut thread = std::mem::MaybeUninit::<libc::pthread_t>::uninit();
@@ -287,5 +289,30 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         drop(spawn("detached", 256 * 1024, move || tx.send(7).unwrap()).unwrap());
         assert_eq!(rx.recv().unwrap(), 7);
+    }
+
+    #[test]
+    fn a_joined_threads_stack_is_reused_and_maps_nothing_new() {
+        // An odd size no other test uses, so the pool's free list is this test's alone.
+        const SIZE: usize = 200 * 1024;
+        let stack_of = || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let handle = spawn("stack", SIZE, move || {
+                let local = 0u8;
+                tx.send(std::ptr::addr_of!(local) as usize).unwrap();
+            })
+            .unwrap();
+            let pooled = handle.stack.map(|s| (s.base, s.len));
+            assert_eq!(handle.join(), Ok(()));
+            (rx.recv().unwrap(), pooled.expect("a pooled stack"))
+        };
+        let (sp1, (base1, len1)) = stack_of();
+        assert!(
+            sp1 > base1 && sp1 < base1 + len1,
+            "runs on its pooled stack"
+        );
+        let (sp2, (base2, _)) = stack_of();
+        assert_eq!(base1, base2, "the joined thread's stack is taken again");
+        assert!(sp2 > base2 && sp2 < base2 + len1);
     }
 }
