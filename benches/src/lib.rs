@@ -40,6 +40,13 @@ pub fn json_line(metric: &str, unit: &str, summary: Summary) -> String {
     )
 }
 
+/// [`json_line`] for a single dimensionless value (a ratio), with two decimals.
+pub fn json_ratio_line(metric: &str, value: f64) -> String {
+    format!(
+        "{{\"metric\": \"{metric}\", \"unit\": \"ratio\", \"p50\": {value:.2}, \"p99\": {value:.2}, \"n\": 1}}"
+    )
+}
+
 /// Microseconds in a duration, as a float.
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
@@ -96,6 +103,131 @@ pub fn rss_of_mappings_under_kib(dir: &std::path::Path) -> u64 {
     total
 }
 
+/// Lines of /proc/self/maps: the process's memory mappings (VMAs).
+pub fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of this process (entries of /proc/self/fd, less the one reading it).
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit, and first the hard limit to
+/// `hard` when given and higher, where the process may (`CAP_SYS_RESOURCE`). Returns the
+/// limits now in effect (soft, hard).
+pub fn raise_nofile_limit(hard: Option<u64>) -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if let Some(hard) = hard.filter(|&h| h > lim.rlim_max) {
+        let raised = libc::rlimit {
+            rlim_cur: hard,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok((hard, hard));
+        }
+        // Without CAP_SYS_RESOURCE: keep the hard limit, raise the soft one to it.
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// The disk's durable write bandwidth in GB/s: `len` bytes (a multiple of 4 KiB) of resident,
+/// page-aligned memory written with `O_DIRECT` in one positioned write to a new file in
+/// `dir`, then fsynced; timed from the file's creation to the end of the fsync. The file is
+/// removed afterwards. What a pause of `len` dirty bytes writes, without the pause around it.
+pub fn disk_write_gbps(dir: &std::path::Path, len: usize) -> std::io::Result<f64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let buffer = AlignedBuffer::new(len)?;
+    let path = dir.join(format!(".disk-bench-{}", std::process::id()));
+    let t = std::time::Instant::now();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)?;
+    let written = file
+        .write_all_at(buffer.as_slice(), 0)
+        .and_then(|()| file.sync_all());
+    let elapsed = t.elapsed();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    written?;
+    Ok(len as f64 / elapsed.as_secs_f64() / 1e9)
+}
+
+/// Commits everything pending on the file system holding `dir` (`syncfs`), so that the next
+/// timed write does not also pay for earlier work (an unlinked file's freed extents).
+pub fn sync_file_system(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let handle = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own for the duration of the call.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Page-aligned anonymous memory filled with a pattern (so every page is resident).
+struct AlignedBuffer {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> std::io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; failure is checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let buffer = AlignedBuffer { addr, len };
+        // SAFETY: the mapping is `len` writable bytes, ours alone.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), len) };
+        for (i, page) in bytes.chunks_mut(4096).enumerate() {
+            page.fill(i as u8 | 1);
+        }
+        Ok(buffer)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.addr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`; no slice of it outlives `self`.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
 fn parse_kib(v: &str) -> u64 {
     v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
 }
@@ -133,5 +265,25 @@ mod tests {
     #[test]
     fn rss_is_readable() {
         assert!(rss_kib() > 0);
+    }
+
+    #[test]
+    fn maps_and_fds_are_counted() {
+        assert!(map_count() > 0);
+        let before = fd_count();
+        let file = std::fs::File::open("/proc/self/maps").unwrap();
+        assert_eq!(fd_count(), before + 1);
+        drop(file);
+    }
+
+    #[test]
+    fn disk_bandwidth_is_measured_and_its_file_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Some file systems (tmpfs) refuse O_DIRECT; skip there.
+        match disk_write_gbps(dir.path(), 1 << 20) {
+            Ok(gbps) => assert!(gbps > 0.0),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}"),
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -123,10 +123,14 @@ pub(crate) struct Shell {
 impl Shell {
     /// Builds a shell now; `backing` must be the file `shape.backing` names, and `linux` the
     /// boot configuration of a Linux shape.
+    ///
+    /// Every shell of a file shares its one descriptor (`Arc`): a descriptor per capsule
+    /// would make `RLIMIT_NOFILE` the limit on capsules a third sooner (a probe needs two:
+    /// its VM and its vCPU).
     pub(crate) fn build(
         hypervisor: &Hypervisor,
         shape: ShellShape,
-        backing: Option<&File>,
+        backing: Option<&Arc<File>>,
         linux: Option<&LinuxBootConfig>,
     ) -> Result<Shell> {
         let size = usize::try_from(shape.memory_mb << 20)
@@ -135,12 +139,7 @@ impl Shell {
         let memory = match (linux, shape.backing, backing) {
             // Linux's layout: RAM around the 32-bit MMIO gap, in huge pages.
             (Some(_), _, _) => boot::create_memory(shape.memory_mb)?,
-            (None, Some(_), Some(file)) => {
-                let file = file
-                    .try_clone()
-                    .map_err(|e| Error::os("duplicating a memory layer's descriptor", e))?;
-                memory::map_private_file(file, size)?
-            }
+            (None, Some(_), Some(file)) => memory::map_private_file(file.clone(), size)?,
             _ => memory::create_anonymous(size)?,
         };
         let vm = Vm::new(hypervisor, memory, shape.options())?;
@@ -234,7 +233,7 @@ impl PoolShared {
                 self.state().wanted.remove(&shape);
                 continue;
             }
-            match Shell::build(&self.hypervisor, shape, file.as_deref(), linux.as_deref()) {
+            match Shell::build(&self.hypervisor, shape, file.as_ref(), linux.as_deref()) {
                 Ok(shell) => {
                     let mut state = self.state();
                     if state.wanted.contains_key(&shape) {
@@ -285,7 +284,7 @@ impl ShellPool {
         backing: Option<&File>,
         linux: Option<&LinuxBootConfig>,
     ) -> Result<Shell> {
-        let ready = {
+        let (ready, shared_file) = {
             let mut state = self.shared.state();
             if let (Some(_), Some(config)) = (shape.linux, linux) {
                 state
@@ -321,11 +320,24 @@ impl ShellPool {
             }
             let ready = state.ready.get_mut(&shape).and_then(Vec::pop);
             state.served += u64::from(ready.is_some());
-            ready
+            let shared_file = shape.backing.and_then(|id| state.files.get(&id).cloned());
+            (ready, shared_file)
         };
         match ready {
             Some(shell) => Ok(shell),
-            None => Shell::build(&self.shared.hypervisor, shape, backing, linux),
+            None => {
+                // The pool's shared descriptor of the file; without a pool (target 0, or the
+                // shape just evicted) one for this shell alone.
+                let file =
+                    match (shared_file, backing) {
+                        (Some(file), _) => Some(file),
+                        (None, Some(file)) => Some(Arc::new(file.try_clone().map_err(|e| {
+                            Error::os("duplicating a memory layer's descriptor", e)
+                        })?)),
+                        (None, None) => None,
+                    };
+                Shell::build(&self.shared.hypervisor, shape, file.as_ref(), linux)
+            }
         }
     }
 

@@ -16,8 +16,9 @@ use super::{check_size, from_regions, guest_region, host_ranges, GuestMemory};
 use crate::error::{Error, Result};
 
 /// Maps `file` copy-on-write as `size` bytes of guest RAM at guest-physical 0 (one region):
-/// [`map_private_file_regions`] with the layout `[(0, size)]`.
-pub fn map_private_file(file: File, size: usize) -> Result<GuestMemory> {
+/// [`map_private_file_regions`] with the layout `[(0, size)]`. An `Arc<File>` shared by many
+/// guests costs one descriptor for all of them.
+pub fn map_private_file(file: impl Into<Arc<File>>, size: usize) -> Result<GuestMemory> {
     map_private_file_regions(file, &[(GuestAddress(0), size)])
 }
 
@@ -27,17 +28,18 @@ pub fn map_private_file(file: File, size: usize) -> Result<GuestMemory> {
 /// on first touch (shared with every other mapping of the file) and guest writes stay
 /// private.
 ///
-/// The file must be exactly as long as the regions together.
+/// The file must be exactly as long as the regions together. The regions keep `file` (not a
+/// duplicate of its descriptor).
 pub fn map_private_file_regions(
-    file: File,
+    file: impl Into<Arc<File>>,
     layout: &[(GuestAddress, usize)],
 ) -> Result<GuestMemory> {
+    let file = file.into();
     for &(_, size) in layout {
         check_size(size)?;
     }
     let total: usize = layout.iter().map(|&(_, size)| size).sum();
     check_file_len(&file, total)?;
-    let file = Arc::new(file);
     let mut regions = Vec::with_capacity(layout.len());
     let mut offset = 0u64;
     for &(start, size) in layout {
