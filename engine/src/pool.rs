@@ -39,22 +39,30 @@ const MAX_SHAPES: usize = 4;
 /// (~50 MB resident for the minimal image).
 pub(crate) const LINUX_SHELLS: usize = 1;
 
-/// Identifies a memory file (a template's base layer) by device and inode.
+/// Identifies a template's base layer: the file (device and inode) and the template's
+/// directory (its inode). Two templates can share a base file (a fork's template links the
+/// layers of a paused capsule, which may be another template's), and each must get shells
+/// that map the file through its own directory: deleting one template must leave nothing
+/// mapped from its directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct BackingId {
     dev: u64,
     ino: u64,
+    dir: u64,
 }
 
 impl BackingId {
-    /// The id of an open file.
-    pub(crate) fn of(file: &File) -> Result<BackingId> {
+    /// The id of `file`, a template's base layer, opened in the template's directory `dir`.
+    pub(crate) fn of(file: &File, dir: &std::path::Path) -> Result<BackingId> {
         let meta = file
             .metadata()
             .map_err(|e| Error::os("reading a memory layer's metadata", e))?;
+        let dir =
+            std::fs::metadata(dir).map_err(Error::io("reading a template's directory", dir))?;
         Ok(BackingId {
             dev: meta.dev(),
             ino: meta.ino(),
+            dir: dir.ino(),
         })
     }
 }

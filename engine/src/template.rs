@@ -36,7 +36,7 @@ impl Template {
     fn load(dir: PathBuf, anonymous: bool) -> Result<Template> {
         let state = snapshot_files::load(&dir)?;
         let base = state.memory.chain.open_base(&dir)?;
-        let base_id = BackingId::of(&base)?;
+        let base_id = BackingId::of(&base, &dir)?;
         Ok(Template {
             dir,
             state,

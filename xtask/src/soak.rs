@@ -237,6 +237,13 @@ impl GuestModel {
     }
 }
 
+/// The guest event relay thread (seccomp on: vCPU threads report crashes through it): one
+/// per process, started with the first capsule and kept for the process's life.
+const RELAY_THREAD: &str = "capsule-relay";
+
+/// What that thread maps (its stack, guard page and signal stack).
+const RELAY_MAPPINGS: usize = 3;
+
 /// How the engine names the directories of forks' anonymous templates (`templates/.fork-…`).
 const ANONYMOUS_PREFIX: &str = ".fork-";
 
@@ -1347,7 +1354,12 @@ impl Soak {
         let now = loop {
             let now = read_resources()?;
             let fds = tally(now.fds.iter());
-            let threads = tally(now.threads.iter());
+            let mut threads = tally(now.threads.iter());
+            // The guest event relay outlives engines: one per process, once started.
+            if threads.get(RELAY_THREAD) == Some(&1) && !baseline.threads.contains_key(RELAY_THREAD)
+            {
+                threads.remove(RELAY_THREAD);
+            }
             let anon = now.maps.iter().filter(|p| p.is_empty()).count();
             let problem = if fds != baseline.fds {
                 Some(format!(
@@ -1364,7 +1376,10 @@ impl Soak {
             }) {
                 Some(format!("a mapping of {path} outlived the engine"))
             } else if anon
-                > baseline.anon_maps + arena_slack() + stack_cache_slack(self.o.max_capsules)
+                > baseline.anon_maps
+                    + arena_slack()
+                    + stack_cache_slack(self.o.max_capsules)
+                    + RELAY_MAPPINGS
             {
                 Some(format!(
                     "{anon} anonymous mappings with no engine; {} before the first (+{} allowed for the allocator's arenas, +{} for its cache of thread stacks)",
@@ -1700,6 +1715,8 @@ impl Soak {
         for (name, n) in threads {
             let ok = match name.as_str() {
                 "capsule-vm-shel" | "capsule-idle-wa" => n <= 1,
+                // The guest event relay (seccomp on): one per process, kept once started.
+                RELAY_THREAD => n <= 1,
                 // KVM's huge-page recovery worker, at most one per VM.
                 "kvm-nx-lpage-re" => n <= vms,
                 _ => n == 0,
@@ -1785,6 +1802,7 @@ impl Soak {
             + 2 * run_vcpus
             + 2 * running.len()
             + 2 * shells
+            + RELAY_MAPPINGS
             + 8;
         if anon > allowance {
             let _ = write!(
