@@ -41,9 +41,10 @@ fn file_limit() -> Option<(u64, u64)> {
     (rc == 0).then_some((limit.rlim_cur, limit.rlim_max))
 }
 
-/// How many entries a `/proc/self` directory has (open descriptors, threads).
-fn count_entries(dir: &str) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |d| d.count() as u64)
+/// How many entries a `/proc/self` directory has (open descriptors, threads); `None` if it
+/// cannot be read (with no descriptor left, not even the directory opens).
+fn count_entries(dir: &str) -> Option<u64> {
+    std::fs::read_dir(dir).ok().map(|d| d.count() as u64)
 }
 
 /// The process's resident memory in MiB.
@@ -67,12 +68,17 @@ pub(crate) fn classify(error: Error) -> Error {
         _ => return error,
     };
     let (in_use, limit) = match resource {
-        // Reading the directory takes one descriptor itself.
-        Resource::FileDescriptors => (
-            count_entries("/proc/self/fd").saturating_sub(1),
-            file_limit().map(|(soft, _)| soft),
-        ),
-        Resource::Threads => (count_entries("/proc/self/task"), None),
+        Resource::FileDescriptors => {
+            let limit = file_limit().map(|(soft, _)| soft);
+            // Reading the directory takes one descriptor itself; when none is left it
+            // cannot be read, and every descriptor the limit allows is in use.
+            let in_use = match count_entries("/proc/self/fd") {
+                Some(n) => n.saturating_sub(1),
+                None => limit.unwrap_or(0),
+            };
+            (in_use, limit)
+        }
+        Resource::Threads => (count_entries("/proc/self/task").unwrap_or(0), None),
         _ => (resident_mib(), None),
     };
     Error::ResourceExhausted {
