@@ -79,19 +79,9 @@ fn resolve(
 /// it leaves the capsule in error.
 pub(crate) fn create(engine: &Arc<EngineCore>, config: &CapsuleConfig) -> Result<Arc<CapsuleCore>> {
     let (record, template) = resolve(engine, config)?;
-    let capsule = CapsuleCore::new(record, Status::Pending);
-    engine
-        .admission
-        .admit_new(engine.admission_parts(), &capsule)?;
-    if let Err(e) = engine.store.record(capsule.record()) {
-        let _ = engine.registry.remove(capsule.id());
-        return Err(host_limits::classify(e));
-    }
+    let capsule = admit(engine, record)?;
     if config.wait() {
-        if let Err(e) = boot(engine, &capsule, template) {
-            let _ = destroy(engine, capsule.id());
-            return Err(host_limits::classify(e));
-        }
+        boot_or_destroy(engine, &capsule, template)?;
         return Ok(capsule);
     }
     let (background, booting) = (engine.clone(), capsule.clone());
@@ -111,6 +101,33 @@ pub(crate) fn create(engine: &Arc<EngineCore>, config: &CapsuleConfig) -> Result
         )));
     }
     Ok(capsule)
+}
+
+/// A new pending capsule for `record`, within the engine's limits, registered and recorded
+/// in the data directory (or nothing is left behind).
+fn admit(engine: &EngineCore, record: CapsuleRecord) -> Result<Arc<CapsuleCore>> {
+    let capsule = CapsuleCore::new(record, Status::Pending);
+    engine
+        .admission
+        .admit_new(engine.admission_parts(), &capsule)?;
+    if let Err(e) = engine.store.record(capsule.record()) {
+        let _ = engine.registry.remove(capsule.id());
+        return Err(host_limits::classify(e));
+    }
+    Ok(capsule)
+}
+
+/// Boots an admitted capsule; if that fails, destroys it, so nothing is left behind.
+fn boot_or_destroy(
+    engine: &EngineCore,
+    capsule: &Arc<CapsuleCore>,
+    template: Option<Arc<Template>>,
+) -> Result<()> {
+    boot(engine, capsule, template)
+        .inspect_err(|_| {
+            let _ = destroy(engine, capsule.id());
+        })
+        .map_err(host_limits::classify)
 }
 
 /// What a guest of `capsule` needs to boot or be restored.
@@ -364,21 +381,9 @@ fn start_fork(
         created_at: SystemTime::now(),
         ..source.clone()
     };
-    let capsule = CapsuleCore::new(record, Status::Pending);
-    engine
-        .admission
-        .admit_new(engine.admission_parts(), &capsule)?;
-    let started = engine
-        .store
-        .record(capsule.record())
-        .and_then(|()| boot(engine, &capsule, Some(template.clone())));
-    match started {
-        Ok(()) => Ok(capsule),
-        Err(e) => {
-            let _ = destroy(engine, capsule.id());
-            Err(host_limits::classify(e))
-        }
-    }
+    let capsule = admit(engine, record)?;
+    boot_or_destroy(engine, &capsule, Some(template.clone()))?;
+    Ok(capsule)
 }
 
 /// Writes a running capsule's current state as the template `name`; the capsule keeps

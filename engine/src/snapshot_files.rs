@@ -143,8 +143,31 @@ pub(crate) fn write_template(
         MemoryOrigin::Fresh => None,
         MemoryOrigin::Chain { chain, .. } => Some(chain),
     };
+    publish_template(dir, (kind, vcpus, memory_mb), &frozen.machine, |tmp| {
+        save_full_image(tmp, &mem, &frozen.dirty, origin)
+    })
+}
+
+/// Publishes the paused capsule's snapshot in `from` as a new template in `dir`: its layers
+/// hard-linked, its state marked as a template's. The paused capsule is not changed.
+pub(crate) fn write_template_from_paused(from: &Path, dir: &Path) -> Result<()> {
+    let paused = load(from)?;
+    publish_template(dir, paused.of.shape(), &paused.machine, |tmp| {
+        link_layers(from, tmp, &paused.memory.chain)?;
+        Ok(paused.memory.clone())
+    })
+}
+
+/// Builds a template's directory `dir` (which must not exist) under a temporary name: its
+/// memory from `fill`, then `state.bin` describing a machine of `(kind, vcpus, memory_mb)`
+/// in `machine`'s state; renamed into place once complete.
+fn publish_template(
+    dir: &Path,
+    (kind, vcpus, memory_mb): (GuestKind, u32, u64),
+    machine: &MachineState,
+    fill: impl FnOnce(&Path) -> capsule_snapshot::Result<StoredMemory>,
+) -> Result<()> {
     atomic::publish_new_dir(dir, |tmp| {
-        let memory = save_full_image(tmp, &mem, &frozen.dirty, origin)?;
         let state = SnapshotState {
             schema: SNAPSHOT_SCHEMA,
             of: SnapshotOf::Template {
@@ -152,8 +175,8 @@ pub(crate) fn write_template(
                 vcpus,
                 memory_mb,
             },
-            machine: frozen.machine.clone(),
-            memory,
+            machine: machine.clone(),
+            memory: fill(tmp)?,
         };
         write_state(&tmp.join(STATE_FILE_NAME), &state)
     })
@@ -164,28 +187,6 @@ pub(crate) fn write_template(
         }
         e => e.into(),
     })
-}
-
-/// Publishes the paused capsule's snapshot in `from` as a new template in `dir`: its layers
-/// hard-linked, its state marked as a template's. The paused capsule is not changed.
-pub(crate) fn write_template_from_paused(from: &Path, dir: &Path) -> Result<()> {
-    let paused = load(from)?;
-    let (kind, vcpus, memory_mb) = paused.of.shape();
-    atomic::publish_new_dir(dir, |tmp| {
-        link_layers(from, tmp, &paused.memory.chain)?;
-        let state = SnapshotState {
-            schema: SNAPSHOT_SCHEMA,
-            of: SnapshotOf::Template {
-                kind,
-                vcpus,
-                memory_mb,
-            },
-            machine: paused.machine.clone(),
-            memory: paused.memory.clone(),
-        };
-        write_state(&tmp.join(STATE_FILE_NAME), &state)
-    })?;
-    Ok(())
 }
 
 /// Retires the snapshot in `dir` (removes its `state.bin`, the commit point) when the

@@ -5,7 +5,8 @@
 mod common;
 
 use capsule_devices::Bus;
-use capsule_vmm::arch::x86_64::user_mode::{self, UserModeLayout};
+use capsule_vmm::arch::x86_64::user_mode;
+use capsule_vmm::machine::probe as probe_machine;
 use capsule_vmm::vm::VmOptions;
 use capsule_vmm::{memory, VcpuEvent, Vm};
 use vm_memory::{Bytes, GuestAddress};
@@ -39,15 +40,7 @@ fn dirty_pages_come_per_region_from_kvm_and_the_vmm() {
     ])
     .unwrap();
     // The probe lives in the low region; it never touches the high one.
-    let layout = UserModeLayout {
-        gdt: probe_abi::GDT_ADDR,
-        tss: probe_abi::TSS_ADDR,
-        pml4: probe_abi::PML4_ADDR,
-        pdpt: probe_abi::PDPT_ADDR,
-        pd: probe_abi::PD_ADDR,
-        max_pd_pages: probe_abi::MAX_PD_PAGES,
-    };
-    user_mode::write_tables(&memory, &layout, mem_size).unwrap();
+    user_mode::write_tables(&memory, &probe_machine::LAYOUT, mem_size).unwrap();
     memory
         .write_slice(probe_guest::IMAGE, GuestAddress(probe_abi::IMAGE_ADDR))
         .unwrap();
@@ -57,8 +50,11 @@ fn dirty_pages_come_per_region_from_kvm_and_the_vmm() {
     };
     let vm = Vm::new(&hv, memory, options).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_sregs(&user_mode::sregs(vcpu.sregs().unwrap(), &layout))
-        .unwrap();
+    vcpu.set_sregs(&user_mode::sregs(
+        vcpu.sregs().unwrap(),
+        &probe_machine::LAYOUT,
+    ))
+    .unwrap();
     vcpu.set_regs(&user_mode::regs(
         probe_guest::ENTRY,
         probe_abi::stack_top(0),

@@ -26,8 +26,8 @@ use crate::memory;
 use crate::vcpu::{Vcpu, VcpuState};
 use crate::vm::{Vm, VmOptions, VmState};
 
-/// Where the probe ABI wants the boot structures.
-const LAYOUT: UserModeLayout = UserModeLayout {
+/// Where the probe ABI wants the boot structures (page tables, GDT, TSS).
+pub const LAYOUT: UserModeLayout = UserModeLayout {
     gdt: probe_abi::GDT_ADDR,
     tss: probe_abi::TSS_ADDR,
     pml4: probe_abi::PML4_ADDR,
