@@ -15,19 +15,26 @@ fn engine() -> Option<(Engine, tempfile::TempDir)> {
     engine_with(|c| c.idle_check_interval(Duration::from_millis(5)))
 }
 
-/// A `spin` argument that keeps a probe vCPU busy for about `wanted` on this host.
+/// A `spin` argument that keeps a probe vCPU busy for about `wanted` on this host: the
+/// calibration spin grows until it takes at least 100 ms, so that a command's own cost (an
+/// exit, milliseconds under nested TCG) does not count as spinning.
 fn spin_for(capsule: &Capsule, wanted: Duration) -> u64 {
-    let probe = 2_000_000u64;
-    let t = Instant::now();
-    capsule
-        .commands()
-        .run_with(
-            &format!("spin {probe}"),
-            capsule::RunOptions::new().no_timeout(),
-        )
-        .unwrap();
-    let per_iteration = t.elapsed().as_secs_f64() / probe as f64;
-    (wanted.as_secs_f64() / per_iteration) as u64
+    let mut probe = 1_000_000u64;
+    loop {
+        let t = Instant::now();
+        capsule
+            .commands()
+            .run_with(
+                &format!("spin {probe}"),
+                capsule::RunOptions::new().no_timeout(),
+            )
+            .unwrap();
+        let took = t.elapsed();
+        if took >= Duration::from_millis(100) || probe >= 1 << 40 {
+            return (wanted.as_secs_f64() / took.as_secs_f64() * probe as f64) as u64;
+        }
+        probe *= 4;
+    }
 }
 
 /// Asserts `capsule` stays running (and answers) for `period`.
