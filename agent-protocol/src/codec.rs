@@ -5,10 +5,11 @@ use alloc::vec::Vec;
 
 use crate::message::{
     Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    RunRequest, WriteFile,
+    RunRequest, SyncRequest, WriteFile,
 };
 use crate::{
     DecodeError, EncodeError, Frame, PayloadError, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
+    MAX_SYNC_ENTROPY,
 };
 
 /// Encodes `message` as one frame with request id `id`.
@@ -89,6 +90,14 @@ impl Enc<'_> {
     fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
+    /// `list<(string, string)>`.
+    fn env(&mut self, v: &[(String, String)]) {
+        self.len(v.len());
+        for (k, val) in v {
+            self.str(k);
+            self.str(val);
+        }
+    }
 }
 
 fn encode_payload(message: &Message, e: &mut Enc<'_>) {
@@ -105,6 +114,11 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
             e.str(&err.message);
         }
         Message::Ack | Message::CloseStdin => {}
+        Message::Sync(s) => {
+            e.u64(s.realtime_ns);
+            e.bytes(&s.entropy);
+            e.env(&s.env);
+        }
         Message::Run(r) => {
             match &r.command {
                 Command::Shell(s) => {
@@ -120,11 +134,7 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
                     }
                 }
             }
-            e.len(r.env.len());
-            for (k, v) in &r.env {
-                e.str(k);
-                e.str(v);
-            }
+            e.env(&r.env);
             e.bool(r.clear_env);
             match &r.cwd {
                 None => e.u8(0),
@@ -282,12 +292,25 @@ impl<'a> Dec<'a> {
         let n = self.count()?;
         Ok(self.take(n)?.to_vec())
     }
+    /// `bytes` of at most `max` bytes; the length is checked before the
+    /// bytes are taken.
+    fn bytes_max(&mut self, max: usize) -> Result<Vec<u8>, PayloadError> {
+        let n = self.count()?;
+        if n > max {
+            return Err(PayloadError::TooLong { len: n, max });
+        }
+        Ok(self.take(n)?.to_vec())
+    }
     fn string(&mut self) -> Result<String, PayloadError> {
         let n = self.count()?;
         let raw = self.take(n)?;
         core::str::from_utf8(raw)
             .map(String::from)
             .map_err(|_| PayloadError::InvalidUtf8)
+    }
+    /// `list<(string, string)>`: each item is at least two empty strings.
+    fn env(&mut self) -> Result<Vec<(String, String)>, PayloadError> {
+        self.list(8, |d| Ok((d.string()?, d.string()?)))
     }
     /// Decodes a list whose items take at least `min_item` bytes each. The
     /// count is checked against the remaining bytes before anything is
@@ -323,6 +346,11 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
             message: d.string()?,
         }),
         Kind::Ack => Message::Ack,
+        Kind::Sync => Message::Sync(SyncRequest {
+            realtime_ns: d.u64()?,
+            entropy: d.bytes_max(MAX_SYNC_ENTROPY)?,
+            env: d.env()?,
+        }),
         Kind::Run => {
             let command = match d.u8()? {
                 0 => Command::Shell(d.string()?),
@@ -333,7 +361,7 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
                 }
                 t => return Err(PayloadError::InvalidTag(t)),
             };
-            let env = d.list(8, |d| Ok((d.string()?, d.string()?)))?;
+            let env = d.env()?;
             let clear_env = d.bool()?;
             let cwd = match d.u8()? {
                 0 => None,

@@ -34,11 +34,12 @@
 //!
 //! Id `0` ([`CONTROL_ID`]) is for connection-level messages: [`Message::Hello`]
 //! and errors that concern the whole connection. The host picks a fresh
-//! non-zero id for each request ([`Message::Run`], [`Message::Ping`], file
-//! requests); every message about that request (output chunks, stdin, signals,
-//! the final exit or error) carries the same id. Many requests may be in flight
-//! at once; frames of different requests interleave freely, frames of one
-//! request keep their order. An id may be reused once its request finished.
+//! non-zero id for each request ([`Message::Run`], [`Message::Ping`],
+//! [`Message::Sync`], file requests); every message about that request (output
+//! chunks, stdin, signals, the final exit or error) carries the same id. Many
+//! requests may be in flight at once; frames of different requests interleave
+//! freely, frames of one request keep their order. An id may be reused once
+//! its request finished.
 //!
 //! # Payload primitives
 //!
@@ -62,6 +63,7 @@
 //! | 0x03 | Pong        | either      | `data: bytes` (echo of the ping) |
 //! | 0x04 | Error       | either      | `code: u16, message: string` |
 //! | 0x05 | Ack         | agent→host  | empty (success of a request without other reply) |
+//! | 0x06 | Sync        | host→agent  | `realtime_ns: u64, entropy: bytes, env: list<(string, string)>`; see [`SyncRequest`] |
 //! | 0x10 | Run         | host→agent  | see [`RunRequest`] below |
 //! | 0x11 | Stdin       | host→agent  | `data: bytes` |
 //! | 0x12 | CloseStdin  | host→agent  | empty |
@@ -76,7 +78,7 @@
 //! | 0x28 | FileData    | agent→host  | `data: bytes, eof: bool` |
 //! | 0x29 | DirListing  | agent→host  | `list<entry>, truncated: bool`; entry = `name: string, file_type: u8, size: u64, mode: u32` |
 //!
-//! Reserved, not yet defined: `0x06..=0x0f` (connection control),
+//! Reserved, not yet defined: `0x07..=0x0f` (connection control),
 //! `0x14..=0x17` (more process control, e.g. window size), `0x1c..=0x1f`
 //! (more process events), `0x23..=0x27` (more file requests: stat, remove,
 //! mkdir, rename, chmod), `0x2a..=0x2f` (more file replies), `0x30..=0x7f`
@@ -89,6 +91,12 @@
 //! `program: string, args: list<string>`), `env: list<(string, string)>`,
 //! `clear_env: bool`, `cwd: option<string>`, `timeout_ms: u64` (0 = none),
 //! `stdout_limit: u32`, `stderr_limit: u32`, `stream: bool`, `stdin: bool`.
+//!
+//! `Sync` payload, in order: `realtime_ns: u64` (the host's `CLOCK_REALTIME`
+//! in nanoseconds since the Unix epoch when it sent the message; 0 = leave
+//! the guest clock alone), `entropy: bytes` (at most [`MAX_SYNC_ENTROPY`]
+//! bytes; a longer field is a malformed payload, [`PayloadError::TooLong`]),
+//! `env: list<(string, string)>`.
 //!
 //! `Exit` payload, in order: `status` (u8 tag: `0` = exited, followed by
 //! `code: i32`; `1` = killed by a signal, followed by `signal: i32`),
@@ -113,6 +121,20 @@
 //! 3. `Ping` → `Pong` with the same data.
 //! 4. `ReadFile` → `FileData`; `WriteFile` → `Ack`; `ListDir` → `DirListing`;
 //!    any of them → `Error` on failure.
+//! 5. `Sync` → `Ack`, or one `Error` (which ends the request) naming the step
+//!    that failed. The host sends it after a fresh boot and after every
+//!    restore of a snapshot (a resumed or cloned guest), on a non-zero id.
+//!    The agent (advertising [`caps::SYNC`]) applies it in order, stopping at
+//!    the first step that fails: (a) unless `realtime_ns` is 0, it sets the
+//!    guest's `CLOCK_REALTIME` to it; (b) unless `entropy` is empty, it mixes
+//!    the bytes into the guest kernel's entropy pool, credited as `8 * len`
+//!    bits, and forces a reseed of the kernel CRNG, so that clones of one
+//!    snapshot stop sharing random state; (c) it replaces the environment of
+//!    any earlier `Sync` with `env`: variables set for every command the agent
+//!    runs from then on, after [`RunRequest::clear_env`] is applied and before
+//!    the request's own [`RunRequest::env`], which overrides them. The agent
+//!    applies a `Sync` before it handles the frames that follow it, so the
+//!    host may send requests right after it without waiting for the `Ack`.
 //!
 //! An `Error` on a request id ends that request unless
 //! [`ErrorCode::ends_request`] says it is advisory.
@@ -130,12 +152,14 @@ pub use codec::{decode_frame, decode_payload, encode, encode_into, try_encode};
 pub use decoder::FrameDecoder;
 pub use message::{
     Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    RunRequest, WriteFile,
+    RunRequest, SyncRequest, WriteFile,
 };
 
 /// Version of the wire protocol described in this crate. Bumped on any
 /// incompatible change; sent in [`Message::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 added [`Message::Sync`] (kind 0x06) and [`caps::SYNC`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Bytes in a frame header: length (4), kind (1), request id (4).
 pub const HEADER_LEN: usize = 9;
@@ -155,6 +179,9 @@ pub const MAX_BUFFERED_OUTPUT: u32 = 2 * 1024 * 1024;
 /// and `WriteFile`, well inside [`MAX_PAYLOAD_LEN`].
 pub const MAX_CHUNK_LEN: usize = 1024 * 1024;
 
+/// Most bytes of [`SyncRequest::entropy`]; a longer field does not decode.
+pub const MAX_SYNC_ENTROPY: usize = 512;
+
 /// Request id reserved for connection-level messages ([`Message::Hello`],
 /// connection errors).
 pub const CONTROL_ID: u32 = 0;
@@ -173,6 +200,8 @@ pub mod caps {
     pub const FILES: u64 = 1 << 4;
     /// The agent runs as PID 1 (it set up the guest and reaps orphans).
     pub const PID1: u64 = 1 << 5;
+    /// The agent handles [`crate::Message::Sync`] (clock, entropy, environment).
+    pub const SYNC: u64 = 1 << 6;
 }
 
 /// One decoded frame: a request id and its message.
@@ -202,6 +231,15 @@ pub enum PayloadError {
     /// A string that is not UTF-8.
     #[error("string is not valid UTF-8")]
     InvalidUtf8,
+    /// A length-limited field is longer than its limit (e.g.
+    /// [`SyncRequest::entropy`] over [`MAX_SYNC_ENTROPY`]).
+    #[error("field of {len} bytes exceeds its maximum of {max}")]
+    TooLong {
+        /// The length the payload gave.
+        len: usize,
+        /// The field's limit.
+        max: usize,
+    },
 }
 
 /// Why a frame could not be decoded.

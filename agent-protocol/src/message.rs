@@ -17,6 +17,8 @@ pub enum Kind {
     Error = 0x04,
     /// [`Message::Ack`].
     Ack = 0x05,
+    /// [`Message::Sync`].
+    Sync = 0x06,
     /// [`Message::Run`].
     Run = 0x10,
     /// [`Message::Stdin`].
@@ -54,6 +56,7 @@ impl Kind {
             0x03 => Kind::Pong,
             0x04 => Kind::Error,
             0x05 => Kind::Ack,
+            0x06 => Kind::Sync,
             0x10 => Kind::Run,
             0x11 => Kind::Stdin,
             0x12 => Kind::CloseStdin,
@@ -83,8 +86,13 @@ pub enum Message {
     Pong(Vec<u8>),
     /// A request failed, or (on id 0) the connection has a problem.
     Error(ErrorInfo),
-    /// Success of a request that has no other reply ([`Message::WriteFile`]).
+    /// Success of a request that has no other reply ([`Message::WriteFile`],
+    /// [`Message::Sync`]).
     Ack,
+    /// Host → agent, on a request id: after a boot or a snapshot restore, set
+    /// the guest clock, reseed its kernel CRNG and set the environment of
+    /// later commands. Answered by [`Message::Ack`] or an [`Message::Error`].
+    Sync(SyncRequest),
     /// Host → agent: run a command.
     Run(RunRequest),
     /// Host → agent: bytes for the command's stdin.
@@ -148,6 +156,7 @@ impl Message {
             Message::Pong(_) => Kind::Pong,
             Message::Error(_) => Kind::Error,
             Message::Ack => Kind::Ack,
+            Message::Sync(_) => Kind::Sync,
             Message::Run(_) => Kind::Run,
             Message::Stdin(_) => Kind::Stdin,
             Message::CloseStdin => Kind::CloseStdin,
@@ -182,6 +191,25 @@ pub struct Hello {
     pub agent_version: String,
     /// Bitset of [`crate::caps`].
     pub capabilities: u64,
+}
+
+/// Payload of [`Message::Sync`]. The agent applies the fields in this order
+/// and stops at the first that fails (see the crate docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncRequest {
+    /// The host's `CLOCK_REALTIME` when it sent the message, in nanoseconds
+    /// since the Unix epoch; the agent sets the guest's clock to it. 0 leaves
+    /// the guest clock alone.
+    pub realtime_ns: u64,
+    /// Fresh random bytes from the host, mixed into the guest kernel's
+    /// entropy pool (credited as `8 * len` bits) before a forced CRNG reseed.
+    /// Empty = none. At most [`crate::MAX_SYNC_ENTROPY`] bytes: a longer field
+    /// does not decode (the encoder does not check; the receiver refuses it).
+    pub entropy: Vec<u8>,
+    /// Variables set for every command the agent runs from now on, replacing
+    /// those of an earlier `Sync`: applied after [`RunRequest::clear_env`]
+    /// and before [`RunRequest::env`], which overrides them.
+    pub env: Vec<(String, String)>,
 }
 
 /// What to run.

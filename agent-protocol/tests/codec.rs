@@ -13,6 +13,20 @@ fn samples() -> Vec<Message> {
         Message::Pong(vec![]),
         Message::error(ErrorCode::SPAWN_FAILED, "no such file"),
         Message::Ack,
+        Message::Sync(SyncRequest {
+            realtime_ns: 1_767_225_600_123_456_789,
+            entropy: (0..=255).collect(),
+            env: vec![
+                ("CAPSULE_ID".into(), "cap-1".into()),
+                ("EMPTY".into(), String::new()),
+            ],
+        }),
+        Message::Sync(SyncRequest::default()),
+        Message::Sync(SyncRequest {
+            realtime_ns: 0,
+            entropy: vec![0xa5; MAX_SYNC_ENTROPY],
+            env: vec![],
+        }),
         Message::Run(RunRequest {
             command: Command::Exec {
                 program: "ls".into(),
@@ -121,6 +135,119 @@ fn hello_bytes_are_as_documented() {
     ]
     .concat();
     assert_eq!(bytes, expected);
+}
+
+#[test]
+fn sync_bytes_are_as_documented() {
+    let m = Message::Sync(SyncRequest {
+        realtime_ns: 0x0102_0304_0506_0708,
+        entropy: vec![0xaa, 0xbb],
+        env: vec![("K".into(), "vw".into())],
+    });
+    let bytes = encode(&m, 3);
+    let expected: Vec<u8> = [
+        &[34, 0, 0, 0][..],                          // len = 5 + 29
+        &[0x06],                                     // kind
+        &[3, 0, 0, 0],                               // id
+        &[8, 7, 6, 5, 4, 3, 2, 1],                   // realtime_ns
+        &[2, 0, 0, 0, 0xaa, 0xbb],                   // entropy
+        &[1, 0, 0, 0],                               // env: one pair
+        &[1, 0, 0, 0, b'K', 2, 0, 0, 0, b'v', b'w'], // ("K", "vw")
+    ]
+    .concat();
+    assert_eq!(bytes, expected);
+    assert_eq!(Kind::Sync as u8, 0x06);
+    assert_eq!(m.kind(), Kind::Sync);
+
+    // Nothing to do: clock untouched, no entropy, no variables.
+    let empty = encode(&Message::Sync(SyncRequest::default()), 1);
+    let expected: Vec<u8> = [
+        &[21, 0, 0, 0][..],        // len = 5 + 16
+        &[0x06],                   // kind
+        &[1, 0, 0, 0],             // id
+        &[0, 0, 0, 0, 0, 0, 0, 0], // realtime_ns = 0
+        &[0, 0, 0, 0],             // entropy: empty
+        &[0, 0, 0, 0],             // env: empty
+    ]
+    .concat();
+    assert_eq!(empty, expected);
+}
+
+#[test]
+fn sync_entropy_over_the_limit_does_not_decode() {
+    let frame = |n: usize| {
+        encode(
+            &Message::Sync(SyncRequest {
+                realtime_ns: 1,
+                entropy: vec![7; n],
+                env: vec![("A".into(), "b".into())],
+            }),
+            9,
+        )
+    };
+    let at_limit = frame(MAX_SYNC_ENTROPY);
+    let (f, _) = decode_frame(&at_limit).unwrap().unwrap();
+    assert!(matches!(f.message, Message::Sync(s) if s.entropy.len() == MAX_SYNC_ENTROPY));
+
+    let over = frame(MAX_SYNC_ENTROPY + 1);
+    let e = decode_frame(&over).unwrap_err();
+    assert_eq!(
+        e,
+        DecodeError::Malformed {
+            kind: Kind::Sync,
+            id: 9,
+            reason: PayloadError::TooLong {
+                len: MAX_SYNC_ENTROPY + 1,
+                max: MAX_SYNC_ENTROPY
+            }
+        }
+    );
+    assert!(!e.is_fatal());
+    assert_eq!(e.error_code(), ErrorCode::MALFORMED);
+
+    // A huge length is refused as too long before the bytes are looked for,
+    // and the streaming decoder skips just that frame.
+    let mut lying = vec![17, 0, 0, 0, Kind::Sync as u8, 4, 0, 0, 0];
+    lying.extend([0; 8]);
+    lying.extend(u32::MAX.to_le_bytes());
+    let mut dec = FrameDecoder::new();
+    dec.push(&lying);
+    dec.push(&over);
+    dec.push(&encode(&Message::Ack, 5));
+    assert!(matches!(
+        dec.next_frame(),
+        Err(DecodeError::Malformed {
+            id: 4,
+            reason: PayloadError::TooLong { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        dec.next_frame(),
+        Err(DecodeError::Malformed { id: 9, .. })
+    ));
+    assert_eq!(
+        dec.next_frame(),
+        Ok(Some(Frame {
+            id: 5,
+            message: Message::Ack
+        }))
+    );
+}
+
+#[test]
+fn kind_bytes_roundtrip() {
+    let mut known = 0;
+    for b in 0..=u8::MAX {
+        if let Some(k) = Kind::from_u8(b) {
+            assert_eq!(k as u8, b);
+            known += 1;
+        }
+    }
+    assert_eq!(known, 19);
+    assert_eq!(Kind::from_u8(0x06), Some(Kind::Sync));
+    // The rest of the connection-control range stays reserved.
+    assert!((0x07..=0x0f).all(|b| Kind::from_u8(b).is_none()));
 }
 
 #[test]
@@ -352,8 +479,8 @@ fn random_bytes_never_panic() {
             let l = (len - 4) as u32;
             bytes[..4].copy_from_slice(&l.to_le_bytes());
             let kinds = [
-                1u8, 2, 3, 4, 5, 0x10, 0x11, 0x12, 0x13, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x21, 0x22,
-                0x28, 0x29,
+                1u8, 2, 3, 4, 5, 6, 0x10, 0x11, 0x12, 0x13, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x21,
+                0x22, 0x28, 0x29,
             ];
             bytes[4] = kinds[rng.below(kinds.len())];
         }

@@ -178,6 +178,9 @@ impl<W: Write + Send> Conn<'_, W> {
                     self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
                 }
             }
+            Message::Sync(_) => {
+                self.error(id, ErrorCode::UNSUPPORTED, "Sync is not supported yet");
+            }
             m @ (Message::Hello(_)
             | Message::Ack
             | Message::Started { .. }
