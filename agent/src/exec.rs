@@ -194,7 +194,11 @@ impl Sink {
     }
 }
 
-fn build_command(req: &RunRequest) -> StdCommand {
+/// The command for `req`. Its environment: the agent's (none if
+/// `clear_env`), then `sync_env` (from the last `Sync`), then the request's
+/// `env`; later ones override earlier ones. `PATH` is [`DEFAULT_PATH`] when
+/// none of them sets it.
+fn build_command(req: &RunRequest, sync_env: &[(String, String)]) -> StdCommand {
     let mut cmd = match &req.command {
         Command::Shell(script) => {
             let mut c = StdCommand::new("/bin/sh");
@@ -210,11 +214,11 @@ fn build_command(req: &RunRequest) -> StdCommand {
     if req.clear_env {
         cmd.env_clear();
     }
-    let path_given = req.env.iter().any(|(k, _)| k == "PATH");
+    let path_given = sync_env.iter().chain(&req.env).any(|(k, _)| k == "PATH");
     if !path_given && (req.clear_env || std::env::var_os("PATH").is_none()) {
         cmd.env("PATH", DEFAULT_PATH);
     }
-    for (k, v) in &req.env {
+    for (k, v) in sync_env.iter().chain(&req.env) {
         cmd.env(k, v);
     }
     if let Some(cwd) = &req.cwd {
@@ -285,18 +289,20 @@ impl StdinFeed {
     }
 }
 
-/// Runs `req` as request `id`, sending `Started` and output chunks to `out`.
+/// Runs `req` as request `id` with `sync_env` under its own environment (see
+/// [`build_command`]), sending `Started` and output chunks to `out`.
 /// Blocks until the command is done and returns the request's final message
 /// (`Exit`, or `Error` if it could not start), which the caller sends once it
 /// has retired the id.
 pub(crate) fn run_command<W: Write>(
     req: &RunRequest,
+    sync_env: &[(String, String)],
     id: u32,
     ctl: &Arc<CmdCtl>,
     out: &Out<W>,
     config: &ExecConfig,
 ) -> Message {
-    let mut cmd = build_command(req);
+    let mut cmd = build_command(req, sync_env);
     let start = Instant::now();
     let spawned = match &config.wait_mode {
         WaitMode::Direct => cmd.spawn(),
@@ -481,5 +487,69 @@ fn drain_once<P: Read, W: Write>(
         Ok(n) => sink.accept(&buf[..n], out, id),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
         Err(_) => *pipe = None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The variables `cmd` sets explicitly (after `env_clear`, all it has).
+    fn set_vars(cmd: &StdCommand) -> Vec<(String, String)> {
+        let mut v: Vec<_> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .map(|(k, v): (&OsStr, &OsStr)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn request_env_overrides_sync_env() {
+        let mut req = RunRequest::shell("true");
+        req.env = pairs(&[("B", "req"), ("C", "req")]);
+        let sync_env = pairs(&[("A", "sync"), ("B", "sync")]);
+        let vars = set_vars(&build_command(&req, &sync_env));
+        assert!(vars.contains(&("A".into(), "sync".into())), "{vars:?}");
+        assert!(vars.contains(&("B".into(), "req".into())), "{vars:?}");
+        assert!(vars.contains(&("C".into(), "req".into())), "{vars:?}");
+    }
+
+    #[test]
+    fn clear_env_keeps_sync_env() {
+        let mut req = RunRequest::shell("true");
+        req.clear_env = true;
+        req.env = pairs(&[("ONLY", "me")]);
+        let sync_env = pairs(&[("CAPSULE_ID", "c1")]);
+        let vars = set_vars(&build_command(&req, &sync_env));
+        assert_eq!(
+            vars,
+            pairs(&[("CAPSULE_ID", "c1"), ("ONLY", "me"), ("PATH", DEFAULT_PATH)])
+        );
+    }
+
+    #[test]
+    fn sync_env_path_counts_as_given() {
+        let mut req = RunRequest::shell("true");
+        req.clear_env = true;
+        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")])));
+        assert_eq!(vars, pairs(&[("PATH", "/opt/bin")]));
+        // The request's PATH still wins over the Sync one.
+        req.env = pairs(&[("PATH", "/req/bin")]);
+        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")])));
+        assert_eq!(vars, pairs(&[("PATH", "/req/bin")]));
     }
 }

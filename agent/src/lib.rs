@@ -19,8 +19,13 @@
 //!   pipes are closed and `Exit` is sent; such processes keep running.
 //! * Stdin data is queued without bound while the command does not read it;
 //!   the host is expected to pace large uploads.
+//! * A [`Message::Sync`] is applied before the next frame is read: it sets
+//!   the clock, feeds and reseeds the kernel CRNG, and sets variables
+//!   ([`SyncEnv`]) for every later command, across reconnections with the
+//!   same [`ServeConfig`].
 //!
 //! [`Message::Signal`]: capsule_agent_protocol::Message::Signal
+//! [`Message::Sync`]: capsule_agent_protocol::Message::Sync
 #![warn(missing_docs)]
 
 pub mod exec;
@@ -28,11 +33,13 @@ mod files;
 pub mod init;
 pub mod reaper;
 pub mod serve;
+mod sync;
 mod sys;
 
 pub use exec::{ExecConfig, WaitMode, DEFAULT_PATH};
 pub use reaper::Reaper;
 pub use serve::{capabilities, serve, ServeConfig, ServeError, ServeOutcome, READY_LINE};
+pub use sync::SyncEnv;
 
 /// Whether process `pid` still exists (zombies included). Exposed for tests
 /// and diagnostics.

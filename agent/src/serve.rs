@@ -8,11 +8,12 @@ use std::thread::Scope;
 
 use capsule_agent_protocol::{
     caps, try_encode, DecodeError, ErrorCode, ErrorInfo, Frame, FrameDecoder, Hello, Message,
-    CONTROL_ID, PROTOCOL_VERSION,
+    SyncRequest, CONTROL_ID, PROTOCOL_VERSION,
 };
 
 use crate::exec::{run_command, CmdCtl, ExecConfig};
 use crate::files;
+use crate::sync::{self, LiveKernel, SyncEnv};
 
 /// The line printed to stderr after `Hello` when [`ServeConfig::ready_line`]
 /// is set (boot-time measurement).
@@ -29,6 +30,9 @@ pub struct ServeConfig {
     pub ready_line: bool,
     /// How commands are run.
     pub exec: ExecConfig,
+    /// Variables set by the last `Sync`, for every later command. Shared by
+    /// clones of this config, so it outlasts one [`serve`] call.
+    pub sync_env: SyncEnv,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +42,7 @@ impl Default for ServeConfig {
             pid1: false,
             ready_line: false,
             exec: ExecConfig::default(),
+            sync_env: SyncEnv::default(),
         }
     }
 }
@@ -178,9 +183,8 @@ impl<W: Write + Send> Conn<'_, W> {
                     self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
                 }
             }
-            Message::Sync(_) => {
-                self.error(id, ErrorCode::UNSUPPORTED, "Sync is not supported yet");
-            }
+            // On the reading thread: it takes effect before the next frame.
+            Message::Sync(req) => self.sync(id, req),
             m @ (Message::Hello(_)
             | Message::Ack
             | Message::Started { .. }
@@ -197,6 +201,17 @@ impl<W: Write + Send> Conn<'_, W> {
             }
         }
         None
+    }
+
+    fn sync(&self, id: u32, req: SyncRequest) {
+        if id == CONTROL_ID {
+            self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
+            return;
+        }
+        match sync::apply(req, &self.config.sync_env, &mut LiveKernel::default()) {
+            Ok(()) => self.reply(id, &Message::Ack),
+            Err(e) => self.error(id, ErrorCode::IO, e.to_string()),
+        }
     }
 
     fn start_run<'s>(
@@ -231,10 +246,13 @@ impl<W: Write + Send> Conn<'_, W> {
             active.insert(id, Arc::clone(&ctl));
             ctl
         };
+        // Taken here, on the reading thread, so a `Sync` sent before this
+        // `Run` applies to it.
+        let sync_env = self.config.sync_env.get();
         let spawned = std::thread::Builder::new()
             .name(format!("cmd-{id}"))
             .spawn_scoped(scope, move || {
-                let last = run_command(&req, id, &ctl, &self.out, &self.config.exec);
+                let last = run_command(&req, &sync_env, id, &ctl, &self.out, &self.config.exec);
                 // Retire the id before the final message, so the host may
                 // reuse it as soon as it sees `Exit`.
                 self.active().remove(&id);
@@ -286,7 +304,7 @@ impl<W: Write + Send> Conn<'_, W> {
 
 /// Capabilities this agent advertises.
 pub fn capabilities(pid1: bool) -> u64 {
-    let base = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES;
+    let base = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES | caps::SYNC;
     if pid1 {
         base | caps::PID1
     } else {

@@ -200,3 +200,97 @@ pub fn make_raw_if_tty(fd: &impl AsRawFd) -> io::Result<bool> {
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })?;
     Ok(true)
 }
+
+/// Sets `CLOCK_REALTIME` to `ns` nanoseconds since the Unix epoch
+/// (`clock_settime`; needs `CAP_SYS_TIME`).
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    const NS_PER_SEC: u64 = 1_000_000_000;
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    // Converted to whatever width the target's time_t and c_long have (the
+    // time_t alias itself is deprecated on musl); out of range is EINVAL.
+    let ts = libc::timespec {
+        tv_sec: (ns / NS_PER_SEC).try_into().map_err(|_| einval())?,
+        tv_nsec: (ns % NS_PER_SEC).try_into().map_err(|_| einval())?,
+    };
+    // SAFETY: `ts` is a valid timespec that outlives the call, which only
+    // reads it.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
+}
+
+/// `RNDADDENTROPY`, `_IOW('R', 0x03, int[2])`: mix a `rand_pool_info` into
+/// the input pool and credit its `entropy_count` bits.
+const RNDADDENTROPY: u32 = 0x4008_5203;
+/// `RNDRESEEDCRNG`, `_IO('R', 0x07)`: reseed the CRNG now (Linux >= 4.17).
+const RNDRESEEDCRNG: u32 = 0x5207;
+
+/// The `struct rand_pool_info` for `data` as 32-bit words:
+/// `{ int entropy_count = 8 * len; int buf_size = len; __u32 buf[]; }`, the
+/// bytes of `data` in order (the last word zero-padded).
+fn rand_pool_info(data: &[u8]) -> io::Result<Vec<u32>> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let size = i32::try_from(data.len()).map_err(|_| einval())?;
+    let bits = size.checked_mul(8).ok_or_else(einval)?;
+    let mut words = Vec::with_capacity(2 + data.len().div_ceil(4));
+    // Both counts are non-negative, so their bits are the same as u32.
+    words.push(bits.unsigned_abs());
+    words.push(size.unsigned_abs());
+    words.extend(data.chunks(4).map(|c| {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        u32::from_ne_bytes(w)
+    }));
+    Ok(words)
+}
+
+/// Mixes `data` into the kernel's entropy pool through `random` (an open
+/// `/dev/urandom` or `/dev/random`), credited as 8 bits per byte
+/// (`RNDADDENTROPY`; needs `CAP_SYS_ADMIN`).
+pub fn add_entropy(random: &impl AsRawFd, data: &[u8]) -> io::Result<()> {
+    let info = rand_pool_info(data)?;
+    // SAFETY: `info` is a complete rand_pool_info (two ints, then `buf_size`
+    // bytes of `buf`, all inside the vector) that outlives the call; the
+    // kernel only reads it. The descriptor is borrowed for the call.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) }).map(drop)
+}
+
+/// Forces the kernel CRNG to reseed from the input pool now
+/// (`RNDRESEEDCRNG` through an open `/dev/urandom`; needs `CAP_SYS_ADMIN`,
+/// Linux >= 4.17, which older kernels refuse with `EINVAL`).
+///
+/// `ENODATA` (the CRNG is not initialised yet, so nothing has been
+/// generated from an old state) counts as success: the CRNG seeds itself
+/// from the pool, bytes just added included, once it has enough entropy.
+pub fn reseed_crng(random: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory;
+    // the descriptor is borrowed for the call.
+    match check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rand_pool_info_layout() {
+        let words = rand_pool_info(&[1, 2, 3, 4, 5]).unwrap();
+        assert_eq!(words.len(), 4);
+        assert_eq!(words[0], 40);
+        assert_eq!(words[1], 5);
+        assert_eq!(words[2], u32::from_ne_bytes([1, 2, 3, 4]));
+        assert_eq!(words[3], u32::from_ne_bytes([5, 0, 0, 0]));
+        assert_eq!(rand_pool_info(&[]).unwrap(), vec![0, 0]);
+        let full = rand_pool_info(&[0xff; 512]).unwrap();
+        assert_eq!((full.len(), full[0], full[1]), (130, 4096, 512));
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_encoding() {
+        // _IOC(dir, type, nr, size) = dir << 30 | size << 16 | type << 8 | nr.
+        let ioc = |dir: u32, nr: u32, size: u32| dir << 30 | size << 16 | u32::from(b'R') << 8 | nr;
+        assert_eq!(RNDADDENTROPY, ioc(1, 0x03, 8));
+        assert_eq!(RNDRESEEDCRNG, ioc(0, 0x07, 0));
+    }
+}
