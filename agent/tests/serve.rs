@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use capsule_agent::ServeOutcome;
+use capsule_agent::{ServeConfig, ServeOutcome};
 use capsule_agent_protocol::*;
 use common::*;
 
@@ -13,7 +13,7 @@ fn hello_carries_version_and_capabilities() {
     let h = Host::start();
     assert_eq!(h.hello.protocol_version, PROTOCOL_VERSION);
     assert_eq!(h.hello.agent_version, env!("CARGO_PKG_VERSION"));
-    let want = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES;
+    let want = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES | caps::SYNC;
     assert_eq!(h.hello.capabilities & want, want);
     assert_eq!(h.hello.capabilities & caps::PID1, 0);
     assert_eq!(h.close().unwrap(), ServeOutcome::Closed);
@@ -585,4 +585,90 @@ fn ping_and_files() {
         },
     );
     assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::IO));
+}
+
+/// A `Sync` that only sets variables: the clock (`realtime_ns` 0) and the
+/// kernel's entropy pool (no `entropy`) of the test machine stay untouched.
+fn sync_env(pairs: &[(&str, &str)]) -> Message {
+    Message::Sync(SyncRequest {
+        realtime_ns: 0,
+        entropy: Vec::new(),
+        env: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+}
+
+#[test]
+fn sync_env_is_visible_in_later_commands() {
+    let mut h = Host::start();
+    // Before any Sync: unset.
+    let r = h.run(1, shell(r#"echo "${CAPSULE_ID-unset}""#));
+    assert_eq!(r.stdout_str(), "unset\n");
+
+    let r = h.request(2, &sync_env(&[("CAPSULE_ID", "cap-123"), ("ZONE", "a")]));
+    assert_eq!(r.frames, vec![Message::Ack]);
+    assert_eq!(
+        h.run(3, shell("echo $CAPSULE_ID")).stdout_str(),
+        "cap-123\n"
+    );
+
+    // The request's own env overrides it; clear_env keeps it.
+    let mut req = shell(r#"printf '%s|%s' "$CAPSULE_ID" "$ZONE""#);
+    req.env = vec![("ZONE".into(), "b".into())];
+    assert_eq!(h.run(4, req).stdout_str(), "cap-123|b");
+    let mut req = shell(r#"printf '%s|%s' "$CAPSULE_ID" "${HOME-unset}""#);
+    req.clear_env = true;
+    assert_eq!(h.run(5, req).stdout_str(), "cap-123|unset");
+
+    // Pipelined: a Run sent right after a Sync, without waiting for its Ack,
+    // sees the new variables, which replace the old ones.
+    h.send(6, &sync_env(&[("CAPSULE_ID", "cap-456")]));
+    h.send(
+        7,
+        &Message::Run(shell(r#"echo "$CAPSULE_ID ${ZONE-unset}""#)),
+    );
+    let mut replies = h.collect(&[6, 7]);
+    assert_eq!(replies.remove(&6).unwrap().frames, vec![Message::Ack]);
+    assert_eq!(replies.remove(&7).unwrap().stdout_str(), "cap-456 unset\n");
+}
+
+#[test]
+fn sync_env_outlasts_the_connection() {
+    let config = ServeConfig::default();
+    let mut h = Host::start_with(config.clone());
+    assert_eq!(
+        h.request(1, &sync_env(&[("CAPSULE_ID", "kept")])).frames,
+        vec![Message::Ack]
+    );
+    assert_eq!(h.close().unwrap(), ServeOutcome::Closed);
+    assert_eq!(
+        config.sync_env.get(),
+        vec![("CAPSULE_ID".into(), "kept".into())]
+    );
+    // PID 1 serves its next connection with the same config.
+    let mut h = Host::start_with(config);
+    assert_eq!(h.run(1, shell("echo $CAPSULE_ID")).stdout_str(), "kept\n");
+}
+
+#[test]
+fn bad_syncs_are_refused() {
+    let mut h = Host::start();
+    // Reserved id 0.
+    assert_eq!(
+        h.expect_error(CONTROL_ID, &sync_env(&[("A", "1")])).code,
+        ErrorCode::INVALID_ARGUMENT
+    );
+    // Too much entropy does not decode: nothing is applied.
+    let over = Message::Sync(SyncRequest {
+        realtime_ns: 0,
+        entropy: vec![0; MAX_SYNC_ENTROPY + 1],
+        env: vec![("A".into(), "2".into())],
+    });
+    let e = h.expect_error(3, &over);
+    assert_eq!(e.code, ErrorCode::MALFORMED);
+    assert!(e.code.ends_request());
+    let r = h.run(4, shell(r#"echo "${A-unset}""#));
+    assert_eq!(r.stdout_str(), "unset\n");
 }
