@@ -3,7 +3,7 @@
 
 use capsule_agent_protocol::{
     caps, decode_frame, encode, Command, DirEntry, ErrorCode, ExitInfo, ExitStatus, FileType,
-    Hello, Message, RunRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
+    Hello, Message, RunRequest, SyncRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
 };
 
 use crate::Seed;
@@ -30,7 +30,7 @@ pub fn host_seeds() -> Result<Vec<Seed>, String> {
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "capsule-agent 0.1.0".into(),
-        capabilities: caps::RUN | caps::STREAM,
+        capabilities: caps::RUN | caps::STREAM | caps::SYNC,
     });
     let killed = ExitInfo {
         timed_out: true,
@@ -90,6 +90,19 @@ pub fn host_seeds() -> Result<Vec<Seed>, String> {
             ]),
         ),
         Seed::new(
+            "sync-ack-and-error",
+            frames(&[
+                (8, Message::Ack),
+                (
+                    9,
+                    Message::error(
+                        ErrorCode::IO,
+                        "sync: setting CLOCK_REALTIME: Operation not permitted (os error 1)",
+                    ),
+                ),
+            ]),
+        ),
+        Seed::new(
             "file-replies",
             frames(&[
                 (5, Message::Ack),
@@ -122,6 +135,15 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
         stream: true,
         stdin: true,
     };
+    // After a snapshot restore: set the clock, reseed, name the capsule, run.
+    let sync = SyncRequest {
+        realtime_ns: 1_767_225_600_123_456_789,
+        entropy: (0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a).collect(),
+        env: vec![
+            ("CAPSULE_ID".into(), "cap-0123".into()),
+            ("CAPSULE_CLONE".into(), "1".into()),
+        ],
+    };
     let chunked = |chunk: u8, bytes: Vec<u8>| [vec![chunk], bytes].concat();
     Ok(vec![
         Seed::new(
@@ -140,6 +162,17 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
                     (2, Message::Stdin(b"line one\nline two\n".to_vec())),
                     (2, Message::CloseStdin),
                     (2, Message::Signal { sig: 15 }),
+                ]),
+            ),
+        ),
+        Seed::new(
+            "sync-then-run",
+            chunked(
+                5,
+                frames(&[
+                    (7, Message::Sync(sync)),
+                    (8, Message::Run(RunRequest::shell("echo $CAPSULE_ID"))),
+                    (9, Message::Sync(SyncRequest::default())),
                 ]),
             ),
         ),
