@@ -73,6 +73,12 @@ impl FrameDecoder {
         }
     }
 
+    /// The bytes buffered and not yet returned as frames (the start of an incomplete
+    /// frame, or frames not popped yet), oldest first.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered_len(&self) -> usize {
         self.buf.len() - self.pos

@@ -10,7 +10,7 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -159,6 +159,59 @@ pub struct DeviceThread {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     tx: Sender<BoxedSubscriber>,
+    pausing: Arc<Pausing>,
+}
+
+/// Pause requests to the device thread: how many holders want it parked, and whether it is.
+#[derive(Debug, Default)]
+struct Pausing {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    /// Live [`DevicesPaused`] guards.
+    holders: u32,
+    /// The thread is parked and serves nothing.
+    parked: bool,
+}
+
+impl Pausing {
+    /// Called by the device thread between events: parks it while a pause is held (or
+    /// until the loop stops).
+    fn park_while_held(&self, stop: &AtomicBool) {
+        let mut state = lock(&self.state);
+        if state.holders == 0 {
+            return;
+        }
+        state.parked = true;
+        self.changed.notify_all();
+        while state.holders > 0 && !stop.load(Ordering::SeqCst) {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked = false;
+    }
+}
+
+/// The device thread parked: while this lives it serves no queue and no host descriptor,
+/// so device state and guest memory stay as they are (a VMM saves them then). Notifications
+/// and host bytes that arrive meanwhile wait in their eventfds and sockets and are served
+/// once it is dropped.
+#[derive(Debug)]
+pub struct DevicesPaused {
+    pausing: Arc<Pausing>,
+}
+
+impl Drop for DevicesPaused {
+    fn drop(&mut self) {
+        let mut state = lock(&self.pausing.state);
+        state.holders = state.holders.saturating_sub(1);
+        self.pausing.changed.notify_all();
+    }
 }
 
 impl DeviceThread {
@@ -181,10 +234,11 @@ impl DeviceThread {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<BoxedSubscriber>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
-        let (thread_wake, thread_stop) = (wake.clone(), stop.clone());
+        let pausing = Arc::new(Pausing::default());
+        let (thread_wake, thread_stop, thread_pausing) = (wake.clone(), stop.clone(), pausing.clone());
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(thread_wake, thread_stop, rx, ready_tx, confine))
+            .spawn(move || run(thread_wake, thread_stop, thread_pausing, rx, ready_tx, confine))
             .map_err(EventLoopError::Spawn)?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -196,7 +250,37 @@ impl DeviceThread {
             stop,
             wake,
             tx,
+            pausing,
         })
+    }
+
+    /// Parks the thread between two events and returns once it is parked; it stays parked
+    /// until the returned guard is dropped (or the thread is stopped). Fails if the thread
+    /// has ended.
+    pub fn pause(&self) -> Result<DevicesPaused, EventLoopError> {
+        let guard = {
+            let mut state = lock(&self.pausing.state);
+            state.holders += 1;
+            DevicesPaused {
+                pausing: self.pausing.clone(),
+            }
+        };
+        self.wake.write(1).map_err(|_| EventLoopError::Stopped)?;
+        let mut state = lock(&self.pausing.state);
+        while !state.parked {
+            if self.handle.as_ref().is_none_or(JoinHandle::is_finished) {
+                return Err(EventLoopError::Stopped);
+            }
+            // A timeout so that a thread that ended meanwhile is noticed.
+            state = self
+                .pausing
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(state);
+        Ok(guard)
     }
 
     /// Hands `subscriber` to the thread; it is registered before the loop waits again.
@@ -227,6 +311,11 @@ impl DeviceThread {
     fn shutdown(&mut self) -> Result<(), EventLoopError> {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
+        // A parked thread wakes for the stop even while a pause guard lives.
+        {
+            let _state = lock(&self.pausing.state);
+            self.pausing.changed.notify_all();
+        }
         match self.handle.take() {
             Some(h) => h.join().map_err(|_| EventLoopError::Stopped),
             None => Ok(()),
@@ -243,6 +332,7 @@ impl Drop for DeviceThread {
 fn run(
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
+    pausing: Arc<Pausing>,
     rx: Receiver<BoxedSubscriber>,
     ready: mpsc::SyncSender<Result<(), String>>,
     confine: impl FnOnce() -> Result<(), String>,
@@ -262,6 +352,7 @@ fn run(
     }
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::SeqCst) {
+        pausing.park_while_held(&stop);
         while let Ok(subscriber) = rx.try_recv() {
             manager.add_subscriber(subscriber);
         }
@@ -275,6 +366,56 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the events of one eventfd.
+    struct Counter {
+        evt: Arc<EventFd>,
+        seen: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(self.evt.as_ref(), EventSet::IN)).unwrap();
+        }
+
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_paused_thread_serves_nothing_until_resumed_and_still_stops() {
+        let thread = DeviceThread::spawn("pause-test").unwrap();
+        let evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        thread
+            .register(Box::new(Counter {
+                evt: evt.clone(),
+                seen: seen.clone(),
+            }))
+            .unwrap();
+        let wait_for = |n: u32| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while seen.load(Ordering::SeqCst) < n {
+                assert!(std::time::Instant::now() < deadline, "event {n} not served");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        evt.write(1).unwrap();
+        wait_for(1);
+
+        let paused = thread.pause().unwrap();
+        evt.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "served while paused");
+        drop(paused);
+        wait_for(2);
+
+        // A thread parked by a live guard still stops.
+        let _held = thread.pause().unwrap();
+        thread.stop().unwrap();
+    }
 
     #[test]
     fn confine_runs_on_the_device_thread_and_its_failure_fails_the_spawn() {

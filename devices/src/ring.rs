@@ -78,6 +78,18 @@ impl BoundedFifo {
         n
     }
 
+    /// Appends all of `data`, past the bound if need be ([`Self::room`] then reads 0 until
+    /// the FIFO drains below it): for bytes that must not be lost, such as those a saved
+    /// state carries.
+    pub fn push_over_bound(&mut self, data: &[u8]) {
+        self.bytes.extend(data);
+    }
+
+    /// The bound, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Free space in bytes.
     pub fn room(&self) -> usize {
         self.capacity.saturating_sub(self.bytes.len())

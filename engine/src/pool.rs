@@ -107,6 +107,9 @@ pub(crate) struct ShellShape {
     /// For a Linux guest: its kernel and initramfs, loaded into the shell's memory (with the
     /// [`LinuxBootConfig`] given to [`ShellPool::take`]).
     pub(crate) linux: Option<(FileStamp, FileStamp)>,
+    /// Memory in a Linux guest's layout ([`boot::memory_layout`]: around the 32-bit MMIO
+    /// gap, in huge pages where anonymous) rather than one region at 0. Implied by `linux`.
+    pub(crate) linux_layout: bool,
 }
 
 impl ShellShape {
@@ -144,10 +147,16 @@ impl Shell {
         let size = usize::try_from(shape.memory_mb << 20)
             .map_err(|_| Error::InvalidConfig("memory size too large".into()))?;
         let linux = linux.filter(|_| shape.linux.is_some());
+        let linux_layout = shape.linux_layout || linux.is_some();
         let memory = match (linux, shape.backing, backing) {
             // Linux's layout: RAM around the 32-bit MMIO gap, in huge pages.
             (Some(_), _, _) => boot::create_memory(shape.memory_mb)?,
+            (None, Some(_), Some(file)) if linux_layout => memory::map_private_file_regions(
+                file.clone(),
+                &boot::memory_layout(shape.memory_mb)?,
+            )?,
             (None, Some(_), Some(file)) => memory::map_private_file(file.clone(), size)?,
+            _ if linux_layout => boot::create_memory(shape.memory_mb)?,
             _ => memory::create_anonymous(size)?,
         };
         let vm = Vm::new(hypervisor, memory, shape.options())?;

@@ -553,7 +553,7 @@ fn the_linux_machine_is_assembled_and_its_devices_answer() {
     ));
 
     let mut machine = build(&config).unwrap();
-    let info = *machine.boot_info();
+    let info = *machine.boot_info().expect("a booted machine");
     assert_eq!(info.protocol, BootProtocol::Pvh);
     assert_eq!(machine.describe_devices().len(), 2);
     assert!(machine.take_agent_channel().is_some());

@@ -150,11 +150,32 @@ impl Console {
         self.bytes_to_host
     }
 
+    /// Moves every byte the engine has written into the socket pair so far into the
+    /// device's buffer for the guest, past its bound if need be (nothing is lost; the device
+    /// reads no more until the guest has taken them): so that a [`Self::save`] that follows
+    /// holds them. Returns how many bytes were moved. Call it with the device thread paused.
+    pub fn absorb_host_input(&mut self) -> usize {
+        let mut chunk = [0u8; 4096];
+        let mut moved = 0;
+        while !self.host_read_closed {
+            match self.host.read(&mut chunk) {
+                Ok(0) => self.host_read_closed = true,
+                Ok(n) => {
+                    self.to_guest.push_over_bound(&chunk[..n]);
+                    moved += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // WouldBlock: all read; other errors: read_host reports them
+            }
+        }
+        moved
+    }
+
     /// The device's state as plain data. Bytes still inside the socket pair are not part of
-    /// it: quiesce the engine's side first.
+    /// it: quiesce the engine's side first (see [`Self::absorb_host_input`]).
     pub fn save(&self) -> ConsoleState {
         ConsoleState {
-            buffer_bytes: self.to_guest.room() + self.to_guest.len(),
+            buffer_bytes: self.to_guest.capacity(),
             to_guest: self.to_guest.to_vec(),
             to_host: self.to_host.to_vec(),
         }
@@ -163,17 +184,23 @@ impl Console {
     /// A console holding the saved bytes in flight, with a fresh socket pair; returns the
     /// engine's end.
     pub fn restore(state: &ConsoleState) -> Result<(Self, UnixStream), ConsoleError> {
-        let (mut console, host) = Self::with_buffer(state.buffer_bytes)?;
-        if console.to_guest.push(&state.to_guest) != state.to_guest.len()
-            || console.to_host.push(&state.to_host) != state.to_host.len()
+        // A state may hold more than the bound (see `absorb_host_input`), never more than
+        // a few frames: anything larger is not a state this device wrote.
+        let limit = state.buffer_bytes.max(MAX_CHAIN_BYTES as usize) * 64;
+        if state.buffer_bytes == 0
+            || state.to_guest.len() > limit
+            || state.to_host.len() > limit
         {
             return Err(ConsoleError::InvalidState(format!(
-                "{} + {} bytes in flight exceed the {}-byte buffers",
+                "{} + {} bytes in flight for {}-byte buffers",
                 state.to_guest.len(),
                 state.to_host.len(),
                 state.buffer_bytes
             )));
         }
+        let (mut console, host) = Self::with_buffer(state.buffer_bytes)?;
+        console.to_guest.push_over_bound(&state.to_guest);
+        console.to_host.push_over_bound(&state.to_host);
         Ok((console, host))
     }
 
@@ -639,8 +666,26 @@ mod tests {
         let (restored, _host) = Console::restore(&state).unwrap();
         assert_eq!(restored.save(), state);
         let mut bad = state;
-        bad.to_guest = vec![0; 9];
+        bad.to_guest = vec![0; MAX_CHAIN_BYTES as usize * 64 + 1];
         assert!(Console::restore(&bad).is_err());
+        bad.to_guest.clear();
+        bad.buffer_bytes = 0;
+        assert!(Console::restore(&bad).is_err());
+    }
+
+    #[test]
+    fn absorbed_host_input_goes_past_the_bound_into_the_saved_state() {
+        let (mut dev, mut host) = Console::with_buffer(4).unwrap();
+        host.write_all(b"0123456789").unwrap();
+        dev.process_host::<Mem>(READ, None).unwrap();
+        assert_eq!(dev.pending_to_guest(), 4);
+        assert_eq!(dev.absorb_host_input(), 6);
+        let state = dev.save();
+        assert_eq!((state.to_guest.as_slice(), state.buffer_bytes), (&b"0123456789"[..], 4));
+        // The restored device holds them all too, and delivers them in order.
+        let (restored, _host) = Console::restore(&state).unwrap();
+        assert_eq!(restored.pending_to_guest(), 10);
+        assert_eq!(restored.save(), state);
     }
 
     #[test]

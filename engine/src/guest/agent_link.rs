@@ -4,18 +4,28 @@
 //! One reader thread decodes frames and routes each to the request waiting for its id;
 //! writes are serialised by a mutex. Many requests run at once. The link is ready once the
 //! agent's `Hello` arrived with a protocol version we speak.
+//!
+//! **Freezing.** A guest's snapshot must hold the channel's bytes in flight, cut at a point
+//! both ends agree on. [`AgentLink::hold_writes`] stops new frames from being written (a frame
+//! being written is finished first), so every byte sent so far is in the socket or beyond;
+//! [`AgentLink::received_bytes`] and [`AgentLink::undecoded`] tell what the reader has taken
+//! out of the socket and what of it is not a whole frame yet (the start of a frame the agent
+//! was sending). A link for the restored guest starts with [`AgentLink::restored`] (no second
+//! `Hello`: the agent never restarted), with request ids continuing where the snapshot's link
+//! was, so no id of a request still running in the guest is reused.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::sync::lock;
+use crate::sync::{lock, wait};
 use capsule_agent_protocol::{
-    encode, ExitInfo, FrameDecoder, Hello, Message, RunRequest, CONTROL_ID, PROTOCOL_VERSION,
+    encode, ExitInfo, FrameDecoder, Hello, Message, RunRequest, SyncRequest, CONTROL_ID,
+    PROTOCOL_VERSION,
 };
 
 /// Why a request over the link failed.
@@ -44,13 +54,42 @@ impl std::fmt::Display for LinkError {
 
 type Waiters = HashMap<u32, Sender<Message>>;
 
+/// The writing side: the stream, and whether writes are held (see [`AgentLink::hold_writes`]).
+struct Writer {
+    stream: Box<dyn Write + Send>,
+    held: bool,
+}
+
+/// What the reader thread shares: its decoder (with the bytes not yet whole frames) and how
+/// many bytes it has taken from the stream.
+#[derive(Default)]
+struct ReaderState {
+    decoder: FrameDecoder,
+    received: u64,
+}
+
 /// A connected agent.
 pub(crate) struct AgentLink {
-    writer: Mutex<Box<dyn Write + Send>>,
+    writer: Mutex<Writer>,
+    /// Signalled when writes are released or the link closes.
+    writable: Condvar,
     waiters: Arc<Mutex<Waiters>>,
+    reader: Arc<Mutex<ReaderState>>,
     next_id: AtomicU32,
     closed: Arc<AtomicBool>,
     hello: Hello,
+}
+
+/// Holds an [`AgentLink`]'s writes until dropped.
+pub(crate) struct WritesHeld {
+    link: Arc<AgentLink>,
+}
+
+impl Drop for WritesHeld {
+    fn drop(&mut self) {
+        lock(&self.link.writer).held = false;
+        self.link.writable.notify_all();
+    }
 }
 
 impl AgentLink {
@@ -61,17 +100,9 @@ impl AgentLink {
         timeout: Duration,
     ) -> Result<Arc<AgentLink>, LinkError> {
         let waiters: Arc<Mutex<Waiters>> = Arc::default();
-        let closed = Arc::new(AtomicBool::new(false));
         let (hello_tx, hello_rx) = crossbeam_channel::bounded(1);
         lock(&waiters).insert(CONTROL_ID, hello_tx);
-        {
-            let waiters = waiters.clone();
-            let closed = closed.clone();
-            std::thread::Builder::new()
-                .name("capsule-agent-reader".into())
-                .spawn(move || read_loop(reader, waiters, closed))
-                .map_err(|e| LinkError::Closed(format!("spawning the reader: {e}")))?;
-        }
+        let (state, closed) = start_reader(reader, waiters.clone())?;
         let hello = match hello_rx.recv_timeout(timeout) {
             Ok(Message::Hello(hello)) => hello,
             Ok(Message::Error(e)) => return Err(LinkError::Agent(e.message)),
@@ -92,13 +123,51 @@ impl AgentLink {
                 hello.protocol_version
             )));
         }
-        Ok(Arc::new(AgentLink {
-            writer: Mutex::new(writer),
+        lock(&waiters).remove(&CONTROL_ID);
+        Ok(Self::with_parts(writer, waiters, state, closed, hello, 1))
+    }
+
+    /// A link to an agent that is already running (in a guest restored from a snapshot):
+    /// `hello` is what it said when it started, `next_id` the first request id to use.
+    pub(crate) fn restored(
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+        hello: Hello,
+        next_id: u32,
+    ) -> Result<Arc<AgentLink>, LinkError> {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            return Err(LinkError::Protocol(format!(
+                "the snapshot's agent speaks protocol {}, the engine {PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        let waiters: Arc<Mutex<Waiters>> = Arc::default();
+        let (state, closed) = start_reader(reader, waiters.clone())?;
+        Ok(Self::with_parts(
+            writer, waiters, state, closed, hello, next_id,
+        ))
+    }
+
+    fn with_parts(
+        writer: Box<dyn Write + Send>,
+        waiters: Arc<Mutex<Waiters>>,
+        reader: Arc<Mutex<ReaderState>>,
+        closed: Arc<AtomicBool>,
+        hello: Hello,
+        next_id: u32,
+    ) -> Arc<AgentLink> {
+        Arc::new(AgentLink {
+            writer: Mutex::new(Writer {
+                stream: writer,
+                held: false,
+            }),
+            writable: Condvar::new(),
             waiters,
-            next_id: AtomicU32::new(1),
+            reader,
+            next_id: AtomicU32::new(next_id.max(1)),
             closed,
             hello,
-        }))
+        })
     }
 
     /// The agent's greeting.
@@ -106,12 +175,44 @@ impl AgentLink {
         &self.hello
     }
 
+    /// The request id the next request would take (saved with a snapshot).
+    pub(crate) fn next_id(&self) -> u32 {
+        self.next_id.load(Ordering::SeqCst)
+    }
+
+    /// Tries to hold writes: `Some` once no frame is being written and none will be until
+    /// the guard is dropped; `None` if a write is in progress now (it may be blocked on a
+    /// full stream: drain the other end and try again).
+    pub(crate) fn try_hold_writes(self: &Arc<Self>) -> Option<WritesHeld> {
+        let mut writer = self.writer.try_lock().ok()?;
+        writer.held = true;
+        Some(WritesHeld { link: self.clone() })
+    }
+
+    /// Bytes the reader has taken from the stream so far.
+    pub(crate) fn received_bytes(&self) -> u64 {
+        lock(&self.reader).received
+    }
+
+    /// The bytes received that are not whole frames yet (the start of a frame the agent is
+    /// sending), oldest first.
+    pub(crate) fn undecoded(&self) -> Vec<u8> {
+        lock(&self.reader).decoder.pending().to_vec()
+    }
+
     fn send(&self, message: &Message, id: u32) -> Result<(), LinkError> {
         let bytes = encode(message, id);
         let mut writer = lock(&self.writer);
+        while writer.held && !self.closed.load(Ordering::SeqCst) {
+            writer = wait(&self.writable, writer);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LinkError::Closed("the agent is gone".into()));
+        }
         writer
+            .stream
             .write_all(&bytes)
-            .and_then(|()| writer.flush())
+            .and_then(|()| writer.stream.flush())
             .map_err(|e| LinkError::Closed(e.to_string()))
     }
 
@@ -135,6 +236,24 @@ impl AgentLink {
         lock(&self.waiters).remove(&id);
     }
 
+    /// Waits for the next message of request `id` until `deadline`.
+    fn next_reply(
+        replies: &Receiver<Message>,
+        deadline: Option<Instant>,
+    ) -> Result<Message, LinkError> {
+        match deadline {
+            Some(deadline) => replies.recv_deadline(deadline).map_err(|e| match e {
+                RecvTimeoutError::Timeout => LinkError::Timeout,
+                RecvTimeoutError::Disconnected => {
+                    LinkError::Closed("while a request ran".into())
+                }
+            }),
+            None => replies
+                .recv()
+                .map_err(|_| LinkError::Closed("while a request ran".into())),
+        }
+    }
+
     /// Runs a command and waits for its exit. `timeout` bounds the wait on the host side; the
     /// agent enforces `request.timeout_ms` itself (killing the process group).
     pub(crate) fn run(
@@ -146,18 +265,7 @@ impl AgentLink {
         let result = self.send(&Message::Run(request), id).and_then(|()| {
             let deadline = timeout.map(|t| Instant::now() + t);
             loop {
-                let message = match deadline {
-                    Some(deadline) => replies.recv_deadline(deadline).map_err(|e| match e {
-                        RecvTimeoutError::Timeout => LinkError::Timeout,
-                        RecvTimeoutError::Disconnected => {
-                            LinkError::Closed("while a command ran".into())
-                        }
-                    })?,
-                    None => replies
-                        .recv()
-                        .map_err(|_| LinkError::Closed("while a command ran".into()))?,
-                };
-                match message {
+                match Self::next_reply(&replies, deadline)? {
                     Message::Exit(exit) => return Ok(exit),
                     Message::Error(e) if e.code.ends_request() => {
                         return Err(LinkError::Agent(e.message))
@@ -175,19 +283,62 @@ impl AgentLink {
         result
     }
 
+    /// Sends the agent a [`SyncRequest`] (wall clock, entropy, environment) and waits up to
+    /// `timeout` for its `Ack`.
+    pub(crate) fn sync(&self, request: SyncRequest, timeout: Duration) -> Result<(), LinkError> {
+        let (id, replies) = self.open_request()?;
+        let result = self.send(&Message::Sync(request), id).and_then(|()| {
+            let deadline = Some(Instant::now() + timeout);
+            loop {
+                match Self::next_reply(&replies, deadline)? {
+                    Message::Ack => return Ok(()),
+                    Message::Error(e) if e.code.ends_request() => {
+                        return Err(LinkError::Agent(e.message))
+                    }
+                    _ => {}
+                }
+            }
+        });
+        self.close_request(id);
+        result
+    }
+
     /// Whether the stream has closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
+
+    /// Marks the link closed: requests fail from now on, and a request waiting for held
+    /// writes gives up. (The stream itself ends when its owner closes it.)
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let _writer = lock(&self.writer);
+        self.writable.notify_all();
+    }
+}
+
+/// Starts the reader thread on `reader`, routing frames to `waiters`.
+fn start_reader(
+    reader: Box<dyn Read + Send>,
+    waiters: Arc<Mutex<Waiters>>,
+) -> Result<(Arc<Mutex<ReaderState>>, Arc<AtomicBool>), LinkError> {
+    let state: Arc<Mutex<ReaderState>> = Arc::default();
+    let closed = Arc::new(AtomicBool::new(false));
+    let (thread_state, thread_closed) = (state.clone(), closed.clone());
+    std::thread::Builder::new()
+        .name("capsule-agent-reader".into())
+        .spawn(move || read_loop(reader, waiters, thread_state, thread_closed))
+        .map_err(|e| LinkError::Closed(format!("spawning the reader: {e}")))?;
+    Ok((state, closed))
 }
 
 /// Decodes frames until the stream ends, routing each to its request.
 fn read_loop(
     mut reader: Box<dyn Read + Send>,
     waiters: Arc<Mutex<Waiters>>,
+    state: Arc<Mutex<ReaderState>>,
     closed: Arc<AtomicBool>,
 ) {
-    let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     'outer: loop {
         let n = match reader.read(&mut buf) {
@@ -199,9 +350,13 @@ fn read_loop(
                 break;
             }
         };
-        decoder.push(&buf[..n]);
+        // Decoding and counting under one lock: whoever reads `received` sees every frame
+        // of those bytes routed, and `undecoded` is exactly what is left of them.
+        let mut state = lock(&state);
+        state.received += n as u64;
+        state.decoder.push(&buf[..n]);
         loop {
-            match decoder.next_frame() {
+            match state.decoder.next_frame() {
                 Ok(Some(frame)) => {
                     let waiters = lock(&waiters);
                     if let Some(tx) = waiters.get(&frame.id) {

@@ -15,17 +15,28 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use capsule_agent_protocol::{ExitStatus, RunRequest};
+use crossbeam_channel::{select, Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+use capsule_agent_protocol::{ExitStatus, Hello, RunRequest, SyncRequest};
 use capsule_devices::serial::SerialLog;
 use capsule_devices::Bus;
+use capsule_snapshot::bitmap::PageBitmap;
+use capsule_snapshot::PAGE_SIZE;
+use capsule_vmm::machine::linux::LinuxDeviceState;
 use capsule_vmm::machine::LinuxMachine;
-use capsule_vmm::{HostInfo, Vcpu, VcpuEvent, Vm};
+use capsule_vmm::memory as vmm_memory;
+use capsule_vmm::vcpu::VcpuState;
+use capsule_vmm::{HostInfo, Kicker, Vcpu, VcpuEvent, Vm};
 
-use super::agent_link::{AgentLink, LinkError};
+use super::agent_link::{AgentLink, LinkError, WritesHeld};
 use super::vcpu_set::VcpuSet;
-use super::{BootContext, Frozen, GuestEvents, Job, Resources, Runtime};
+use super::{
+    BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryImage, MemoryOrigin,
+    Resources, Runtime,
+};
 use crate::error::{Error, Result, TimeoutKind};
 use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::pool::{FileStamp, Shell, ShellShape};
@@ -102,14 +113,55 @@ pub(crate) fn image_files(images: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((kernel, initrd))
 }
 
+/// What a Linux guest keeps outside KVM and guest memory: its devices, and what the engine
+/// knows of its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LinuxGuestState {
+    pub(crate) devices: LinuxDeviceState,
+    pub(crate) agent: AgentState,
+}
+
+/// The agent of a frozen guest, as its link knew it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AgentState {
+    pub(crate) protocol_version: u32,
+    pub(crate) agent_version: String,
+    pub(crate) capabilities: u64,
+    /// The next request id: ids below it may still be running in the guest.
+    pub(crate) next_request_id: u32,
+}
+
+/// How the agent's link starts.
+enum AgentStart {
+    /// A booting guest: wait for its `Hello`.
+    Boot,
+    /// A restored guest: its agent runs on.
+    Restored(AgentState),
+}
+
+/// Requests to a vCPU thread besides stopping.
+enum Control {
+    /// Complete the last exit, report the vCPU's state, and wait until `thaw` closes.
+    Freeze {
+        reply: Sender<capsule_vmm::Result<(u32, VcpuState)>>,
+        thaw: Receiver<()>,
+    },
+}
+
 /// A running Linux guest.
 pub(crate) struct LinuxRuntime {
     id: CapsuleId,
     link: Arc<AgentLink>,
     console: SerialLog,
     vcpus: VcpuSet,
+    /// Per vCPU thread: its control channel and its kicker.
+    controls: Vec<(Sender<Control>, Kicker)>,
+    /// Dropped to wake frozen vCPU threads when the guest shuts down.
+    stop: Mutex<Option<Sender<()>>>,
     /// The devices and their thread, released (with the VM) at shutdown.
     machine: Mutex<Option<LinuxMachine>>,
+    vm: Arc<Vm>,
+    origin: MemoryOrigin,
     boot_timeout: Duration,
 }
 
@@ -126,6 +178,7 @@ impl LinuxRuntime {
             irqchip: options.irqchip,
             backing: None,
             linux: Some((FileStamp::of(&kernel)?, FileStamp::of(&initrd)?)),
+            linux_layout: true,
         };
         let config = LinuxMachine::boot_config(
             kernel,
@@ -138,9 +191,68 @@ impl LinuxRuntime {
         let Shell {
             vm, vcpus, loaded, ..
         } = ctx.shells.take(shape, None, Some(&config))?;
-        let mut machine =
+        let machine =
             LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded, ctx.seccomp)?;
+        Self::start(ctx, machine, AgentStart::Boot, MemoryOrigin::Fresh)
+    }
 
+    /// Rebuilds a Linux guest from `machine` over the memory in `image`: its processes, open
+    /// files and agent run on from where they were frozen.
+    pub(crate) fn restore(
+        ctx: BootContext,
+        machine: &MachineState,
+        image: &MemoryImage,
+        origin: MemoryOrigin,
+    ) -> Result<Arc<Self>> {
+        validate(&ctx.config, ctx.hypervisor.info())?;
+        let GuestState::Linux(state) = &machine.guest else {
+            return Err(Error::SnapshotMismatch(
+                "the snapshot is not of a Linux guest".into(),
+            ));
+        };
+        if machine.vcpus.len() != ctx.config.vcpus as usize {
+            return Err(Error::SnapshotMismatch(format!(
+                "the snapshot has {} vCPUs, the capsule {}",
+                machine.vcpus.len(),
+                ctx.config.vcpus
+            )));
+        }
+        let options = LinuxMachine::vm_options();
+        let shape = ShellShape {
+            memory_mb: ctx.config.memory_mb,
+            vcpus: ctx.config.vcpus,
+            dirty_log: options.dirty_log,
+            irqchip: options.irqchip,
+            backing: image.base_id,
+            linux: None,
+            linux_layout: true,
+        };
+        // A template's capsules get shells whose memory already maps its base layer.
+        let shell = ctx.shells.take(shape, image.base.as_ref(), None)?;
+        let premapped = image.base_id.is_some() && image.base_id == shell.backing;
+        // SAFETY: a shell's vCPUs have never run, and the shell is ours alone until it is
+        // handed to the machine below.
+        unsafe { super::memory::restore(shell.vm.memory(), image, premapped) }?;
+        let restored = LinuxMachine::restore(
+            &ctx.id.to_string(),
+            shell.vm,
+            shell.vcpus,
+            &state.devices,
+            &machine.vm,
+            &machine.vcpus,
+            ctx.seccomp,
+        )?;
+        Self::start(ctx, restored, AgentStart::Restored(state.agent.clone()), origin)
+    }
+
+    /// Starts the vCPU threads, connects to the agent and syncs it (wall clock, entropy, the
+    /// capsule's id); returns once the agent answered.
+    fn start(
+        ctx: BootContext,
+        mut machine: LinuxMachine,
+        agent: AgentStart,
+        origin: MemoryOrigin,
+    ) -> Result<Arc<Self>> {
         let vm = machine.vm().clone();
         let console_log = machine.console_log().clone();
         let host_end = machine.take_agent_channel().ok_or_else(|| {
@@ -149,6 +261,7 @@ impl LinuxRuntime {
                 std::io::Error::other("a new machine's channel was taken already"),
             )
         })?;
+        let msrs = ctx.hypervisor.msrs_to_save(vm.options().irqchip)?.to_vec();
         let vcpu_set = VcpuSet::new();
         let events = super::event_relay::for_vcpu_threads(&ctx)?;
         let positions = Arc::new(Mutex::new(Vec::new()));
@@ -159,8 +272,12 @@ impl LinuxRuntime {
                 .try_clone()
                 .map_err(|e| Error::os("cloning the agent channel", e))?,
         );
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut controls = Vec::new();
         for vcpu in machine.take_vcpus() {
             let kicker = vcpu.kicker();
+            let (control_tx, control_rx) = crossbeam_channel::unbounded();
+            controls.push((control_tx, kicker.clone()));
             let worker = VcpuLoop {
                 id: ctx.id.clone(),
                 vcpu,
@@ -168,6 +285,9 @@ impl LinuxRuntime {
                 pio: machine.pio().clone(),
                 mmio: machine.mmio().clone(),
                 stopping: vcpu_set.stop_flag(),
+                control: control_rx,
+                stop: stop_rx.clone(),
+                msrs: msrs.clone(),
                 events: events.clone(),
                 console: console_log.clone(),
                 positions: positions.clone(),
@@ -186,11 +306,30 @@ impl LinuxRuntime {
         let reader = host_end
             .try_clone()
             .map_err(|e| Error::os("cloning the agent channel", e))?;
-        let link = match AgentLink::connect(Box::new(reader), Box::new(host_end), ctx.boot_timeout)
-        {
+        let linked = match agent {
+            AgentStart::Boot => {
+                AgentLink::connect(Box::new(reader), Box::new(host_end), ctx.boot_timeout)
+            }
+            AgentStart::Restored(agent) => AgentLink::restored(
+                Box::new(reader),
+                Box::new(host_end),
+                Hello {
+                    protocol_version: agent.protocol_version,
+                    agent_version: agent.agent_version,
+                    capabilities: agent.capabilities,
+                },
+                agent.next_request_id,
+            ),
+        };
+        let synced = linked.and_then(|link| {
+            link.sync(sync_request(&ctx.id), ctx.boot_timeout)
+                .map(|()| link)
+        });
+        let link = match synced {
             Ok(link) => link,
             Err(e) => {
                 let tail = console_tail(&console_log);
+                drop(stop_tx);
                 vcpu_set.stop();
                 let mut state = std::mem::take(&mut *lock(&positions));
                 state.sort();
@@ -201,6 +340,10 @@ impl LinuxRuntime {
                         after: ctx.boot_timeout,
                         console: tail,
                         state,
+                    },
+                    LinkError::Agent(reason) => Error::Agent {
+                        id: ctx.id.clone(),
+                        reason: format!("the agent refused the start-up sync: {reason}"),
                     },
                     other => Error::GuestCrashed {
                         id: ctx.id.clone(),
@@ -218,11 +361,127 @@ impl LinuxRuntime {
             link,
             console: console_log,
             vcpus: vcpu_set,
+            controls,
+            stop: Mutex::new(Some(stop_tx)),
             machine: Mutex::new(Some(machine)),
+            vm,
+            origin,
             boot_timeout: ctx.boot_timeout,
         }))
     }
+
+    /// Why a vCPU thread could not be frozen: it ended, which only a crash does while the
+    /// capsule's lifecycle lock is held.
+    fn ended_error(&self) -> Error {
+        Error::GuestCrashed {
+            id: self.id.clone(),
+            reason: "a vCPU thread ended while the capsule was being frozen".into(),
+        }
+    }
+
+    /// Stops every vCPU at a consistent point; returns their states (by index) and the
+    /// sender whose drop lets them run on.
+    fn freeze_vcpus(&self) -> Result<(Vec<VcpuState>, Sender<()>)> {
+        let (thaw_tx, thaw_rx) = crossbeam_channel::bounded::<()>(0);
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        for (control, kicker) in &self.controls {
+            let request = Control::Freeze {
+                reply: reply_tx.clone(),
+                thaw: thaw_rx.clone(),
+            };
+            if control.send(request).is_err() {
+                return Err(self.ended_error());
+            }
+            kicker.kick();
+        }
+        drop(reply_tx);
+        let mut states = Vec::with_capacity(self.controls.len());
+        for _ in 0..self.controls.len() {
+            match reply_rx.recv() {
+                Ok(Ok(frozen)) => states.push(frozen),
+                Ok(Err(e)) => return Err(Error::Hypervisor(e)),
+                Err(_) => return Err(self.ended_error()),
+            }
+        }
+        states.sort_by_key(|(index, _)| *index);
+        Ok((states.into_iter().map(|(_, s)| s).collect(), thaw_tx))
+    }
+
+    /// With the vCPUs and devices stopped: holds the agent link's writes, moves every byte
+    /// it wrote into the console, and waits until its reader has taken every byte the
+    /// console wrote; returns the hold and the start of a frame the agent was sending (it
+    /// belongs in front of the console's output in a snapshot).
+    fn quiesce_agent_channel(&self, machine: &LinuxMachine) -> Result<(WritesHeld, Vec<u8>)> {
+        let deadline = Instant::now() + CHANNEL_QUIESCE_LIMIT;
+        let held = loop {
+            // A write blocked on a full socket finishes once the console has read it.
+            machine.absorb_agent_input();
+            if let Some(held) = self.link.try_hold_writes() {
+                break held;
+            }
+            if Instant::now() > deadline {
+                return Err(self.channel_stuck("a write to the agent did not finish"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        machine.absorb_agent_input();
+        let sent = machine.agent_output_bytes();
+        while self.link.received_bytes() < sent {
+            if self.link.is_closed() || Instant::now() > deadline {
+                return Err(self.channel_stuck("the agent's output was not all read"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok((held, self.link.undecoded()))
+    }
+
+    fn channel_stuck(&self, what: &str) -> Error {
+        Error::Agent {
+            id: self.id.clone(),
+            reason: format!(
+                "the agent channel could not be quiesced for a snapshot within {CHANNEL_QUIESCE_LIMIT:?}: {what}"
+            ),
+        }
+    }
+
+    /// The pages written since the memory's origin: without a dirty log, the pages the
+    /// process holds privately (see `capsule_vmm::memory::private_pages`).
+    fn written_pages(&self) -> Result<PageBitmap> {
+        let memory = self.vm.memory();
+        let flat = vmm_memory::flatten_dirty(memory, &vmm_memory::private_pages(memory)?)?;
+        let pages = vmm_memory::size_of(memory) / PAGE_SIZE;
+        Ok(PageBitmap::from_kvm_words(&flat, pages)?)
+    }
 }
+
+/// How long a freeze waits for the agent channel to settle (a write in progress, the reader
+/// catching up): both take microseconds unless the host is starved.
+const CHANNEL_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
+
+/// What the agent is told whenever its guest starts or resumes: the host's wall clock, fresh
+/// entropy for the kernel's CRNG (clones of one snapshot must not share randomness), and the
+/// capsule's id for commands (`CAPSULE_ID`).
+fn sync_request(id: &CapsuleId) -> SyncRequest {
+    let mut entropy = vec![0u8; SYNC_ENTROPY_BYTES];
+    if let Err(e) = getrandom::fill(&mut entropy) {
+        // Without host entropy the guest's own pool still reseeds from its own sources.
+        tracing::warn!(error = %e, "no host entropy for the guest's CRNG");
+        entropy.clear();
+    }
+    let realtime_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    SyncRequest {
+        realtime_ns,
+        entropy,
+        env: vec![(CAPSULE_ID_ENV.into(), id.to_string())],
+    }
+}
+
+/// Bytes of host entropy sent at each sync (a full reseed of a ChaCha20 CRNG needs 32).
+const SYNC_ENTROPY_BYTES: usize = 64;
+/// The environment variable that holds the capsule's id in every command.
+pub(crate) const CAPSULE_ID_ENV: &str = "CAPSULE_ID";
 
 /// The last lines of the console, for error reports.
 fn console_tail(log: &SerialLog) -> String {
@@ -239,6 +498,11 @@ struct VcpuLoop {
     pio: Bus,
     mmio: Bus,
     stopping: Arc<AtomicBool>,
+    control: Receiver<Control>,
+    /// Disconnected when the guest shuts down (wakes a frozen thread).
+    stop: Receiver<()>,
+    /// MSRs to save when frozen.
+    msrs: Vec<u32>,
     events: Arc<dyn GuestEvents>,
     console: SerialLog,
     /// Where each vCPU was when it was stopped (or how it ended), for a boot that timed out.
@@ -264,6 +528,9 @@ impl VcpuLoop {
         loop {
             match self.vcpu.run(&self.pio, &self.mmio) {
                 Ok(VcpuEvent::Kicked) | Ok(VcpuEvent::Yield(_)) | Ok(VcpuEvent::Halted) => {
+                    while let Ok(control) = self.control.try_recv() {
+                        self.handle_control(control);
+                    }
                     if self.stopping.load(Ordering::SeqCst) {
                         return self.position();
                     }
@@ -298,9 +565,26 @@ impl VcpuLoop {
             }
         }
     }
-}
 
-impl VcpuLoop {
+    /// Serves a freeze: completes the last exit (KVM finishes it only at the next entry),
+    /// reports the state, and waits for the thaw or the guest's end.
+    fn handle_control(&mut self, control: Control) {
+        match control {
+            Control::Freeze { reply, thaw } => {
+                let state = self
+                    .vcpu
+                    .complete_pending_exit()
+                    .and_then(|()| self.vcpu.save_state(&self.msrs))
+                    .map(|state| (self.vcpu.index(), state));
+                let _ = reply.send(state);
+                select! {
+                    recv(thaw) -> _ => {}
+                    recv(self.stop) -> _ => {}
+                }
+            }
+        }
+    }
+
     /// The vCPU's instruction pointer, stack pointer and multiprocessing state, in words.
     fn position(&self) -> String {
         match self.vcpu.position() {
@@ -330,10 +614,43 @@ impl Runtime for LinuxRuntime {
         MAX_COMMAND
     }
 
+    /// Stops the vCPUs (not waiting for commands: their processes are frozen with the rest),
+    /// then the devices, settles the agent channel, and reads every state.
     fn freeze(&self) -> Result<Frozen> {
-        Err(Error::Unsupported(
-            "pausing and snapshotting Linux capsules is not supported yet".into(),
-        ))
+        let (vcpus, thaw) = self.freeze_vcpus()?;
+        let machine = lock(&self.machine);
+        let Some(machine) = machine.as_ref() else {
+            return Err(self.ended_error());
+        };
+        let devices_paused = machine.pause_devices()?;
+        let (writes_held, undecoded) = self.quiesce_agent_channel(machine)?;
+        let mut devices = machine.save_devices();
+        // The start of a frame the agent was sending: the restored guest's link must read
+        // it again from the beginning.
+        devices.console.to_host = [undecoded, devices.console.to_host].concat();
+        let mut vm = self.vm.save_state()?;
+        // The guest's monotonic clocks count only time it ran; its wall clock is set by
+        // the sync at every start.
+        vm.clear_clock_advance();
+        let dirty = self.written_pages()?;
+        let hello = self.link.hello();
+        let guest = GuestState::Linux(Box::new(LinuxGuestState {
+            devices,
+            agent: AgentState {
+                protocol_version: hello.protocol_version,
+                agent_version: hello.agent_version.clone(),
+                capabilities: hello.capabilities,
+                next_request_id: self.link.next_id(),
+            },
+        }));
+        Ok(Frozen {
+            machine: MachineState { vm, vcpus, guest },
+            vm: self.vm.clone(),
+            dirty,
+            origin: self.origin.clone(),
+            _thaw: thaw,
+            _hold: Some(Box::new((devices_paused, writes_held))),
+        })
     }
 
     fn console(&self) -> Option<SerialLog> {
@@ -341,6 +658,9 @@ impl Runtime for LinuxRuntime {
     }
 
     fn shutdown(&self) {
+        self.link.close();
+        self.vcpus.mark_stopping();
+        lock(&self.stop).take();
         self.vcpus.stop();
         if let Some(mut machine) = lock(&self.machine).take() {
             let _ = machine.stop_devices();

@@ -31,7 +31,7 @@ use capsule_vmm::vm::VmState;
 use capsule_vmm::{HostInfo, Hypervisor, Kicker, Vm};
 
 use crate::config::RunOptions;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::pool::ShellPool;
 use crate::sync::lock;
@@ -65,9 +65,7 @@ pub(crate) fn restore(
 ) -> Result<Arc<dyn Runtime>> {
     match kind {
         GuestKind::Probe => Ok(probe::ProbeRuntime::restore(ctx, machine, image, origin)?),
-        GuestKind::Linux => Err(Error::Unsupported(
-            "restoring Linux capsules is not supported yet".into(),
-        )),
+        GuestKind::Linux => Ok(linux::LinuxRuntime::restore(ctx, machine, image, origin)?),
     }
 }
 
@@ -105,6 +103,8 @@ pub(crate) struct MachineState {
 pub(crate) enum GuestState {
     /// The probe: the last request sequence number of each vCPU's mailbox.
     Probe { seqs: Vec<u32> },
+    /// A Linux guest: its devices and agent.
+    Linux(Box<linux::LinuxGuestState>),
 }
 
 /// A guest stopped at a consistent point (every vCPU between commands, its last exit
@@ -118,6 +118,9 @@ pub(crate) struct Frozen {
     pub(crate) origin: MemoryOrigin,
     /// Dropping this sender releases the frozen vCPU threads.
     pub(crate) _thaw: Sender<()>,
+    /// Whatever else the guest kind holds still while frozen (its device thread, its agent
+    /// link's writes), released on drop.
+    pub(crate) _hold: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// The resources a capsule runs with, resolved from its config and template.

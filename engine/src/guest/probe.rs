@@ -96,7 +96,11 @@ impl ProbeRuntime {
         image: &MemoryImage,
         origin: MemoryOrigin,
     ) -> Result<Arc<Self>> {
-        let GuestState::Probe { seqs } = &machine.guest;
+        let GuestState::Probe { seqs } = &machine.guest else {
+            return Err(Error::SnapshotMismatch(
+                "the snapshot is not of a probe guest".into(),
+            ));
+        };
         if machine.vcpus.len() != ctx.config.vcpus as usize || seqs.len() != machine.vcpus.len() {
             return Err(Error::SnapshotMismatch(format!(
                 "the snapshot has {} vCPUs ({} mailbox states), the capsule {}",
@@ -253,6 +257,7 @@ fn shell_shape(ctx: &BootContext, backing: Option<BackingId>) -> ShellShape {
         irqchip: options.irqchip,
         backing,
         linux: None,
+        linux_layout: false,
     }
 }
 
@@ -316,6 +321,7 @@ impl Runtime for ProbeRuntime {
             dirty,
             origin: self.origin.clone(),
             _thaw: thaw_tx,
+            _hold: None,
         })
     }
 

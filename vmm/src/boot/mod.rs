@@ -25,7 +25,7 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use crate::arch::x86_64::acpi::VirtioMmioDesc;
 use crate::arch::x86_64::acpi::{self, AcpiTables};
@@ -138,16 +138,22 @@ pub struct BootInfo {
 /// Creates the guest RAM of a Linux guest with `memory_mb` MiB, laid out as
 /// [`layout::ram_regions`] (a second region above 4 GiB past [`layout::MMIO_GAP_START`]).
 pub fn create_memory(memory_mb: u64) -> Result<GuestMemory> {
+    memory::create_anonymous_regions(&memory_layout(memory_mb)?)
+}
+
+/// The regions of a Linux guest's RAM of `memory_mb` MiB (`(guest-physical start, bytes)`,
+/// ascending), as [`create_memory`] lays them out: for mapping a snapshot of such a guest
+/// with [`memory::map_private_file_regions`].
+pub fn memory_layout(memory_mb: u64) -> Result<Vec<(GuestAddress, usize)>> {
     let size = LinuxBootConfig {
         memory_mb,
         ..LinuxBootConfig::new(Vec::new())
     }
     .memory_bytes()?;
-    let ranges: Vec<_> = layout::ram_regions(size)
+    Ok(layout::ram_regions(size)
         .into_iter()
         .map(|(start, len)| (start, len as usize))
-        .collect();
-    memory::create_anonymous_regions(&ranges)
+        .collect())
 }
 
 fn check_memory(memory: &GuestMemory, config: &LinuxBootConfig) -> Result<u64> {

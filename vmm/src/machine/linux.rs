@@ -16,26 +16,42 @@
 //! // run each of machine.take_vcpus() on machine.pio() / machine.mmio(), each on a thread
 //! // that calls seccomp::confine_current_thread(ThreadRole::Vcpu) first
 //! ```
+//!
+//! # Saving and restoring
+//!
+//! With every vCPU stopped (and its last exit completed), [`LinuxMachine::pause_devices`]
+//! parks the device thread; [`LinuxMachine::absorb_agent_input`] then moves the bytes the
+//! engine wrote into the agent's channel into the console's buffer, and
+//! [`LinuxMachine::save_devices`] returns a [`LinuxDeviceState`]: the UART (registers, unread
+//! input, console log) and each virtio-mmio transport (status, features, queues, interrupt
+//! status, config generation) with its device (the console's bytes in flight both ways; rng
+//! keeps only a counter). The i8042 (reset only) and the ACPI sleep registers (the status
+//! register reads 0) keep no state. [`LinuxMachine::restore`] builds the same machine from
+//! it, with the VM and vCPU states, over memory that already holds the snapshot.
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use capsule_devices::event_loop::DeviceThread;
+use capsule_devices::event_loop::{DeviceThread, DevicesPaused};
 use capsule_devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-use capsule_devices::serial::{SerialDevice, SerialLog, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN};
-use capsule_devices::virtio::console::Console;
-use capsule_devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
-use capsule_devices::virtio::rng::Rng;
+use capsule_devices::serial::{
+    SerialDevice, SerialLog, SerialState, COM1_IRQ, COM1_PORT, SERIAL_PORT_LEN,
+};
+use capsule_devices::virtio::console::{Console, ConsoleState};
+use capsule_devices::virtio::mmio::{MmioTransport, MmioTransportState, MMIO_SIZE, NOTIFY_OFFSET};
+use capsule_devices::virtio::rng::{Rng, RngState};
 use capsule_devices::virtio::VirtioDevice;
 use capsule_devices::{AcpiPm, Bus, BusDevice};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT};
 use crate::boot::{self, BootInfo, ImageSource, LinuxBootConfig, VirtioMmioDesc};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::seccomp::{self, ThreadRole};
-use crate::vcpu::Vcpu;
-use crate::vm::{Vm, VmOptions};
+use crate::vcpu::{Vcpu, VcpuState};
+use crate::vm::{Vm, VmOptions, VmState};
 
 /// The virtio-mmio slot of the virtio-console (the agent's channel).
 pub const CONSOLE_SLOT: u32 = 0;
@@ -63,8 +79,32 @@ pub struct LinuxDevices {
     pub rng: Arc<Mutex<Transport<Rng>>>,
 }
 
-/// A Linux machine ready to run: its VM, vCPUs set up to boot, devices on their buses and
-/// the device thread serving the virtio queues. Dropping it stops the device thread.
+/// The devices' state of a Linux machine (see the module docs for what each keeps).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinuxDeviceState {
+    /// COM1.
+    pub serial: SerialState,
+    /// The virtio-console's transport.
+    pub console_transport: MmioTransportState,
+    /// The virtio-console: the agent channel's bytes in flight.
+    pub console: ConsoleState,
+    /// virtio-rng's transport.
+    pub rng_transport: MmioTransportState,
+    /// virtio-rng.
+    pub rng: RngState,
+}
+
+/// The devices of a machine before they are wired up.
+struct DeviceParts {
+    serial: SerialDevice,
+    console: Transport<Console>,
+    rng: Transport<Rng>,
+    agent_channel: UnixStream,
+}
+
+/// A Linux machine ready to run: its VM, vCPUs set up to boot (or restored), devices on
+/// their buses and the device thread serving the virtio queues. Dropping it stops the
+/// device thread.
 pub struct LinuxMachine {
     vm: Arc<Vm>,
     vcpus: Vec<Vcpu>,
@@ -74,7 +114,8 @@ pub struct LinuxMachine {
     devices: LinuxDevices,
     device_thread: Option<DeviceThread>,
     agent_channel: Option<UnixStream>,
-    boot: BootInfo,
+    /// Where the kernel was loaded; `None` for a restored machine.
+    boot: Option<BootInfo>,
 }
 
 impl std::fmt::Debug for LinuxMachine {
@@ -142,12 +183,82 @@ impl LinuxMachine {
             )));
         }
 
-        // Port I/O: console, reset, power-off.
+        let mem = vm.memory().clone();
         let serial =
             SerialDevice::with_new_eventfd().map_err(|e| os("creating the serial port", e))?;
-        vm.register_irqfd(serial.irq_evt(), COM1_IRQ)?;
-        let console_log = serial.log();
-        let serial = Arc::new(Mutex::new(serial));
+        let (console, agent_channel) = Console::new().map_err(|e| os("creating the console", e))?;
+        let parts = DeviceParts {
+            serial,
+            console: MmioTransport::new(console, mem.clone())
+                .map_err(|e| os("creating the virtio console", e))?,
+            rng: MmioTransport::new(Rng::new(), mem).map_err(|e| os("creating virtio-rng", e))?,
+            agent_channel,
+        };
+        let boot = match loaded {
+            Some(info) => info,
+            None => boot::load_into_memory(vm.memory(), config)?,
+        };
+        boot::setup_vcpus(&vm, &vcpus, config, &boot)?;
+        Self::wire(name, vm, vcpus, parts, seccomp, Some(boot))
+    }
+
+    /// Builds the machine saved as `devices`, `vm_state` and `vcpu_states` on a fresh `vm`
+    /// (created with [`Self::vm_options`] over memory that already holds the snapshot's
+    /// pages, in the layout of [`boot::create_memory`]) and its `vcpus` (never run, one per
+    /// saved state, in order): the VM's and vCPUs' KVM state first, then the devices (a
+    /// pending virtio interrupt is raised again). The agent's channel is a new socket pair
+    /// holding the bytes that were in flight. Starts no vCPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        name: &str,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        devices: &LinuxDeviceState,
+        vm_state: &VmState,
+        vcpu_states: &[VcpuState],
+        seccomp: bool,
+    ) -> Result<LinuxMachine> {
+        if vcpus.len() != vcpu_states.len() {
+            return Err(Error::IncompatibleState(format!(
+                "{} saved vCPUs for {} vCPUs",
+                vcpu_states.len(),
+                vcpus.len()
+            )));
+        }
+        vm.restore_state(vm_state)?;
+        for (vcpu, state) in vcpus.iter().zip(vcpu_states) {
+            vcpu.restore_state(state)?;
+        }
+        let mem = vm.memory().clone();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| os("creating an eventfd", e))?;
+        let serial = SerialDevice::restore(irq, &devices.serial).map_err(invalid)?;
+        let (console, agent_channel) = Console::restore(&devices.console).map_err(invalid)?;
+        let parts = DeviceParts {
+            serial,
+            console: MmioTransport::restore(console, mem.clone(), &devices.console_transport)
+                .map_err(invalid)?,
+            rng: MmioTransport::restore(Rng::restore(&devices.rng), mem, &devices.rng_transport)
+                .map_err(invalid)?,
+            agent_channel,
+        };
+        Self::wire(name, vm, vcpus, parts, seccomp, None)
+    }
+
+    /// Puts the devices on their buses, their interrupts and notifications on KVM, and the
+    /// virtio transports on a new device thread.
+    fn wire(
+        name: &str,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        parts: DeviceParts,
+        seccomp: bool,
+        boot: Option<BootInfo>,
+    ) -> Result<LinuxMachine> {
+        let [console_slot, rng_slot] = virtio_slots()?;
+        // Port I/O: console, reset, power-off.
+        vm.register_irqfd(parts.serial.irq_evt(), COM1_IRQ)?;
+        let console_log = parts.serial.log();
+        let serial = Arc::new(Mutex::new(parts.serial));
         let i8042 = Arc::new(Mutex::new(I8042));
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(ACPI_S5_SLEEP_TYPE)));
         let mut pio = Bus::new();
@@ -180,15 +291,8 @@ impl LinuxMachine {
         })
         .map_err(|e| os("starting the device thread", e))?;
         let mut mmio = Bus::new();
-        let (console, agent_channel) = Console::new().map_err(|e| os("creating the console", e))?;
-        let console = attach(&vm, &device_thread, &mut mmio, console, console_slot)?;
-        let rng = attach(&vm, &device_thread, &mut mmio, Rng::new(), rng_slot)?;
-
-        let boot = match loaded {
-            Some(info) => info,
-            None => boot::load_into_memory(vm.memory(), config)?,
-        };
-        boot::setup_vcpus(&vm, &vcpus, config, &boot)?;
+        let console = attach(&vm, &device_thread, &mut mmio, parts.console, console_slot)?;
+        let rng = attach(&vm, &device_thread, &mut mmio, parts.rng, rng_slot)?;
         Ok(LinuxMachine {
             vm: Arc::new(vm),
             vcpus,
@@ -203,9 +307,54 @@ impl LinuxMachine {
                 rng,
             },
             device_thread: Some(device_thread),
-            agent_channel: Some(agent_channel),
+            agent_channel: Some(parts.agent_channel),
             boot,
         })
+    }
+
+    /// Parks the device thread until the returned guard is dropped: no virtio queue or host
+    /// byte is served meanwhile (see [`DeviceThread::pause`]). Stop the vCPUs first.
+    pub fn pause_devices(&self) -> Result<DevicesPaused> {
+        match &self.device_thread {
+            Some(thread) => thread.pause().map_err(|e| os("pausing the device thread", e)),
+            None => Err(os(
+                "pausing the device thread",
+                "the device thread was stopped",
+            )),
+        }
+    }
+
+    /// Moves every byte written into the agent's channel so far into the console's buffer
+    /// (see [`Console::absorb_host_input`]); returns how many. Only while the devices are
+    /// paused.
+    pub fn absorb_agent_input(&self) -> usize {
+        lock(&self.devices.console).device_mut().absorb_host_input()
+    }
+
+    /// Bytes the console has written into the agent's channel since the machine was built
+    /// (its engine end has them, read or not).
+    pub fn agent_output_bytes(&self) -> u64 {
+        lock(&self.devices.console).device().bytes_to_host()
+    }
+
+    /// Every device's state. Only while the devices are paused ([`Self::pause_devices`]) and
+    /// the vCPUs stopped, or the state may not match guest memory.
+    pub fn save_devices(&self) -> LinuxDeviceState {
+        let (console_transport, console) = {
+            let t = lock(&self.devices.console);
+            (t.save(), t.device().save())
+        };
+        let (rng_transport, rng) = {
+            let t = lock(&self.devices.rng);
+            (t.save(), t.device().save())
+        };
+        LinuxDeviceState {
+            serial: lock(&self.devices.serial).save(),
+            console_transport,
+            console,
+            rng_transport,
+            rng,
+        }
     }
 
     /// The VM (shared with whoever runs its vCPUs: it must outlive them).
@@ -244,9 +393,10 @@ impl LinuxMachine {
         &self.devices
     }
 
-    /// Where the kernel and its boot structures are in guest memory.
-    pub fn boot_info(&self) -> &BootInfo {
-        &self.boot
+    /// Where the kernel and its boot structures are in guest memory; `None` for a
+    /// restored machine.
+    pub fn boot_info(&self) -> Option<&BootInfo> {
+        self.boot.as_ref()
     }
 
     /// Each virtio transport and its queues, in words (for a boot that timed out).
@@ -284,11 +434,9 @@ fn attach<D: VirtioDevice + 'static>(
     vm: &Vm,
     devices: &DeviceThread,
     mmio: &mut Bus,
-    device: D,
+    transport: Transport<D>,
     slot: VirtioMmioDesc,
 ) -> Result<Arc<Mutex<Transport<D>>>> {
-    let transport: Transport<D> = MmioTransport::new(device, vm.memory().clone())
-        .map_err(|e| os("creating a virtio device", e))?;
     vm.register_irqfd(transport.irq_evt(), slot.gsi)?;
     for (queue, evt) in transport.queue_evts().iter().enumerate() {
         vm.register_mmio_ioeventfd(evt, slot.base + NOTIFY_OFFSET, queue as u32)?;
@@ -312,6 +460,11 @@ fn os(op: &'static str, e: impl std::fmt::Display) -> Error {
         op,
         source: std::io::Error::other(e.to_string()),
     }
+}
+
+/// A saved device state that does not fit.
+fn invalid(e: impl std::fmt::Display) -> Error {
+    Error::IncompatibleState(format!("device state: {e}"))
 }
 
 /// Devices stay usable after a thread panicked while holding one.

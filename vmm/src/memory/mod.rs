@@ -12,12 +12,14 @@
 //! - the host's view of it: [`host_ranges`], [`host_slices`];
 //! - flat offsets: [`write_flat`], [`read_flat`], [`flatten_dirty`];
 //! - pages the VMM wrote: [`take_vmm_dirty`] (KVM's log of guest writes is
-//!   [`crate::Vm::take_dirty_pages`], which includes these).
+//!   [`crate::Vm::take_dirty_pages`], which includes these); pages written by anyone since
+//!   the memory was mapped, without a dirty log: [`private_pages`].
 
 mod dirty;
 mod file;
 mod flat;
 mod huge;
+mod owned;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
@@ -29,6 +31,7 @@ pub use dirty::take_vmm_dirty;
 pub use file::{map_private_file, map_private_file_regions, replace_with_private_file};
 pub use flat::{flatten_dirty, read_flat, write_flat};
 pub use huge::HUGE_PAGE_SIZE;
+pub use owned::private_pages;
 
 /// Guest memory as the VMM sees it. The [`AtomicBitmap`] records pages the VMM itself writes
 /// (devices, mailboxes), which KVM's dirty log does not see.

@@ -146,8 +146,9 @@ impl Vcpu {
         })
     }
 
-    /// Whether the last [`Vcpu::run`] returned from inside a port I/O or MMIO exit (a
-    /// [`VcpuEvent::Yield`]) that KVM has not completed yet.
+    /// Whether the last [`Vcpu::run`] returned from inside a port I/O or MMIO exit that KVM
+    /// has not completed yet (a [`VcpuEvent::Yield`], or a kick that came between an exit and
+    /// the next entry).
     pub fn exit_pending(&self) -> bool {
         self.exit_pending
     }
@@ -188,24 +189,32 @@ impl Vcpu {
             self.exit_pending = false;
             match self.fd.run() {
                 Ok(exit) => match exit {
+                    // Every I/O and MMIO exit is completed by KVM only at the next entry (an
+                    // `in`'s value reaches the register then): until that entry, the vCPU's
+                    // state is not consistent for a save, even when a kick ends this run
+                    // before it re-enters (see `complete_pending_exit`).
                     VcpuExit::IoOut(port, data) => {
+                        self.exit_pending = true;
                         let outcome = pio.write(u64::from(port), data);
                         if let Some(event) = after_write(outcome, &mut self.exit_pending) {
                             return Ok(event);
                         }
                     }
                     VcpuExit::IoIn(port, data) => {
+                        self.exit_pending = true;
                         if !pio.read(u64::from(port), data) {
                             data.fill(0xff);
                         }
                     }
                     VcpuExit::MmioWrite(addr, data) => {
+                        self.exit_pending = true;
                         let outcome = mmio.write(addr, data);
                         if let Some(event) = after_write(outcome, &mut self.exit_pending) {
                             return Ok(event);
                         }
                     }
                     VcpuExit::MmioRead(addr, data) => {
+                        self.exit_pending = true;
                         if !mmio.read(addr, data) {
                             data.fill(0xff);
                         }

@@ -22,7 +22,8 @@
 //! stopped.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
+    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,18 @@ impl std::fmt::Debug for Irqchip {
             .field("chip_id", &self.0.chip_id)
             .field("bytes", &self.as_bytes())
             .finish()
+    }
+}
+
+impl VmState {
+    /// Makes a restore of this state start kvmclock exactly where it was saved, however much
+    /// wall-clock time passed (by dropping `KVM_CLOCK_REALTIME` and `KVM_CLOCK_HOST_TSC`):
+    /// the guest's monotonic clocks then count only time it ran, and whoever restores it sets
+    /// the guest's wall clock itself.
+    pub fn clear_clock_advance(&mut self) {
+        if let Some(clock) = &mut self.clock {
+            clock.flags &= !(KVM_CLOCK_REALTIME | KVM_CLOCK_HOST_TSC);
+        }
     }
 }
 
