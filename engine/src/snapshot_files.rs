@@ -228,3 +228,117 @@ fn check(state: SnapshotState) -> Result<SnapshotState> {
     state.memory.validate(memory_mb << 20)?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use capsule_devices::serial::SerialState;
+    use capsule_devices::virtio::console::ConsoleState;
+    use capsule_devices::virtio::mmio::MmioTransportState;
+    use capsule_devices::virtio::rng::RngState;
+    use capsule_snapshot::bitmap::PageBitmap;
+    use capsule_snapshot::chain::{LayerDesc, MemoryChain};
+    use capsule_snapshot::state_file::{decode_state_bytes, encode_state_bytes};
+    use capsule_vmm::machine::linux::LinuxDeviceState;
+    use capsule_vmm::vm::VmState;
+
+    use super::*;
+    use crate::guest::linux::{AgentState, LinuxGuestState};
+    use crate::guest::GuestState;
+
+    /// A paused Linux capsule's state, every guest-kind field set (no vCPU: their state is
+    /// KVM's own structures, pinned by the VMM).
+    fn linux_state() -> SnapshotState {
+        let record = CapsuleRecord {
+            id: "cl-golden000001".parse().expect("a valid id"),
+            template: "minimal".into(),
+            kind: GuestKind::Linux,
+            vcpus: 1,
+            memory_mb: 512,
+            timeout: Duration::from_secs(120),
+            created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000),
+        };
+        let transport = MmioTransportState {
+            driver_features: 1 << 32,
+            status: 0xf,
+            interrupt_status: 1,
+            config_generation: 2,
+            activated: true,
+            ..MmioTransportState::default()
+        };
+        let devices = LinuxDeviceState {
+            serial: SerialState {
+                line_control: 3,
+                in_buffer: b"in".to_vec(),
+                log_capacity: 64,
+                log: b"console".to_vec(),
+                ..SerialState::default()
+            },
+            console_transport: transport.clone(),
+            console: ConsoleState {
+                buffer_bytes: 65536,
+                to_guest: b"to guest".to_vec(),
+                to_host: b"to host".to_vec(),
+            },
+            rng_transport: transport,
+            rng: RngState { bytes_served: 4096 },
+        };
+        let pages = (512 << 20) / 4096;
+        let mut base = PageBitmap::new(pages);
+        base.set_range(0, 300).expect("in range");
+        let mut chain = MemoryChain::new(512 << 20);
+        chain
+            .push_layer(LayerDesc {
+                file_name: "base.layer".into(),
+                pages: base,
+            })
+            .expect("a base layer");
+        SnapshotState {
+            schema: SNAPSHOT_SCHEMA,
+            of: SnapshotOf::Capsule(record),
+            machine: MachineState {
+                vm: VmState {
+                    irqchip: None,
+                    pit: None,
+                    clock: None,
+                },
+                vcpus: Vec::new(),
+                guest: GuestState::Linux(Box::new(LinuxGuestState {
+                    devices,
+                    agent: AgentState {
+                        protocol_version: 2,
+                        agent_version: "0.1.0".into(),
+                        capabilities: 0x7f,
+                        next_request_id: 42,
+                    },
+                })),
+            },
+            memory: StoredMemory {
+                chain,
+                inline: Vec::new(),
+            },
+        }
+    }
+
+    /// `tests/golden/linux_snapshot_schema2.bin` pins how a Linux capsule's snapshot state is
+    /// written (schema [`SNAPSHOT_SCHEMA`]): a change to these bytes is a format change, which
+    /// needs a schema bump. Regenerate deliberately with `CAPSULE_REGENERATE_GOLDEN=1`.
+    #[test]
+    fn a_linux_snapshot_state_is_written_as_the_golden_file_says() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join("golden")
+            .join("linux_snapshot_schema2.bin");
+        let bytes = encode_state_bytes(&linux_state()).unwrap();
+        if std::env::var_os("CAPSULE_REGENERATE_GOLDEN").is_some() {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, &bytes).unwrap();
+        }
+        let golden = fs::read(&path).unwrap();
+        let decoded: SnapshotState = decode_state_bytes(&golden).unwrap();
+        assert_eq!(decoded, linux_state());
+        assert_eq!(check(decoded).unwrap(), linux_state());
+        assert_eq!(bytes, golden, "the encoding changed: bump SNAPSHOT_SCHEMA");
+    }
+}

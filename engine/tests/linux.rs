@@ -9,66 +9,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use capsule::{
-    CapsuleConfig, CapsuleConfigBuilder, Engine, EngineConfig, Error, RunOptions, Status,
-};
-
-/// The images directory: `$CAPSULE_MINIMAL_IMAGES`, the nested harness's extra files, or the
-/// engine's default.
-fn images() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CAPSULE_MINIMAL_IMAGES") {
-        return PathBuf::from(dir);
-    }
-    if let Some(extra) = std::env::var_os("CAPSULE_NESTED_EXTRA") {
-        return PathBuf::from(extra).join("images");
-    }
-    EngineConfig::default().linux_images()
-}
-
-/// How long a boot may take. Inside the nested harness the L1 runs under QEMU TCG and its
-/// two CPUs carry several guests at once (tests run in parallel): boots there take 5-16 s
-/// instead of well under a second, so the default 30 s is too close; a stuck boot still
-/// fails, with its console tail in [`Error::BootTimeout`].
-fn boot_timeout() -> Duration {
-    if std::env::var_os("CAPSULE_NESTED").is_some() {
-        Duration::from_secs(120)
-    } else {
-        EngineConfig::default().boot_timeout()
-    }
-}
-
-/// An engine that can boot Linux, or `None` with the reason printed.
-fn linux_engine() -> Option<(Engine, tempfile::TempDir)> {
-    let (engine, dir) =
-        common::engine_with(|c| c.linux_images(images()).boot_timeout(boot_timeout()))?;
-    if !engine.host().can_boot_linux() {
-        eprintln!(
-            "SKIPPED: the host's KVM is {}; Linux capsules need hardware virtualization \
-             (run `cargo xtask nested-test`)",
-            engine.host().virtualization
-        );
-        return None;
-    }
-    if !images().join("minimal").join("initrd.img").is_file() {
-        assert!(
-            std::env::var_os("CAPSULE_NESTED").is_none(),
-            "the nested harness must provide the minimal image"
-        );
-        eprintln!(
-            "SKIPPED: no minimal image in {}: run `cargo xtask build-minimal`",
-            images().display()
-        );
-        return None;
-    }
-    Some((engine, dir))
-}
-
-fn minimal() -> CapsuleConfigBuilder {
-    CapsuleConfig::builder("minimal").memory_mb(256)
-}
+use capsule::{Error, RunOptions, Status};
+use common::linux::{boot_timeout, images, linux_engine, minimal};
 
 #[test]
 fn a_host_that_cannot_boot_linux_refuses_at_once() {
@@ -369,18 +313,4 @@ fn destroy_while_a_command_runs() {
     c.destroy().unwrap();
     assert!(runner.join().unwrap().is_err());
     assert!(engine.list().is_empty());
-}
-
-#[test]
-fn pausing_a_linux_capsule_is_refused_cleanly() {
-    let Some((engine, _dir)) = linux_engine() else {
-        return;
-    };
-    let c = engine.create(minimal()).unwrap();
-    assert!(matches!(c.pause(), Err(Error::Unsupported(_))));
-    assert!(matches!(c.fork(1), Err(Error::Unsupported(_))));
-    assert!(matches!(c.snapshot("linux-t"), Err(Error::Unsupported(_))));
-    assert_eq!(engine.list().len(), 1, "a refused fork leaves nothing");
-    assert!(c.is_running());
-    assert_eq!(c.commands().run("echo ok").unwrap().stdout, "ok\n");
 }

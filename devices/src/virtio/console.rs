@@ -48,6 +48,8 @@ pub const TX_QUEUE: usize = 1;
 pub const QUEUE_SIZE: u16 = 256;
 /// Default bound of each direction's buffer.
 pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
+/// Largest buffer bound a console takes (a restored state asking for more is refused).
+pub const MAX_BUFFER_BYTES: usize = 16 << 20;
 /// Largest chain accepted on either queue (Linux uses page-sized buffers).
 pub const MAX_CHAIN_BYTES: u32 = 64 * 1024;
 /// Size of `struct virtio_console_config` (cols, rows, max_nr_ports, emerg_wr).
@@ -188,6 +190,7 @@ impl Console {
         // a few frames: anything larger is not a state this device wrote.
         let limit = state.buffer_bytes.max(MAX_CHAIN_BYTES as usize) * 64;
         if state.buffer_bytes == 0
+            || state.buffer_bytes > MAX_BUFFER_BYTES
             || state.to_guest.len() > limit
             || state.to_host.len() > limit
         {

@@ -31,6 +31,8 @@ use capsule_vmm::vm::VmState;
 use capsule_vmm::{HostInfo, Hypervisor, Kicker, Vm};
 
 use crate::config::RunOptions;
+#[cfg(feature = "testing")]
+use crate::error::Error;
 use crate::error::Result;
 use crate::model::{CapsuleId, CommandOutput, GuestKind};
 use crate::pool::ShellPool;

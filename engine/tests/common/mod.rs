@@ -1,6 +1,8 @@
 //! Shared set-up for the engine's integration tests: a real engine on the host's /dev/kvm.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use capsule::{
     CapsuleConfig, CapsuleConfigBuilder, Engine, EngineConfig, EngineConfigBuilder, Error,
     KvmUnavailable,

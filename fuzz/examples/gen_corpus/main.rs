@@ -67,6 +67,11 @@ const TARGETS: &[Target] = &[
         check: virtio::check_mmio,
     },
     Target {
+        name: "linux_devices",
+        seeds: virtio::linux_devices_seeds,
+        check: virtio::check_linux_devices,
+    },
+    Target {
         name: "virtio_queue",
         seeds: virtio::queue_seeds,
         check: virtio::check_queue,

@@ -1,12 +1,16 @@
 //! `virtio_mmio` and `virtio_queue` seeds: a driver bringing devices up and exchanging
-//! buffers with them, and valid split virtqueues, with descriptors encoded by `virtio-queue`.
+//! buffers with them, and valid split virtqueues, with descriptors encoded by `virtio-queue`;
+//! `linux_devices` seeds: those devices saved as a Linux snapshot saves them.
 
+use capsule_devices::serial::SerialDevice;
 use capsule_devices::virtio::console::Console;
 use capsule_devices::virtio::mmio::{MmioTransport, CONFIG_OFFSET, NOTIFY_OFFSET};
 use capsule_devices::virtio::queue_check::{walk_chain, ChainRules, Direction};
 use capsule_devices::virtio::rng::Rng;
 use capsule_devices::virtio::{status, VirtioDevice, VIRTIO_F_VERSION_1};
 use capsule_fuzz::mmio_program::{self, Op};
+use capsule_snapshot::state_file::{decode_state_bytes, encode_state_bytes};
+use capsule_vmm::machine::linux::LinuxDeviceState;
 use capsule_fuzz::queue_layout::{self, Header, AVAIL_RING, DESC_TABLE, INPUT_MAX};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -335,4 +339,78 @@ pub fn check_queue(data: &[u8]) -> Result<(), String> {
         idx = idx.wrapping_add(1);
     }
     Ok(())
+}
+
+/// A `linux_devices` input: `state` as a state-file image behind its `u16` length, then the
+/// operations `ops`.
+fn linux_devices_input(state: &LinuxDeviceState, ops: &[Op]) -> Result<Vec<u8>, String> {
+    let image = encode_state_bytes(state).map_err(|e| e.to_string())?;
+    let len = u16::try_from(image.len()).map_err(|_| "state image over 64 KiB".to_string())?;
+    let mut out = len.to_le_bytes().to_vec();
+    out.extend(image);
+    out.extend(program(0, ops)?.into_iter().skip(1));
+    Ok(out)
+}
+
+/// The devices of a Linux machine after a driver brought them up and exchanged buffers,
+/// saved as a snapshot saves them.
+fn live_linux_devices() -> Result<LinuxDeviceState, String> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mmio_program::MEM_SIZE)])
+        .map_err(|e| e.to_string())?;
+    let (console, host) = Console::with_buffer(4096).map_err(|e| e.to_string())?;
+    host.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut console = MmioTransport::new(console, mem.clone()).map_err(|e| e.to_string())?;
+    let ops = [
+        bring_up(2),
+        offer(0, 0, 0x3000, 32, WRITE),
+        vec![host_sends(b"h?i!\n")],
+        store(0x7000, b"ping"),
+        offer(1, 0, 0x7000, 4, 0),
+    ]
+    .concat();
+    mmio_program::run(&mut console, &mem, Some(host), &program(1, &ops)?[1..]);
+    let mut rng = MmioTransport::new(Rng::new(), mem.clone()).map_err(|e| e.to_string())?;
+    let ops = [bring_up(1), offer(0, 0, 0x3000, 16, WRITE)].concat();
+    mmio_program::run(&mut rng, &mem, None, &program(0, &ops)?[1..]);
+    let serial = SerialDevice::with_new_eventfd().map_err(|e| e.to_string())?;
+    Ok(LinuxDeviceState {
+        serial: serial.save(),
+        console_transport: console.save(),
+        console: console.device().save(),
+        rng_transport: rng.save(),
+        rng: rng.device().save(),
+    })
+}
+
+/// Seeds for `linux_devices`.
+pub fn linux_devices_seeds() -> Result<Vec<Seed>, String> {
+    let live = live_linux_devices()?;
+    let traffic = [
+        offer(0, 1, 0x3100, 64, WRITE),
+        vec![host_sends(b"more"), Op::AckInterrupts],
+    ]
+    .concat();
+    Ok(vec![
+        Seed::new(
+            "fresh-devices",
+            linux_devices_input(&LinuxDeviceState::default(), &[])?,
+        ),
+        Seed::new("live-devices", linux_devices_input(&live, &[])?),
+        Seed::new(
+            "live-devices-then-traffic",
+            linux_devices_input(&live, &traffic)?,
+        ),
+    ])
+}
+
+/// Whether a `linux_devices` input's state image decodes.
+pub fn check_linux_devices(input: &[u8]) -> Result<(), String> {
+    let (len, rest) = input
+        .split_first_chunk::<2>()
+        .ok_or("no length prefix")?;
+    let len = usize::from(u16::from_le_bytes(*len));
+    let image = rest.get(..len).ok_or("shorter than its length prefix")?;
+    decode_state_bytes::<LinuxDeviceState>(image)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
