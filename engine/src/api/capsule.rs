@@ -85,10 +85,19 @@ impl Capsule {
         })
     }
 
-    /// Pauses the capsule: stops its vCPUs between commands (waiting for running ones),
-    /// writes its whole state to the engine's data directory, and releases its VM (CPU,
-    /// memory, threads). A capsule that came from a snapshot or template writes only the
-    /// memory pages changed since. Pausing a paused capsule does nothing.
+    /// Pauses the capsule: freezes it, writes its whole state (memory, vCPUs, devices) to
+    /// the engine's data directory, and releases its VM (CPU, memory, threads). A capsule
+    /// that came from a snapshot or template writes only the memory pages changed since.
+    /// Pausing a paused capsule does nothing.
+    ///
+    /// A probe capsule stops its vCPUs between commands (waiting for running ones, which
+    /// take microseconds). A Linux capsule is frozen wherever it is, processes and commands
+    /// included (a Linux command may run for hours): a [`Commands::run`] blocked on a
+    /// command at that moment returns at once with [`Error::InvalidState`] (status
+    /// [`Status::Paused`]); the command's process is frozen with the rest and goes on after
+    /// [`Capsule::resume`], but its output no longer reaches that caller. The guest's
+    /// monotonic clocks do not count paused time (so neither does a command's timeout, which
+    /// the guest's agent enforces), and its wall clock is set to the host's at every resume.
     ///
     /// Errors: [`Error::InvalidState`] if stopped, [`Error::GuestCrashed`] if in error;
     /// [`Error::Snapshot`] or [`Error::Io`] if the state cannot be written, in which case
@@ -98,8 +107,10 @@ impl Capsule {
     }
 
     /// Resumes a paused capsule exactly where it was: memory is mapped back copy-on-write
-    /// and every vCPU, device and guest state restored. Resuming a running capsule does
-    /// nothing.
+    /// and every vCPU, device and guest state restored; a Linux guest's processes, open
+    /// files and agent run on (no reboot, no second handshake), and its agent is told the
+    /// host's wall clock and fresh entropy before the capsule is running. Resuming a
+    /// running capsule does nothing.
     ///
     /// Errors: [`Error::InvalidState`] if stopped, [`Error::GuestCrashed`] if in error;
     /// [`Error::Snapshot`] if the snapshot is missing, corrupt or truncated and
@@ -120,9 +131,12 @@ impl Capsule {
     /// removed with the last capsule that maps it; each then diverges on its own. All or
     /// nothing: if one cannot start, none is left. `n == 0` returns no capsule.
     ///
+    /// Clones never share randomness: before a Linux fork (or a capsule from a template) is
+    /// running, its kernel's CRNG is reseeded with fresh host entropy (`RNDADDENTROPY` and
+    /// `RNDRESEEDCRNG` through the agent), and its commands see its own id in `CAPSULE_ID`.
+    ///
     /// Errors: [`Error::InvalidState`] unless running or paused, [`Error::GuestCrashed`] if
     /// in error, [`Error::ResourceExhausted`] past the engine's limits,
-    /// [`Error::Unsupported`] for guests that cannot be snapshotted yet (Linux),
     /// [`Error::Snapshot`]/[`Error::Io`] if the state cannot be written or read.
     pub fn fork(&self, n: usize) -> Result<Vec<Capsule>> {
         Ok(lifecycle::fork(&self.engine, &self.core, n)?
