@@ -61,8 +61,16 @@
 //!   that running capsules map is refused; paused capsules keep hard links to what they need.
 //! - [`Capsule::fork`] starts n capsules in the exact state of a running or paused one,
 //!   sharing its memory copy-on-write through an anonymous template that is removed with the
-//!   last capsule mapping it (probe capsules; Linux ones return [`Error::Unsupported`] until
-//!   they can be snapshotted).
+//!   last capsule mapping it.
+//! - Both guest kinds have the whole lifecycle. A Linux capsule's snapshot holds every vCPU,
+//!   the in-kernel irqchip, PIT and kvmclock, its devices (UART, virtio-mmio transports,
+//!   virtio-console with the agent channel's bytes in flight, virtio-rng) and its memory, so
+//!   its processes, open files and agent continue after a resume. It is frozen wherever it
+//!   is (see [`Capsule::pause`] for commands running then); its monotonic clocks count only
+//!   time it ran, and at every start (boot, resume, template spawn, fork) the engine sets its
+//!   wall clock to the host's, reseeds its kernel's CRNG with host entropy (clones never
+//!   share randomness) and tells it its capsule id (`CAPSULE_ID` in every command), through
+//!   one `Sync` message of the agent protocol, before the capsule is running.
 //! - Paused capsules survive the process: a new [`Engine`] on the same data directory lists
 //!   them and can resume them. A resumed capsule's snapshot is retired (it runs on from it),
 //!   so a capsule running when its process dies is reported stopped, never silently rolled

@@ -200,7 +200,8 @@ impl AgentLink {
         lock(&self.reader).decoder.pending().to_vec()
     }
 
-    fn send(&self, message: &Message, id: u32) -> Result<(), LinkError> {
+    /// Writes one frame of request `id` (waits while writes are held).
+    pub(crate) fn send(&self, message: &Message, id: u32) -> Result<(), LinkError> {
         let bytes = encode(message, id);
         let mut writer = lock(&self.writer);
         while writer.held && !self.closed.load(Ordering::SeqCst) {
@@ -216,7 +217,9 @@ impl AgentLink {
             .map_err(|e| LinkError::Closed(e.to_string()))
     }
 
-    fn open_request(&self) -> Result<(u32, Receiver<Message>), LinkError> {
+    /// A fresh request id and the channel its replies arrive on (until [`Self::close_request`]
+    /// or the link closes).
+    pub(crate) fn open_request(&self) -> Result<(u32, Receiver<Message>), LinkError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(LinkError::Closed("the agent is gone".into()));
         }
@@ -232,12 +235,13 @@ impl AgentLink {
         Ok((id, rx))
     }
 
-    fn close_request(&self, id: u32) {
+    /// Stops routing replies of request `id`.
+    pub(crate) fn close_request(&self, id: u32) {
         lock(&self.waiters).remove(&id);
     }
 
-    /// Waits for the next message of request `id` until `deadline`.
-    fn next_reply(
+    /// Waits for the next message of a request until `deadline`.
+    pub(crate) fn next_reply(
         replies: &Receiver<Message>,
         deadline: Option<Instant>,
     ) -> Result<Message, LinkError> {

@@ -657,6 +657,10 @@ impl Runtime for LinuxRuntime {
         Some(self.console.clone())
     }
 
+    fn agent(&self) -> Option<Arc<AgentLink>> {
+        Some(self.link.clone())
+    }
+
     fn shutdown(&self) {
         self.link.close();
         self.vcpus.mark_stopping();

@@ -168,6 +168,13 @@ pub(crate) trait Runtime: Send + Sync {
     fn console(&self) -> Option<SerialLog> {
         None
     }
+    /// The link to the guest's agent, for requests beyond plain commands (streams, stdin,
+    /// signals, files); `None` for a guest without an agent (the probe). A link lasts as long
+    /// as this runtime: after a pause and resume the capsule has a new one.
+    #[allow(dead_code)] // used by the guest I/O API (issue #9), being built
+    fn agent(&self) -> Option<Arc<agent_link::AgentLink>> {
+        None
+    }
     /// Stops every vCPU, waits for their threads and releases the VM. Idempotent. Must not be
     /// called from one of this runtime's own vCPU threads.
     fn shutdown(&self);
