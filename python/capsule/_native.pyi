@@ -11,14 +11,46 @@ from pathlib import Path
 from typing import final
 
 __version__: str
+__all__ = [
+    "AgentError",
+    "BootTimeoutError",
+    "Capsule",
+    "CapsuleError",
+    "CapsuleInfo",
+    "CommandResult",
+    "Commands",
+    "DataDirLockedError",
+    "Engine",
+    "GuestCrashedError",
+    "HostInfo",
+    "HypervisorError",
+    "InvalidArgumentError",
+    "InvalidConfigError",
+    "InvalidIdError",
+    "InvalidStateError",
+    "IoError",
+    "KvmUnavailableError",
+    "NotFoundError",
+    "OsError",
+    "ResourceExhaustedError",
+    "SnapshotError",
+    "SnapshotMismatchError",
+    "SnapshotVersionError",
+    "TemplateInUseError",
+    "TemplateInfo",
+    "TemplateNotFoundError",
+    "TimeoutError",
+    "UnsupportedError",
+    "__version__",
+]
 
 @final
 class Engine:
     """An engine: KVM plus a data directory of capsules and templates (the native half of
     ``capsule.Engine``). Every blocking call releases the GIL."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         data_dir: str | PathLike[str] | None = None,
         *,
         max_capsules: int | None = None,
@@ -30,7 +62,7 @@ class Engine:
         linux_images: str | PathLike[str] | None = None,
         kvm_path: str | PathLike[str] | None = None,
         seccomp: bool | None = None,
-    ) -> None:
+    ) -> Engine:
         """Opens KVM and the data directory (see ``capsule.Engine``)."""
 
     def create(

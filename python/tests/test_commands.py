@@ -50,7 +50,8 @@ def test_timeout_kills_the_command_not_the_capsule(probe: ProbeFactory) -> None:
         c.commands.run("spin 100000000000000", timeout=0.2)
     assert time.monotonic() - started < 5
     assert isinstance(e.value, TimeoutError)
-    assert (e.value.timeout_kind, e.value.after) == ("command", pytest.approx(0.2))
+    assert e.value.timeout_kind == "command"
+    assert e.value.after == pytest.approx(0.2)
     assert "timed out" in str(e.value)
     assert c.is_running()
     assert c.commands.run("count").stdout == "2\n"  # guest memory survives
