@@ -21,6 +21,15 @@ The Rust engine does the work (``capsule._native``, a PyO3 extension); this pack
 Python-shaped layer (``capsule._api``).
 """
 
+try:
+    from . import _native  # noqa: F401
+except ImportError as e:  # pragma: no cover - a source checkout without the extension
+    raise ImportError(
+        "capsule's native extension (capsule._native) is missing: this looks like the source "
+        "folder python/capsule. Install the package with `pip install ./python` (from the "
+        "repository root) and import it from outside the python/ folder."
+    ) from e
+
 from ._api import Capsule, Engine, default_engine
 from ._native import (
     AgentError,

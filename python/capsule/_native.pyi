@@ -399,3 +399,11 @@ class OsError(CapsuleError):
 
     operation: str
     errno: int | None
+
+def _bench_echo(capsule: Capsule, n: int) -> list[float]:
+    """Private, for ``bench.py``: ``n`` runs of ``echo hi`` timed in Rust (microseconds)."""
+
+def _bench_create(
+    engine: Engine, template: str, n: int, memory_mb: int | None = None, echo: bool = False
+) -> list[float]:
+    """Private, for ``bench.py``: ``n`` creates timed in Rust (microseconds)."""

@@ -14,7 +14,7 @@ use crate::info::{CapsuleInfo, HostInfo, TemplateInfo};
 /// `capsule.Engine`). Every blocking call releases the GIL.
 #[pyclass(module = "capsule._native", name = "Engine", frozen)]
 pub(crate) struct Engine {
-    inner: capsule::Engine,
+    pub(crate) inner: capsule::Engine,
 }
 
 /// A capsule id from text, or `InvalidIdError`.

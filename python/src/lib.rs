@@ -8,10 +8,11 @@
 //!
 //! Modules: `engine` (the engine), `capsule` (a capsule handle), `commands` (running
 //! commands and their results), `info` (capsule, template and host information), `errors`
-//! (the engine's errors as Python exceptions).
+//! (the engine's errors as Python exceptions), `bench` (Rust-side timings for `bench.py`).
 
 use pyo3::prelude::*;
 
+mod bench;
 mod capsule;
 mod commands;
 mod engine;
@@ -29,6 +30,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<info::TemplateInfo>()?;
     m.add_class::<info::HostInfo>()?;
     errors::register(m)?;
+    m.add_function(wrap_pyfunction!(bench::bench_echo, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::bench_create, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
