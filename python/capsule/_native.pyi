@@ -42,6 +42,8 @@ __all__ = [
     "TimeoutError",
     "UnsupportedError",
     "__version__",
+    "_bench_create",
+    "_bench_echo",
 ]
 
 @final

@@ -175,3 +175,8 @@ def test_zero_timeout_never_auto_pauses(probe: ProbeFactory) -> None:
     c = probe(timeout=0)
     time.sleep(0.2)
     assert c.is_running()
+
+
+def test_console_log_is_empty_for_the_probe(probe: ProbeFactory) -> None:
+    # The probe has no serial console; Linux capsules return theirs.
+    assert probe().console_log() == ""
