@@ -23,6 +23,7 @@ use super::{engine_with, probe};
 
 /// Generates, for each body `fn name(kind: Kind)`, a module `name` with the tests `probe`
 /// and `linux`.
+#[allow(unused_macros)] // not every test file has tests for both kinds
 macro_rules! for_both_kinds {
     ($($body:ident),* $(,)?) => {$(
         mod $body {
@@ -38,7 +39,7 @@ macro_rules! for_both_kinds {
         }
     )*};
 }
-#[allow(unused_imports)] // not every test file has tests for both kinds
+#[allow(unused_imports)]
 pub(crate) use for_both_kinds;
 
 /// A guest kind.
