@@ -1,10 +1,18 @@
 //! `fork(n)`: new capsules in the exact state of a running or paused one, through an
-//! anonymous template that goes with the last capsule mapping it.
+//! anonymous template that goes with the last capsule mapping it. Each test runs for the
+//! probe and for Linux (`name::probe`, `name::linux`; see `common/kinds.rs`).
 
 mod common;
 
 use capsule::{Error, Resource, Status};
-use common::{engine, engine_with, probe};
+use common::kinds::{for_both_kinds, Kind};
+
+for_both_kinds!(
+    forks_of_a_running_capsule_continue_its_state_and_diverge,
+    forks_of_a_paused_capsule_leave_it_paused,
+    a_fork_past_the_limits_leaves_nothing,
+    a_stopped_capsule_cannot_be_forked_and_stale_fork_templates_are_removed,
+);
 
 /// The anonymous templates on disk (hidden directories under `templates/`).
 fn fork_templates(dir: &std::path::Path) -> usize {
@@ -20,41 +28,40 @@ fn fork_templates(dir: &std::path::Path) -> usize {
         .count()
 }
 
-#[test]
-fn forks_of_a_running_capsule_continue_its_state_and_diverge() {
-    let Some((engine, dir)) = engine() else {
+fn forks_of_a_running_capsule_continue_its_state_and_diverge(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let source = engine.create(probe().vcpus(2)).unwrap();
-    source.commands().run("count").unwrap();
-    let sum = source.commands().run("touch 300").unwrap().stdout;
+    let source = engine.create(kind.config().vcpus(2)).unwrap();
+    kind.out(&source, kind.count());
+    let sum = kind.out(&source, &kind.touch(300));
     let forks = source.fork(3).unwrap();
     assert_eq!(forks.len(), 3);
     assert_eq!(fork_templates(dir.path()), 1);
     for (i, fork) in forks.iter().enumerate() {
         assert_ne!(fork.id(), source.id());
         assert_eq!(fork.status(), Status::Running);
-        assert_eq!((fork.info().vcpus, fork.info().memory_mb), (2, 32));
-        assert_eq!(fork.commands().run("sum").unwrap().stdout, sum);
-        assert_eq!(fork.commands().run("count").unwrap().stdout, "2\n");
+        assert_eq!(
+            (fork.info().vcpus, fork.info().memory_mb),
+            (2, kind.memory_mb())
+        );
+        assert_eq!(kind.out(fork, kind.sum()), sum);
+        assert_eq!(kind.out(fork, kind.count()), "2\n");
         // Each diverges on its own.
         for _ in 0..i {
-            fork.commands().run("count").unwrap();
+            kind.out(fork, kind.count());
         }
     }
     for (i, fork) in forks.iter().enumerate() {
-        assert_eq!(
-            fork.commands().run("count").unwrap().stdout,
-            format!("{}\n", 3 + i)
-        );
+        assert_eq!(kind.out(fork, kind.count()), format!("{}\n", 3 + i));
     }
     // The source went on untouched.
-    assert_eq!(source.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(kind.out(&source, kind.count()), "2\n");
     assert_eq!(engine.list().len(), 4);
     // A fork pauses and resumes on its own; once every fork is gone, so is the template.
     forks[0].pause().unwrap();
     forks[0].resume().unwrap();
-    assert_eq!(forks[0].commands().run("count").unwrap().stdout, "4\n");
+    assert_eq!(kind.out(&forks[0], kind.count()), "4\n");
     for fork in &forks {
         fork.destroy().unwrap();
     }
@@ -65,36 +72,34 @@ fn forks_of_a_running_capsule_continue_its_state_and_diverge() {
     );
 }
 
-#[test]
-fn forks_of_a_paused_capsule_leave_it_paused() {
-    let Some((engine, dir)) = engine() else {
+fn forks_of_a_paused_capsule_leave_it_paused(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let source = engine.create(probe()).unwrap();
-    source.commands().run("count").unwrap();
+    let source = engine.create(kind.config()).unwrap();
+    kind.out(&source, kind.count());
     source.pause().unwrap();
     let forks = engine.fork(source.id(), 2).unwrap();
     assert_eq!(source.status(), Status::Paused);
     for fork in &forks {
-        assert_eq!(fork.commands().run("count").unwrap().stdout, "2\n");
+        assert_eq!(kind.out(fork, kind.count()), "2\n");
     }
     // A paused fork keeps what it needs when the template goes.
     forks[1].pause().unwrap();
     forks[0].destroy().unwrap();
     assert_eq!(fork_templates(dir.path()), 0);
     forks[1].resume().unwrap();
-    assert_eq!(forks[1].commands().run("count").unwrap().stdout, "3\n");
+    assert_eq!(kind.out(&forks[1], kind.count()), "3\n");
     source.resume().unwrap();
-    assert_eq!(source.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(kind.out(&source, kind.count()), "2\n");
     assert!(source.fork(0).unwrap().is_empty());
 }
 
-#[test]
-fn a_fork_past_the_limits_leaves_nothing() {
-    let Some((engine, dir)) = engine_with(|c| c.max_capsules(3)) else {
+fn a_fork_past_the_limits_leaves_nothing(kind: Kind) {
+    let Some((engine, dir)) = kind.engine_with(|c| c.max_capsules(3)) else {
         return;
     };
-    let source = engine.create(probe()).unwrap();
+    let source = engine.create(kind.config()).unwrap();
     match source.fork(3) {
         Err(Error::ResourceExhausted {
             resource: Resource::Capsules,
@@ -110,16 +115,15 @@ fn a_fork_past_the_limits_leaves_nothing() {
     source.destroy().unwrap();
     assert_eq!(engine.list().len(), 2);
     for fork in &forks {
-        assert_eq!(fork.commands().run("echo alive").unwrap().stdout, "alive\n");
+        assert_eq!(kind.out(fork, &kind.echo("alive")), "alive\n");
     }
 }
 
-#[test]
-fn a_stopped_capsule_cannot_be_forked_and_stale_fork_templates_are_removed() {
-    let Some((engine, dir)) = engine() else {
+fn a_stopped_capsule_cannot_be_forked_and_stale_fork_templates_are_removed(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let source = engine.create(probe()).unwrap();
+    let source = engine.create(kind.config()).unwrap();
     let handle = source.clone();
     source.destroy().unwrap();
     assert!(matches!(
@@ -132,8 +136,7 @@ fn a_stopped_capsule_cannot_be_forked_and_stale_fork_templates_are_removed() {
     // Left by a process that died while forks ran: removed by the next engine.
     std::fs::create_dir(dir.path().join("templates/.fork-cl-leftover")).unwrap();
     drop((engine, handle, source));
-    let engine =
-        capsule::Engine::new(capsule::EngineConfig::builder().data_dir(dir.path())).unwrap();
+    let engine = kind.open(dir.path()).unwrap();
     assert_eq!(fork_templates(dir.path()), 0);
     drop(engine);
 }

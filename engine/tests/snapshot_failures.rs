@@ -1,12 +1,21 @@
 //! A corrupt, truncated or missing snapshot, or a write that fails mid-pause, gives a typed
-//! error and loses nothing.
+//! error and loses nothing. Each test runs for the probe and for Linux (`name::probe`,
+//! `name::linux`; see `common/kinds.rs`) unless it says otherwise.
 
 mod common;
 
 use std::path::PathBuf;
 
 use capsule::{Capsule, Error, Status};
+use common::kinds::{for_both_kinds, Kind};
 use common::{engine, probe};
+
+for_both_kinds!(
+    a_corrupt_state_file_is_a_typed_error_and_the_capsule_stays_paused,
+    a_truncated_or_missing_memory_file_is_a_typed_error,
+    a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact,
+    a_write_failure_on_the_first_pause_leaves_no_snapshot,
+);
 
 fn snapshot_dir(dir: &tempfile::TempDir, c: &Capsule) -> PathBuf {
     dir.path()
@@ -25,14 +34,13 @@ fn layers(dir: &PathBuf) -> Vec<PathBuf> {
     v
 }
 
-#[test]
-fn a_corrupt_state_file_is_a_typed_error_and_the_capsule_stays_paused() {
-    let Some((engine, dir)) = engine() else {
+fn a_corrupt_state_file_is_a_typed_error_and_the_capsule_stays_paused(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let c = engine.create(probe()).unwrap();
-    let other = engine.create(probe()).unwrap();
-    c.commands().run("count").unwrap();
+    let c = engine.create(kind.config()).unwrap();
+    let other = engine.create(kind.config()).unwrap();
+    kind.out(&c, kind.count());
     c.pause().unwrap();
     let state = snapshot_dir(&dir, &c).join("state.bin");
     let good = std::fs::read(&state).unwrap();
@@ -53,20 +61,19 @@ fn a_corrupt_state_file_is_a_typed_error_and_the_capsule_stays_paused() {
     assert_eq!(c.status(), Status::Paused);
 
     // Another capsule is unaffected; the broken one can still be destroyed.
-    assert_eq!(other.commands().run("echo fine").unwrap().stdout, "fine\n");
+    assert_eq!(kind.out(&other, &kind.echo("fine")), "fine\n");
     std::fs::write(&state, &good).unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(kind.out(&c, kind.count()), "2\n");
     c.destroy().unwrap();
 }
 
-#[test]
-fn a_truncated_or_missing_memory_file_is_a_typed_error() {
-    let Some((engine, dir)) = engine() else {
+fn a_truncated_or_missing_memory_file_is_a_typed_error(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let c = engine.create(probe()).unwrap();
-    c.commands().run("touch 10").unwrap();
+    let c = engine.create(kind.config()).unwrap();
+    kind.out(&c, &kind.touch(10));
     c.pause().unwrap();
     let snap = snapshot_dir(&dir, &c);
     let base = layers(&snap).pop().unwrap();
@@ -90,17 +97,19 @@ fn a_truncated_or_missing_memory_file_is_a_typed_error() {
 
     std::fs::write(&base, saved).unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("echo whole again").unwrap().exit_code, 0);
+    assert_eq!(
+        kind.run(&c, &kind.echo("whole again")).unwrap().exit_code,
+        0
+    );
 }
 
-#[test]
-fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
-    let Some((engine, dir)) = engine() else {
+fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let c = engine.create(probe()).unwrap();
-    c.commands().run("count").unwrap();
-    let first_sum = c.commands().run("touch 64").unwrap().stdout;
+    let c = engine.create(kind.config()).unwrap();
+    kind.out(&c, kind.count());
+    let first_sum = kind.out(&c, &kind.touch(64));
     c.pause().unwrap();
     c.resume().unwrap();
     let snap = snapshot_dir(&dir, &c);
@@ -109,11 +118,11 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     let layers_before = layers(&snap);
     assert!(!layers_before.is_empty());
 
-    let second_sum = c.commands().run("touch 64").unwrap().stdout;
+    let second_sum = kind.out(&c, &kind.touch(64));
     engine.inject_write_fault(Some(8192)); // fails 2 pages into the new layer
     assert!(matches!(c.pause(), Err(Error::Snapshot(_))));
     assert_eq!(c.status(), Status::Running, "the capsule keeps running");
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(kind.out(&c, kind.count()), "2\n");
     assert!(
         !snap.join("state.bin").exists(),
         "no half-written snapshot reads as valid"
@@ -126,21 +135,20 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     assert_ne!(first_sum, second_sum);
 
     // The next pause works and everything written since the last good snapshot is there.
-    let sum = c.commands().run("sum").unwrap().stdout;
+    let sum = kind.out(&c, kind.sum());
     assert_ne!(sum, first_sum);
     c.pause().unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "3\n");
-    assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
+    assert_eq!(kind.out(&c, kind.count()), "3\n");
+    assert_eq!(kind.out(&c, kind.sum()), sum);
 }
 
-#[test]
-fn a_write_failure_on_the_first_pause_leaves_no_snapshot() {
-    let Some((engine, dir)) = engine() else {
+fn a_write_failure_on_the_first_pause_leaves_no_snapshot(kind: Kind) {
+    let Some((engine, dir)) = kind.engine() else {
         return;
     };
-    let c = engine.create(probe()).unwrap();
-    c.commands().run("touch 8").unwrap();
+    let c = engine.create(kind.config()).unwrap();
+    kind.out(&c, &kind.touch(8));
     engine.inject_write_fault(Some(0));
     assert!(matches!(c.pause(), Err(Error::Snapshot(_))));
     assert!(c.is_running());
@@ -151,6 +159,9 @@ fn a_write_failure_on_the_first_pause_leaves_no_snapshot() {
 
 /// What the `snapshot_state` fuzz target checks, run deterministically: mutated and
 /// truncated copies of a real `state.bin` are rejected or accepted, never a panic.
+///
+/// Probe only: thousands of decodes are slow under the nested harness's emulated CPUs, and
+/// Linux states have their own fuzz target and golden file.
 #[test]
 fn mutated_state_files_never_panic_the_decoder() {
     let Some((engine, dir)) = engine() else {

@@ -1,9 +1,15 @@
 //! Templates: snapshot a running capsule, start many capsules from it, share its memory.
+//! `templates_are_listed_validated_and_keep_their_resources` runs for the probe and for
+//! Linux (`::probe`, `::linux`; see `common/kinds.rs`); the hundred clones are probe-only
+//! (a hundred Linux guests do not fit the nested harness; `linux_lifecycle.rs` starts ten).
 
 mod common;
 
 use capsule::{CapsuleConfig, Error, Status};
+use common::kinds::{for_both_kinds, Kind};
 use common::{engine, probe};
+
+for_both_kinds!(templates_are_listed_validated_and_keep_their_resources);
 
 /// Resident, proportional and private-dirty KiB of this process's mappings of files under
 /// `dir`, from /proc/self/smaps.
@@ -114,14 +120,18 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     ));
 }
 
-#[test]
-fn templates_are_listed_validated_and_keep_their_resources() {
-    let Some((engine, _dir)) = engine() else {
+/// A template keeps the source's vCPUs and memory (probe: 2 and 16 MiB; Linux: 2 and
+/// 256 MiB), refuses others, and its clones pause, resume and become templates in turn.
+fn templates_are_listed_validated_and_keep_their_resources(kind: Kind) {
+    let Some((engine, _dir)) = kind.engine() else {
         return;
     };
-    let source = engine.create(probe().vcpus(2).memory_mb(16)).unwrap();
-    source.commands().run("count").unwrap();
-    for bad in ["", "Bad", "probe", "a/b", ".x"] {
+    let (memory_mb, other_memory_mb) = kind.pick((16, 64), (256, 512));
+    let source = engine
+        .create(kind.config().vcpus(2).memory_mb(memory_mb))
+        .unwrap();
+    kind.out(&source, kind.count());
+    for bad in ["", "Bad", "probe", "minimal", "a/b", ".x"] {
         assert!(
             matches!(source.snapshot(bad), Err(Error::InvalidArgument(_))),
             "{bad}"
@@ -134,42 +144,53 @@ fn templates_are_listed_validated_and_keep_their_resources() {
     ));
     let listed = engine.templates().unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!((listed[0].vcpus, listed[0].memory_mb), (2, 16));
+    assert_eq!((listed[0].vcpus, listed[0].memory_mb), (2, memory_mb));
     assert!(listed[0].disk_bytes > 0);
 
     let c = engine.create(CapsuleConfig::new("two-cpus")).unwrap();
-    assert_eq!((c.info().vcpus, c.info().memory_mb), (2, 16));
+    assert_eq!((c.info().vcpus, c.info().memory_mb), (2, memory_mb));
     assert!(matches!(
         engine.create(CapsuleConfig::builder("two-cpus").vcpus(1)),
         Err(Error::InvalidConfig(_))
     ));
     assert!(matches!(
-        engine.create(CapsuleConfig::builder("two-cpus").memory_mb(64)),
+        engine.create(CapsuleConfig::builder("two-cpus").memory_mb(other_memory_mb)),
         Err(Error::InvalidConfig(_))
     ));
-    assert!(engine
-        .create(CapsuleConfig::builder("two-cpus").vcpus(2).memory_mb(16))
-        .is_ok());
+    engine
+        .create(
+            CapsuleConfig::builder("two-cpus")
+                .vcpus(2)
+                .memory_mb(memory_mb),
+        )
+        .unwrap()
+        .destroy()
+        .unwrap();
 
     // A template clone pauses and resumes like any capsule.
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(kind.out(&c, kind.count()), "2\n");
     c.pause().unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "3\n");
+    assert_eq!(kind.out(&c, kind.count()), "3\n");
 
     // A template of a template-spawned capsule.
     c.snapshot("second-gen").unwrap();
     let d = engine.create(CapsuleConfig::new("second-gen")).unwrap();
-    assert_eq!(d.commands().run("count").unwrap().stdout, "4\n");
+    assert_eq!(kind.out(&d, kind.count()), "4\n");
 
     assert!(matches!(
         engine.delete_template("nope"),
         Err(Error::TemplateNotFound(_))
     ));
-    assert!(matches!(
-        engine.delete_template("probe"),
-        Err(Error::InvalidArgument(_))
-    ));
+    for builtin in ["probe", "minimal"] {
+        assert!(
+            matches!(
+                engine.delete_template(builtin),
+                Err(Error::InvalidArgument(_))
+            ),
+            "{builtin}"
+        );
+    }
     source.destroy().unwrap();
     assert_eq!(c.status(), Status::Running);
 }

@@ -39,9 +39,8 @@ pub fn linux_engine() -> Option<(Engine, tempfile::TempDir)> {
 pub fn linux_engine_with(
     adjust: impl FnOnce(EngineConfigBuilder) -> EngineConfigBuilder,
 ) -> Option<(Engine, tempfile::TempDir)> {
-    let (engine, dir) = super::engine_with(|c| {
-        adjust(c.linux_images(images()).boot_timeout(boot_timeout()))
-    })?;
+    let (engine, dir) =
+        super::engine_with(|c| adjust(c.linux_images(images()).boot_timeout(boot_timeout())))?;
     if !engine.host().can_boot_linux() {
         eprintln!(
             "SKIPPED: the host's KVM is {}; Linux capsules need hardware virtualization \
@@ -68,4 +67,3 @@ pub fn linux_engine_with(
 pub fn minimal() -> CapsuleConfigBuilder {
     CapsuleConfig::builder("minimal").memory_mb(256)
 }
-

@@ -1,6 +1,7 @@
 //! Shared set-up for the engine's integration tests: a real engine on the host's /dev/kvm.
 #![allow(dead_code)]
 
+pub mod kinds;
 pub mod linux;
 
 use capsule::{
