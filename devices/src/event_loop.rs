@@ -188,10 +188,7 @@ impl Pausing {
         state.parked = true;
         self.changed.notify_all();
         while state.holders > 0 && !stop.load(Ordering::SeqCst) {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|p| p.into_inner());
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         state.parked = false;
     }
@@ -235,10 +232,20 @@ impl DeviceThread {
         let (tx, rx) = mpsc::channel::<BoxedSubscriber>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
         let pausing = Arc::new(Pausing::default());
-        let (thread_wake, thread_stop, thread_pausing) = (wake.clone(), stop.clone(), pausing.clone());
+        let (thread_wake, thread_stop, thread_pausing) =
+            (wake.clone(), stop.clone(), pausing.clone());
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(thread_wake, thread_stop, thread_pausing, rx, ready_tx, confine))
+            .spawn(move || {
+                run(
+                    thread_wake,
+                    thread_stop,
+                    thread_pausing,
+                    rx,
+                    ready_tx,
+                    confine,
+                )
+            })
             .map_err(EventLoopError::Spawn)?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -375,7 +382,8 @@ mod tests {
 
     impl MutEventSubscriber for Counter {
         fn init(&mut self, ops: &mut EventOps) {
-            ops.add(Events::new(self.evt.as_ref(), EventSet::IN)).unwrap();
+            ops.add(Events::new(self.evt.as_ref(), EventSet::IN))
+                .unwrap();
         }
 
         fn process(&mut self, _events: Events, _ops: &mut EventOps) {

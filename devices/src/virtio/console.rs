@@ -684,7 +684,10 @@ mod tests {
         assert_eq!(dev.pending_to_guest(), 4);
         assert_eq!(dev.absorb_host_input(), 6);
         let state = dev.save();
-        assert_eq!((state.to_guest.as_slice(), state.buffer_bytes), (&b"0123456789"[..], 4));
+        assert_eq!(
+            (state.to_guest.as_slice(), state.buffer_bytes),
+            (&b"0123456789"[..], 4)
+        );
         // The restored device holds them all too, and delivers them in order.
         let (restored, _host) = Console::restore(&state).unwrap();
         assert_eq!(restored.pending_to_guest(), 10);

@@ -248,9 +248,7 @@ impl AgentLink {
         match deadline {
             Some(deadline) => replies.recv_deadline(deadline).map_err(|e| match e {
                 RecvTimeoutError::Timeout => LinkError::Timeout,
-                RecvTimeoutError::Disconnected => {
-                    LinkError::Closed("while a request ran".into())
-                }
+                RecvTimeoutError::Disconnected => LinkError::Closed("while a request ran".into()),
             }),
             None => replies
                 .recv()

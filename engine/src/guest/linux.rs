@@ -242,7 +242,12 @@ impl LinuxRuntime {
             &machine.vcpus,
             ctx.seccomp,
         )?;
-        Self::start(ctx, restored, AgentStart::Restored(state.agent.clone()), origin)
+        Self::start(
+            ctx,
+            restored,
+            AgentStart::Restored(state.agent.clone()),
+            origin,
+        )
     }
 
     /// Starts the vCPU threads, connects to the agent and syncs it (wall clock, entropy, the

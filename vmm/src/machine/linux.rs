@@ -316,7 +316,9 @@ impl LinuxMachine {
     /// byte is served meanwhile (see [`DeviceThread::pause`]). Stop the vCPUs first.
     pub fn pause_devices(&self) -> Result<DevicesPaused> {
         match &self.device_thread {
-            Some(thread) => thread.pause().map_err(|e| os("pausing the device thread", e)),
+            Some(thread) => thread
+                .pause()
+                .map_err(|e| os("pausing the device thread", e)),
             None => Err(os(
                 "pausing the device thread",
                 "the device thread was stopped",

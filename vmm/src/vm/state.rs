@@ -23,8 +23,7 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_HOST_TSC, KVM_CLOCK_REALTIME,
-    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use serde::{Deserialize, Serialize};
 use zerocopy::IntoBytes;
