@@ -109,7 +109,7 @@
 //! console's tail. A guest that dies while booting fails `create` at once
 //! ([`Error::GuestCrashed`]); one that does not become ready in time fails with
 //! [`Error::BootTimeout`], which says where each vCPU and virtio queue was. Linux capsules
-//! cannot be paused yet ([`Error::Unsupported`]).
+//! pause, resume, become templates and fork like probe ones (see [`Capsule::pause`]).
 //!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.
