@@ -53,7 +53,7 @@ options:
   --no-retry            do not run failed tests a second time (by default a test that fails
                         runs once more, alone, and passing then counts as flaky, not failed;
                         an L1 that hangs (silent for 300 s; env CAPSULE_NESTED_STALL) or
-                        crashes is booted once more:
+                        crashes is booted again, three L1 runs at most:
                         TCG's nested SVM now and then corrupts a guest or L1, see
                         xtask/README.md)
   --pack-only           build target/nested/l1.cpio.gz and stop (no boot)
@@ -552,25 +552,37 @@ fn nested_test(o: &Options) -> Result<bool> {
     };
     let mut outcome = qemu::boot(&boot, &log)?;
     // An L1 that hung or died is the emulator failing, not a test (see xtask/README.md):
-    // boot it once more; the summary says so.
-    let mut first_run = None;
-    if o.retry_failed {
-        if let Some(why) = l1_broke(&outcome) {
-            let first_log = cache.join("l1-console-first.log");
-            let _ = std::fs::rename(&log, &first_log);
-            println!(
-                "xtask: the first L1 run {why}; booting L1 once more (its console: {})",
-                first_log.display()
-            );
-            first_run = Some(why);
-            outcome = qemu::boot(&boot, &log)?;
-        }
+    // boot it again, up to L1_RUNS times in all; the summary says so.
+    let mut broken_runs = Vec::new();
+    while o.retry_failed && broken_runs.len() + 1 < L1_RUNS {
+        let Some(why) = l1_broke(&outcome) else {
+            break;
+        };
+        let earlier_log = cache.join(format!("l1-console-run{}.log", broken_runs.len() + 1));
+        let _ = std::fs::rename(&log, &earlier_log);
+        println!(
+            "xtask: L1 run {} {why}; booting L1 once more (its console: {})",
+            broken_runs.len() + 1,
+            earlier_log.display()
+        );
+        broken_runs.push(why);
+        outcome = qemu::boot(&boot, &log)?;
     }
-    if let Some(why) = &first_run {
-        println!("xtask: NOTE: this is the second L1 run; the first {why}");
+    for (i, why) in broken_runs.iter().enumerate() {
+        println!(
+            "xtask: NOTE: this is L1 run {}; run {} {why}",
+            broken_runs.len() + 1,
+            i + 1
+        );
     }
     Ok(summarize(o, &outcome, prepared, started.elapsed(), &log))
 }
+
+/// Most L1 boots in one nested run: an L1 that breaks down (TCG's emulation of nested SVM
+/// now and then corrupts L1's own state under load, see xtask/README.md) is booted again, at
+/// most this many times in all. A long run (the Linux lifecycle for both guest kinds takes
+/// tens of minutes under TCG) is exposed for longer, hence three.
+const L1_RUNS: usize = 3;
 
 /// How long L1 may print nothing before it counts as hung (env `CAPSULE_NESTED_STALL`,
 /// seconds, overrides it).
