@@ -11,7 +11,7 @@
 //! let engine = Engine::new(EngineConfig::default())?;
 //! let capsule = engine.create(CapsuleConfig::builder("probe").memory_mb(64))?;
 //! let out = capsule.commands().run("echo hi")?;
-//! assert_eq!((out.stdout.as_str(), out.exit_code), ("hi\n", 0));
+//! assert_eq!((&*out.stdout_str(), out.exit_code), ("hi\n", Some(0)));
 //! println!("{:?}", capsule.info().status); // Running
 //! capsule.destroy()?;
 //! # Ok(()) }
@@ -178,13 +178,15 @@ mod store;
 mod sync;
 mod template;
 
-pub use crate::api::{Capsule, Commands, Engine};
+pub use crate::api::{Capsule, CommandHandle, Commands, Engine, OutputStream, PtyHandle, Ptys};
 pub use crate::config::{
-    CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, RunOptions,
+    CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, OutputCallback,
+    RunOptions, DEFAULT_OUTPUT_LIMIT, DEFAULT_RUN_TIMEOUT,
 };
 pub use crate::error::{Error, KvmUnavailable, Resource, Result, TimeoutKind};
 pub use crate::model::{
-    CapsuleId, CapsuleInfo, CommandOutput, InvalidId, ParseStatusError, Status, TemplateInfo,
+    CapsuleId, CapsuleInfo, Command, CommandOutput, InvalidId, Output, ParseStatusError,
+    ProcessInfo, PtySize, Signal, Status, TemplateInfo,
 };
 pub use capsule_vmm::{HostInfo, Virtualization};
 

@@ -25,7 +25,7 @@ fn spin_for(capsule: &Capsule, wanted: Duration) -> u64 {
         capsule
             .commands()
             .run_with(
-                &format!("spin {probe}"),
+                format!("spin {probe}"),
                 capsule::RunOptions::new().no_timeout(),
             )
             .unwrap();
@@ -59,7 +59,7 @@ fn a_command_longer_than_the_timeout_is_activity_until_it_ends() {
     capsule
         .commands()
         .run_with(
-            &format!("spin {n}"),
+            format!("spin {n}"),
             capsule::RunOptions::new().no_timeout(),
         )
         .unwrap();
@@ -69,7 +69,15 @@ fn a_command_longer_than_the_timeout_is_activity_until_it_ends() {
         t.elapsed()
     );
     // Sent at once: the capsule was busy, not idle, for the whole command.
-    assert_eq!(capsule.commands().run("count").unwrap().stdout, "1\n");
+    assert_eq!(
+        capsule
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "1\n"
+    );
     assert_eq!(capsule.status(), Status::Running);
     // Idle afterwards, it is paused as usual.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -97,7 +105,15 @@ fn use_during_auto_pause(point: AutoPausePoint, in_use: impl FnOnce(&Capsule)) {
     drop(hold);
     // The use restarted the inactivity clock: nothing may pause it for a second.
     stays_running(&capsule, Duration::from_millis(400));
-    assert_eq!(capsule.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        capsule
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "2\n"
+    );
     let state = dir
         .path()
         .join("capsules")
@@ -114,7 +130,14 @@ fn use_during_auto_pause(point: AutoPausePoint, in_use: impl FnOnce(&Capsule)) {
 fn count_in_background(capsule: &Capsule) -> std::thread::JoinHandle<String> {
     let before = capsule.info().last_activity;
     let runner = capsule.clone();
-    let handle = std::thread::spawn(move || runner.commands().run("count").unwrap().stdout);
+    let handle = std::thread::spawn(move || {
+        runner
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned()
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     while capsule.info().last_activity == before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
@@ -125,7 +148,10 @@ fn count_in_background(capsule: &Capsule) -> std::thread::JoinHandle<String> {
 #[test]
 fn a_command_after_the_idle_decision_cancels_the_pause() {
     use_during_auto_pause(AutoPausePoint::Decided, |c| {
-        assert_eq!(c.commands().run("count").unwrap().stdout, "1\n");
+        assert_eq!(
+            c.commands().run("count").unwrap().stdout_str().into_owned(),
+            "1\n"
+        );
     });
 }
 
@@ -178,7 +204,15 @@ fn the_idle_clock_starts_when_the_capsule_is_running() {
     capsule
         .wait_ready(Duration::from_secs(20), Duration::from_millis(1))
         .unwrap();
-    assert_eq!(capsule.commands().run("count").unwrap().stdout, "1\n");
+    assert_eq!(
+        capsule
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "1\n"
+    );
     assert_eq!(capsule.status(), Status::Running);
 }
 
@@ -211,5 +245,13 @@ fn deleting_a_template_waits_for_a_clone_being_paused_to_release_it() {
     // A paused capsule never blocks deletion.
     deleting.join().unwrap().unwrap();
     clone.resume().unwrap();
-    assert_eq!(clone.commands().run("echo on").unwrap().stdout, "on\n");
+    assert_eq!(
+        clone
+            .commands()
+            .run("echo on")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "on\n"
+    );
 }

@@ -27,7 +27,12 @@ fn forks_of_a_running_capsule_continue_its_state_and_diverge() {
     };
     let source = engine.create(probe().vcpus(2)).unwrap();
     source.commands().run("count").unwrap();
-    let sum = source.commands().run("touch 300").unwrap().stdout;
+    let sum = source
+        .commands()
+        .run("touch 300")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     let forks = source.fork(3).unwrap();
     assert_eq!(forks.len(), 3);
     assert_eq!(fork_templates(dir.path()), 1);
@@ -35,8 +40,22 @@ fn forks_of_a_running_capsule_continue_its_state_and_diverge() {
         assert_ne!(fork.id(), source.id());
         assert_eq!(fork.status(), Status::Running);
         assert_eq!((fork.info().vcpus, fork.info().memory_mb), (2, 32));
-        assert_eq!(fork.commands().run("sum").unwrap().stdout, sum);
-        assert_eq!(fork.commands().run("count").unwrap().stdout, "2\n");
+        assert_eq!(
+            fork.commands()
+                .run("sum")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            sum
+        );
+        assert_eq!(
+            fork.commands()
+                .run("count")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "2\n"
+        );
         // Each diverges on its own.
         for _ in 0..i {
             fork.commands().run("count").unwrap();
@@ -44,17 +63,37 @@ fn forks_of_a_running_capsule_continue_its_state_and_diverge() {
     }
     for (i, fork) in forks.iter().enumerate() {
         assert_eq!(
-            fork.commands().run("count").unwrap().stdout,
+            fork.commands()
+                .run("count")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
             format!("{}\n", 3 + i)
         );
     }
     // The source went on untouched.
-    assert_eq!(source.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        source
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "2\n"
+    );
     assert_eq!(engine.list().len(), 4);
     // A fork pauses and resumes on its own; once every fork is gone, so is the template.
     forks[0].pause().unwrap();
     forks[0].resume().unwrap();
-    assert_eq!(forks[0].commands().run("count").unwrap().stdout, "4\n");
+    assert_eq!(
+        forks[0]
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "4\n"
+    );
     for fork in &forks {
         fork.destroy().unwrap();
     }
@@ -76,16 +115,39 @@ fn forks_of_a_paused_capsule_leave_it_paused() {
     let forks = engine.fork(source.id(), 2).unwrap();
     assert_eq!(source.status(), Status::Paused);
     for fork in &forks {
-        assert_eq!(fork.commands().run("count").unwrap().stdout, "2\n");
+        assert_eq!(
+            fork.commands()
+                .run("count")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "2\n"
+        );
     }
     // A paused fork keeps what it needs when the template goes.
     forks[1].pause().unwrap();
     forks[0].destroy().unwrap();
     assert_eq!(fork_templates(dir.path()), 0);
     forks[1].resume().unwrap();
-    assert_eq!(forks[1].commands().run("count").unwrap().stdout, "3\n");
+    assert_eq!(
+        forks[1]
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "3\n"
+    );
     source.resume().unwrap();
-    assert_eq!(source.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        source
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "2\n"
+    );
     assert!(source.fork(0).unwrap().is_empty());
 }
 
@@ -110,7 +172,14 @@ fn a_fork_past_the_limits_leaves_nothing() {
     source.destroy().unwrap();
     assert_eq!(engine.list().len(), 2);
     for fork in &forks {
-        assert_eq!(fork.commands().run("echo alive").unwrap().stdout, "alive\n");
+        assert_eq!(
+            fork.commands()
+                .run("echo alive")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "alive\n"
+        );
     }
 }
 

@@ -30,14 +30,22 @@ fn full_lifecycle() {
     assert_eq!(info.error, None);
 
     let out = capsule.commands().run("echo lifecycle").unwrap();
-    assert_eq!(out.stdout, "lifecycle\n");
+    assert_eq!(out.stdout_str(), "lifecycle\n");
     assert!(capsule.info().last_activity >= info.last_activity);
 
     let listed = engine.list();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, *capsule.id());
     let again = engine.get(capsule.id()).unwrap();
-    assert_eq!(again.commands().run("count").unwrap().stdout, "1\n");
+    assert_eq!(
+        again
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "1\n"
+    );
 
     capsule.destroy().unwrap();
     assert_eq!(capsule.status(), Status::Stopped);
@@ -78,7 +86,11 @@ fn destroy_by_id_and_list_order() {
     assert!(matches!(engine.destroy(a.id()), Err(Error::NotFound(_))));
     assert_eq!(engine.list().len(), 1);
     assert_eq!(
-        b.commands().run("echo still here").unwrap().stdout,
+        b.commands()
+            .run("echo still here")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
         "still here\n"
     );
 }
@@ -104,7 +116,15 @@ fn background_create_goes_pending_then_running() {
     capsule
         .wait_ready(Duration::from_secs(10), Duration::from_millis(5))
         .unwrap();
-    assert_eq!(capsule.commands().run("echo up").unwrap().stdout, "up\n");
+    assert_eq!(
+        capsule
+            .commands()
+            .run("echo up")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "up\n"
+    );
 }
 
 #[test]
@@ -147,5 +167,8 @@ fn default_config_is_wrenns() {
     };
     let capsule = engine.create(config).unwrap();
     assert_eq!((capsule.info().vcpus, capsule.info().memory_mb), (1, 512));
-    assert_eq!(capsule.commands().run("echo default").unwrap().exit_code, 0);
+    assert_eq!(
+        capsule.commands().run("echo default").unwrap().exit_code,
+        Some(0)
+    );
 }

@@ -21,8 +21,8 @@ fn sh(c: &Capsule, command: &str) -> String {
         .commands()
         .run_with(command, RunOptions::new().timeout(Duration::from_secs(120)))
         .unwrap_or_else(|e| panic!("{command}: {e}"));
-    assert_eq!(out.exit_code, 0, "{command}: {out:?}");
-    out.stdout
+    assert_eq!(out.exit_code, Some(0), "{command}: {out:?}");
+    out.stdout_str().into_owned()
 }
 
 /// Starts a loop that writes a rising counter to `/tmp/n` every 0.1 s, detached from the
@@ -133,7 +133,10 @@ fn linux_a_background_process_runs_on_across_twenty_pauses_and_an_engine_reopen(
         assert_eq!(c.status(), Status::Paused);
         c.resume().unwrap();
         let n = counter_passes(&c, last);
-        assert!(n > last, "cycle {cycle}: the counter went from {last} to {n}");
+        assert!(
+            n > last,
+            "cycle {cycle}: the counter went from {last} to {n}"
+        );
         last = n;
     }
     assert_eq!(sh(&c, &format!("kill -0 {pid} && echo alive")), "alive\n");
@@ -174,7 +177,10 @@ fn linux_wall_clock_matches_the_host_after_boot_and_pause_and_uptime_never_decre
     std::thread::sleep(Duration::from_secs(3));
     c.resume().unwrap();
     let skew = clock_skew(&c);
-    assert!(skew.abs() < 1.0, "after a 3 s pause the clock is {skew:.3} s off");
+    assert!(
+        skew.abs() < 1.0,
+        "after a 3 s pause the clock is {skew:.3} s off"
+    );
     let up_after = uptime(&c);
     assert!(up_after >= up, "uptime went from {up} to {up_after}");
     // Monotonic time counts only time the guest ran: the pause is not in it.
@@ -187,8 +193,7 @@ fn linux_wall_clock_matches_the_host_after_boot_and_pause_and_uptime_never_decre
 }
 
 #[test]
-fn linux_a_command_running_at_pause_is_reported_paused_and_its_timeout_counts_only_running_time()
-{
+fn linux_a_command_running_at_pause_is_reported_paused_and_its_timeout_counts_only_running_time() {
     let Some((engine, _dir)) = linux_engine() else {
         return;
     };
@@ -250,7 +255,10 @@ fn linux_ten_capsules_from_a_template_continue_it_diverge_and_draw_their_own_ran
     let info = source.snapshot("linux-ten").unwrap();
     assert_eq!(info.name, "linux-ten");
     // The source keeps running.
-    assert_eq!(sh(&source, &format!("kill -0 {pid} && echo alive")), "alive\n");
+    assert_eq!(
+        sh(&source, &format!("kill -0 {pid} && echo alive")),
+        "alive\n"
+    );
 
     let clones: Vec<Capsule> = (0..10)
         .map(|_| {
@@ -278,7 +286,10 @@ fn linux_ten_capsules_from_a_template_continue_it_diverge_and_draw_their_own_ran
     for (i, c) in clones.iter().enumerate() {
         assert_eq!(sh(c, "cat /tmp/own"), format!("clone-{i}\n"), "private");
     }
-    assert_eq!(sh(&source, "cat /tmp/own 2>/dev/null || echo none"), "none\n");
+    assert_eq!(
+        sh(&source, "cat /tmp/own 2>/dev/null || echo none"),
+        "none\n"
+    );
     assert_eq!(sh(&source, "echo $CAPSULE_ID").trim(), source.id().as_str());
     for c in clones {
         c.destroy().unwrap();
@@ -376,6 +387,9 @@ fn linux_a_corrupt_snapshot_is_a_typed_error_and_destroy_removes_a_paused_capsul
     c.pause().unwrap();
     assert!(snapshot.exists());
     c.destroy().unwrap();
-    assert!(!snapshot.exists(), "destroy deletes a paused capsule's files");
+    assert!(
+        !snapshot.exists(),
+        "destroy deletes a paused capsule's files"
+    );
     other.destroy().unwrap();
 }

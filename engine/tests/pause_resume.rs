@@ -15,8 +15,16 @@ fn pause_and_resume_continue_exactly() {
         return;
     };
     let c = engine.create(probe().vcpus(2)).unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "1\n");
-    let touched = c.commands().run("touch 20").unwrap().stdout;
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "1\n"
+    );
+    let touched = c
+        .commands()
+        .run("touch 20")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     c.pause().unwrap();
     assert_eq!(c.status(), Status::Paused);
     assert!(matches!(
@@ -36,9 +44,22 @@ fn pause_and_resume_continue_exactly() {
     c.resume().unwrap();
     assert_eq!(c.status(), Status::Running);
     c.resume().unwrap(); // resuming a running capsule does nothing
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
-    assert_eq!(c.commands().run("sum").unwrap().stdout, touched);
-    assert_eq!(c.commands().run("echo back").unwrap().stdout, "back\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
+    assert_eq!(
+        c.commands().run("sum").unwrap().stdout_str().into_owned(),
+        touched
+    );
+    assert_eq!(
+        c.commands()
+            .run("echo back")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "back\n"
+    );
 }
 
 #[test]
@@ -47,24 +68,32 @@ fn two_hundred_pause_resume_cycles() {
         return;
     };
     let c = engine.create(probe()).unwrap();
-    let mut sum = c.commands().run("touch 3").unwrap().stdout;
-    assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
+    let mut sum = c
+        .commands()
+        .run("touch 3")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
+    assert_eq!(
+        c.commands().run("sum").unwrap().stdout_str().into_owned(),
+        sum
+    );
     for cycle in 1..=200u32 {
         c.pause().unwrap();
         c.resume().unwrap();
         assert_eq!(
-            c.commands().run("count").unwrap().stdout,
+            c.commands().run("count").unwrap().stdout_str().into_owned(),
             format!("{cycle}\n")
         );
         assert_eq!(
-            c.commands().run("sum").unwrap().stdout,
+            c.commands().run("sum").unwrap().stdout_str().into_owned(),
             sum,
             "cycle {cycle}"
         );
         if cycle % 25 == 0 {
             // Change memory now and then, so later cycles restore new diff layers.
             c.commands().run("touch 2").unwrap();
-            sum = c.commands().run("sum").unwrap().stdout;
+            sum = c.commands().run("sum").unwrap().stdout_str().into_owned();
         }
     }
 }
@@ -80,10 +109,21 @@ fn connect_resumes_a_paused_capsule() {
     assert_eq!(engine.get(c.id()).unwrap().status(), Status::Paused);
     let again = engine.connect(c.id()).unwrap();
     assert!(again.is_running());
-    assert_eq!(again.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        again
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "2\n"
+    );
     engine.pause(c.id()).unwrap();
     engine.resume(c.id()).unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "3\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "3\n"
+    );
     let unknown: CapsuleId = "cl-nosuchcapsule".parse().unwrap();
     assert!(matches!(engine.connect(&unknown), Err(Error::NotFound(_))));
     assert!(matches!(engine.pause(&unknown), Err(Error::NotFound(_))));
@@ -168,7 +208,14 @@ fn inactivity_pauses_ping_keeps_alive_and_zero_never_pauses() {
     ));
     // An auto-paused capsule resumes like any other, state intact.
     let idle = engine.connect(idle.id()).unwrap();
-    assert_eq!(idle.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        idle.commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "2\n"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while pinged.status() == Status::Running && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -198,7 +245,12 @@ fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
     );
     let paused = engine.create(probe().vcpus(2)).unwrap();
     paused.commands().run("count").unwrap();
-    let sum = paused.commands().run("touch 7").unwrap().stdout;
+    let sum = paused
+        .commands()
+        .run("touch 7")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     paused.pause().unwrap();
     let running = engine.create(probe()).unwrap();
     let (paused_id, running_id) = (paused.id().clone(), running.id().clone());
@@ -222,8 +274,14 @@ fn a_new_engine_on_the_same_directory_resumes_paused_capsules() {
         "its process ended while it ran"
     );
     let c = engine.connect(&paused_id).unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
-    assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
+    assert_eq!(
+        c.commands().run("sum").unwrap().stdout_str().into_owned(),
+        sum
+    );
     assert!(matches!(
         engine.resume(&running_id),
         Err(Error::InvalidState {
@@ -262,7 +320,7 @@ fn random_pause_resume_from_sixteen_threads() {
                         1 => engine.resume(id).unwrap(),
                         _ => match engine.get(id).unwrap().commands().run("count") {
                             Ok(out) => {
-                                let n: u64 = out.stdout.trim().parse().unwrap();
+                                let n: u64 = out.stdout_str().trim().parse().unwrap();
                                 seen.lock().unwrap().entry(id.clone()).or_default().push(n);
                             }
                             Err(Error::InvalidState {
@@ -296,7 +354,7 @@ fn random_pause_resume_from_sixteen_threads() {
             "every count value exactly once"
         );
         assert_eq!(
-            c.commands().run("count").unwrap().stdout,
+            c.commands().run("count").unwrap().stdout_str().into_owned(),
             format!("{}\n", n + 1)
         );
     }

@@ -53,10 +53,21 @@ fn a_corrupt_state_file_is_a_typed_error_and_the_capsule_stays_paused() {
     assert_eq!(c.status(), Status::Paused);
 
     // Another capsule is unaffected; the broken one can still be destroyed.
-    assert_eq!(other.commands().run("echo fine").unwrap().stdout, "fine\n");
+    assert_eq!(
+        other
+            .commands()
+            .run("echo fine")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "fine\n"
+    );
     std::fs::write(&state, &good).unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
     c.destroy().unwrap();
 }
 
@@ -90,7 +101,10 @@ fn a_truncated_or_missing_memory_file_is_a_typed_error() {
 
     std::fs::write(&base, saved).unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("echo whole again").unwrap().exit_code, 0);
+    assert_eq!(
+        c.commands().run("echo whole again").unwrap().exit_code,
+        Some(0)
+    );
 }
 
 #[test]
@@ -100,7 +114,12 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     };
     let c = engine.create(probe()).unwrap();
     c.commands().run("count").unwrap();
-    let first_sum = c.commands().run("touch 64").unwrap().stdout;
+    let first_sum = c
+        .commands()
+        .run("touch 64")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     c.pause().unwrap();
     c.resume().unwrap();
     let snap = snapshot_dir(&dir, &c);
@@ -109,11 +128,19 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     let layers_before = layers(&snap);
     assert!(!layers_before.is_empty());
 
-    let second_sum = c.commands().run("touch 64").unwrap().stdout;
+    let second_sum = c
+        .commands()
+        .run("touch 64")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     engine.inject_write_fault(Some(8192)); // fails 2 pages into the new layer
     assert!(matches!(c.pause(), Err(Error::Snapshot(_))));
     assert_eq!(c.status(), Status::Running, "the capsule keeps running");
-    assert_eq!(c.commands().run("count").unwrap().stdout, "2\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
     assert!(
         !snap.join("state.bin").exists(),
         "no half-written snapshot reads as valid"
@@ -126,12 +153,18 @@ fn a_write_failure_mid_pause_keeps_the_capsule_running_and_its_files_intact() {
     assert_ne!(first_sum, second_sum);
 
     // The next pause works and everything written since the last good snapshot is there.
-    let sum = c.commands().run("sum").unwrap().stdout;
+    let sum = c.commands().run("sum").unwrap().stdout_str().into_owned();
     assert_ne!(sum, first_sum);
     c.pause().unwrap();
     c.resume().unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "3\n");
-    assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "3\n"
+    );
+    assert_eq!(
+        c.commands().run("sum").unwrap().stdout_str().into_owned(),
+        sum
+    );
 }
 
 #[test]
