@@ -9,6 +9,8 @@
 mod agent;
 mod probe;
 mod process;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;

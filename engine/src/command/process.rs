@@ -165,6 +165,12 @@ impl Process {
         lock(&self.state)
     }
 
+    /// Bytes received and not taken yet (tests check the bound).
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.state().queue.iter().map(|c| c.bytes().len()).sum()
+    }
+
     /// The process's pid in the guest (0 for the probe, which has no processes).
     pub(crate) fn pid(&self) -> u32 {
         self.pid

@@ -448,14 +448,26 @@ fn read_loop(
 /// tests of this module and of the Linux runtime).
 #[cfg(test)]
 pub(crate) fn real_agent() -> Arc<AgentLink> {
+    real_agent_with(capsule_agent::ServeConfig::default()).0
+}
+
+/// [`real_agent`] with the agent's `config`; also returns the host's end of the socket, whose
+/// shutdown ends the connection (as a paused guest's link ends).
+#[cfg(test)]
+pub(crate) fn real_agent_with(
+    config: capsule_agent::ServeConfig,
+) -> (Arc<AgentLink>, std::os::unix::net::UnixStream) {
     use std::os::unix::net::UnixStream;
     let (host, guest) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
         let reader = guest.try_clone().unwrap();
-        let _ = capsule_agent::serve(reader, guest, &capsule_agent::ServeConfig::default());
+        let _ = capsule_agent::serve(reader, guest, &config);
     });
     let reader = host.try_clone().unwrap();
-    AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap()
+    let end = host.try_clone().unwrap();
+    let link =
+        AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+    (link, end)
 }
 
 #[cfg(test)]
