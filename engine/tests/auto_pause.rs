@@ -58,10 +58,7 @@ fn a_command_longer_than_the_timeout_is_activity_until_it_ends() {
     let t = Instant::now();
     capsule
         .commands()
-        .run_with(
-            format!("spin {n}"),
-            capsule::RunOptions::new().no_timeout(),
-        )
+        .run_with(format!("spin {n}"), capsule::RunOptions::new().no_timeout())
         .unwrap();
     assert!(
         t.elapsed() > Duration::from_millis(300),
