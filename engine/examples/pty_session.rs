@@ -27,9 +27,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let capsule = engine.create(CapsuleConfig::builder("minimal").memory_mb(256))?;
-    let pty = capsule
-        .pty()
-        .create(PtySize::new(24, 80), RunOptions::new().env("PS1", "capsule$ "))?;
+    let pty = capsule.pty().create(
+        PtySize::new(24, 80),
+        RunOptions::new().env("PS1", "capsule$ "),
+    )?;
     println!("shell on a terminal, pid {}", pty.pid());
 
     // Print what the terminal shows, from another thread, as it comes.
