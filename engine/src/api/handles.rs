@@ -117,7 +117,7 @@ impl CommandHandle {
     /// As [`CommandHandle::wait`], for at most `timeout`: past it,
     /// [`crate::Error::Timeout`] ([`crate::TimeoutKind::Wait`]) and the command runs on.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<CommandOutput> {
-        self.process().wait(Some(Deadline::after(timeout)))
+        self.process().wait(Deadline::after(timeout))
     }
 
     /// The command's output as it arrives: an iterator of chunks that blocks for the next
@@ -150,7 +150,7 @@ impl OutputStream {
     /// chunk was taken, [`crate::Error::Timeout`] ([`crate::TimeoutKind::Wait`]) if nothing
     /// came in time.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Output>> {
-        self.holder.0.next_chunk(Some(Deadline::after(timeout)))
+        self.holder.0.next_chunk(Deadline::after(timeout))
     }
 }
 

@@ -70,7 +70,8 @@ pub(crate) fn run(
         };
         let start = agent::Start::Run { command, mode };
         let process = agent::start(capsule, link, start, options, None)?;
-        let result = process.wait(timeout.map(|t| Deadline::after(t + KILL_REPORT_GRACE)));
+        let host_wait = timeout.and_then(|t| Deadline::after(t.saturating_add(KILL_REPORT_GRACE)));
+        let result = process.wait(host_wait);
         drop(activity);
         return match result {
             Err(Error::Timeout {

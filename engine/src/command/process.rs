@@ -35,12 +35,12 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
-    /// `after` from now.
-    pub(crate) fn after(after: Duration) -> Deadline {
-        Deadline {
-            at: Instant::now() + after,
+    /// `after` from now; `None` (no deadline) when that is beyond what the clock can say.
+    pub(crate) fn after(after: Duration) -> Option<Deadline> {
+        Some(Deadline {
+            at: Instant::now().checked_add(after)?,
             after,
-        }
+        })
     }
 }
 
@@ -206,7 +206,12 @@ impl Process {
             Output::Stderr(_) => self.on_stderr.as_ref(),
         };
         if let Some(callback) = callback {
-            callback(chunk.bytes());
+            // A panicking callback must not take the pump (and every waiter) down with it.
+            let called =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(chunk.bytes())));
+            if called.is_err() {
+                tracing::error!(pid = self.pid, "an output callback panicked");
+            }
             self.state().kept.keep(&chunk, self.output_limit);
             self.give_back(len);
             return;

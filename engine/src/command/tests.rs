@@ -60,7 +60,7 @@ fn spawn_on(
 fn read_until(process: &Process, want: &str) -> String {
     let mut text = String::new();
     while !text.contains(want) {
-        match process.next_chunk(Some(Deadline::after(Duration::from_secs(20)))) {
+        match process.next_chunk(Deadline::after(Duration::from_secs(20))) {
             Ok(Some(chunk)) => text.push_str(&String::from_utf8_lossy(chunk.bytes())),
             other => panic!("waiting for {want:?} in {text:?}: {other:?}"),
         }
@@ -325,9 +325,7 @@ fn a_terminal_answers_reports_its_size_and_resizes() {
     sh.write_stdin(b"stty size\n").unwrap();
     read_until(&sh, "50 132");
     sh.write_stdin(b"exit 3\n").unwrap();
-    let out = sh
-        .wait(Some(Deadline::after(Duration::from_secs(20))))
-        .unwrap();
+    let out = sh.wait(Deadline::after(Duration::from_secs(20))).unwrap();
     assert_eq!(out.exit_code, Some(3));
     // Resizing a command without a terminal is refused at once.
     let plain = spawn(&link, "sleep 10", RunOptions::new());
@@ -383,7 +381,7 @@ fn commands_run_as_another_user() {
 fn waits_and_timeouts() {
     let link = real_agent();
     let p = spawn(&link, "sleep 5", RunOptions::new());
-    match p.wait(Some(Deadline::after(Duration::from_millis(100)))) {
+    match p.wait(Deadline::after(Duration::from_millis(100))) {
         Err(Error::Timeout {
             kind: TimeoutKind::Wait,
             after,
@@ -534,7 +532,7 @@ fn after_the_link_is_lost_a_new_link_reconnects() {
     );
     read_until(&p, "before");
     end.shutdown(std::net::Shutdown::Both).unwrap();
-    match p.wait(Some(Deadline::after(Duration::from_secs(10)))) {
+    match p.wait(Deadline::after(Duration::from_secs(10))) {
         Err(Error::ProcessDetached { pid, reason, .. }) => {
             assert_eq!(pid, p.pid());
             assert!(reason.contains("paused"), "{reason}");
@@ -562,4 +560,22 @@ fn after_the_link_is_lost_a_new_link_reconnects() {
     assert_eq!(out.stdout_str(), "after resume\n");
     assert_eq!(out.exit_code, Some(4));
     assert!(agent::list(&capsule, &link).unwrap().is_empty());
+}
+
+#[test]
+fn waits_of_any_length_and_panicking_callbacks_do_not_panic() {
+    let link = real_agent();
+    let options = RunOptions::new()
+        .timeout(Duration::MAX)
+        .on_stderr(|_| panic!("a callback's bug"));
+    let p = spawn(&link, "echo out; echo err >&2", options);
+    let out = p.wait(Deadline::after(Duration::MAX)).unwrap();
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    assert!(p
+        .next_chunk(Deadline::after(Duration::MAX))
+        .unwrap()
+        .is_none());
 }

@@ -328,7 +328,8 @@ impl AgentLink {
                 None => Ok(()),
             });
         let result = sent.and_then(|()| {
-            let deadline = timeout.map(|t| Instant::now() + t);
+            // A wait beyond what the clock can say is no deadline.
+            let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             loop {
                 match Self::next_reply(&replies, deadline)? {
                     Message::Exit(exit) => return Ok(exit),

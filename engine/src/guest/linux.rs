@@ -782,7 +782,7 @@ fn run_job(link: &AgentLink, id: &CapsuleId, job: Job, grace: Duration) {
     let request = run_request(&job.command, &job.options, mode);
     // The agent enforces the timeout (killing the process group); the host waits a little
     // longer for its answer.
-    let host_wait = timeout.map(|t| t + grace);
+    let host_wait = timeout.map(|t| t.saturating_add(grace));
     let result = match link.run(request, job.options.stdin.as_deref(), host_wait) {
         Ok(exit) if exit.timed_out => Err(Error::Timeout {
             kind: TimeoutKind::Command,
