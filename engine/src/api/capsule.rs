@@ -103,7 +103,10 @@ impl Capsule {
     /// included (a Linux command may run for hours): a [`Commands::run`] blocked on a
     /// command at that moment returns at once with [`Error::InvalidState`] (status
     /// [`Status::Paused`]); the command's process is frozen with the rest and goes on after
-    /// [`Capsule::resume`], but its output no longer reaches that caller. The guest's
+    /// [`Capsule::resume`], but its output no longer reaches that caller. Handles of spawned
+    /// commands ([`CommandHandle`]) likewise report [`Error::ProcessDetached`]; after the
+    /// resume [`Commands::connect`] picks the process up again (its output waited in the
+    /// guest). The guest's
     /// monotonic clocks do not count paused time (so neither does a command's timeout, which
     /// the guest's agent enforces), and its wall clock is set to the host's at every resume.
     ///
