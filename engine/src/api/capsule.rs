@@ -104,9 +104,10 @@ impl Capsule {
     /// command at that moment returns at once with [`Error::InvalidState`] (status
     /// [`Status::Paused`]); the command's process is frozen with the rest and goes on after
     /// [`Capsule::resume`], but its output no longer reaches that caller. Handles of spawned
-    /// commands ([`CommandHandle`]) likewise report [`Error::ProcessDetached`]; after the
-    /// resume [`Commands::connect`] picks the process up again (its output waited in the
-    /// guest). The guest's
+    /// commands ([`CommandHandle`]) likewise report [`Error::ProcessDetached`]. Such
+    /// processes are listed by [`Commands::list`]; their output waits in the guest (one that
+    /// writes more than a pipe holds blocks) and their exit is kept, until
+    /// [`Commands::connect`] picks them up again after the resume. The guest's
     /// monotonic clocks do not count paused time (so neither does a command's timeout, which
     /// the guest's agent enforces), and its wall clock is set to the host's at every resume.
     ///
