@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 
 use crate::message::{
     Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    RunRequest, SyncRequest, WriteFile,
+    ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile,
 };
 use crate::{
     DecodeError, EncodeError, Frame, PayloadError, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
@@ -90,6 +90,19 @@ impl Enc<'_> {
     fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
+    fn opt_str(&mut self, v: Option<&str>) {
+        match v {
+            None => self.u8(0),
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+        }
+    }
+    fn window(&mut self, w: WindowSize) {
+        self.u16(w.rows);
+        self.u16(w.cols);
+    }
     /// `list<(string, string)>`.
     fn env(&mut self, v: &[(String, String)]) {
         self.len(v.len());
@@ -136,20 +149,34 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
             }
             e.env(&r.env);
             e.bool(r.clear_env);
-            match &r.cwd {
-                None => e.u8(0),
-                Some(c) => {
-                    e.u8(1);
-                    e.str(c);
-                }
-            }
+            e.opt_str(r.cwd.as_deref());
             e.u64(r.timeout_ms);
             e.u32(r.stdout_limit);
             e.u32(r.stderr_limit);
             e.bool(r.stream);
             e.bool(r.stdin);
+            e.opt_str(r.user.as_deref());
+            match r.pty {
+                None => e.u8(0),
+                Some(w) => {
+                    e.u8(1);
+                    e.window(w);
+                }
+            }
         }
         Message::Signal { sig } => e.i32(*sig),
+        Message::Resize(w) => e.window(*w),
+        Message::ListProcesses => {}
+        Message::Attach { pid } => e.u32(*pid),
+        Message::Credit { bytes } => e.u32(*bytes),
+        Message::ProcessList(list) => {
+            e.len(list.len());
+            for p in list {
+                e.u32(p.pid);
+                e.str(&p.command);
+                e.u64(p.started_at_unix_ms);
+            }
+        }
         Message::Started { pid } => e.u32(*pid),
         Message::Exit(x) => {
             match x.status {
@@ -308,6 +335,20 @@ impl<'a> Dec<'a> {
             .map(String::from)
             .map_err(|_| PayloadError::InvalidUtf8)
     }
+    /// `option<string>`.
+    fn opt_string(&mut self) -> Result<Option<String>, PayloadError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            t => Err(PayloadError::InvalidTag(t)),
+        }
+    }
+    fn window(&mut self) -> Result<WindowSize, PayloadError> {
+        Ok(WindowSize {
+            rows: self.u16()?,
+            cols: self.u16()?,
+        })
+    }
     /// `list<(string, string)>`: each item is at least two empty strings.
     fn env(&mut self) -> Result<Vec<(String, String)>, PayloadError> {
         self.list(8, |d| Ok((d.string()?, d.string()?)))
@@ -361,28 +402,39 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
                 }
                 t => return Err(PayloadError::InvalidTag(t)),
             };
-            let env = d.env()?;
-            let clear_env = d.bool()?;
-            let cwd = match d.u8()? {
-                0 => None,
-                1 => Some(d.string()?),
-                t => return Err(PayloadError::InvalidTag(t)),
-            };
             Message::Run(RunRequest {
                 command,
-                env,
-                clear_env,
-                cwd,
+                env: d.env()?,
+                clear_env: d.bool()?,
+                cwd: d.opt_string()?,
                 timeout_ms: d.u64()?,
                 stdout_limit: d.u32()?,
                 stderr_limit: d.u32()?,
                 stream: d.bool()?,
                 stdin: d.bool()?,
+                user: d.opt_string()?,
+                pty: match d.u8()? {
+                    0 => None,
+                    1 => Some(d.window()?),
+                    t => return Err(PayloadError::InvalidTag(t)),
+                },
             })
         }
         Kind::Stdin => Message::Stdin(d.bytes()?),
         Kind::CloseStdin => Message::CloseStdin,
         Kind::Signal => Message::Signal { sig: d.i32()? },
+        Kind::Resize => Message::Resize(d.window()?),
+        Kind::ListProcesses => Message::ListProcesses,
+        Kind::Attach => Message::Attach { pid: d.u32()? },
+        Kind::Credit => Message::Credit { bytes: d.u32()? },
+        // An entry is at least a pid, an empty command and a time: 16 bytes.
+        Kind::ProcessList => Message::ProcessList(d.list(16, |d| {
+            Ok(ProcessEntry {
+                pid: d.u32()?,
+                command: d.string()?,
+                started_at_unix_ms: d.u64()?,
+            })
+        })?),
         Kind::Started => Message::Started { pid: d.u32()? },
         Kind::Stdout => Message::Stdout(d.bytes()?),
         Kind::Stderr => Message::Stderr(d.bytes()?),

@@ -68,10 +68,15 @@
 //! | 0x11 | Stdin       | host→agent  | `data: bytes` |
 //! | 0x12 | CloseStdin  | host→agent  | empty |
 //! | 0x13 | Signal      | host→agent  | `sig: i32` |
+//! | 0x14 | Resize      | host→agent  | `rows: u16, cols: u16` (a PTY command's window size) |
+//! | 0x15 | ListProcesses | host→agent | empty |
+//! | 0x16 | Attach      | host→agent  | `pid: u32` |
+//! | 0x17 | Credit      | host→agent  | `bytes: u32` (flow control of streamed output) |
 //! | 0x18 | Started     | agent→host  | `pid: u32` |
 //! | 0x19 | Stdout      | agent→host  | `data: bytes` |
 //! | 0x1a | Stderr      | agent→host  | `data: bytes` |
 //! | 0x1b | Exit        | agent→host  | see [`ExitInfo`] below |
+//! | 0x1c | ProcessList | agent→host  | `list<entry>`; entry = `pid: u32, command: string, started_at_unix_ms: u64` |
 //! | 0x20 | ReadFile    | host→agent  | `path: string, offset: u64, len: u32` |
 //! | 0x21 | WriteFile   | host→agent  | `path: string, mode: u32, truncate: bool, append: bool, data: bytes` |
 //! | 0x22 | ListDir     | host→agent  | `path: string` |
@@ -79,8 +84,7 @@
 //! | 0x29 | DirListing  | agent→host  | `list<entry>, truncated: bool`; entry = `name: string, file_type: u8, size: u64, mode: u32` |
 //!
 //! Reserved, not yet defined: `0x07..=0x0f` (connection control),
-//! `0x14..=0x17` (more process control, e.g. window size), `0x1c..=0x1f`
-//! (more process events), `0x23..=0x27` (more file requests: stat, remove,
+//! `0x1d..=0x1f` (more process events), `0x23..=0x27` (more file requests: stat, remove,
 //! mkdir, rename, chmod), `0x2a..=0x2f` (more file replies), `0x30..=0x7f`
 //! (future core messages), `0x80..=0xff` (experimental extensions). A receiver
 //! answers an unknown kind with an `Error` of code
@@ -90,7 +94,9 @@
 //! `script: string`, run as `/bin/sh -c script`; `1` = exec, followed by
 //! `program: string, args: list<string>`), `env: list<(string, string)>`,
 //! `clear_env: bool`, `cwd: option<string>`, `timeout_ms: u64` (0 = none),
-//! `stdout_limit: u32`, `stderr_limit: u32`, `stream: bool`, `stdin: bool`.
+//! `stdout_limit: u32`, `stderr_limit: u32`, `stream: bool`, `stdin: bool`,
+//! `user: option<string>`, `pty: option<(rows: u16, cols: u16)>` (the last two
+//! since version 3).
 //!
 //! `Sync` payload, in order: `realtime_ns: u64` (the host's `CLOCK_REALTIME`
 //! in nanoseconds since the Unix epoch when it sent the message; 0 = leave
@@ -115,9 +121,20 @@
 //!    with `stream`) → exactly one `Exit`; or, if it could not start, one
 //!    `Error` whose code [ends the request](ErrorCode::ends_request) and no
 //!    `Started`. While it runs the host may send `Stdin`, `CloseStdin` (only
-//!    with `stdin`) and `Signal` on the same id; those get no reply on
+//!    with `stdin` or `pty`), `Signal`, `Resize` (only with `pty`) and
+//!    `Credit` (only with `stream`) on the same id; those get no reply on
 //!    success and an advisory `Error` (one that does not end the request) when
 //!    refused.
+//!
+//!    A `Run` with `pty` runs the command on a new pseudo-terminal of that
+//!    size (the process leads a new session whose controlling terminal it is;
+//!    it is the process's stdin, stdout and stderr): all its output comes as
+//!    `Stdout`, `Stdin` is typed into the terminal, `CloseStdin` types the
+//!    end-of-file character (Ctrl-D), and `Resize` changes the window size.
+//!    A `Run` with `user` runs as that user of the guest's `/etc/passwd` (uid,
+//!    primary gid, supplementary groups from `/etc/group`; `HOME`, `USER`,
+//!    `LOGNAME` from its entry), or fails with
+//!    [`ErrorCode::UNKNOWN_USER`].
 //! 3. `Ping` → `Pong` with the same data.
 //! 4. `ReadFile` → `FileData`; `WriteFile` → `Ack`; `ListDir` → `DirListing`;
 //!    any of them → `Error` on failure.
@@ -135,6 +152,54 @@
 //!    the request's own [`RunRequest::env`], which overrides them. The agent
 //!    applies a `Sync` before it handles the frames that follow it, so the
 //!    host may send requests right after it without waiting for the `Ack`.
+//!    (d) Since the host sends a `Sync` only when its side of the connection
+//!    is new, nobody listens to the requests sent before it any more: every
+//!    process the agent runs is *detached* (see below) until an `Attach`.
+//! 6. `ListProcesses` → `ProcessList`: the processes the agent started (by
+//!    `Run`, on this connection or an earlier one) that it still tracks: those
+//!    running, and those that ended but whose `Exit` nobody received yet
+//!    (detached). Ordered by pid.
+//! 7. `Attach { pid }` on a fresh id → `Started { pid }`, then the process's
+//!    output as `Stdout`/`Stderr` chunks (streamed and flow-controlled, even
+//!    if its `Run` was buffered), then its `Exit` (with empty `stdout` and
+//!    `stderr`); or one `Error` of code [`ErrorCode::NO_SUCH_PROCESS`].
+//!    Output and exit go to the attaching request *only*: the request that
+//!    received them before (if any) ends with an `Error` of code
+//!    [`ErrorCode::DETACHED`]. `Stdin`, `CloseStdin`, `Signal`, `Resize` and
+//!    `Credit` on the attaching id act on the process. The attaching request
+//!    receives output from the moment of the attach: what was already sent
+//!    to an earlier request is not repeated; what the agent had collected for
+//!    a buffered `Run` and not sent comes first, as chunks.
+//!
+//! # Detached processes
+//!
+//! A process whose request has nobody listening (after a `Sync`, or after
+//! its connection closed when the agent keeps processes across connections,
+//! as PID 1 does) keeps running. The agent stops reading its output: what
+//! the process writes waits in its pipe (64 KiB by default) and then the
+//! process blocks on its next write, so nothing is lost and nothing grows
+//! without bound. If it ends meanwhile, the agent keeps its exit status (and
+//! the output still in its pipes, and a buffered request's collected output)
+//! until an `Attach` takes them, for at most [`MAX_UNCLAIMED_EXITS`] such
+//! processes (beyond that the oldest is forgotten). Output sent to the
+//! previous request in the instant before it was detached (up to one window)
+//! is lost with that request.
+//!
+//! # Flow control of streamed output
+//!
+//! A streamed request (`Run` with `stream`, or `Attach`) starts with a send
+//! window of [`STREAM_WINDOW`] bytes. The agent sends `Stdout`/`Stderr` data
+//! only while the window is open, takes each chunk's data length from it,
+//! and reads the process's output pipes only while it is open (at most what
+//! the window allows at a time): when the host stops taking output, the
+//! process blocks once its pipe is full. `Credit { bytes }` on the request's
+//! id grows the window by `bytes`; the host sends it as its consumer takes
+//! output (in batches, so that the window never stays shut while the host
+//! has taken everything). `Started`, `Exit` and `Error` do not count. A
+//! `Credit` for an id with no streamed request is ignored without a reply
+//! (it may cross the request's `Exit`). Buffered requests are not windowed
+//! (their output is bounded by [`MAX_BUFFERED_OUTPUT`]). A streamed
+//! request's `stdout_limit`/`stderr_limit` of `u32::MAX` means no limit.
 //!
 //! An `Error` on a request id ends that request unless
 //! [`ErrorCode::ends_request`] says it is advisory.
@@ -152,14 +217,19 @@ pub use codec::{decode_frame, decode_payload, encode, encode_into, try_encode};
 pub use decoder::FrameDecoder;
 pub use message::{
     Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    RunRequest, SyncRequest, WriteFile,
+    ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile,
 };
 
 /// Version of the wire protocol described in this crate. Bumped on any
 /// incompatible change; sent in [`Message::Hello`].
 ///
 /// Version 2 added [`Message::Sync`] (kind 0x06) and [`caps::SYNC`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added [`RunRequest::user`] and [`RunRequest::pty`] (at the end of
+/// the `Run` payload), `Resize` (0x14), `ListProcesses` (0x15) and its
+/// `ProcessList` (0x1c), `Attach` (0x16), `Credit` (0x17) with the flow
+/// control of streamed output, detaching by `Sync`, and [`caps::USER`],
+/// [`caps::PTY`], [`caps::PROCESSES`].
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Bytes in a frame header: length (4), kind (1), request id (4).
 pub const HEADER_LEN: usize = 9;
@@ -178,6 +248,14 @@ pub const MAX_BUFFERED_OUTPUT: u32 = 2 * 1024 * 1024;
 /// Recommended largest data chunk for `Stdin`, `Stdout`, `Stderr`, `FileData`
 /// and `WriteFile`, well inside [`MAX_PAYLOAD_LEN`].
 pub const MAX_CHUNK_LEN: usize = 1024 * 1024;
+
+/// The send window a streamed request starts with, in bytes of
+/// `Stdout`/`Stderr` data (see "Flow control" in the crate docs).
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Most processes that ended while detached whose exit the agent keeps for a
+/// later `Attach` (see "Detached processes" in the crate docs).
+pub const MAX_UNCLAIMED_EXITS: usize = 32;
 
 /// Most bytes of [`SyncRequest::entropy`]; a longer field does not decode.
 pub const MAX_SYNC_ENTROPY: usize = 512;
@@ -202,6 +280,15 @@ pub mod caps {
     pub const PID1: u64 = 1 << 5;
     /// The agent handles [`crate::Message::Sync`] (clock, entropy, environment).
     pub const SYNC: u64 = 1 << 6;
+    /// The agent runs commands as other users ([`crate::RunRequest::user`]).
+    pub const USER: u64 = 1 << 7;
+    /// The agent runs commands on pseudo-terminals ([`crate::RunRequest::pty`],
+    /// [`crate::Message::Resize`]).
+    pub const PTY: u64 = 1 << 8;
+    /// The agent lists and attaches to its processes
+    /// ([`crate::Message::ListProcesses`], [`crate::Message::Attach`]) and
+    /// flow-controls streamed output ([`crate::Message::Credit`]).
+    pub const PROCESSES: u64 = 1 << 9;
 }
 
 /// One decoded frame: a request id and its message.

@@ -27,6 +27,14 @@ pub enum Kind {
     CloseStdin = 0x12,
     /// [`Message::Signal`].
     Signal = 0x13,
+    /// [`Message::Resize`].
+    Resize = 0x14,
+    /// [`Message::ListProcesses`].
+    ListProcesses = 0x15,
+    /// [`Message::Attach`].
+    Attach = 0x16,
+    /// [`Message::Credit`].
+    Credit = 0x17,
     /// [`Message::Started`].
     Started = 0x18,
     /// [`Message::Stdout`].
@@ -35,6 +43,8 @@ pub enum Kind {
     Stderr = 0x1a,
     /// [`Message::Exit`].
     Exit = 0x1b,
+    /// [`Message::ProcessList`].
+    ProcessList = 0x1c,
     /// [`Message::ReadFile`].
     ReadFile = 0x20,
     /// [`Message::WriteFile`].
@@ -61,10 +71,15 @@ impl Kind {
             0x11 => Kind::Stdin,
             0x12 => Kind::CloseStdin,
             0x13 => Kind::Signal,
+            0x14 => Kind::Resize,
+            0x15 => Kind::ListProcesses,
+            0x16 => Kind::Attach,
+            0x17 => Kind::Credit,
             0x18 => Kind::Started,
             0x19 => Kind::Stdout,
             0x1a => Kind::Stderr,
             0x1b => Kind::Exit,
+            0x1c => Kind::ProcessList,
             0x20 => Kind::ReadFile,
             0x21 => Kind::WriteFile,
             0x22 => Kind::ListDir,
@@ -104,7 +119,29 @@ pub enum Message {
         /// The signal number (Linux numbering, e.g. 15 for SIGTERM).
         sig: i32,
     },
-    /// Agent → host: the command was spawned.
+    /// Host → agent, on a PTY command's id: set the terminal's window size
+    /// (`TIOCSWINSZ`; the process gets `SIGWINCH`).
+    Resize(WindowSize),
+    /// Host → agent: list the processes the agent started that it still
+    /// tracks. Answered by [`Message::ProcessList`].
+    ListProcesses,
+    /// Host → agent, on a fresh id: from now on the output and the exit of
+    /// process `pid` go to this request, and only to it. Answered by
+    /// [`Message::Started`], then streamed output and [`Message::Exit`], as
+    /// for a streamed `Run`; see the crate docs.
+    Attach {
+        /// The process, as [`Message::Started`] or [`Message::ProcessList`] named it.
+        pid: u32,
+    },
+    /// Host → agent, on a streamed request's id: the host took `bytes` more
+    /// bytes of output; the agent may send that many more (see the crate docs
+    /// on flow control).
+    Credit {
+        /// Bytes of `Stdout`/`Stderr` data the window grows by.
+        bytes: u32,
+    },
+    /// Agent → host: the command was spawned (or, for [`Message::Attach`],
+    /// the process was found).
     Started {
         /// Pid (and process group id) of the command in the guest.
         pid: u32,
@@ -115,6 +152,8 @@ pub enum Message {
     Stderr(Vec<u8>),
     /// Agent → host: the command finished; last message of its request.
     Exit(ExitInfo),
+    /// Agent → host: answer to [`Message::ListProcesses`].
+    ProcessList(Vec<ProcessEntry>),
     /// Host → agent: read up to `len` bytes of a file from `offset`.
     ReadFile {
         /// Absolute path in the guest.
@@ -161,10 +200,15 @@ impl Message {
             Message::Stdin(_) => Kind::Stdin,
             Message::CloseStdin => Kind::CloseStdin,
             Message::Signal { .. } => Kind::Signal,
+            Message::Resize(_) => Kind::Resize,
+            Message::ListProcesses => Kind::ListProcesses,
+            Message::Attach { .. } => Kind::Attach,
+            Message::Credit { .. } => Kind::Credit,
             Message::Started { .. } => Kind::Started,
             Message::Stdout(_) => Kind::Stdout,
             Message::Stderr(_) => Kind::Stderr,
             Message::Exit(_) => Kind::Exit,
+            Message::ProcessList(_) => Kind::ProcessList,
             Message::ReadFile { .. } => Kind::ReadFile,
             Message::WriteFile(_) => Kind::WriteFile,
             Message::ListDir { .. } => Kind::ListDir,
@@ -242,6 +286,7 @@ pub struct RunRequest {
     pub timeout_ms: u64,
     /// Most stdout bytes to return (buffered: clamped to
     /// [`crate::MAX_BUFFERED_OUTPUT`]); the rest is read and discarded.
+    /// Streamed, `u32::MAX` means no limit.
     pub stdout_limit: u32,
     /// Most stderr bytes to return, as for `stdout_limit`.
     pub stderr_limit: u32,
@@ -249,8 +294,19 @@ pub struct RunRequest {
     /// comes instead of in [`ExitInfo`].
     pub stream: bool,
     /// Give the command a stdin pipe fed by [`Message::Stdin`]; otherwise its
-    /// stdin is `/dev/null`.
+    /// stdin is `/dev/null`. (A PTY command always has its terminal as stdin.)
     pub stdin: bool,
+    /// Run as this guest user (a name in the guest's `/etc/passwd`): its uid,
+    /// primary gid and supplementary groups (from `/etc/group`), with `HOME`,
+    /// `USER` and `LOGNAME` set from its passwd entry. `None` = as the agent
+    /// (root). An unknown user fails the request with
+    /// [`ErrorCode::UNKNOWN_USER`].
+    pub user: Option<String>,
+    /// Run on a new pseudo-terminal of this size instead of pipes: the
+    /// process leads a new session with the terminal as its controlling
+    /// terminal and as stdin, stdout and stderr; everything it prints comes as
+    /// [`Message::Stdout`]. `None` = pipes.
+    pub pty: Option<WindowSize>,
 }
 
 impl RunRequest {
@@ -266,8 +322,32 @@ impl RunRequest {
             stderr_limit: 1024 * 1024,
             stream: false,
             stdin: false,
+            user: None,
+            pty: None,
         }
     }
+}
+
+/// A terminal's size, in character cells ([`RunRequest::pty`], [`Message::Resize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WindowSize {
+    /// Rows (lines).
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// One process of [`Message::ProcessList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessEntry {
+    /// Its pid (and process group id) in the guest.
+    pub pid: u32,
+    /// What was run: the shell script, or the program and its arguments
+    /// joined by spaces.
+    pub command: String,
+    /// When the agent started it, by the guest's wall clock, in milliseconds
+    /// since the Unix epoch.
+    pub started_at_unix_ms: u64,
 }
 
 /// How a command ended.
@@ -328,6 +408,13 @@ impl ErrorCode {
     pub const INTERNAL: ErrorCode = ErrorCode(11);
     /// A signal could not be delivered to the command's process group.
     pub const SIGNAL_FAILED: ErrorCode = ErrorCode(12);
+    /// [`Message::Attach`] named a process the agent does not track.
+    pub const NO_SUCH_PROCESS: ErrorCode = ErrorCode(13);
+    /// The process of this request was attached by another request
+    /// ([`Message::Attach`]), which receives its output and exit from now on.
+    pub const DETACHED: ErrorCode = ErrorCode(14);
+    /// [`RunRequest::user`] names no user of the guest.
+    pub const UNKNOWN_USER: ErrorCode = ErrorCode(15);
 
     /// Whether an `Error` with this code ends the request it is sent on.
     ///

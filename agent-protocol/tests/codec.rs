@@ -40,8 +40,41 @@ fn samples() -> Vec<Message> {
             stderr_limit: 20,
             stream: true,
             stdin: true,
+            user: Some("nobody".into()),
+            pty: Some(WindowSize { rows: 24, cols: 80 }),
         }),
         Message::Run(RunRequest::shell("echo hi")),
+        Message::Run(RunRequest {
+            user: Some(String::new()),
+            ..RunRequest::shell("")
+        }),
+        Message::Run(RunRequest {
+            pty: Some(WindowSize {
+                rows: u16::MAX,
+                cols: 0,
+            }),
+            ..RunRequest::shell("sh")
+        }),
+        Message::Resize(WindowSize {
+            rows: 50,
+            cols: 132,
+        }),
+        Message::ListProcesses,
+        Message::Attach { pid: 4242 },
+        Message::Credit { bytes: 262_144 },
+        Message::ProcessList(vec![]),
+        Message::ProcessList(vec![
+            ProcessEntry {
+                pid: 7,
+                command: "sleep 100".into(),
+                started_at_unix_ms: 1_767_225_600_123,
+            },
+            ProcessEntry {
+                pid: 9,
+                command: String::new(),
+                started_at_unix_ms: 0,
+            },
+        ]),
         Message::Stdin(vec![0, 1, 2]),
         Message::CloseStdin,
         Message::Signal { sig: 15 },
@@ -174,6 +207,111 @@ fn sync_bytes_are_as_documented() {
 }
 
 #[test]
+fn version_3_bytes_are_as_documented() {
+    // Run: the version 2 payload, then `user: option<string>`, then
+    // `pty: option<(rows: u16, cols: u16)>`.
+    let run = RunRequest {
+        user: Some("ab".into()),
+        pty: Some(WindowSize { rows: 24, cols: 80 }),
+        ..RunRequest::shell("x")
+    };
+    let bytes = encode(&Message::Run(run), 2);
+    let expected: Vec<u8> = [
+        &[47, 0, 0, 0][..],           // len = 5 + 42
+        &[0x10],                      // kind
+        &[2, 0, 0, 0],                // id
+        &[0, 1, 0, 0, 0, b'x'],       // command: shell "x"
+        &[0, 0, 0, 0],                // env: empty
+        &[0],                         // clear_env
+        &[0],                         // cwd: none
+        &[0, 0, 0, 0, 0, 0, 0, 0],    // timeout_ms
+        &[0, 0, 0x10, 0],             // stdout_limit = 1 MiB
+        &[0, 0, 0x10, 0],             // stderr_limit
+        &[0, 0],                      // stream, stdin
+        &[1, 2, 0, 0, 0, b'a', b'b'], // user: some "ab"
+        &[1, 24, 0, 80, 0],           // pty: some (24, 80)
+    ]
+    .concat();
+    assert_eq!(bytes, expected);
+
+    let frame = |kind: u8, id: u8, payload: &[u8]| -> Vec<u8> {
+        let len = (5 + payload.len()) as u32;
+        [&len.to_le_bytes()[..], &[kind, id, 0, 0, 0], payload].concat()
+    };
+    assert_eq!(
+        encode(
+            &Message::Resize(WindowSize {
+                rows: 40,
+                cols: 0x102
+            }),
+            3
+        ),
+        frame(0x14, 3, &[40, 0, 2, 1])
+    );
+    assert_eq!(encode(&Message::ListProcesses, 4), frame(0x15, 4, &[]));
+    assert_eq!(
+        encode(&Message::Attach { pid: 0x0102 }, 5),
+        frame(0x16, 5, &[2, 1, 0, 0])
+    );
+    assert_eq!(
+        encode(&Message::Credit { bytes: 65536 }, 6),
+        frame(0x17, 6, &[0, 0, 1, 0])
+    );
+    let list = Message::ProcessList(vec![ProcessEntry {
+        pid: 7,
+        command: "sh".into(),
+        started_at_unix_ms: 0x0102,
+    }]);
+    assert_eq!(
+        encode(&list, 7),
+        frame(
+            0x1c,
+            7,
+            &[
+                1, 0, 0, 0, // one entry
+                7, 0, 0, 0, // pid
+                2, 0, 0, 0, b's', b'h', // command
+                2, 1, 0, 0, 0, 0, 0, 0, // started_at_unix_ms
+            ]
+        )
+    );
+    // New error codes end their request.
+    for code in [
+        ErrorCode::NO_SUCH_PROCESS,
+        ErrorCode::DETACHED,
+        ErrorCode::UNKNOWN_USER,
+    ] {
+        assert!(code.ends_request(), "{code:?}");
+    }
+    assert_eq!(PROTOCOL_VERSION, 3);
+}
+
+#[test]
+fn a_lying_process_list_count_does_not_allocate() {
+    // ProcessList claiming 1e9 entries in a 4-byte payload.
+    let bytes = [9, 0, 0, 0, 0x1c, 1, 0, 0, 0, 0, 0xca, 0x9a, 0x3b];
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(DecodeError::Malformed {
+            kind: Kind::ProcessList,
+            reason: PayloadError::Truncated,
+            ..
+        })
+    ));
+    // A pty tag other than 0 or 1 is refused.
+    let mut run = encode(&Message::Run(RunRequest::shell("x")), 1);
+    let last = run.len() - 1;
+    run[last] = 2;
+    assert!(matches!(
+        decode_frame(&run),
+        Err(DecodeError::Malformed {
+            reason: PayloadError::InvalidTag(2),
+            ..
+        })
+    ));
+}
+
+#[test]
 fn sync_entropy_over_the_limit_does_not_decode() {
     let frame = |n: usize| {
         encode(
@@ -244,8 +382,16 @@ fn kind_bytes_roundtrip() {
             known += 1;
         }
     }
-    assert_eq!(known, 19);
+    assert_eq!(known, 24);
     assert_eq!(Kind::from_u8(0x06), Some(Kind::Sync));
+    assert_eq!(Kind::from_u8(0x14), Some(Kind::Resize));
+    assert_eq!(Kind::from_u8(0x15), Some(Kind::ListProcesses));
+    assert_eq!(Kind::from_u8(0x16), Some(Kind::Attach));
+    assert_eq!(Kind::from_u8(0x17), Some(Kind::Credit));
+    assert_eq!(Kind::from_u8(0x1c), Some(Kind::ProcessList));
+    // The rest of the process-event range, and the file range the other
+    // requests will use, stay reserved.
+    assert!((0x1d..=0x1f).all(|b| Kind::from_u8(b).is_none()));
     // The rest of the connection-control range stays reserved.
     assert!((0x07..=0x0f).all(|b| Kind::from_u8(b).is_none()));
 }
@@ -300,10 +446,10 @@ fn nonfatal_errors_skip_one_frame() {
     stream.extend([8, 0, 0, 0, 0x7e, 5, 0, 0, 0, 1, 2, 3]);
     // Ping with trailing garbage: bytes(len 0) + 1 extra byte.
     stream.extend([10, 0, 0, 0, Kind::Ping as u8, 6, 0, 0, 0, 0, 0, 0, 0, 9]);
-    // Run with an invalid bool.
+    // Run with an invalid bool (`stdin`, before the `user` and `pty` tags).
     let mut run = encode(&Message::Run(RunRequest::shell("x")), 7);
-    let last = run.len() - 1;
-    run[last] = 2;
+    let stdin = run.len() - 3;
+    run[stdin] = 2;
     stream.extend(run);
     // Error with invalid UTF-8.
     stream.extend([
@@ -479,8 +625,8 @@ fn random_bytes_never_panic() {
             let l = (len - 4) as u32;
             bytes[..4].copy_from_slice(&l.to_le_bytes());
             let kinds = [
-                1u8, 2, 3, 4, 5, 6, 0x10, 0x11, 0x12, 0x13, 0x18, 0x19, 0x1a, 0x1b, 0x20, 0x21,
-                0x22, 0x28, 0x29,
+                1u8, 2, 3, 4, 5, 6, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19,
+                0x1a, 0x1b, 0x1c, 0x20, 0x21, 0x22, 0x28, 0x29,
             ];
             bytes[4] = kinds[rng.below(kinds.len())];
         }

@@ -1,27 +1,39 @@
-//! Running one command: spawn in its own process group, feed stdin, collect
-//! or stream output, enforce the timeout, report the exit.
+//! Running one process: spawn it (in its own process group, or as the
+//! leader of a session on its own terminal; as the agent or as another
+//! user), feed its stdin, collect or stream its output under the flow-control
+//! window, enforce the timeout, and report the exit to whichever request
+//! receives it by then (see the protocol crate's docs on detaching and
+//! attaching).
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{ChildStdin, Command as StdCommand, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsule_agent_protocol::{
     Command, ErrorCode, ExitInfo, ExitStatus, Message, RunRequest, MAX_BUFFERED_OUTPUT,
+    STREAM_WINDOW,
 };
 
+use crate::ctl::{CmdCtl, Subscriber};
+use crate::pty::Pty;
 use crate::reaper::Reaper;
-use crate::serve::Out;
+use crate::registry::Processes;
 use crate::sys;
+use crate::user::{self, Account};
 
 /// `PATH` given to commands when neither the agent's environment nor the
 /// request sets one (the kernel starts PID 1 without it).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `TERM` given to commands on a terminal unless the request (or a `Sync`)
+/// sets one.
+pub const DEFAULT_TERM: &str = "xterm-256color";
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -38,100 +50,20 @@ pub enum WaitMode {
     Global(Arc<Reaper>),
 }
 
-/// Messages from the connection to a running command.
-#[derive(Debug, Default)]
-struct Inbox {
-    stdin: VecDeque<Vec<u8>>,
-    close_stdin: bool,
-    signals: Vec<i32>,
-    exit: Option<i32>,
-    cancel: bool,
-}
-
-/// Control block shared between the connection, the command's thread and
-/// the reaper.
-#[derive(Debug)]
-pub struct CmdCtl {
-    inbox: Mutex<Inbox>,
-    wake_tx: UnixStream,
-    wake_rx: UnixStream,
-    pgid: AtomicI32,
-    stdin_enabled: bool,
-}
-
-impl CmdCtl {
-    pub(crate) fn new(stdin_enabled: bool) -> io::Result<Arc<CmdCtl>> {
-        let (wake_tx, wake_rx) = UnixStream::pair()?;
-        wake_tx.set_nonblocking(true)?;
-        wake_rx.set_nonblocking(true)?;
-        Ok(Arc::new(CmdCtl {
-            inbox: Mutex::new(Inbox::default()),
-            wake_tx,
-            wake_rx,
-            pgid: AtomicI32::new(0),
-            stdin_enabled,
-        }))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn wake(&self) {
-        // A full socket buffer already guarantees a pending wake-up.
-        let _ = (&self.wake_tx).write(&[1]);
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Inbox)) {
-        f(&mut self.lock());
-        self.wake();
-    }
-
-    /// Whether the request asked for a stdin pipe.
-    pub(crate) fn stdin_enabled(&self) -> bool {
-        self.stdin_enabled
-    }
-
-    pub(crate) fn push_stdin(&self, data: Vec<u8>) {
-        self.update(|i| {
-            if !i.close_stdin && !data.is_empty() {
-                i.stdin.push_back(data);
-            }
-        });
-    }
-
-    pub(crate) fn close_stdin(&self) {
-        self.update(|i| i.close_stdin = true);
-    }
-
-    pub(crate) fn push_signal(&self, sig: i32) {
-        self.update(|i| i.signals.push(sig));
-    }
-
-    /// Kill the command (connection lost).
-    pub(crate) fn cancel(&self) {
-        self.update(|i| i.cancel = true);
-    }
-
-    /// Records the raw wait status of the command's main process.
-    pub(crate) fn set_exit(&self, raw_status: i32) {
-        self.update(|i| i.exit = Some(raw_status));
-    }
-
-    /// The command's process group id, 0 before it is spawned.
-    pub fn pgid(&self) -> i32 {
-        self.pgid.load(Ordering::Acquire)
-    }
-}
-
 /// Knobs for running commands.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
     /// How exits are collected.
     pub wait_mode: WaitMode,
     /// After the main process exits, how long to keep reading output that
-    /// background processes still hold open before reporting the exit.
+    /// background processes still hold open before reporting the exit
+    /// (counted while the output can be read: a streamed request whose
+    /// window is shut, or that nobody receives, waits for the host).
     pub drain_grace: Duration,
+    /// The passwd file users are looked up in (`/etc/passwd`).
+    pub passwd: PathBuf,
+    /// The group file supplementary groups are read from (`/etc/group`).
+    pub group: PathBuf,
 }
 
 impl Default for ExecConfig {
@@ -139,66 +71,69 @@ impl Default for ExecConfig {
         ExecConfig {
             wait_mode: WaitMode::Direct,
             drain_grace: Duration::from_millis(100),
+            passwd: PathBuf::from("/etc/passwd"),
+            group: PathBuf::from("/etc/group"),
         }
     }
 }
 
-/// Output accounting for one of stdout/stderr.
+/// Output accounting for one of stdout/stderr: the limit, and what a
+/// buffered request collected.
 struct Sink {
     stderr: bool,
-    stream: bool,
-    limit: usize,
-    taken: usize,
+    limit: u64,
+    taken: u64,
     buf: Vec<u8>,
     truncated: bool,
 }
 
 impl Sink {
     fn new(stderr: bool, stream: bool, limit: u32) -> Sink {
-        let limit = if stream {
-            limit
-        } else {
-            limit.min(MAX_BUFFERED_OUTPUT)
+        let limit = match (stream, limit) {
+            (true, u32::MAX) => u64::MAX,
+            (true, l) => u64::from(l),
+            (false, l) => u64::from(l.min(MAX_BUFFERED_OUTPUT)),
         };
         Sink {
             stderr,
-            stream,
-            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            limit,
             taken: 0,
             buf: Vec::new(),
             truncated: false,
         }
     }
 
-    fn accept<W: Write>(&mut self, data: &[u8], out: &Out<W>, id: u32) {
-        let take = (self.limit - self.taken).min(data.len());
-        if take < data.len() {
+    /// The part of `data` within the limit; the rest is discarded.
+    fn admit<'d>(&mut self, data: &'d [u8]) -> &'d [u8] {
+        let room = self.limit - self.taken;
+        let n = usize::try_from(room).unwrap_or(usize::MAX).min(data.len());
+        if n < data.len() {
             self.truncated = true;
         }
-        if take == 0 {
-            return;
-        }
-        self.taken += take;
-        let chunk = &data[..take];
-        if self.stream {
-            let m = if self.stderr {
-                Message::Stderr(chunk.to_vec())
-            } else {
-                Message::Stdout(chunk.to_vec())
-            };
-            // A dead connection is noticed by the reader; keep draining.
-            let _ = out.send(id, &m);
+        self.taken += n as u64;
+        &data[..n]
+    }
+
+    fn chunk(&self, data: Vec<u8>) -> Message {
+        if self.stderr {
+            Message::Stderr(data)
         } else {
-            self.buf.extend_from_slice(chunk);
+            Message::Stdout(data)
         }
     }
 }
 
-/// The command for `req`. Its environment: the agent's (none if
-/// `clear_env`), then `sync_env` (from the last `Sync`), then the request's
-/// `env`; later ones override earlier ones. `PATH` is [`DEFAULT_PATH`] when
-/// none of them sets it.
-fn build_command(req: &RunRequest, sync_env: &[(String, String)]) -> StdCommand {
+/// The command for `req`, without its stdio when it runs on a terminal (see
+/// [`Pty::open_for`]). Its environment: the agent's (none if `clear_env`),
+/// then the user's `HOME`, `USER` and `LOGNAME` (with `user`), then `TERM`
+/// ([`DEFAULT_TERM`], on a terminal), then `sync_env` (from the last
+/// `Sync`), then the request's `env`; later ones override earlier ones.
+/// `PATH` is [`DEFAULT_PATH`] when none of them sets it.
+fn build_command(
+    req: &RunRequest,
+    sync_env: &[(String, String)],
+    account: Option<&Account>,
+) -> StdCommand {
     let mut cmd = match &req.command {
         Command::Shell(script) => {
             let mut c = StdCommand::new("/bin/sh");
@@ -218,21 +153,52 @@ fn build_command(req: &RunRequest, sync_env: &[(String, String)]) -> StdCommand 
     if !path_given && (req.clear_env || std::env::var_os("PATH").is_none()) {
         cmd.env("PATH", DEFAULT_PATH);
     }
+    if let Some(a) = account {
+        cmd.env("HOME", &a.home)
+            .env("USER", &a.name)
+            .env("LOGNAME", &a.name);
+    }
+    if req.pty.is_some() {
+        cmd.env("TERM", DEFAULT_TERM);
+    }
     for (k, v) in sync_env.iter().chain(&req.env) {
         cmd.env(k, v);
     }
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
-    cmd.stdin(if req.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0);
+    if req.pty.is_none() {
+        cmd.stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    }
     cmd
+}
+
+/// What was run, as `ListProcesses` shows it.
+fn command_text(command: &Command) -> String {
+    match command {
+        Command::Shell(script) => script.clone(),
+        Command::Exec { program, args } => {
+            let mut text = program.clone();
+            for a in args {
+                text.push(' ');
+                text.push_str(a);
+            }
+            text
+        }
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn deadline_after(start: Instant, ms: u64) -> Option<Instant> {
@@ -243,29 +209,38 @@ fn deadline_after(start: Instant, ms: u64) -> Option<Instant> {
     }
 }
 
-/// Stdin side of the poll loop.
+/// Stdin side of the poll loop: a pipe, or the terminal's master side.
 struct StdinFeed {
-    pipe: Option<ChildStdin>,
+    pipe: Option<File>,
+    /// On a terminal, closing stdin types Ctrl-D instead of closing.
+    pty: bool,
+    eof_typed: bool,
     current: Vec<u8>,
     offset: usize,
 }
 
 impl StdinFeed {
     /// Moves queued data in, closes the pipe when asked and drained.
-    fn refill(&mut self, inbox: &mut Inbox) {
+    fn refill(&mut self, stdin: &mut VecDeque<Vec<u8>>, close: bool) {
         if self.pipe.is_none() {
-            inbox.stdin.clear();
+            stdin.clear();
             return;
         }
-        if self.offset >= self.current.len() {
-            match inbox.stdin.pop_front() {
-                Some(next) => {
-                    self.current = next;
-                    self.offset = 0;
-                }
-                None if inbox.close_stdin => self.pipe = None,
-                None => {}
+        if self.offset < self.current.len() {
+            return;
+        }
+        match stdin.pop_front() {
+            Some(next) => {
+                self.current = next;
+                self.offset = 0;
             }
+            None if close && self.pty && !self.eof_typed => {
+                self.eof_typed = true;
+                self.current = vec![0x04];
+                self.offset = 0;
+            }
+            None if close && !self.pty => self.pipe = None,
+            None => {}
         }
     }
 
@@ -289,37 +264,88 @@ impl StdinFeed {
     }
 }
 
-/// Runs `req` as request `id` with `sync_env` under its own environment (see
-/// [`build_command`]), sending `Started` and output chunks to `out`.
-/// Blocks until the command is done and returns the request's final message
-/// (`Exit`, or `Error` if it could not start), which the caller sends once it
-/// has retired the id.
-pub(crate) fn run_command<W: Write>(
-    req: &RunRequest,
-    sync_env: &[(String, String)],
-    id: u32,
-    ctl: &Arc<CmdCtl>,
-    out: &Out<W>,
-    config: &ExecConfig,
-) -> Message {
-    let mut cmd = build_command(req, sync_env);
-    let start = Instant::now();
-    let spawned = match &config.wait_mode {
-        WaitMode::Direct => cmd.spawn(),
-        WaitMode::Global(reaper) => reaper.spawn(&mut cmd, ctl),
-    };
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => return Message::error(ErrorCode::SPAWN_FAILED, format!("spawn: {e}")),
-    };
-    let pid = i32::try_from(child.id()).unwrap_or(0);
-    ctl.pgid.store(pid, Ordering::Release);
-    let _ = out.send(id, &Message::Started { pid: child.id() });
+/// A process to start, and everything its thread needs.
+pub(crate) struct Job {
+    pub(crate) req: RunRequest,
+    /// Variables of the last `Sync`, taken when the `Run` arrived.
+    pub(crate) sync_env: Vec<(String, String)>,
+    pub(crate) ctl: Arc<CmdCtl>,
+    /// The request that started it: first to receive its output.
+    pub(crate) subscriber: Subscriber,
+    pub(crate) processes: Processes,
+    pub(crate) config: ExecConfig,
+}
 
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+/// Why a command did not start: the code and message of the `Error` that
+/// ends its request.
+struct SpawnError(ErrorCode, String);
+
+/// Spawns `job`'s command: looks its user up, opens its terminal, starts it.
+fn spawn(job: &Job) -> Result<(Child, Option<Pty>), SpawnError> {
+    let account = match &job.req.user {
+        None => None,
+        Some(name) => Some(
+            user::lookup(name, &job.config.passwd, &job.config.group)
+                .map_err(|e| SpawnError(ErrorCode::UNKNOWN_USER, e.to_string()))?,
+        ),
+    };
+    let mut cmd = build_command(&job.req, &job.sync_env, account.as_ref());
+    let pty = match job.req.pty {
+        Some(size) => Some(
+            Pty::open_for(&mut cmd, size, account.as_ref().map(|a| (a.uid, a.gid)))
+                .map_err(|e| SpawnError(ErrorCode::SPAWN_FAILED, format!("terminal: {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(a) = &account {
+        sys::runs_as(&mut cmd, a.uid, a.gid, a.groups.clone());
+    }
+    let spawned = match &job.config.wait_mode {
+        WaitMode::Direct => cmd.spawn(),
+        WaitMode::Global(reaper) => reaper.spawn(&mut cmd, &job.ctl),
+    };
+    // Closes the agent's copies of the terminal's slave side: the master
+    // reads EOF once the command's processes have all closed theirs.
+    drop(cmd);
+    let child = spawned.map_err(|e| SpawnError(ErrorCode::SPAWN_FAILED, format!("spawn: {e}")))?;
+    Ok((child, pty))
+}
+
+fn into_file(fd: impl Into<OwnedFd>) -> File {
+    File::from(fd.into())
+}
+
+/// Runs `job` to its end on the calling thread: spawns it, sends `Started`
+/// (or the `Error` that ends the request), serves it, and sends its `Exit` to
+/// whichever request receives it by then (nothing if it was abandoned).
+pub(crate) fn run_process(job: Job) {
+    let (mut child, pty) = match spawn(&job) {
+        Ok(spawned) => spawned,
+        Err(SpawnError(code, why)) => {
+            job.subscriber.finish(&job.ctl, &Message::error(code, why));
+            return;
+        }
+    };
+    let start = Instant::now();
+    let pid = child.id();
+    let pgid = i32::try_from(pid).unwrap_or(0);
+    job.ctl.set_pgid(pgid);
+    job.processes
+        .insert(pid, &job.ctl, command_text(&job.req.command), unix_ms_now());
+    job.subscriber.send(&Message::Started { pid });
+
+    let (stdout, stderr, stdin) = match &pty {
+        Some(p) => (p.master.try_clone().ok(), None, p.master.try_clone().ok()),
+        None => (
+            child.stdout.take().map(into_file),
+            child.stderr.take().map(into_file),
+            child.stdin.take().map(into_file),
+        ),
+    };
     let mut feed = StdinFeed {
-        pipe: child.stdin.take(),
+        pipe: stdin,
+        pty: pty.is_some(),
+        eof_typed: false,
         current: Vec::new(),
         offset: 0,
     };
@@ -330,9 +356,9 @@ pub(crate) fn run_command<W: Write>(
     }
 
     // In direct mode a helper thread waits for this pid only.
-    let waiter = match &config.wait_mode {
+    let waiter = match &job.config.wait_mode {
         WaitMode::Direct => {
-            let ctl2 = Arc::clone(ctl);
+            let ctl = Arc::clone(&job.ctl);
             let spawned = std::thread::Builder::new()
                 .name(format!("wait-{pid}"))
                 .spawn(move || {
@@ -341,128 +367,413 @@ pub(crate) fn run_command<W: Write>(
                         // Cannot happen for our own child; report as killed.
                         Err(_) => libc::SIGKILL,
                     };
-                    ctl2.set_exit(raw);
+                    ctl.set_exit(raw);
                 });
             match spawned {
                 Ok(h) => Some(h),
                 Err(e) => {
-                    let _ = sys::kill_group(pid, libc::SIGKILL);
-                    return Message::error(ErrorCode::INTERNAL, format!("thread: {e}"));
+                    let _ = sys::kill_group(pgid, libc::SIGKILL);
+                    job.processes.remove(pid, &job.ctl);
+                    let m = Message::error(ErrorCode::INTERNAL, format!("thread: {e}"));
+                    job.subscriber.finish(&job.ctl, &m);
+                    return;
                 }
             }
         }
         WaitMode::Global(_) => None,
     };
 
-    let deadline = deadline_after(start, req.timeout_ms);
-    let mut out_sink = Sink::new(false, req.stream, req.stdout_limit);
-    let mut err_sink = Sink::new(true, req.stream, req.stderr_limit);
-    let mut timed_out = false;
-    let mut killed = false;
-    let mut exit: Option<(i32, Instant)> = None;
-    let mut buf = vec![0u8; READ_CHUNK];
+    let streamed = job.req.stream;
+    let mut runner = Runner {
+        pid,
+        pgid,
+        ctl: Arc::clone(&job.ctl),
+        processes: job.processes.clone(),
+        grace: job.config.drain_grace,
+        start,
+        deadline: deadline_after(start, job.req.timeout_ms),
+        stdout,
+        stderr,
+        feed,
+        pty,
+        out_sink: Sink::new(false, streamed, job.req.stdout_limit),
+        err_sink: Sink::new(true, streamed, job.req.stderr_limit),
+        streamed,
+        subscriber: Some(job.subscriber.clone()),
+        generation: 0,
+        credit: u64::from(STREAM_WINDOW),
+        pending: VecDeque::new(),
+        exit: None,
+        drain_until: None,
+        timed_out: false,
+        killed: false,
+        abandoned: false,
+        unclaimed_noted: false,
+        buf: vec![0u8; READ_CHUNK],
+    };
+    let last = runner.serve();
+    if let Some(h) = waiter {
+        let _ = h.join();
+    }
+    job.processes.remove(pid, &job.ctl);
+    if let Some(subscriber) = last {
+        subscriber.finish(&job.ctl, &runner.exit_message());
+    }
+}
 
-    loop {
-        // Take what the connection and the reaper left for us.
+/// One process's poll loop: its pipes (or terminal), where its output goes,
+/// and the flow-control window.
+struct Runner {
+    pid: u32,
+    pgid: i32,
+    ctl: Arc<CmdCtl>,
+    processes: Processes,
+    grace: Duration,
+    start: Instant,
+    deadline: Option<Instant>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    feed: StdinFeed,
+    pty: Option<Pty>,
+    out_sink: Sink,
+    err_sink: Sink,
+    /// Whether output goes out as chunks (a streamed request, or any request
+    /// once its process was detached or attached) rather than in `Exit`.
+    streamed: bool,
+    /// Where output and exit go; `None` while detached.
+    subscriber: Option<Subscriber>,
+    /// The inbox generation `subscriber` is from.
+    generation: u64,
+    /// Bytes of output the subscriber may still be sent.
+    credit: u64,
+    /// Chunks to send before reading more: output a buffered request had
+    /// collected when it became streamed. `true` = stderr.
+    pending: VecDeque<(bool, Vec<u8>)>,
+    /// The main process's raw wait status, once reaped.
+    exit: Option<i32>,
+    /// After the exit, while output can flow: read output held open by
+    /// other processes until then (`None` while it cannot flow: the grace
+    /// period starts again once it can).
+    drain_until: Option<Instant>,
+    timed_out: bool,
+    killed: bool,
+    abandoned: bool,
+    unclaimed_noted: bool,
+    buf: Vec<u8>,
+}
+
+impl Runner {
+    /// Serves the process until it has ended and its exit can be reported;
+    /// returns the request to report it to (`None`: abandoned).
+    fn serve(&mut self) -> Option<Subscriber> {
+        loop {
+            self.take_inbox();
+            self.flush_pending();
+            if self.ending() {
+                if self.abandoned {
+                    return None;
+                }
+                // Unless a new request attached meanwhile (then: once more,
+                // to greet it), nobody can attach any more.
+                if let Some(last) = self.ctl.finish(self.generation) {
+                    return last;
+                }
+                continue;
+            }
+            self.note_unclaimed();
+            self.poll_once();
+        }
+    }
+
+    /// Output cannot flow now: it is streamed and nobody receives it, its
+    /// window is shut, or collected chunks wait to be sent first.
+    fn blocked(&self) -> bool {
+        self.streamed && (self.subscriber.is_none() || self.credit == 0 || !self.pending.is_empty())
+    }
+
+    fn pipes_open(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some()
+    }
+
+    /// Whether everything is done but sending the exit.
+    fn ending(&mut self) -> bool {
+        if self.exit.is_none() {
+            return false;
+        }
+        if self.abandoned {
+            return true;
+        }
+        let now = Instant::now();
+        if self.blocked() {
+            // The grace period starts again once output can flow.
+            self.drain_until = None;
+        } else if self.drain_until.is_none() {
+            self.drain_until = Some(now + self.grace);
+        }
+        if self.pipes_open() {
+            if self.drain_until.is_none_or(|until| now < until) {
+                return false;
+            }
+            // Held open by processes that outlive the command: let go.
+            self.stdout = None;
+            self.stderr = None;
+        }
+        if !self.pending.is_empty() {
+            return false;
+        }
+        self.subscriber.is_some()
+    }
+
+    /// Takes what the connections and the reaper left in the inbox.
+    fn take_inbox(&mut self) {
+        let mut failures = Vec::new();
+        let mut changed = None;
         {
-            let mut inbox = ctl.lock();
-            if exit.is_none() {
+            let mut inbox = self.ctl.lock();
+            if self.exit.is_none() {
                 if let Some(raw) = inbox.exit {
-                    exit = Some((raw, Instant::now()));
+                    self.exit = Some(raw);
                 }
             }
             for sig in inbox.signals.drain(..) {
-                if let Err(e) = sys::kill_group(pid, sig) {
-                    let _ = out.send(
-                        id,
-                        &Message::error(ErrorCode::SIGNAL_FAILED, format!("signal {sig}: {e}")),
-                    );
+                if let Err(e) = sys::kill_group(self.pgid, sig) {
+                    failures.push(format!("signal {sig}: {e}"));
                 }
             }
-            if inbox.cancel && !killed {
-                let _ = sys::kill_group(pid, libc::SIGKILL);
-                killed = true;
+            if inbox.kill && !self.killed {
+                let _ = sys::kill_group(self.pgid, libc::SIGKILL);
+                self.killed = true;
             }
-            feed.refill(&mut inbox);
+            self.abandoned |= inbox.abandon;
+            if inbox.generation != self.generation {
+                self.generation = inbox.generation;
+                let old = std::mem::replace(&mut self.subscriber, inbox.subscriber.clone());
+                changed = Some(old);
+                self.credit = u64::from(STREAM_WINDOW);
+            }
+            self.credit = self
+                .credit
+                .saturating_add(std::mem::take(&mut inbox.credit));
+            if let (Some(size), Some(pty)) = (inbox.resize.take(), &self.pty) {
+                if let Err(e) = pty.resize(size) {
+                    failures.push(format!("resize: {e}"));
+                }
+            }
+            let close = inbox.close_stdin;
+            self.feed.refill(&mut inbox.stdin, close);
         }
-        let now = Instant::now();
-        if let Some(d) = deadline {
-            if now >= d && exit.is_none() && !timed_out {
-                let _ = sys::kill_group(pid, libc::SIGKILL);
-                timed_out = true;
-                killed = true;
+        if let Some(old) = changed {
+            self.subscriber_changed(old);
+        }
+        if let Some(s) = &self.subscriber {
+            for f in failures {
+                s.send(&Message::error(ErrorCode::SIGNAL_FAILED, f));
             }
         }
-        let pipes_open = stdout.is_some() || stderr.is_some();
-        let mut timeout = None;
-        if let Some((_, at)) = exit {
-            let until = at + config.drain_grace;
-            if !pipes_open || now >= until {
+    }
+
+    /// The output now goes to `self.subscriber` instead of `old`: the old
+    /// request ends (told so if it is replaced), the new one is greeted, and
+    /// output is streamed from now on, without the request's limits.
+    fn subscriber_changed(&mut self, old: Option<Subscriber>) {
+        if !self.streamed {
+            self.streamed = true;
+            for (stderr, data) in [
+                (false, std::mem::take(&mut self.out_sink.buf)),
+                (true, std::mem::take(&mut self.err_sink.buf)),
+            ] {
+                for piece in data.chunks(READ_CHUNK) {
+                    self.pending.push_back((stderr, piece.to_vec()));
+                }
+            }
+        }
+        self.out_sink.limit = u64::MAX;
+        self.err_sink.limit = u64::MAX;
+        let replaced = match (&old, &self.subscriber) {
+            (Some(old), Some(new)) => !old.is(&new.link, new.id),
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if let (true, Some(old)) = (replaced, &old) {
+            if self.subscriber.is_some() {
+                let why = format!("process {} was attached by another request", self.pid);
+                old.finish(&self.ctl, &Message::error(ErrorCode::DETACHED, why));
+            } else {
+                // Detached: nobody listens to the old request any more.
+                old.link.retire(old.id, &self.ctl);
+            }
+        }
+        if let Some(new) = &self.subscriber {
+            new.send(&Message::Started { pid: self.pid });
+            self.unclaimed_noted = false;
+        }
+    }
+
+    /// Sends collected chunks while the window allows.
+    fn flush_pending(&mut self) {
+        let Some(subscriber) = self.subscriber.clone() else {
+            return;
+        };
+        while self.credit > 0 {
+            let Some((stderr, mut data)) = self.pending.pop_front() else {
                 break;
+            };
+            if data.len() as u64 > self.credit {
+                let rest = data.split_off(usize::try_from(self.credit).unwrap_or(usize::MAX));
+                self.pending.push_front((stderr, rest));
             }
-            timeout = Some(until - now);
-        } else if let (Some(d), false) = (deadline, timed_out) {
+            self.credit -= data.len() as u64;
+            let sink = if stderr {
+                &self.err_sink
+            } else {
+                &self.out_sink
+            };
+            subscriber.send(&sink.chunk(data));
+        }
+    }
+
+    /// A process that ended while nobody receives its exit counts against
+    /// the agent's limit of such processes.
+    fn note_unclaimed(&mut self) {
+        if self.exit.is_some() && self.subscriber.is_none() && !self.unclaimed_noted {
+            self.unclaimed_noted = true;
+            self.processes.unclaimed(self.pid);
+        }
+    }
+
+    /// Enforces the timeout, waits for something to do (a wake-up, output
+    /// that may be read, stdin that may be written) and does it.
+    fn poll_once(&mut self) {
+        let now = Instant::now();
+        if let Some(d) = self.deadline {
+            if now >= d && self.exit.is_none() && !self.timed_out {
+                let _ = sys::kill_group(self.pgid, libc::SIGKILL);
+                self.timed_out = true;
+                self.killed = true;
+            }
+        }
+        let can_read = self.abandoned || !self.blocked();
+        let mut timeout = None;
+        if self.exit.is_some() {
+            if can_read && self.pipes_open() {
+                timeout = Some(
+                    self.drain_until
+                        .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                );
+            }
+        } else if let (Some(d), false) = (self.deadline, self.timed_out) {
             timeout = Some(d.saturating_duration_since(now));
         }
 
         let mut fds = Vec::with_capacity(4);
-        fds.push(pollfd(ctl.wake_rx.as_raw_fd(), libc::POLLIN));
-        let out_idx = stdout.as_ref().map(|p| {
-            fds.push(pollfd(p.as_raw_fd(), libc::POLLIN));
-            fds.len() - 1
-        });
-        let err_idx = stderr.as_ref().map(|p| {
-            fds.push(pollfd(p.as_raw_fd(), libc::POLLIN));
-            fds.len() - 1
-        });
-        let in_idx = match (&feed.pipe, feed.wants_write()) {
-            (Some(p), true) => {
-                fds.push(pollfd(p.as_raw_fd(), libc::POLLOUT));
+        fds.push(pollfd(self.ctl.wake_rx.as_raw_fd(), libc::POLLIN));
+        let mut watch = |pipe: &Option<File>, events: i16, on: bool| match pipe {
+            Some(p) if on => {
+                fds.push(pollfd(p.as_raw_fd(), events));
                 Some(fds.len() - 1)
             }
             _ => None,
         };
+        let out_idx = watch(&self.stdout, libc::POLLIN, can_read);
+        let err_idx = watch(&self.stderr, libc::POLLIN, can_read);
+        let in_idx = watch(&self.feed.pipe, libc::POLLOUT, self.feed.wants_write());
         if sys::poll(&mut fds, timeout).is_err() {
             // Only EINVAL/ENOMEM are possible; avoid a hot loop.
             std::thread::sleep(Duration::from_millis(10));
-            continue;
+            return;
         }
         let ready = |i: Option<usize>| i.is_some_and(|i| fds[i].revents != 0);
         if fds[0].revents != 0 {
-            let mut sink = [0u8; 64];
-            while matches!((&ctl.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+            self.ctl.clear_wake();
         }
-        if ready(out_idx) {
-            drain_once(&mut stdout, &mut buf, &mut out_sink, out, id);
+        let (out_ready, err_ready, in_ready) = (ready(out_idx), ready(err_idx), ready(in_idx));
+        if out_ready {
+            self.read_once(false);
         }
-        if ready(err_idx) {
-            drain_once(&mut stderr, &mut buf, &mut err_sink, out, id);
+        if err_ready {
+            self.read_once(true);
         }
-        if ready(in_idx) {
-            feed.write_some();
+        if in_ready {
+            self.feed.write_some();
         }
     }
 
-    if let Some(h) = waiter {
-        let _ = h.join();
+    /// One read from a ready pipe (at most what the window allows); closes
+    /// it at EOF or on error (a terminal whose every slave side is closed
+    /// reads `EIO`).
+    fn read_once(&mut self, stderr: bool) {
+        let max = if self.streamed && !self.abandoned {
+            usize::try_from(self.credit)
+                .unwrap_or(usize::MAX)
+                .min(READ_CHUNK)
+        } else {
+            READ_CHUNK
+        };
+        if max == 0 {
+            return;
+        }
+        let pipe = if stderr {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
+        let Some(p) = pipe else { return };
+        let n = match p.read(&mut self.buf[..max]) {
+            Ok(0) => {
+                *pipe = None;
+                return;
+            }
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return
+            }
+            Err(_) => {
+                *pipe = None;
+                return;
+            }
+        };
+        if self.abandoned {
+            return;
+        }
+        let sink = if stderr {
+            &mut self.err_sink
+        } else {
+            &mut self.out_sink
+        };
+        let kept = sink.admit(&self.buf[..n]);
+        if kept.is_empty() {
+            return;
+        }
+        if !self.streamed {
+            sink.buf.extend_from_slice(kept);
+        } else if let Some(subscriber) = &self.subscriber {
+            self.credit = self.credit.saturating_sub(kept.len() as u64);
+            subscriber.send(&sink.chunk(kept.to_vec()));
+        }
     }
-    let raw = exit.map_or(libc::SIGKILL, |(raw, _)| raw);
-    let st = std::process::ExitStatus::from_raw(raw);
-    let status = match (st.code(), st.signal()) {
-        (Some(c), _) => ExitStatus::Code(c),
-        (None, Some(s)) => ExitStatus::Signal(s),
-        (None, None) => ExitStatus::Signal(libc::SIGKILL),
-    };
-    let info = ExitInfo {
-        status,
-        duration_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
-        timed_out,
-        stdout_truncated: out_sink.truncated,
-        stderr_truncated: err_sink.truncated,
-        stdout: out_sink.buf,
-        stderr: err_sink.buf,
-    };
-    Message::Exit(info)
+
+    /// The request's last message.
+    fn exit_message(&mut self) -> Message {
+        let raw = self.exit.unwrap_or(libc::SIGKILL);
+        let st = std::process::ExitStatus::from_raw(raw);
+        let status = match (st.code(), st.signal()) {
+            (Some(c), _) => ExitStatus::Code(c),
+            (None, Some(s)) => ExitStatus::Signal(s),
+            (None, None) => ExitStatus::Signal(libc::SIGKILL),
+        };
+        Message::Exit(ExitInfo {
+            status,
+            duration_us: u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            timed_out: self.timed_out,
+            stdout_truncated: self.out_sink.truncated,
+            stderr_truncated: self.err_sink.truncated,
+            stdout: std::mem::take(&mut self.out_sink.buf),
+            stderr: std::mem::take(&mut self.err_sink.buf),
+        })
+    }
 }
 
 fn pollfd(fd: i32, events: i16) -> libc::pollfd {
@@ -470,23 +781,6 @@ fn pollfd(fd: i32, events: i16) -> libc::pollfd {
         fd,
         events,
         revents: 0,
-    }
-}
-
-/// One read from a ready pipe; closes it at EOF or on error.
-fn drain_once<P: Read, W: Write>(
-    pipe: &mut Option<P>,
-    buf: &mut [u8],
-    sink: &mut Sink,
-    out: &Out<W>,
-    id: u32,
-) {
-    let Some(p) = pipe else { return };
-    match p.read(buf) {
-        Ok(0) => *pipe = None,
-        Ok(n) => sink.accept(&buf[..n], out, id),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-        Err(_) => *pipe = None,
     }
 }
 
@@ -522,7 +816,7 @@ mod tests {
         let mut req = RunRequest::shell("true");
         req.env = pairs(&[("B", "req"), ("C", "req")]);
         let sync_env = pairs(&[("A", "sync"), ("B", "sync")]);
-        let vars = set_vars(&build_command(&req, &sync_env));
+        let vars = set_vars(&build_command(&req, &sync_env, None));
         assert!(vars.contains(&("A".into(), "sync".into())), "{vars:?}");
         assert!(vars.contains(&("B".into(), "req".into())), "{vars:?}");
         assert!(vars.contains(&("C".into(), "req".into())), "{vars:?}");
@@ -534,7 +828,7 @@ mod tests {
         req.clear_env = true;
         req.env = pairs(&[("ONLY", "me")]);
         let sync_env = pairs(&[("CAPSULE_ID", "c1")]);
-        let vars = set_vars(&build_command(&req, &sync_env));
+        let vars = set_vars(&build_command(&req, &sync_env, None));
         assert_eq!(
             vars,
             pairs(&[("CAPSULE_ID", "c1"), ("ONLY", "me"), ("PATH", DEFAULT_PATH)])
@@ -545,11 +839,11 @@ mod tests {
     fn sync_env_path_counts_as_given() {
         let mut req = RunRequest::shell("true");
         req.clear_env = true;
-        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")])));
+        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")]), None));
         assert_eq!(vars, pairs(&[("PATH", "/opt/bin")]));
         // The request's PATH still wins over the Sync one.
         req.env = pairs(&[("PATH", "/req/bin")]);
-        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")])));
+        let vars = set_vars(&build_command(&req, &pairs(&[("PATH", "/opt/bin")]), None));
         assert_eq!(vars, pairs(&[("PATH", "/req/bin")]));
     }
 }

@@ -78,6 +78,14 @@ pub const BASIC_MOUNTS: &[MountSpec] = &[
         flags: libc::MS_NOSUID,
         data: Some("mode=0755"),
     },
+    // Pseudo-terminals (`/dev/ptmx` opens the instance mounted here).
+    MountSpec {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: Some("gid=5,mode=0620,ptmxmode=0666"),
+    },
     MountSpec {
         source: "tmpfs",
         target: "/tmp",

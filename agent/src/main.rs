@@ -99,6 +99,8 @@ fn pid1_main(args: Args) -> ! {
             wait_mode: WaitMode::Global(Arc::clone(&reaper)),
             ..ExecConfig::default()
         },
+        // The channel reopens: a later connection may attach to them.
+        keep_processes: true,
         ..ServeConfig::default()
     };
     loop {

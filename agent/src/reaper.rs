@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::exec::CmdCtl;
+use crate::ctl::CmdCtl;
 use crate::sys;
 
 /// The single owner of `waitpid(-1)` in PID 1 mode. See the module docs.

@@ -1,18 +1,19 @@
 //! The protocol loop over one byte stream.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::Scope;
+use std::thread::{JoinHandle, Scope};
 
 use capsule_agent_protocol::{
     caps, try_encode, DecodeError, ErrorCode, ErrorInfo, Frame, FrameDecoder, Hello, Message,
-    SyncRequest, CONTROL_ID, PROTOCOL_VERSION,
+    RunRequest, SyncRequest, CONTROL_ID, PROTOCOL_VERSION,
 };
 
-use crate::exec::{run_command, CmdCtl, ExecConfig};
+use crate::ctl::{CmdCtl, FrameSink, Link, Subscriber};
+use crate::exec::{run_process, ExecConfig, Job};
 use crate::files;
+use crate::registry::Processes;
 use crate::sync::{self, LiveKernel, SyncEnv};
 
 /// The line printed to stderr after `Hello` when [`ServeConfig::ready_line`]
@@ -33,6 +34,15 @@ pub struct ServeConfig {
     /// Variables set by the last `Sync`, for every later command. Shared by
     /// clones of this config, so it outlasts one [`serve`] call.
     pub sync_env: SyncEnv,
+    /// The processes started through this config (`ListProcesses`,
+    /// `Attach`). Shared by clones, so it outlasts one [`serve`] call.
+    pub processes: Processes,
+    /// What a connection's end does to the processes it started: `false`
+    /// (the default, for serving one stream) kills them (SIGKILL to each
+    /// process group) and waits for them before [`serve`] returns; `true`
+    /// (PID 1, which reopens its channel) leaves them running, detached, for
+    /// a later connection to attach.
+    pub keep_processes: bool,
 }
 
 impl Default for ServeConfig {
@@ -43,6 +53,8 @@ impl Default for ServeConfig {
             ready_line: false,
             exec: ExecConfig::default(),
             sync_env: SyncEnv::default(),
+            processes: Processes::default(),
+            keep_processes: false,
         }
     }
 }
@@ -107,21 +119,28 @@ impl<W: Write> Out<W> {
     }
 }
 
-/// State of one connection.
-struct Conn<'c, W> {
-    out: Out<W>,
-    active: Mutex<HashMap<u32, Arc<CmdCtl>>>,
-    config: &'c ServeConfig,
+impl<W: Write + Send> FrameSink for Out<W> {
+    fn send(&self, id: u32, message: &Message) -> io::Result<()> {
+        Out::send(self, id, message)
+    }
 }
 
-impl<W: Write + Send> Conn<'_, W> {
-    fn active(&self) -> MutexGuard<'_, HashMap<u32, Arc<CmdCtl>>> {
-        self.active.lock().unwrap_or_else(|p| p.into_inner())
+/// State of one connection.
+struct Conn<'c> {
+    link: Arc<Link>,
+    config: &'c ServeConfig,
+    /// The processes this connection started, and their threads.
+    started: Mutex<Vec<(Arc<CmdCtl>, JoinHandle<()>)>>,
+}
+
+impl Conn<'_> {
+    fn started(&self) -> MutexGuard<'_, Vec<(Arc<CmdCtl>, JoinHandle<()>)>> {
+        self.started.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn reply(&self, id: u32, m: &Message) {
         // A dead writer shows up as EOF on the reader; nothing to do here.
-        let _ = self.out.send(id, m);
+        self.link.send(id, m);
     }
 
     fn error(&self, id: u32, code: ErrorCode, msg: impl Into<String>) {
@@ -129,7 +148,7 @@ impl<W: Write + Send> Conn<'_, W> {
     }
 
     fn lookup(&self, id: u32) -> Option<Arc<CmdCtl>> {
-        let found = self.active().get(&id).cloned();
+        let found = self.link.get(id);
         if found.is_none() {
             self.error(
                 id,
@@ -144,7 +163,7 @@ impl<W: Write + Send> Conn<'_, W> {
     fn handle<'s>(&'s self, frame: Frame, scope: &'s Scope<'s, '_>) -> Option<ServeOutcome> {
         let id = frame.id;
         match frame.message {
-            Message::Run(req) => self.start_run(id, req, scope),
+            Message::Run(req) => self.start_run(id, req),
             Message::Stdin(data) => {
                 if let Some(ctl) = self.lookup(id) {
                     if ctl.stdin_enabled() {
@@ -170,6 +189,25 @@ impl<W: Write + Send> Conn<'_, W> {
                     ctl.push_signal(sig);
                 }
             }
+            Message::Resize(size) => {
+                if let Some(ctl) = self.lookup(id) {
+                    if ctl.is_pty() {
+                        ctl.resize(size);
+                    } else {
+                        self.error(id, ErrorCode::UNEXPECTED, "command is not on a terminal");
+                    }
+                }
+            }
+            // Silent: a credit may cross the request's end.
+            Message::Credit { bytes } => {
+                if let Some(ctl) = self.link.get(id) {
+                    ctl.add_credit(&self.link, id, bytes);
+                }
+            }
+            Message::ListProcesses => {
+                self.reply(id, &Message::ProcessList(self.config.processes.list()))
+            }
+            Message::Attach { pid } => self.attach(id, pid),
             Message::Ping(data) => self.reply(id, &Message::Pong(data)),
             Message::Pong(_) => {}
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
@@ -192,7 +230,8 @@ impl<W: Write + Send> Conn<'_, W> {
             | Message::Stderr(_)
             | Message::Exit(_)
             | Message::FileData { .. }
-            | Message::DirListing { .. }) => {
+            | Message::DirListing { .. }
+            | Message::ProcessList(_)) => {
                 self.error(
                     id,
                     ErrorCode::UNEXPECTED,
@@ -208,59 +247,93 @@ impl<W: Write + Send> Conn<'_, W> {
             self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
             return;
         }
+        // Whoever received the output of earlier requests is gone.
+        self.config.processes.detach(None);
         match sync::apply(req, &self.config.sync_env, &mut LiveKernel::default()) {
             Ok(()) => self.reply(id, &Message::Ack),
             Err(e) => self.error(id, ErrorCode::IO, e.to_string()),
         }
     }
 
-    fn start_run<'s>(
-        &'s self,
-        id: u32,
-        req: capsule_agent_protocol::RunRequest,
-        scope: &'s Scope<'s, '_>,
-    ) {
+    fn start_run(&self, id: u32, req: RunRequest) {
         if id == CONTROL_ID {
             self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
             return;
         }
-        let ctl = {
-            let mut active = self.active();
-            if active.contains_key(&id) {
-                drop(active);
-                self.error(
-                    id,
-                    ErrorCode::DUPLICATE_REQUEST,
-                    format!("id {id} is already running"),
-                );
+        let subscriber = Subscriber {
+            link: Arc::clone(&self.link),
+            id,
+        };
+        let pty = req.pty.is_some();
+        let ctl = match CmdCtl::new(req.stdin || pty, pty, subscriber.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.error(id, ErrorCode::INTERNAL, format!("control socket: {e}"));
                 return;
             }
-            let ctl = match CmdCtl::new(req.stdin) {
-                Ok(c) => c,
-                Err(e) => {
-                    drop(active);
-                    self.error(id, ErrorCode::INTERNAL, format!("control socket: {e}"));
-                    return;
-                }
-            };
-            active.insert(id, Arc::clone(&ctl));
-            ctl
         };
-        // Taken here, on the reading thread, so a `Sync` sent before this
-        // `Run` applies to it.
-        let sync_env = self.config.sync_env.get();
+        if !self.link.open(id, &ctl) {
+            self.error(
+                id,
+                ErrorCode::DUPLICATE_REQUEST,
+                format!("id {id} is already running"),
+            );
+            return;
+        }
+        let job = Job {
+            req,
+            // Taken here, on the reading thread, so a `Sync` sent before
+            // this `Run` applies to it.
+            sync_env: self.config.sync_env.get(),
+            ctl: Arc::clone(&ctl),
+            subscriber,
+            processes: self.config.processes.clone(),
+            config: self.config.exec.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("cmd-{id}"))
-            .spawn_scoped(scope, move || {
-                let last = run_command(&req, &sync_env, id, &ctl, &self.out, &self.config.exec);
-                // Retire the id before the final message, so the host may
-                // reuse it as soon as it sees `Exit`.
-                self.active().remove(&id);
-                self.reply(id, &last);
-            });
-        if let Err(e) = spawned {
-            self.active().remove(&id);
-            self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+            .spawn(move || run_process(job));
+        match spawned {
+            Ok(thread) => {
+                let mut started = self.started();
+                started.retain(|(_, t)| !t.is_finished());
+                started.push((ctl, thread));
+            }
+            Err(e) => {
+                self.link.retire(id, &ctl);
+                self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+            }
+        }
+    }
+
+    /// `Attach { pid }` on `id`: the process's output and exit come to `id`
+    /// from now on.
+    fn attach(&self, id: u32, pid: u32) {
+        if id == CONTROL_ID {
+            self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
+            return;
+        }
+        if self.link.is_open(id) {
+            let why = format!("id {id} is already running");
+            self.error(id, ErrorCode::DUPLICATE_REQUEST, why);
+            return;
+        }
+        let no_such = || {
+            let why = format!("no process {pid} started by the agent is left");
+            self.error(id, ErrorCode::NO_SUCH_PROCESS, why);
+        };
+        let Some(ctl) = self.config.processes.claim(pid) else {
+            return no_such();
+        };
+        self.link.open(id, &ctl);
+        let subscriber = Subscriber {
+            link: Arc::clone(&self.link),
+            id,
+        };
+        if !ctl.attach(subscriber) {
+            // Its exit is being sent to the request it went to.
+            self.link.retire(id, &ctl);
+            no_such();
         }
     }
 
@@ -304,7 +377,15 @@ impl<W: Write + Send> Conn<'_, W> {
 
 /// Capabilities this agent advertises.
 pub fn capabilities(pid1: bool) -> u64 {
-    let base = caps::RUN | caps::STREAM | caps::STDIN | caps::SIGNAL | caps::FILES | caps::SYNC;
+    let base = caps::RUN
+        | caps::STREAM
+        | caps::STDIN
+        | caps::SIGNAL
+        | caps::FILES
+        | caps::SYNC
+        | caps::USER
+        | caps::PTY
+        | caps::PROCESSES;
     if pid1 {
         base | caps::PID1
     } else {
@@ -316,35 +397,41 @@ pub fn capabilities(pid1: bool) -> u64 {
 ///
 /// Sends `Hello`, then decodes requests from `reader` and answers on
 /// `writer`; each command runs on its own thread and frames are written whole
-/// and one at a time. When the stream ends (EOF, refusal, lost framing), every
-/// command still running is killed (SIGKILL to its process group) and waited
-/// for before this returns.
-pub fn serve<R: Read, W: Write + Send>(
+/// and one at a time. When the stream ends (EOF, refusal, lost framing), the
+/// processes whose output went to it are detached, and those it started are
+/// killed (SIGKILL to each process group) and waited for before this returns
+/// unless [`ServeConfig::keep_processes`] keeps them running.
+pub fn serve<R: Read, W: Write + Send + 'static>(
     mut reader: R,
     writer: W,
     config: &ServeConfig,
 ) -> Result<ServeOutcome, ServeError> {
     let conn = Conn {
-        out: Out::new(writer),
-        active: Mutex::new(HashMap::new()),
+        link: Link::new(Box::new(Out::new(writer))),
         config,
+        started: Mutex::new(Vec::new()),
     };
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: config.agent_version.clone(),
         capabilities: capabilities(config.pid1),
     });
-    conn.out
-        .send(CONTROL_ID, &hello)
+    conn.link
+        .send_checked(CONTROL_ID, &hello)
         .map_err(ServeError::Hello)?;
     if config.ready_line {
         eprintln!("{READY_LINE}");
     }
-    std::thread::scope(|scope| {
-        let result = conn.read_loop(&mut reader, scope);
-        for ctl in conn.active().values() {
+    let result = std::thread::scope(|scope| conn.read_loop(&mut reader, scope));
+    config.processes.detach(Some(&conn.link));
+    let started = std::mem::take(&mut *conn.started());
+    if !config.keep_processes {
+        for (ctl, _) in &started {
             ctl.cancel();
         }
-        result
-    })
+        for (_, thread) in started {
+            let _ = thread.join();
+        }
+    }
+    result
 }

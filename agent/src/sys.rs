@@ -3,7 +3,8 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -199,6 +200,107 @@ pub fn make_raw_if_tty(fd: &impl AsRawFd) -> io::Result<bool> {
     // SAFETY: `t` is a valid termios; fd is borrowed for the call.
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })?;
     Ok(true)
+}
+
+/// Opens a new pseudo-terminal: `(master, slave)`, both close-on-exec and
+/// neither the caller's controlling terminal.
+pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt takes flags only; on success it returns a new
+    // descriptor that nothing else owns.
+    let raw =
+        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: grantpt/unlockpt take a descriptor borrowed for the call.
+    check(unsafe { libc::grantpt(master.as_raw_fd()) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `name` is a writable buffer of the length passed; ptsname_r
+    // NUL-terminates what it writes on success.
+    let r = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: `name` holds a NUL-terminated path (checked above) that
+    // outlives the call.
+    let raw = check(unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let slave = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok((master, slave))
+}
+
+/// Sets the window size of the terminal `fd` (`TIOCSWINSZ`; the terminal's
+/// foreground process group gets `SIGWINCH`).
+pub fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize`, which outlives the call; the
+    // descriptor is borrowed for the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) }).map(drop)
+}
+
+/// Gives the file `fd` to user `uid` and group `gid` (`fchown`).
+pub fn chown_fd(fd: &impl AsRawFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: fchown takes a descriptor borrowed for the call and integers.
+    check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+/// Has `cmd`'s child, between `fork` and `exec`, become the leader of a new
+/// session whose controlling terminal is its stdin (which must be a
+/// terminal's slave side). `cmd` must not ask for a process group.
+pub fn leads_terminal_session(cmd: &mut std::process::Command) {
+    // SAFETY: the hook only makes async-signal-safe system calls (setsid,
+    // ioctl) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(become_terminal_session_leader);
+    }
+}
+
+/// Has `cmd`'s child, between `fork` and `exec`, take on the supplementary
+/// groups `groups`, the group `gid` and the user `uid`.
+pub fn runs_as(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    // SAFETY: the hook only makes async-signal-safe system calls (setgroups,
+    // setgid, setuid) on memory allocated before the fork, and allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || switch_credentials(uid, gid, &groups));
+    }
+}
+
+/// In a child between `fork` and `exec`: makes it the leader of a new
+/// session whose controlling terminal is its stdin. Only async-signal-safe
+/// system calls.
+fn become_terminal_session_leader() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments; the child is not a process group
+    // leader (the caller does not ask std for a process group).
+    check(unsafe { libc::setsid() })?;
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal a
+    // terminal that is another session's); fd 0 is the child's own stdin.
+    check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map(drop)
+}
+
+/// In a child between `fork` and `exec`: takes on the supplementary groups
+/// `groups`, then `gid`, then `uid` (in that order: once the uid is dropped
+/// the others cannot change). Only async-signal-safe system calls; allocates
+/// nothing.
+fn switch_credentials(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // SAFETY: `groups` is a valid slice of gid_t (u32) of the length passed,
+    // borrowed for the call, which only reads it.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+    // SAFETY: setgid/setuid take integers only.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) }).map(drop)
 }
 
 /// Sets `CLOCK_REALTIME` to `ns` nanoseconds since the Unix epoch

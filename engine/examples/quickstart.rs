@@ -25,9 +25,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "nope",
     ] {
         let out = capsule.commands().run(command)?;
+        let exit = out.exit_code.map_or("-".into(), |c| c.to_string());
         println!(
-            "$ {command:<28} exit={:<3} {:>9.1?}  stdout={:?} stderr={:?}",
-            out.exit_code, out.duration, out.stdout, out.stderr
+            "$ {command:<28} exit={exit:<3} {:>9.1?}  stdout={:?} stderr={:?}",
+            out.duration,
+            out.stdout_str(),
+            out.stderr_str()
         );
     }
 

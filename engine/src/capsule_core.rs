@@ -229,16 +229,43 @@ impl CapsuleCore {
     /// returned guard drops (the command ended). Status check and activity are one step, so
     /// an auto-pause either sees the command or the command sees the capsule paused.
     pub(crate) fn begin_command(&self) -> Result<(Arc<dyn Runtime>, CommandActivity<'_>)> {
+        let runtime = self.start_command()?;
+        Ok((runtime, CommandActivity { capsule: self }))
+    }
+
+    /// Counts a command as running, if the capsule is running; its guest.
+    fn start_command(&self) -> Result<Arc<dyn Runtime>> {
         let mut state = self.state();
         match (&state.runtime, state.status) {
             (Some(runtime), Status::Running) => {
                 let runtime = runtime.clone();
                 state.running_commands += 1;
                 note_activity(&mut state);
-                Ok((runtime, CommandActivity { capsule: self }))
+                Ok(runtime)
             }
             (_, status) => Err(self.error_for(status, state.error.clone(), "run a command")),
         }
+    }
+
+    /// As [`CapsuleCore::begin_command`], for a command whose handle outlives the call (a
+    /// spawned command): the guard owns a reference to the capsule.
+    pub(crate) fn begin_command_owned(
+        self: &Arc<Self>,
+    ) -> Result<(Arc<dyn Runtime>, OwnedActivity)> {
+        let runtime = self.start_command()?;
+        Ok((
+            runtime,
+            OwnedActivity {
+                capsule: self.clone(),
+            },
+        ))
+    }
+
+    /// A command counted as running ended: that counts as activity too.
+    fn end_command(&self) {
+        let mut state = self.state();
+        state.running_commands = state.running_commands.saturating_sub(1);
+        note_activity(&mut state);
     }
 
     /// If the capsule is running, runs no command and has been idle for at least its
@@ -384,9 +411,19 @@ pub(crate) struct CommandActivity<'a> {
 
 impl Drop for CommandActivity<'_> {
     fn drop(&mut self) {
-        let mut state = self.capsule.state();
-        state.running_commands = state.running_commands.saturating_sub(1);
-        note_activity(&mut state);
+        self.capsule.end_command();
+    }
+}
+
+/// A command counted as running, for as long as this lives (see
+/// [`CapsuleCore::begin_command_owned`]).
+pub(crate) struct OwnedActivity {
+    capsule: Arc<CapsuleCore>,
+}
+
+impl Drop for OwnedActivity {
+    fn drop(&mut self) {
+        self.capsule.end_command();
     }
 }
 

@@ -2,6 +2,7 @@
 //! getters.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How an [`crate::Engine`] is set up: [`EngineConfig::default`], or
@@ -360,7 +361,27 @@ impl From<CapsuleConfigBuilder> for CapsuleConfig {
     }
 }
 
-/// How to run one command ([`crate::Commands::run_with`]): a builder.
+/// Called with each chunk of a command's output as it arrives (see
+/// [`RunOptions::on_stdout`]).
+pub type OutputCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// The default most bytes of stdout (and of stderr) kept for a command's result: 1 MiB.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 1024 * 1024;
+
+/// How long a command run with [`crate::Commands::run`] may take unless told: 30 s.
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A command's timeout as set (or not) by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommandTimeout {
+    /// 30 s for `run`, none for `spawn` and terminals.
+    Default,
+    After(Duration),
+    Never,
+}
+
+/// How to run one command ([`crate::Commands::run_with`], [`crate::Commands::spawn`],
+/// [`crate::Ptys::create`]): a builder.
 ///
 /// ```
 /// use std::time::Duration;
@@ -368,48 +389,88 @@ impl From<CapsuleConfigBuilder> for CapsuleConfig {
 ///     .timeout(Duration::from_secs(5))
 ///     .env("LANG", "C")
 ///     .env("LANG", "C.UTF-8") // a key set twice keeps the last value
-///     .cwd("/tmp");
+///     .cwd("/tmp")
+///     .user("app")
+///     .stdin("answer\n")
+///     .output_limit(64 * 1024)
+///     .on_stdout(|chunk| print!("{}", String::from_utf8_lossy(chunk)));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The probe guest has no environment, directories, users or stdin: a command with any of
+/// those set fails there with [`crate::Error::Unsupported`] (rather than running without
+/// them).
+#[derive(Clone)]
 #[must_use]
 pub struct RunOptions {
-    pub(crate) timeout: Option<Duration>,
+    timeout: CommandTimeout,
     pub(crate) envs: Vec<(String, String)>,
     pub(crate) cwd: Option<String>,
+    pub(crate) user: Option<String>,
+    pub(crate) stdin: Option<Vec<u8>>,
+    pub(crate) clear_env: bool,
+    pub(crate) output_limit: usize,
+    pub(crate) on_stdout: Option<OutputCallback>,
+    pub(crate) on_stderr: Option<OutputCallback>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            timeout: Some(Duration::from_secs(30)),
+            timeout: CommandTimeout::Default,
             envs: Vec::new(),
             cwd: None,
+            user: None,
+            stdin: None,
+            clear_env: false,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            on_stdout: None,
+            on_stderr: None,
         }
     }
 }
 
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("timeout", &self.timeout)
+            .field("envs", &self.envs)
+            .field("cwd", &self.cwd)
+            .field("user", &self.user)
+            .field("stdin", &self.stdin.as_ref().map(Vec::len))
+            .field("clear_env", &self.clear_env)
+            .field("output_limit", &self.output_limit)
+            .field("on_stdout", &self.on_stdout.is_some())
+            .field("on_stderr", &self.on_stderr.is_some())
+            .finish()
+    }
+}
+
 impl RunOptions {
-    /// The defaults: a 30 s timeout, no extra environment, the guest's default directory.
+    /// The defaults: a 30 s timeout for [`crate::Commands::run`] (none for
+    /// [`crate::Commands::spawn`] and terminals), the guest's environment and directory, as
+    /// root, no stdin, output kept up to [`DEFAULT_OUTPUT_LIMIT`], no callbacks.
     pub fn new() -> Self {
         RunOptions::default()
     }
 
     /// How long the command may run. When it expires the command is killed (in a Linux
-    /// capsule, its whole process group), the call returns [`crate::Error::Timeout`] with
-    /// [`crate::TimeoutKind::Command`], and the capsule stays usable. Default 30 s.
+    /// capsule, its whole process group) and the call ([`crate::Commands::run`], or
+    /// [`crate::CommandHandle::wait`] for a spawned command) returns
+    /// [`crate::Error::Timeout`] with [`crate::TimeoutKind::Command`]; the capsule stays
+    /// usable. Default: 30 s for `run`, none for `spawn` and terminals.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = CommandTimeout::After(timeout);
         self
     }
 
-    /// No timeout: wait for the command however long it runs.
+    /// No timeout: the command runs however long it takes.
     pub fn no_timeout(mut self) -> Self {
-        self.timeout = None;
+        self.timeout = CommandTimeout::Never;
         self
     }
 
-    /// Sets the environment variable `key` to `value` for the command (Linux capsules; the
-    /// probe has no environment and ignores it). Setting a key again replaces its value.
+    /// Sets the environment variable `key` to `value` for the command (Linux capsules).
+    /// Setting a key again replaces its value.
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         let (key, value) = (key.into(), value.into());
         match self.envs.iter_mut().find(|(k, _)| *k == key) {
@@ -419,10 +480,84 @@ impl RunOptions {
         self
     }
 
-    /// Working directory (Linux capsules; ignored by the probe).
+    /// Starts from an empty environment instead of the guest's (Linux capsules): only the
+    /// variables set with [`RunOptions::env`], the capsule's `CAPSULE_ID`, `PATH` (a default
+    /// one unless set) and, with [`RunOptions::user`], `HOME`, `USER` and `LOGNAME`.
+    pub fn clear_env(mut self) -> Self {
+        self.clear_env = true;
+        self
+    }
+
+    /// Working directory (Linux capsules).
     pub fn cwd(mut self, dir: impl Into<String>) -> Self {
         self.cwd = Some(dir.into());
         self
+    }
+
+    /// Runs the command as this user of the guest (a name in its `/etc/passwd`): its uid,
+    /// primary group and supplementary groups (from `/etc/group`), with `HOME`, `USER` and
+    /// `LOGNAME` from its passwd entry. A user the guest does not know fails the command
+    /// with [`crate::Error::InvalidArgument`]. Default: root. Linux capsules.
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.user = Some(name.into());
+        self
+    }
+
+    /// Feeds `bytes` to the command's stdin, then closes it (end of file). Without it a
+    /// command run with [`crate::Commands::run`] reads `/dev/null`, and a spawned one reads
+    /// what [`crate::CommandHandle::write_stdin`] sends. Linux capsules.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// The most bytes of stdout, and of stderr, kept in the command's
+    /// [`crate::CommandOutput`] (default [`DEFAULT_OUTPUT_LIMIT`]); the rest is discarded
+    /// and the `*_truncated` flag set. Up to 2 MiB the guest collects the output and sends
+    /// it at the end; above, the output is streamed to the host, which keeps this much.
+    /// Output taken through [`crate::CommandHandle::output`] does not count.
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// Calls `f` with every chunk of the command's stdout as it arrives, on a thread of the
+    /// command's own, in order (for [`crate::Commands::run`] too, which then streams the
+    /// output; the probe calls it once, at the end). A chunk given to `f` is still kept in
+    /// the command's result (up to the output limit) but never appears in
+    /// [`crate::CommandHandle::output`]. A slow `f` slows the command down (it blocks once
+    /// the guest's pipe is full), never the engine.
+    pub fn on_stdout(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stdout = Some(Arc::new(f));
+        self
+    }
+
+    /// As [`RunOptions::on_stdout`], for stderr.
+    pub fn on_stderr(mut self, f: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.on_stderr = Some(Arc::new(f));
+        self
+    }
+
+    /// The timeout of a command run to its end (`run`).
+    pub(crate) fn run_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            CommandTimeout::Default => Some(DEFAULT_RUN_TIMEOUT),
+            CommandTimeout::After(d) => Some(d),
+            CommandTimeout::Never => None,
+        }
+    }
+
+    /// The timeout of a spawned command or a terminal.
+    pub(crate) fn spawn_timeout(&self) -> Option<Duration> {
+        match self.timeout {
+            CommandTimeout::After(d) => Some(d),
+            CommandTimeout::Default | CommandTimeout::Never => None,
+        }
+    }
+
+    /// Whether a callback wants the output as it comes.
+    pub(crate) fn has_callbacks(&self) -> bool {
+        self.on_stdout.is_some() || self.on_stderr.is_some()
     }
 }
 
@@ -444,11 +579,18 @@ mod tests {
                 ("B".to_owned(), "2".to_owned())
             ]
         );
-        assert_eq!(options.timeout, None);
-        assert_eq!(
-            RunOptions::new().timeout(Duration::from_secs(2)).timeout,
-            Some(Duration::from_secs(2))
-        );
+        assert_eq!(options.run_timeout(), None);
+        assert_eq!(options.spawn_timeout(), None);
+        let two = RunOptions::new().timeout(Duration::from_secs(2));
+        assert_eq!(two.run_timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(two.spawn_timeout(), Some(Duration::from_secs(2)));
+        // The default: 30 s to run, none to spawn.
+        assert_eq!(RunOptions::new().run_timeout(), Some(DEFAULT_RUN_TIMEOUT));
+        assert_eq!(RunOptions::new().spawn_timeout(), None);
+        let with = RunOptions::new().on_stderr(|_| {}).stdin("x").user("u");
+        assert!(with.has_callbacks() && !RunOptions::new().has_callbacks());
+        let shown = format!("{with:?}");
+        assert!(shown.contains("on_stderr: true") && shown.contains("stdin: Some(1)"));
     }
 
     #[test]

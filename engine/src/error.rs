@@ -135,6 +135,32 @@ pub enum Error {
     /// The hypervisor layer failed (a KVM ioctl, guest memory, building the machine...).
     #[error("hypervisor: {0}")]
     Hypervisor(#[source] capsule_vmm::Error),
+    /// A [`crate::CommandHandle`] (or [`crate::PtyHandle`]) no longer receives its
+    /// process's output and exit: the capsule was paused (the link to its guest is new after
+    /// a resume), or another handle connected to the process. The process itself runs on:
+    /// when the capsule runs, [`crate::Commands::connect`]`(pid)` gives a new handle that
+    /// receives the rest of its output and its exit.
+    #[error(
+        "capsule {id}: this handle to process {pid} was detached ({reason}); once the capsule \
+         runs, reconnect with commands().connect({pid})"
+    )]
+    ProcessDetached {
+        /// The capsule.
+        id: CapsuleId,
+        /// The process, in the guest.
+        pid: u32,
+        /// Why (paused, or another handle connected).
+        reason: String,
+    },
+    /// The guest's agent tracks no process with this pid: it never started one, or the
+    /// process ended and its exit was reported (see [`crate::Commands::list`]).
+    #[error("capsule {id} has no process {pid} started by its agent")]
+    ProcessNotFound {
+        /// The capsule.
+        id: CapsuleId,
+        /// The pid asked for.
+        pid: u32,
+    },
     /// The in-guest agent of a Linux capsule refused a request or broke its protocol.
     #[error("capsule {id}: agent: {reason}")]
     Agent {
@@ -213,6 +239,9 @@ pub enum TimeoutKind {
     Command,
     /// [`crate::Capsule::wait_ready`]'s timeout; the capsule was not running in time.
     WaitReady,
+    /// A wait for a spawned command ([`crate::CommandHandle::wait_timeout`],
+    /// [`crate::OutputStream::recv_timeout`]) ran out; the command runs on.
+    Wait,
 }
 
 impl std::fmt::Display for TimeoutKind {
@@ -220,6 +249,7 @@ impl std::fmt::Display for TimeoutKind {
         f.write_str(match self {
             TimeoutKind::Command => "command",
             TimeoutKind::WaitReady => "waiting until ready",
+            TimeoutKind::Wait => "waiting for a command",
         })
     }
 }

@@ -11,7 +11,7 @@
 //! let engine = Engine::new(EngineConfig::default())?;
 //! let capsule = engine.create(CapsuleConfig::builder("probe").memory_mb(64))?;
 //! let out = capsule.commands().run("echo hi")?;
-//! assert_eq!((out.stdout.as_str(), out.exit_code), ("hi\n", 0));
+//! assert_eq!((&*out.stdout_str(), out.exit_code), ("hi\n", Some(0)));
 //! println!("{:?}", capsule.info().status); // Running
 //! capsule.destroy()?;
 //! # Ok(()) }
@@ -111,9 +111,54 @@
 //! [`Error::BootTimeout`], which says where each vCPU and virtio queue was. Linux capsules
 //! pause, resume, become templates and fork like probe ones (see [`Capsule::pause`]).
 //!
+//! ## Talking to processes: background commands, streams, stdin, signals, terminals
+//! ```no_run
+//! # use std::time::Duration;
+//! # use capsule::{CapsuleConfig, Command, Engine, EngineConfig, Output, PtySize, RunOptions, Signal};
+//! # fn main() -> capsule::Result<()> {
+//! # let engine = Engine::new(EngineConfig::default())?;
+//! let capsule = engine.create(CapsuleConfig::new("minimal"))?;
+//! let build = capsule.commands().spawn("make -j4", RunOptions::new().cwd("/src"))?;
+//! for chunk in build.output() {                     // as it comes, stdout and stderr
+//!     if let Output::Stderr(bytes) = chunk { eprint!("{}", String::from_utf8_lossy(&bytes)) }
+//! }
+//! let result = build.wait()?;                       // exit_code, or the signal that killed it
+//! let cat = capsule.commands().spawn(Command::exec("cat", ["-n"]), RunOptions::new())?;
+//! cat.write_stdin(b"hello\n")?;
+//! cat.close_stdin()?;
+//! let server = capsule.commands().spawn("python3 -m http.server", RunOptions::new())?;
+//! server.signal(Signal::TERM)?;                     // or kill(): SIGKILL to the process group
+//! for p in capsule.commands().list()? { println!("{} {}", p.pid, p.command) }
+//! let shell = capsule.pty().create(PtySize::new(24, 80), RunOptions::new().user("app"))?;
+//! shell.write(b"ls --color\n")?;
+//! # Ok(()) }
+//! ```
+//! - [`Commands::spawn`] returns a [`CommandHandle`] once the command started (pid, stdin,
+//!   signals, [`CommandHandle::kill`] of its whole process group, [`CommandHandle::wait`],
+//!   its output as an [`OutputStream`] of [`Output`] chunks); [`RunOptions::on_stdout`] and
+//!   [`RunOptions::on_stderr`] callbacks work for it and for [`Commands::run`]. Commands are
+//!   shell scripts or argv ([`Command::exec`]); [`RunOptions`] also sets the guest user,
+//!   stdin bytes, an empty environment and the output limit. Output is bytes
+//!   ([`CommandOutput::stdout`]; [`CommandOutput::stdout_str`] for text), and a command
+//!   killed by a signal reports [`CommandOutput::signal`], not `128 + n`.
+//! - Memory stays bounded: a run to the end keeps at most its output limit; a streamed
+//!   command's output crosses the agent channel under window flow control (the agent protocol
+//!   crate documents it), so a handle buffers at most 1 MiB and a consumer that stops reading
+//!   blocks the guest process, never the engine.
+//! - [`Commands::list`], [`Commands::connect`] and [`Commands::kill`] reach every process the
+//!   guest's agent started, from any handle or engine. Processes keep running across
+//!   [`Capsule::pause`] and [`Capsule::resume`]; handles do not follow (they report
+//!   [`Error::ProcessDetached`], which says to reconnect), and `connect(pid)` after the
+//!   resume gets the rest of the output and the exit. [`Capsule::pty`] runs shells (or any
+//!   command) on pseudo-terminals: [`PtyHandle::write`], [`PtyHandle::resize`].
+//! - The probe runs its verbs through `spawn` too (their output arrives at the end; only a
+//!   kill controls them); what it cannot do (environment, directory, user, stdin, argv,
+//!   terminals, the process list) is [`Error::Unsupported`], never silently ignored.
+//!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.
-//! - A command's timeout ([`RunOptions`], default 30 s) kills the command, not the capsule.
+//! - A command's timeout ([`RunOptions`], default 30 s for [`Commands::run`], none for
+//!   [`Commands::spawn`] and terminals) kills the command, not the capsule.
 //! - vCPU threads are interrupted with the real-time signal `SIGRTMIN` (+
 //!   [`capsule_vmm::vcpu::KICK_SIGNAL_OFFSET`]); the engine installs its handler, so leave
 //!   that signal to it.
@@ -178,13 +223,15 @@ mod store;
 mod sync;
 mod template;
 
-pub use crate::api::{Capsule, Commands, Engine};
+pub use crate::api::{Capsule, CommandHandle, Commands, Engine, OutputStream, PtyHandle, Ptys};
 pub use crate::config::{
-    CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, RunOptions,
+    CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, OutputCallback,
+    RunOptions, DEFAULT_OUTPUT_LIMIT, DEFAULT_RUN_TIMEOUT,
 };
 pub use crate::error::{Error, KvmUnavailable, Resource, Result, TimeoutKind};
 pub use crate::model::{
-    CapsuleId, CapsuleInfo, CommandOutput, InvalidId, ParseStatusError, Status, TemplateInfo,
+    CapsuleId, CapsuleInfo, Command, CommandOutput, InvalidId, Output, ParseStatusError,
+    ProcessInfo, PtySize, Signal, Status, TemplateInfo,
 };
 pub use capsule_vmm::{HostInfo, Virtualization};
 

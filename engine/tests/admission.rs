@@ -51,9 +51,16 @@ fn the_capsule_limit_counts_capsules_holding_a_vm() {
     );
     c.destroy().unwrap();
     let a = engine.connect(a.id()).unwrap();
-    assert_eq!(a.commands().run("count").unwrap().stdout, "2\n");
     assert_eq!(
-        b.commands().run("echo untouched").unwrap().stdout,
+        a.commands().run("count").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
+    assert_eq!(
+        b.commands()
+            .run("echo untouched")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
         "untouched\n"
     );
 }
@@ -171,7 +178,14 @@ fn fd_exhaustion_child() {
     assert!(!capsules.is_empty(), "not even one capsule fitted");
     assert_eq!(engine.list().len(), capsules.len(), "nothing left behind");
     for c in &capsules {
-        assert_eq!(c.commands().run("echo still").unwrap().stdout, "still\n");
+        assert_eq!(
+            c.commands()
+                .run("echo still")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "still\n"
+        );
     }
     // Room again once one capsule is gone.
     capsules.pop().unwrap().destroy().unwrap();

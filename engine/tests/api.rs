@@ -87,5 +87,13 @@ fn a_snapshot_of_another_machine_is_refused_and_the_capsule_stays_paused() {
     assert_eq!(large.status(), Status::Paused);
     large.destroy().unwrap();
     small.resume().unwrap();
-    assert_eq!(small.commands().run("echo back").unwrap().stdout, "back\n");
+    assert_eq!(
+        small
+            .commands()
+            .run("echo back")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "back\n"
+    );
 }

@@ -26,7 +26,7 @@ fn child_pause_loop() {
     println!("ready");
     for round in 0u64.. {
         c.commands()
-            .run(&format!("touch {}", 64 + round % 512))
+            .run(format!("touch {}", 64 + round % 512))
             .unwrap();
         c.commands().run("count").unwrap();
         c.pause().unwrap();
@@ -89,15 +89,18 @@ fn a_process_killed_mid_pause_leaves_a_usable_snapshot() {
                     .commands()
                     .run("count")
                     .unwrap()
-                    .stdout
+                    .stdout_str()
                     .trim()
                     .parse()
                     .unwrap();
                 assert!(n >= 1, "round {round}: count continues ({n})");
-                let sum = c.commands().run("sum").unwrap().stdout;
+                let sum = c.commands().run("sum").unwrap().stdout_str().into_owned();
                 c.pause().unwrap();
                 c.resume().unwrap();
-                assert_eq!(c.commands().run("sum").unwrap().stdout, sum);
+                assert_eq!(
+                    c.commands().run("sum").unwrap().stdout_str().into_owned(),
+                    sum
+                );
             }
             Status::Stopped => {} // killed while running: reported, not resumable
             other => panic!("round {round}: unexpected status {other}"),

@@ -154,6 +154,6 @@ fn default_config_is_wrenns(kind: Kind) {
     assert_eq!((capsule.info().vcpus, capsule.info().memory_mb), (1, 512));
     assert_eq!(
         kind.run(&capsule, &kind.echo("default")).unwrap().exit_code,
-        0
+        Some(0)
     );
 }

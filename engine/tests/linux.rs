@@ -44,14 +44,14 @@ fn boots_and_runs_commands() {
 
     let out = run("echo hello from linux");
     assert_eq!(
-        (out.stdout.as_str(), out.exit_code),
-        ("hello from linux\n", 0)
+        (&*out.stdout_str(), out.exit_code),
+        ("hello from linux\n", Some(0))
     );
-    let release = run("uname -r").stdout;
+    let release = run("uname -r").stdout_str().into_owned();
     assert!(release.trim().ends_with("cloud-amd64"), "{release}");
-    assert_eq!(run("exit 7").exit_code, 7);
+    assert_eq!(run("exit 7").exit_code, Some(7));
     let missing = run("no-such-program");
-    assert_eq!(missing.exit_code, 127);
+    assert_eq!(missing.exit_code, Some(127));
     assert!(!missing.stderr.is_empty());
 
     let opts = RunOptions::new().env("GREETING", "hi there").cwd("/tmp");
@@ -59,11 +59,11 @@ fn boots_and_runs_commands() {
         .commands()
         .run_with("echo \"$GREETING\"; pwd", opts)
         .unwrap();
-    assert_eq!(out.stdout, "hi there\n/tmp\n");
+    assert_eq!(out.stdout_str(), "hi there\n/tmp\n");
 
     let big = run("head -c 1048576 /dev/zero | tr '\\0' x");
     assert_eq!(big.stdout.len(), 1 << 20);
-    assert!(big.stdout.bytes().all(|b| b == b'x'));
+    assert!(big.stdout.iter().all(|b| *b == b'x'));
 
     let console = c.console_log();
     assert!(
@@ -73,8 +73,12 @@ fn boots_and_runs_commands() {
 
     // virtio-rng feeds the kernel's hardware RNG.
     let rng = run("cat /sys/class/misc/hw_random/rng_current; head -c 64 /dev/hwrng | wc -c");
-    assert_eq!(rng.stdout.split_whitespace().last(), Some("64"), "{rng:?}");
-    assert!(rng.stdout.starts_with("virtio_rng"), "{rng:?}");
+    assert_eq!(
+        rng.stdout_str().split_whitespace().last(),
+        Some("64"),
+        "{rng:?}"
+    );
+    assert!(rng.stdout_str().starts_with("virtio_rng"), "{rng:?}");
     c.destroy().unwrap();
 }
 
@@ -84,7 +88,10 @@ fn several_vcpus_are_seen_by_the_guest() {
         return;
     };
     let c = engine.create(minimal().vcpus(2)).unwrap();
-    assert_eq!(c.commands().run("nproc").unwrap().stdout, "2\n");
+    assert_eq!(
+        c.commands().run("nproc").unwrap().stdout_str().into_owned(),
+        "2\n"
+    );
     assert_eq!(c.info().vcpus, 2);
 }
 
@@ -113,17 +120,17 @@ fn capsules_boot_from_shells_loaded_ahead_of_time() {
             .run("cat /proc/cmdline; nproc; grep MemTotal /proc/meminfo")
             .unwrap();
         assert!(
-            out.stdout.starts_with(capsule::LINUX_KERNEL_CMDLINE),
+            out.stdout_str().starts_with(capsule::LINUX_KERNEL_CMDLINE),
             "{out:?}"
         );
-        assert!(out.stdout.contains("\n1\n"), "{out:?}");
+        assert!(out.stdout_str().contains("\n1\n"), "{out:?}");
         c.destroy().unwrap();
     }
     // Each capsule has its own memory: a file written in one is not in another.
     first.commands().run("echo mine > /tmp/owner").unwrap();
     let other = engine.create(minimal()).unwrap();
     let seen = other.commands().run("cat /tmp/owner 2>&1 || true").unwrap();
-    assert!(!seen.stdout.contains("mine"), "{seen:?}");
+    assert!(!seen.stdout_str().contains("mine"), "{seen:?}");
 }
 
 #[test]
@@ -148,22 +155,31 @@ fn a_timeout_kills_the_command_and_its_children() {
         "{result:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
-    let child = c.commands().run("cat /tmp/child").unwrap().stdout;
+    let child = c
+        .commands()
+        .run("cat /tmp/child")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
     // Killed is dead even before the agent (PID 1, which inherits the orphan) has reaped
     // it: a zombie (state Z) counts as gone, as `kill -0` alone would not tell.
     let alive = c
         .commands()
-        .run(&format!(
+        .run(format!(
             "read -r _ _ state _ 2>/dev/null < /proc/{}/stat; \
              case \"$state\" in ''|Z) echo gone ;; *) echo alive ;; esac",
             child.trim()
         ))
         .unwrap();
     assert_eq!(
-        alive.stdout, "gone\n",
+        alive.stdout_str(),
+        "gone\n",
         "the background child died with the group"
     );
-    assert_eq!(c.commands().run("echo still usable").unwrap().exit_code, 0);
+    assert_eq!(
+        c.commands().run("echo still usable").unwrap().exit_code,
+        Some(0)
+    );
 }
 
 #[test]
@@ -183,19 +199,22 @@ fn eight_commands_at_once_and_four_capsules() {
     let threads: Vec<_> = (0..8)
         .map(|i| {
             let c = c.clone();
-            std::thread::spawn(move || c.commands().run(&format!("sleep 1; echo {i}")).unwrap())
+            std::thread::spawn(move || c.commands().run(format!("sleep 1; echo {i}")).unwrap())
         })
         .collect();
     for (i, t) in threads.into_iter().enumerate() {
-        assert_eq!(t.join().unwrap().stdout, format!("{i}\n"));
+        assert_eq!(
+            t.join().unwrap().stdout_str().into_owned(),
+            format!("{i}\n")
+        );
     }
     assert!(
         started.elapsed() < Duration::from_secs(6),
         "they ran concurrently"
     );
     for (i, other) in capsules.iter().enumerate() {
-        let out = other.commands().run(&format!("echo capsule {i}")).unwrap();
-        assert_eq!(out.stdout, format!("capsule {i}\n"));
+        let out = other.commands().run(format!("echo capsule {i}")).unwrap();
+        assert_eq!(out.stdout_str(), format!("capsule {i}\n"));
     }
 }
 
@@ -252,7 +271,12 @@ fn a_guest_panic_is_reported_with_the_console_tail_and_the_engine_carries_on() {
         "the console tail is kept: {console}"
     );
     assert_eq!(
-        bystander.commands().run("echo fine").unwrap().stdout,
+        bystander
+            .commands()
+            .run("echo fine")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
         "fine\n"
     );
 }

@@ -21,8 +21,8 @@ fn sh(c: &Capsule, command: &str) -> String {
         .commands()
         .run_with(command, RunOptions::new().timeout(Duration::from_secs(120)))
         .unwrap_or_else(|e| panic!("{command}: {e}"));
-    assert_eq!(out.exit_code, 0, "{command}: {out:?}");
-    out.stdout
+    assert_eq!(out.exit_code, Some(0), "{command}: {out:?}");
+    out.stdout_str().into_owned()
 }
 
 /// Starts a loop that writes a rising counter to `/tmp/n` every 0.1 s, detached from the

@@ -25,7 +25,10 @@ fn a_crash_leaves_ten_other_capsules_answering() {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 5 {
                     n += 1;
-                    assert_eq!(c.commands().run("count").unwrap().stdout, format!("{n}\n"));
+                    assert_eq!(
+                        c.commands().run("count").unwrap().stdout_str().into_owned(),
+                        format!("{n}\n")
+                    );
                 }
                 n
             })
@@ -44,7 +47,14 @@ fn a_crash_leaves_ten_other_capsules_answering() {
     }
     for c in &others {
         assert!(c.is_running());
-        assert_eq!(c.commands().run("echo fine").unwrap().stdout, "fine\n");
+        assert_eq!(
+            c.commands()
+                .run("echo fine")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "fine\n"
+        );
     }
 }
 
@@ -72,7 +82,11 @@ fn fifty_capsules_at_once() {
     assert!(engine.list().iter().all(|i| i.status == Status::Running));
     for (i, c) in capsules.iter().enumerate() {
         assert_eq!(
-            c.commands().run(&format!("echo {i}")).unwrap().stdout,
+            c.commands()
+                .run(format!("echo {i}"))
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
             format!("{i}\n")
         );
     }
@@ -105,7 +119,7 @@ fn a_hundred_512_mib_capsules_fit_when_each_touches_little() {
         })
         .collect();
     for c in &capsules {
-        assert_eq!(c.commands().run("touch 4").unwrap().exit_code, 0);
+        assert_eq!(c.commands().run("touch 4").unwrap().exit_code, Some(0));
     }
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
     // 100 x 512 MiB = 50 GiB reserved on a 24 GiB host; resident stays small.
@@ -161,13 +175,25 @@ fn one_engine_from_sixteen_threads() {
                     let own = engine.create(probe()).unwrap();
                     let text = format!("t{t}r{round}");
                     assert_eq!(
-                        own.commands().run(&format!("echo {text}")).unwrap().stdout,
+                        own.commands()
+                            .run(format!("echo {text}"))
+                            .unwrap()
+                            .stdout_str()
+                            .into_owned(),
                         format!("{text}\n")
                     );
                     let by_id = engine.get(own.id()).unwrap();
-                    assert_eq!(by_id.commands().run("count").unwrap().stdout, "1\n");
+                    assert_eq!(
+                        by_id
+                            .commands()
+                            .run("count")
+                            .unwrap()
+                            .stdout_str()
+                            .into_owned(),
+                        "1\n"
+                    );
                     assert!(engine.list().iter().any(|i| i.id == *own.id()));
-                    assert_eq!(shared.commands().run("count").unwrap().exit_code, 0);
+                    assert_eq!(shared.commands().run("count").unwrap().exit_code, Some(0));
                     if round % 2 == 0 {
                         engine.destroy(own.id()).unwrap();
                     } else {
@@ -180,7 +206,15 @@ fn one_engine_from_sixteen_threads() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(shared.commands().run("count").unwrap().stdout, "81\n");
+    assert_eq!(
+        shared
+            .commands()
+            .run("count")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "81\n"
+    );
     assert_eq!(engine.list().len(), 1);
 }
 

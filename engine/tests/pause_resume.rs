@@ -279,7 +279,7 @@ fn random_pause_resume_from_sixteen_threads() {
                         1 => engine.resume(id).unwrap(),
                         _ => match engine.get(id).unwrap().commands().run("count") {
                             Ok(out) => {
-                                let n: u64 = out.stdout.trim().parse().unwrap();
+                                let n: u64 = out.stdout_str().trim().parse().unwrap();
                                 seen.lock().unwrap().entry(id.clone()).or_default().push(n);
                             }
                             Err(Error::InvalidState {
@@ -313,7 +313,7 @@ fn random_pause_resume_from_sixteen_threads() {
             "every count value exactly once"
         );
         assert_eq!(
-            c.commands().run("count").unwrap().stdout,
+            c.commands().run("count").unwrap().stdout_str(),
             format!("{}\n", n + 1)
         );
     }

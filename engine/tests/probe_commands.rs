@@ -17,29 +17,35 @@ fn echo_exit_count_and_unknown() {
 
     let out = run("echo hello world");
     assert_eq!(
-        (out.stdout.as_str(), out.stderr.as_str(), out.exit_code),
-        ("hello world\n", "", 0)
+        (&*out.stdout_str(), &*out.stderr_str(), out.exit_code),
+        ("hello world\n", "", Some(0))
     );
     assert!(out.success());
-    assert_eq!(run("echo").stdout, "\n");
-    assert_eq!(run("  echo   padded  ").stdout, "padded\n");
+    assert_eq!(run("echo").stdout_str().into_owned(), "\n");
+    assert_eq!(
+        run("  echo   padded  ").stdout_str().into_owned(),
+        "padded\n"
+    );
 
-    assert_eq!(run("exit 0").exit_code, 0);
-    assert_eq!(run("exit 42").exit_code, 42);
-    assert_eq!(run("exit -1").exit_code, -1);
+    assert_eq!(run("exit 0").exit_code, Some(0));
+    assert_eq!(run("exit 42").exit_code, Some(42));
+    assert_eq!(run("exit -1").exit_code, Some(-1));
     let bad = run("exit nope");
-    assert_eq!(bad.exit_code, 2);
-    assert!(bad.stderr.contains("not a number"));
+    assert_eq!(bad.exit_code, Some(2));
+    assert!(bad.stderr_str().contains("not a number"));
 
     for expected in 1..=5 {
-        assert_eq!(run("count").stdout, format!("{expected}\n"));
+        assert_eq!(
+            run("count").stdout_str().into_owned(),
+            format!("{expected}\n")
+        );
     }
 
     let unknown = run("frobnicate now");
-    assert_eq!(unknown.exit_code, 127);
-    assert_eq!(unknown.stdout, "");
-    assert_eq!(unknown.stderr, "probe: unknown command: frobnicate\n");
-    assert_eq!(run("").exit_code, 127);
+    assert_eq!(unknown.exit_code, Some(127));
+    assert_eq!(unknown.stdout_str(), "");
+    assert_eq!(unknown.stderr_str(), "probe: unknown command: frobnicate\n");
+    assert_eq!(run("").exit_code, Some(127));
 }
 
 #[test]
@@ -50,29 +56,50 @@ fn touch_and_sum_agree_and_depend_on_contents() {
     let c = engine.create(probe()).unwrap();
     let run = |cmd: &str| c.commands().run(cmd).unwrap();
 
-    assert_eq!(run("sum").stdout, "0\n", "nothing touched yet");
-    let first = run("touch 10").stdout;
     assert_eq!(
-        run("sum").stdout,
+        run("sum").stdout_str().into_owned(),
+        "0\n",
+        "nothing touched yet"
+    );
+    let first = run("touch 10").stdout_str().into_owned();
+    assert_eq!(
+        run("sum").stdout_str().into_owned(),
         first,
         "sum covers exactly the pages touched"
     );
-    let second = run("touch 5").stdout;
+    let second = run("touch 5").stdout_str().into_owned();
     assert_ne!(second, first);
-    let total = run("sum").stdout;
+    let total = run("sum").stdout_str().into_owned();
     assert_ne!(total, first, "sum now covers 15 pages");
-    assert_eq!(run("sum").stdout, total, "sum is stable");
+    assert_eq!(run("sum").stdout_str().into_owned(), total, "sum is stable");
 
     // The same history on another capsule gives the same checksums: the guest computes them.
     let d = engine.create(probe()).unwrap();
-    assert_eq!(d.commands().run("touch 10").unwrap().stdout, first);
-    assert_eq!(d.commands().run("touch 5").unwrap().stdout, second);
-    assert_eq!(d.commands().run("sum").unwrap().stdout, total);
+    assert_eq!(
+        d.commands()
+            .run("touch 10")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        first
+    );
+    assert_eq!(
+        d.commands()
+            .run("touch 5")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        second
+    );
+    assert_eq!(
+        d.commands().run("sum").unwrap().stdout_str().into_owned(),
+        total
+    );
 
     let too_many = run("touch 100000000");
-    assert_eq!(too_many.exit_code, 1);
-    assert!(too_many.stderr.contains("room for"));
-    assert_eq!(run("touch x").exit_code, 2);
+    assert_eq!(too_many.exit_code, Some(1));
+    assert!(too_many.stderr_str().contains("room for"));
+    assert_eq!(run("touch x").exit_code, Some(2));
 }
 
 #[test]
@@ -82,8 +109,8 @@ fn spin_runs_and_returns() {
     };
     let c = engine.create(probe()).unwrap();
     let out = c.commands().run("spin 1000000").unwrap();
-    assert_eq!((out.exit_code, out.stdout.as_str()), (0, ""));
-    assert_eq!(c.commands().run("spin -5").unwrap().exit_code, 2);
+    assert_eq!((out.exit_code, &*out.stdout_str()), (Some(0), ""));
+    assert_eq!(c.commands().run("spin -5").unwrap().exit_code, Some(2));
 }
 
 #[test]
@@ -92,7 +119,10 @@ fn crash_moves_the_capsule_to_error_with_a_reason() {
         return;
     };
     let c = engine.create(probe()).unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "1\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "1\n"
+    );
     match c.commands().run("crash") {
         Err(Error::GuestCrashed { id, reason }) => {
             assert_eq!(id, *c.id());
@@ -125,7 +155,7 @@ fn long_echo_and_oversized_requests() {
     };
     let c = engine.create(probe()).unwrap();
     let long = "x".repeat(3000);
-    let out = c.commands().run(&format!("echo {long}")).unwrap();
+    let out = c.commands().run(format!("echo {long}")).unwrap();
     assert_eq!(out.stdout.len(), 3001);
     assert!(!out.stdout_truncated);
     let too_long = "y".repeat(probe_abi::REQUEST_MAX + 1);
@@ -141,7 +171,10 @@ fn a_timed_out_command_is_killed_and_the_capsule_carries_on() {
         return;
     };
     let c = engine.create(probe()).unwrap();
-    assert_eq!(c.commands().run("count").unwrap().stdout, "1\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "1\n"
+    );
     let limit = Duration::from_millis(100);
     match c
         .commands()
@@ -154,9 +187,16 @@ fn a_timed_out_command_is_killed_and_the_capsule_carries_on() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(c.is_running());
-    assert_eq!(c.commands().run("echo alive").unwrap().stdout, "alive\n");
     assert_eq!(
-        c.commands().run("count").unwrap().stdout,
+        c.commands()
+            .run("echo alive")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "alive\n"
+    );
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
         "2\n",
         "guest state survives"
     );
@@ -180,8 +220,15 @@ fn killing_a_command_mid_touch_releases_its_lock() {
             RunOptions::new().timeout(Duration::from_secs(20)),
         )
         .unwrap();
-    assert_eq!(out.exit_code, 0);
-    assert_eq!(c.commands().run("echo ok").unwrap().stdout, "ok\n");
+    assert_eq!(out.exit_code, Some(0));
+    assert_eq!(
+        c.commands()
+            .run("echo ok")
+            .unwrap()
+            .stdout_str()
+            .into_owned(),
+        "ok\n"
+    );
 }
 
 #[test]
@@ -202,7 +249,14 @@ fn commands_run_in_parallel_on_several_vcpus() {
     };
     std::thread::sleep(Duration::from_millis(50));
     for _ in 0..20 {
-        assert_eq!(c.commands().run("echo beside").unwrap().stdout, "beside\n");
+        assert_eq!(
+            c.commands()
+                .run("echo beside")
+                .unwrap()
+                .stdout_str()
+                .into_owned(),
+            "beside\n"
+        );
     }
     assert!(matches!(
         spinner.join().unwrap(),
@@ -215,7 +269,7 @@ fn commands_run_in_parallel_on_several_vcpus() {
             let c = c.clone();
             std::thread::spawn(move || {
                 for _ in 0..100 {
-                    assert_eq!(c.commands().run("count").unwrap().exit_code, 0);
+                    assert_eq!(c.commands().run("count").unwrap().exit_code, Some(0));
                 }
             })
         })
@@ -223,5 +277,8 @@ fn commands_run_in_parallel_on_several_vcpus() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(c.commands().run("count").unwrap().stdout, "401\n");
+    assert_eq!(
+        c.commands().run("count").unwrap().stdout_str().into_owned(),
+        "401\n"
+    );
 }

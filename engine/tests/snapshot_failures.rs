@@ -99,7 +99,7 @@ fn a_truncated_or_missing_memory_file_is_a_typed_error(kind: Kind) {
     c.resume().unwrap();
     assert_eq!(
         kind.run(&c, &kind.echo("whole again")).unwrap().exit_code,
-        0
+        Some(0)
     );
 }
 

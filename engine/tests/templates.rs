@@ -44,14 +44,14 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     for _ in 0..5 {
         source.commands().run("count").unwrap();
     }
-    let touched = source.commands().run("touch 1024").unwrap().stdout; // 4 MiB
+    let touched = source.commands().run("touch 1024").unwrap().stdout_str().into_owned(); // 4 MiB
     let info = source.snapshot("warm").unwrap();
     assert_eq!(
         (info.name.as_str(), info.vcpus, info.memory_mb),
         ("warm", 1, 32)
     );
     // The source keeps running, unaffected.
-    assert_eq!(source.commands().run("count").unwrap().stdout, "6\n");
+    assert_eq!(source.commands().run("count").unwrap().stdout_str(), "6\n");
 
     let clones: Vec<_> = (0..100)
         .map(|_| engine.create(CapsuleConfig::new("warm")).unwrap())
@@ -59,22 +59,22 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     for clone in &clones {
         assert_eq!(clone.info().template, "warm");
         assert_eq!(
-            clone.commands().run("count").unwrap().stdout,
+            clone.commands().run("count").unwrap().stdout_str(),
             "6\n",
             "continues the template"
         );
         assert_eq!(
-            clone.commands().run("sum").unwrap().stdout,
+            clone.commands().run("sum").unwrap().stdout_str(),
             touched,
             "reads the template's pages"
         );
     }
     // Divergence stays private.
-    let changed = clones[0].commands().run("touch 3").unwrap().stdout;
-    assert_ne!(clones[0].commands().run("sum").unwrap().stdout, touched);
-    assert_eq!(clones[1].commands().run("sum").unwrap().stdout, touched);
-    assert_eq!(clones[1].commands().run("count").unwrap().stdout, "7\n");
-    assert_eq!(clones[2].commands().run("count").unwrap().stdout, "7\n");
+    let changed = clones[0].commands().run("touch 3").unwrap().stdout_str().into_owned();
+    assert_ne!(clones[0].commands().run("sum").unwrap().stdout_str(), touched);
+    assert_eq!(clones[1].commands().run("sum").unwrap().stdout_str(), touched);
+    assert_eq!(clones[1].commands().run("count").unwrap().stdout_str(), "7\n");
+    assert_eq!(clones[2].commands().run("count").unwrap().stdout_str(), "7\n");
     assert_ne!(changed, touched);
 
     // Each clone read all 4 MiB of touched pages, yet they are shared: 100 clones map them
@@ -112,8 +112,8 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     assert!(engine.templates().unwrap().is_empty());
     // The paused clone does not depend on the deleted template.
     clones[1].resume().unwrap();
-    assert_eq!(clones[1].commands().run("count").unwrap().stdout, "8\n");
-    assert_eq!(clones[1].commands().run("sum").unwrap().stdout, touched);
+    assert_eq!(clones[1].commands().run("count").unwrap().stdout_str(), "8\n");
+    assert_eq!(clones[1].commands().run("sum").unwrap().stdout_str(), touched);
     assert!(matches!(
         engine.create(CapsuleConfig::new("warm")),
         Err(Error::InvalidConfig(_))

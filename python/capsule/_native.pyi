@@ -193,7 +193,12 @@ class CommandResult:
 
     @property
     def exit_code(self) -> int:
-        """Exit code; 127 for an unknown command."""
+        """Exit code; 127 for an unknown command; minus the signal's number for a command
+        a signal killed (as Python's ``subprocess`` reports it)."""
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that killed the command, if one did."""
 
     @property
     def duration(self) -> float:

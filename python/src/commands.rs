@@ -71,9 +71,13 @@ pub(crate) struct CommandResult {
     /// Standard error (invalid UTF-8 replaced).
     #[pyo3(get)]
     stderr: String,
-    /// Exit code; 127 for an unknown command.
+    /// Exit code; 127 for an unknown command; minus the signal's number for a command a
+    /// signal killed (as Python's `subprocess` reports it).
     #[pyo3(get)]
     exit_code: i32,
+    /// The signal that killed the command, if one did.
+    #[pyo3(get)]
+    signal: Option<i32>,
     /// Seconds from sending the command to receiving its result, as the engine measured it.
     #[pyo3(get)]
     duration: f64,
@@ -88,9 +92,14 @@ pub(crate) struct CommandResult {
 impl From<capsule::CommandOutput> for CommandResult {
     fn from(out: capsule::CommandOutput) -> Self {
         CommandResult {
-            stdout: out.stdout,
-            stderr: out.stderr,
-            exit_code: out.exit_code,
+            stdout: out.stdout_str().into_owned(),
+            stderr: out.stderr_str().into_owned(),
+            exit_code: match (out.exit_code, out.signal) {
+                (Some(code), _) => code,
+                (None, Some(signal)) => -signal.number(),
+                (None, None) => -1,
+            },
+            signal: out.signal.map(|s| s.number()),
             duration: out.duration.as_secs_f64(),
             stdout_truncated: out.stdout_truncated,
             stderr_truncated: out.stderr_truncated,

@@ -767,11 +767,13 @@ impl Soak {
         for _ in 0..3 {
             let cap = &self.caps[i];
             match cap.handle.commands().run(command) {
-                Ok(out) if out.exit_code == 0 => return Ok(out.stdout.trim_end().to_owned()),
+                Ok(out) if out.success() => return Ok(out.stdout_str().trim_end().to_owned()),
                 Ok(out) => {
                     return Err(violation(format!(
-                        "{command:?} in {} exited {}: {}",
-                        cap.id, out.exit_code, out.stderr
+                        "{command:?} in {} exited {:?}: {}",
+                        cap.id,
+                        out.exit_code,
+                        out.stderr_str()
                     )))
                 }
                 // Legal for a capsule with a timeout: auto-paused behind our back (or right

@@ -17,6 +17,10 @@ pub struct Host {
     dec: FrameDecoder,
     pub hello: Hello,
     agent: Option<JoinHandle<Result<ServeOutcome, ServeError>>>,
+    /// Whether [`Host::collect`] gives back the window of every output chunk
+    /// it takes (a host that keeps up); off, streamed output stops after
+    /// [`STREAM_WINDOW`] bytes.
+    pub auto_credit: bool,
 }
 
 /// Everything one request produced.
@@ -51,7 +55,8 @@ impl Reply {
             Message::Pong(_)
             | Message::Ack
             | Message::FileData { .. }
-            | Message::DirListing { .. } => return true,
+            | Message::DirListing { .. }
+            | Message::ProcessList(_) => return true,
             _ => {}
         }
         false
@@ -88,6 +93,7 @@ impl Host {
                 capabilities: 0,
             },
             agent: Some(handle),
+            auto_credit: true,
         };
         let f = h.recv();
         assert_eq!(f.id, CONTROL_ID);
@@ -130,12 +136,38 @@ impl Host {
         }
     }
 
+    /// The next frame if one comes within `wait`.
+    pub fn try_recv_within(&mut self, wait: Duration) -> Option<Frame> {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = [0u8; 65536];
+        let frame = loop {
+            if let Some(f) = self.dec.next_frame().expect("agent sent a bad frame") {
+                break Some(f);
+            }
+            match self.sock.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => self.dec.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break None,
+            }
+        };
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        frame
+    }
+
     /// Reads frames until every id in `ids` has finished.
     pub fn collect(&mut self, ids: &[u32]) -> HashMap<u32, Reply> {
         let mut replies: HashMap<u32, Reply> = HashMap::new();
         let mut open: Vec<u32> = ids.to_vec();
         while !open.is_empty() {
             let f = self.recv();
+            if let (true, Message::Stdout(d) | Message::Stderr(d)) = (self.auto_credit, &f.message)
+            {
+                let bytes = d.len() as u32;
+                self.send(f.id, &Message::Credit { bytes });
+            }
             let done = replies.entry(f.id).or_default().add(f.message);
             if done {
                 open.retain(|&i| i != f.id);
@@ -162,6 +194,57 @@ impl Host {
 
     pub fn run(&mut self, id: u32, req: RunRequest) -> Reply {
         self.request(id, &Message::Run(req))
+    }
+
+    /// The next frame of request `id`, skipping (and returning the window of)
+    /// frames of other requests.
+    pub fn recv_for(&mut self, id: u32) -> Message {
+        loop {
+            let f = self.recv();
+            if f.id == id {
+                return f.message;
+            }
+            if let (true, Message::Stdout(d) | Message::Stderr(d)) = (self.auto_credit, &f.message)
+            {
+                let bytes = d.len() as u32;
+                self.send(f.id, &Message::Credit { bytes });
+            }
+        }
+    }
+
+    /// The processes the agent lists.
+    pub fn list(&mut self, id: u32) -> Vec<ProcessEntry> {
+        match self.request(id, &Message::ListProcesses).frames.pop() {
+            Some(Message::ProcessList(list)) => list,
+            other => panic!("expected a process list, got {other:?}"),
+        }
+    }
+
+    /// Reads frames of `id` until `want` appears in its stdout; returns the
+    /// stdout so far. Credits every chunk.
+    pub fn read_until(&mut self, id: u32, want: &str) -> String {
+        let mut out = Vec::new();
+        loop {
+            match self.recv_for(id) {
+                Message::Stdout(d) => {
+                    self.send(
+                        id,
+                        &Message::Credit {
+                            bytes: d.len() as u32,
+                        },
+                    );
+                    out.extend(d);
+                    if String::from_utf8_lossy(&out).contains(want) {
+                        return String::from_utf8_lossy(&out).into_owned();
+                    }
+                }
+                Message::Stderr(_) | Message::Started { .. } => {}
+                other => panic!(
+                    "waiting for {want:?} in {:?}, got {other:?}",
+                    String::from_utf8_lossy(&out)
+                ),
+            }
+        }
     }
 
     /// Closes the host side and returns how `serve` ended.

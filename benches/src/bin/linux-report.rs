@@ -215,8 +215,8 @@ fn exec_roundtrips(capsule: &capsule::Capsule, n: usize) -> Result<Vec<f64>> {
         let t = Instant::now();
         let out = commands.run("true")?;
         exec.push(micros(t.elapsed()));
-        if out.exit_code != 0 {
-            return Err(format!("`true` exited {} in the guest", out.exit_code).into());
+        if !out.success() {
+            return Err(format!("`true` exited {:?} in the guest", out.exit_code).into());
         }
     }
     Ok(exec)
@@ -270,7 +270,7 @@ fn print_boot_breakdown(capsule: &capsule::Capsule, took: Duration) {
         capsule
             .commands()
             .run(cmd)
-            .map(|o| o.stdout)
+            .map(|o| o.stdout_str().into_owned())
             .unwrap_or_default()
     };
     let uptime: Option<f64> = run("cat /proc/uptime")
@@ -309,7 +309,7 @@ fn print_guest_diagnostics(capsule: &capsule::Capsule) {
     for cmd in ["cat /proc/uptime", "dmesg"] {
         match capsule.commands().run(cmd) {
             Ok(out) => {
-                for line in out.stdout.lines() {
+                for line in out.stdout_str().lines() {
                     eprintln!("linux-report: guest `{cmd}`: {line}");
                 }
             }

@@ -92,7 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let out = commands.run("echo hi")?;
             echo.push(micros(t.elapsed()));
-            assert_eq!(out.stdout, "hi\n");
+            assert_eq!(out.stdout, b"hi\n");
         }
         println!("{}", json_line("echo_roundtrip", "us", summarize(&echo)));
         capsule.destroy()?;
@@ -184,7 +184,7 @@ fn pauses(engine: &Engine, capsule: &capsule::Capsule) -> Result<(), Box<dyn std
     for (mib, n) in [(0u64, 200), (1, 100), (16, 30), (256, 8)] {
         let mut pause = Vec::new();
         for _ in 0..n {
-            capsule.commands().run(&format!("touch {}", mib * 256))?;
+            capsule.commands().run(format!("touch {}", mib * 256))?;
             if mib == 256 {
                 // Each timed write starts from a file system with nothing pending.
                 sync_file_system(data_dir)?;

@@ -3,11 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::handles::{CommandHandle, PtyHandle};
 use crate::capsule_core::CapsuleCore;
 use crate::config::RunOptions;
 use crate::engine_core::EngineCore;
 use crate::error::{Error, Result};
-use crate::model::{CapsuleId, CapsuleInfo, CommandOutput, Status, TemplateInfo};
+use crate::model::{
+    CapsuleId, CapsuleInfo, Command, CommandOutput, ProcessInfo, PtySize, Status, TemplateInfo,
+};
 use crate::{command, lifecycle};
 
 /// A handle to a capsule. Cheap to clone; every clone refers to the same capsule, and all are
@@ -69,9 +72,14 @@ impl Capsule {
         self.core.console_log()
     }
 
-    /// Runs commands in the capsule.
+    /// Runs commands in the capsule, and reaches the processes its guest runs.
     pub fn commands(&self) -> Commands<'_> {
         Commands { capsule: self }
+    }
+
+    /// Runs shells (or other commands) on pseudo-terminals in the capsule (Linux capsules).
+    pub fn pty(&self) -> Ptys<'_> {
+        Ptys { capsule: self }
     }
 
     /// Stops the capsule and releases everything it holds, its files on disk included.
@@ -95,7 +103,11 @@ impl Capsule {
     /// included (a Linux command may run for hours): a [`Commands::run`] blocked on a
     /// command at that moment returns at once with [`Error::InvalidState`] (status
     /// [`Status::Paused`]); the command's process is frozen with the rest and goes on after
-    /// [`Capsule::resume`], but its output no longer reaches that caller. The guest's
+    /// [`Capsule::resume`], but its output no longer reaches that caller. Handles of spawned
+    /// commands ([`CommandHandle`]) likewise report [`Error::ProcessDetached`]. Such
+    /// processes are listed by [`Commands::list`]; their output waits in the guest (one that
+    /// writes more than a pipe holds blocks) and their exit is kept, until
+    /// [`Commands::connect`] picks them up again after the resume. The guest's
     /// monotonic clocks do not count paused time (so neither does a command's timeout, which
     /// the guest's agent enforces), and its wall clock is set to the host's at every resume.
     ///
@@ -157,6 +169,12 @@ impl Capsule {
 }
 
 /// Runs commands in one capsule; see [`Capsule::commands`].
+///
+/// A command is a shell script (`&str`, `String`, [`Command::shell`]) or, in a Linux
+/// capsule, a program with arguments run without a shell ([`Command::exec`]). Run it to its
+/// end ([`Commands::run`], [`Commands::run_with`]) or start it and keep a handle
+/// ([`Commands::spawn`]); find the processes the guest's agent runs ([`Commands::list`]),
+/// take one over ([`Commands::connect`]) or kill it ([`Commands::kill`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Commands<'a> {
     capsule: &'a Capsule,
@@ -167,14 +185,100 @@ impl Commands<'_> {
     ///
     /// For the probe template the commands are `echo TEXT`, `exit N`, `count`, `touch N`,
     /// `sum`, `spin N` and `crash`; see the crate docs.
-    pub fn run(&self, command: &str) -> Result<CommandOutput> {
+    pub fn run(&self, command: impl Into<Command>) -> Result<CommandOutput> {
         self.run_with(command, RunOptions::default())
     }
 
-    /// Runs `command` with `options`. A command that outlives its timeout is killed and
-    /// [`Error::Timeout`] ([`crate::TimeoutKind::Command`]) returned; the capsule stays
-    /// usable. If the guest crashes meanwhile the result is [`Error::GuestCrashed`].
-    pub fn run_with(&self, command: &str, options: RunOptions) -> Result<CommandOutput> {
-        command::run(&self.capsule.core, command, &options)
+    /// Runs `command` with `options` and returns its result. A command that outlives its
+    /// timeout (default 30 s) is killed and [`Error::Timeout`]
+    /// ([`crate::TimeoutKind::Command`]) returned; the capsule stays usable. If the guest
+    /// crashes meanwhile the result is [`Error::GuestCrashed`]. Output callbacks
+    /// ([`RunOptions::on_stdout`]) see the output as it comes. Options the guest cannot honour
+    /// (the probe has no environment, directory, user or stdin) fail with
+    /// [`Error::Unsupported`]; a user the guest does not know is [`Error::InvalidArgument`].
+    pub fn run_with(
+        &self,
+        command: impl Into<Command>,
+        options: RunOptions,
+    ) -> Result<CommandOutput> {
+        command::run(&self.capsule.core, command.into(), &options)
+    }
+
+    /// Starts `command` with `options` and returns once it started, with a handle to it: its
+    /// pid, its stdin, signals, its output as it comes, and its end ([`CommandHandle`]).
+    ///
+    /// A spawned command has a stdin pipe (write with [`CommandHandle::write_stdin`], or give
+    /// [`RunOptions::stdin`] bytes, which are written and then the pipe closed), no timeout
+    /// unless [`RunOptions::timeout`] sets one, and counts as activity of the capsule (no
+    /// auto-pause) until it ends or its last handle is dropped. In the probe it runs on a
+    /// vCPU like [`Commands::run`] and its output arrives at its end; its pid is 0 and only
+    /// [`CommandHandle::kill`] controls it.
+    pub fn spawn(&self, command: impl Into<Command>, options: RunOptions) -> Result<CommandHandle> {
+        command::spawn(&self.capsule.core, command.into(), &options, None).map(CommandHandle::new)
+    }
+
+    /// The processes the guest's agent started (by [`Commands::run`], [`Commands::spawn`],
+    /// [`Ptys::create`], from any handle or engine) that it still tracks: those running, and
+    /// those that ended while no handle received their exit (after a pause, say), until a
+    /// [`Commands::connect`] takes it (the agent keeps the last 32 of those). Ordered by pid.
+    /// [`Error::Unsupported`] for the probe.
+    pub fn list(&self) -> Result<Vec<ProcessInfo>> {
+        command::list(&self.capsule.core)
+    }
+
+    /// A new handle to process `pid` (one of [`Commands::list`]): it receives the process's
+    /// output from now on and its exit; its stdin and signals act on the process. Output
+    /// the process wrote while no handle received it waits in the guest (the process blocks
+    /// once its pipe is full), so nothing is lost between a pause and this call. Any other
+    /// handle to the process is detached ([`Error::ProcessDetached`]). The process's own
+    /// timeout, if it had one, still applies.
+    ///
+    /// Errors: [`Error::ProcessNotFound`] for a pid the agent does not track,
+    /// [`Error::Unsupported`] for the probe.
+    pub fn connect(&self, pid: u32) -> Result<CommandHandle> {
+        command::connect(&self.capsule.core, pid, false).map(CommandHandle::new)
+    }
+
+    /// Kills process `pid` (one of [`Commands::list`]): `SIGKILL` to its whole process group.
+    /// A handle to it reports the kill; without one, this waits until the process ended.
+    ///
+    /// Errors: [`Error::ProcessNotFound`], [`Error::Unsupported`] for the probe.
+    pub fn kill(&self, pid: u32) -> Result<()> {
+        command::kill(&self.capsule.core, pid)
+    }
+}
+
+/// Runs commands on pseudo-terminals in one capsule; see [`Capsule::pty`]. Linux capsules
+/// only ([`Error::Unsupported`] for the probe).
+#[derive(Debug, Clone, Copy)]
+pub struct Ptys<'a> {
+    capsule: &'a Capsule,
+}
+
+/// The shell [`Ptys::create`] runs: an interactive `/bin/sh`.
+const PTY_SHELL: &str = "/bin/sh";
+
+impl Ptys<'_> {
+    /// Starts an interactive shell (`/bin/sh -i`) on a new terminal of `size`, with
+    /// `options` (environment, directory, user, timeout: none unless set; `TERM` is
+    /// `xterm-256color` unless set), and returns once it started.
+    pub fn create(&self, size: PtySize, options: RunOptions) -> Result<PtyHandle> {
+        self.create_with(Command::exec(PTY_SHELL, ["-i"]), size, options)
+    }
+
+    /// Runs `command` on a new terminal of `size` (a full-screen program, a REPL...).
+    pub fn create_with(
+        &self,
+        command: impl Into<Command>,
+        size: PtySize,
+        options: RunOptions,
+    ) -> Result<PtyHandle> {
+        command::spawn(&self.capsule.core, command.into(), &options, Some(size)).map(PtyHandle::new)
+    }
+
+    /// A new handle to the terminal session led by process `pid` (after a pause, say); see
+    /// [`Commands::connect`].
+    pub fn connect(&self, pid: u32) -> Result<PtyHandle> {
+        command::connect(&self.capsule.core, pid, true).map(PtyHandle::new)
     }
 }

@@ -26,7 +26,7 @@ use crate::{host_limits, idle_watch, lifecycle, recovery};
 /// let engine = Engine::new(EngineConfig::default())?;
 /// let capsule = engine.create(CapsuleConfig::new("probe"))?;
 /// let out = capsule.commands().run("echo hello")?;
-/// assert_eq!(out.stdout, "hello\n");
+/// assert_eq!(out.stdout_str(), "hello\n");
 /// capsule.destroy()?;
 /// # Ok(()) }
 /// ```

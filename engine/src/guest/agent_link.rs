@@ -24,8 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::sync::{lock, wait};
 use capsule_agent_protocol::{
-    encode, ExitInfo, FrameDecoder, Hello, Message, RunRequest, SyncRequest, CONTROL_ID,
-    PROTOCOL_VERSION,
+    encode, ErrorInfo, ExitInfo, FrameDecoder, Hello, Message, ProcessEntry, RunRequest,
+    SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 
 /// Why a request over the link failed.
@@ -37,6 +37,8 @@ pub(crate) enum LinkError {
     Timeout,
     /// The agent refused or could not do the request.
     Agent(String),
+    /// The agent ended the request with this error (its code says why).
+    Refused(ErrorInfo),
     /// The agent broke the protocol.
     Protocol(String),
 }
@@ -47,6 +49,7 @@ impl std::fmt::Display for LinkError {
             LinkError::Closed(why) => write!(f, "the agent connection closed: {why}"),
             LinkError::Timeout => f.write_str("the agent did not answer in time"),
             LinkError::Agent(why) => write!(f, "the agent reported: {why}"),
+            LinkError::Refused(e) => write!(f, "the agent reported: {}", e.message),
             LinkError::Protocol(why) => write!(f, "the agent broke the protocol: {why}"),
         }
     }
@@ -78,6 +81,8 @@ pub(crate) struct AgentLink {
     next_id: AtomicU32,
     closed: Arc<AtomicBool>,
     hello: Hello,
+    /// For each process whose output a request of this link receives: that request's id.
+    receivers: Mutex<HashMap<u32, u32>>,
 }
 
 /// Holds an [`AgentLink`]'s writes until dropped.
@@ -167,6 +172,7 @@ impl AgentLink {
             next_id: AtomicU32::new(next_id.max(1)),
             closed,
             hello,
+            receivers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -256,21 +262,79 @@ impl AgentLink {
         }
     }
 
-    /// Runs a command and waits for its exit. `timeout` bounds the wait on the host side; the
-    /// agent enforces `request.timeout_ms` itself (killing the process group).
+    /// Sends `data` as the stdin of request `id` (in frames of at most [`MAX_CHUNK_LEN`]
+    /// bytes), then, if `close`, closes it.
+    pub(crate) fn send_stdin(&self, id: u32, data: &[u8], close: bool) -> Result<(), LinkError> {
+        for chunk in data.chunks(MAX_CHUNK_LEN) {
+            self.send(&Message::Stdin(chunk.to_vec()), id)?;
+        }
+        if close {
+            self.send(&Message::CloseStdin, id)?;
+        }
+        Ok(())
+    }
+
+    /// Notes that request `id` receives the output of process `pid`.
+    pub(crate) fn note_receiver(&self, pid: u32, id: u32) {
+        lock(&self.receivers).insert(pid, id);
+    }
+
+    /// Forgets that request `id` receives the output of `pid` (if it still does).
+    pub(crate) fn forget_receiver(&self, pid: u32, id: u32) {
+        let mut receivers = lock(&self.receivers);
+        if receivers.get(&pid) == Some(&id) {
+            receivers.remove(&pid);
+        }
+    }
+
+    /// The request of this link that receives the output of `pid`, if one does.
+    pub(crate) fn receiver_of(&self, pid: u32) -> Option<u32> {
+        lock(&self.receivers).get(&pid).copied()
+    }
+
+    /// The processes the agent tracks (`ListProcesses`), waiting up to `timeout`.
+    pub(crate) fn list_processes(&self, timeout: Duration) -> Result<Vec<ProcessEntry>, LinkError> {
+        let (id, replies) = self.open_request()?;
+        let result = self.send(&Message::ListProcesses, id).and_then(|()| {
+            let deadline = Some(Instant::now() + timeout);
+            loop {
+                match Self::next_reply(&replies, deadline)? {
+                    Message::ProcessList(list) => return Ok(list),
+                    Message::Error(e) if e.code.ends_request() => {
+                        return Err(LinkError::Refused(e))
+                    }
+                    _ => {}
+                }
+            }
+        });
+        self.close_request(id);
+        result
+    }
+
+    /// Runs a command and waits for its exit, feeding it `stdin` (then closing it) if given.
+    /// `timeout` bounds the wait on the host side; the agent enforces `request.timeout_ms`
+    /// itself (killing the process group).
     pub(crate) fn run(
         &self,
         request: RunRequest,
+        stdin: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<ExitInfo, LinkError> {
         let (id, replies) = self.open_request()?;
-        let result = self.send(&Message::Run(request), id).and_then(|()| {
-            let deadline = timeout.map(|t| Instant::now() + t);
+        let sent = self
+            .send(&Message::Run(request), id)
+            .and_then(|()| match stdin {
+                Some(data) => self.send_stdin(id, data, true),
+                None => Ok(()),
+            });
+        let result = sent.and_then(|()| {
+            // A wait beyond what the clock can say is no deadline.
+            let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             loop {
                 match Self::next_reply(&replies, deadline)? {
                     Message::Exit(exit) => return Ok(exit),
                     Message::Error(e) if e.code.ends_request() => {
-                        return Err(LinkError::Agent(e.message))
+                        return Err(LinkError::Refused(e))
                     }
                     // Started, advisory errors, streamed chunks (not requested): keep waiting.
                     _ => {}
@@ -385,14 +449,26 @@ fn read_loop(
 /// tests of this module and of the Linux runtime).
 #[cfg(test)]
 pub(crate) fn real_agent() -> Arc<AgentLink> {
+    real_agent_with(capsule_agent::ServeConfig::default()).0
+}
+
+/// [`real_agent`] with the agent's `config`; also returns the host's end of the socket, whose
+/// shutdown ends the connection (as a paused guest's link ends).
+#[cfg(test)]
+pub(crate) fn real_agent_with(
+    config: capsule_agent::ServeConfig,
+) -> (Arc<AgentLink>, std::os::unix::net::UnixStream) {
     use std::os::unix::net::UnixStream;
     let (host, guest) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
         let reader = guest.try_clone().unwrap();
-        let _ = capsule_agent::serve(reader, guest, &capsule_agent::ServeConfig::default());
+        let _ = capsule_agent::serve(reader, guest, &config);
     });
     let reader = host.try_clone().unwrap();
-    AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap()
+    let end = host.try_clone().unwrap();
+    let link =
+        AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+    (link, end)
 }
 
 #[cfg(test)]
@@ -409,7 +485,7 @@ mod tests {
         let link = agent();
         assert_eq!(link.hello().protocol_version, PROTOCOL_VERSION);
         let exit = link
-            .run(RunRequest::shell("echo hi; exit 3"), None)
+            .run(RunRequest::shell("echo hi; exit 3"), None, None)
             .unwrap();
         assert_eq!(exit.stdout, b"hi\n");
         assert_eq!(exit.status, capsule_agent_protocol::ExitStatus::Code(3));
@@ -423,7 +499,11 @@ mod tests {
                 let link = link.clone();
                 std::thread::spawn(move || {
                     let exit = link
-                        .run(RunRequest::shell(format!("sleep 0.1; echo {i}")), None)
+                        .run(
+                            RunRequest::shell(format!("sleep 0.1; echo {i}")),
+                            None,
+                            None,
+                        )
                         .unwrap();
                     assert_eq!(exit.stdout, format!("{i}\n").into_bytes());
                 })
@@ -441,13 +521,14 @@ mod tests {
         assert_eq!(
             link.run(
                 RunRequest::shell("sleep 5"),
+                None,
                 Some(Duration::from_millis(100))
             ),
             Err(LinkError::Timeout)
         );
         assert!(started.elapsed() < Duration::from_secs(4));
         assert_eq!(
-            link.run(RunRequest::shell("echo after"), None)
+            link.run(RunRequest::shell("echo after"), None, None)
                 .unwrap()
                 .stdout,
             b"after\n"
@@ -473,7 +554,11 @@ mod tests {
         let link =
             AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
         assert!(matches!(
-            link.run(RunRequest::shell("true"), Some(Duration::from_secs(5))),
+            link.run(
+                RunRequest::shell("true"),
+                None,
+                Some(Duration::from_secs(5))
+            ),
             Err(LinkError::Closed(_))
         ));
         assert!(link.is_closed());

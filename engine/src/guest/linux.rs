@@ -20,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{select, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use capsule_agent_protocol::{ExitStatus, Hello, RunRequest, SyncRequest};
+use capsule_agent_protocol::{
+    ErrorCode, ErrorInfo, ExitInfo, ExitStatus, Hello, RunRequest, SyncRequest, MAX_BUFFERED_OUTPUT,
+};
 use capsule_devices::serial::SerialLog;
 use capsule_devices::Bus;
 use capsule_snapshot::bitmap::PageBitmap;
@@ -37,8 +39,9 @@ use super::{
     BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryImage, MemoryOrigin,
     Resources, Runtime,
 };
+use crate::config::RunOptions;
 use crate::error::{Error, Result, TimeoutKind};
-use crate::model::{CapsuleId, CommandOutput, GuestKind};
+use crate::model::{CapsuleId, Command, CommandOutput, GuestKind, PtySize, Signal};
 use crate::pool::{FileStamp, Shell, ShellShape};
 use crate::sync::lock;
 
@@ -683,39 +686,121 @@ impl Drop for LinuxRuntime {
     }
 }
 
-/// Runs one command through the agent and answers the job.
+/// How a [`RunRequest`] is to run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunMode {
+    /// Killed by the agent after this long.
+    pub(crate) timeout: Option<Duration>,
+    /// Output as chunks (flow-controlled, no limit) rather than in the `Exit`.
+    pub(crate) streamed: bool,
+    /// A stdin pipe (otherwise `/dev/null`, unless the options give stdin bytes).
+    pub(crate) stdin_pipe: bool,
+    /// On a terminal of this size.
+    pub(crate) pty: Option<PtySize>,
+}
+
+/// The agent request that runs `command` with `options` as `mode` says.
+pub(crate) fn run_request(command: &Command, options: &RunOptions, mode: RunMode) -> RunRequest {
+    let command = match command {
+        Command::Shell(script) => capsule_agent_protocol::Command::Shell(script.clone()),
+        Command::Exec { program, args } => capsule_agent_protocol::Command::Exec {
+            program: program.clone(),
+            args: args.clone(),
+        },
+    };
+    let limit = if mode.streamed {
+        u32::MAX
+    } else {
+        u32::try_from(options.output_limit)
+            .unwrap_or(u32::MAX)
+            .min(MAX_BUFFERED_OUTPUT)
+    };
+    RunRequest {
+        command,
+        env: options.envs.clone(),
+        clear_env: options.clear_env,
+        cwd: options.cwd.clone(),
+        timeout_ms: mode.timeout.map_or(0, |t| {
+            u64::try_from(t.as_millis().max(1)).unwrap_or(u64::MAX)
+        }),
+        stdout_limit: limit,
+        stderr_limit: limit,
+        stream: mode.streamed,
+        stdin: mode.stdin_pipe || options.stdin.is_some(),
+        user: options.user.clone(),
+        pty: mode.pty.map(super::window_size),
+    }
+}
+
+/// What a finished command reports, from its `Exit` and the output kept of it.
+pub(crate) fn command_output(exit: &ExitInfo, stdout: Vec<u8>, stderr: Vec<u8>) -> CommandOutput {
+    let (exit_code, signal) = match exit.status {
+        ExitStatus::Code(code) => (Some(code), None),
+        ExitStatus::Signal(sig) => (None, Signal::new(sig)),
+    };
+    CommandOutput {
+        stdout,
+        stderr,
+        exit_code,
+        signal,
+        duration: Duration::from_micros(exit.duration_us),
+        stdout_truncated: exit.stdout_truncated,
+        stderr_truncated: exit.stderr_truncated,
+    }
+}
+
+/// The error for an agent's `Error` that ended a request about process `pid` (if known).
+pub(crate) fn agent_error(id: &CapsuleId, error: &ErrorInfo, pid: Option<u32>) -> Error {
+    match (error.code, pid) {
+        (ErrorCode::UNKNOWN_USER, _) => Error::InvalidArgument(error.message.clone()),
+        (ErrorCode::NO_SUCH_PROCESS, Some(pid)) => Error::ProcessNotFound {
+            id: id.clone(),
+            pid,
+        },
+        (ErrorCode::DETACHED, Some(pid)) => Error::ProcessDetached {
+            id: id.clone(),
+            pid,
+            reason: "another handle connected to the process".into(),
+        },
+        _ => Error::Agent {
+            id: id.clone(),
+            reason: format!("the agent reported: {}", error.message),
+        },
+    }
+}
+
+/// Runs one command through the agent (its output collected by the agent and sent at the
+/// end) and answers the job.
 fn run_job(link: &AgentLink, id: &CapsuleId, job: Job, grace: Duration) {
-    let mut request = RunRequest::shell(String::from_utf8_lossy(&job.command).into_owned());
-    request.env = job.options.envs.clone();
-    request.cwd = job.options.cwd.clone();
-    request.timeout_ms = job
-        .options
-        .timeout
-        .map_or(0, |t| t.as_millis().max(1) as u64);
+    let timeout = job.options.run_timeout();
+    let mode = RunMode {
+        timeout,
+        streamed: false,
+        stdin_pipe: false,
+        pty: None,
+    };
+    let request = run_request(&job.command, &job.options, mode);
     // The agent enforces the timeout (killing the process group); the host waits a little
     // longer for its answer.
-    let host_wait = job.options.timeout.map(|t| t + grace);
-    let result = match link.run(request, host_wait) {
+    let host_wait = timeout.map(|t| t.saturating_add(grace));
+    let result = match link.run(request, job.options.stdin.as_deref(), host_wait) {
         Ok(exit) if exit.timed_out => Err(Error::Timeout {
             kind: TimeoutKind::Command,
-            after: job.options.timeout.unwrap_or_default(),
+            after: timeout.unwrap_or_default(),
         }),
-        Ok(exit) => Ok(CommandOutput {
-            stdout: String::from_utf8_lossy(&exit.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&exit.stderr).into_owned(),
-            exit_code: match exit.status {
-                ExitStatus::Code(code) => code,
-                ExitStatus::Signal(sig) => 128 + sig,
-            },
-            duration: Duration::from_micros(exit.duration_us),
-            stdout_truncated: exit.stdout_truncated,
-            stderr_truncated: exit.stderr_truncated,
-        }),
+        Ok(mut exit) => {
+            let (stdout, stderr) = (
+                std::mem::take(&mut exit.stdout),
+                std::mem::take(&mut exit.stderr),
+            );
+            Ok(command_output(&exit, stdout, stderr))
+        }
         Err(LinkError::Timeout) => Err(Error::Timeout {
             kind: TimeoutKind::Command,
-            after: job.options.timeout.unwrap_or_default(),
+            after: timeout.unwrap_or_default(),
         }),
         Err(LinkError::Closed(_)) => return, // the guest went away: the caller sees the state
+        Err(LinkError::Refused(e)) => Err(agent_error(id, &e, None)),
         Err(e @ (LinkError::Agent(_) | LinkError::Protocol(_))) => Err(Error::Agent {
             id: id.clone(),
             reason: e.to_string(),
@@ -727,7 +812,6 @@ fn run_job(link: &AgentLink, id: &CapsuleId, job: Job, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RunOptions;
     use crate::guest::{agent_link, JobControl};
 
     /// Runs `command` with `options` through `run_job` against the real agent.
@@ -735,7 +819,7 @@ mod tests {
         let link = agent_link::real_agent();
         let (reply, result) = crossbeam_channel::bounded(1);
         let job = Job {
-            command: command.as_bytes().to_vec(),
+            command: command.into(),
             reply,
             control: Arc::new(JobControl::default()),
             options,
@@ -748,7 +832,7 @@ mod tests {
     #[test]
     fn commands_run_and_an_agent_refusal_is_an_agent_error() {
         let out = run("echo hi; exit 3", RunOptions::new()).unwrap();
-        assert_eq!((out.stdout.as_str(), out.exit_code), ("hi\n", 3));
+        assert_eq!((&*out.stdout_str(), out.exit_code), ("hi\n", Some(3)));
         match run("true", RunOptions::new().cwd("/no/such/directory")) {
             Err(Error::Agent { id, reason }) => {
                 assert_eq!(id.as_str(), "cl-test");

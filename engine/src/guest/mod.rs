@@ -34,7 +34,7 @@ use crate::config::RunOptions;
 #[cfg(feature = "testing")]
 use crate::error::Error;
 use crate::error::Result;
-use crate::model::{CapsuleId, CommandOutput, GuestKind};
+use crate::model::{CapsuleId, Command, CommandOutput, GuestKind, PtySize};
 use crate::pool::ShellPool;
 use crate::sync::lock;
 
@@ -158,9 +158,18 @@ pub(crate) trait GuestEvents: Send + Sync {
 /// A running guest, as the engine drives it.
 pub(crate) trait Runtime: Send + Sync {
     /// Queues a command; the job comes back if the guest is no longer taking work.
+    // The job is returned to the caller that built it, once, on a path that already failed:
+    // boxing it would cost an allocation on every command instead.
+    #[allow(clippy::result_large_err)]
     fn submit(&self, job: Job) -> std::result::Result<(), Job>;
     /// The longest command line the guest accepts, in bytes.
     fn max_command_len(&self) -> usize;
+    /// Refuses, with [`crate::Error::Unsupported`], a command this guest cannot run as asked
+    /// (on a terminal when `pty` is set), rather than running it without what it asked for.
+    fn check_run(&self, command: &Command, options: &RunOptions, pty: bool) -> Result<()> {
+        let _ = (command, options, pty);
+        Ok(())
+    }
     /// Stops every vCPU between commands (waiting for running ones to finish) and returns
     /// the machine's state; the vCPUs stay stopped until the result is dropped.
     fn freeze(&self) -> Result<Frozen>;
@@ -171,7 +180,6 @@ pub(crate) trait Runtime: Send + Sync {
     /// The link to the guest's agent, for requests beyond plain commands (streams, stdin,
     /// signals, files); `None` for a guest without an agent (the probe). A link lasts as long
     /// as this runtime: after a pause and resume the capsule has a new one.
-    #[allow(dead_code)] // used by the guest I/O API (issue #9), being built
     fn agent(&self) -> Option<Arc<agent_link::AgentLink>> {
         None
     }
@@ -191,14 +199,22 @@ pub(crate) trait Runtime: Send + Sync {
 
 /// One command on its way to the guest.
 pub(crate) struct Job {
-    /// The command line.
-    pub(crate) command: Vec<u8>,
+    /// What to run.
+    pub(crate) command: Command,
     /// Where the result goes; dropped unanswered if the capsule stops first.
     pub(crate) reply: Sender<Result<CommandOutput>>,
     /// Lets the caller cancel it (after a timeout).
     pub(crate) control: Arc<JobControl>,
-    /// Timeout, environment, working directory.
+    /// Timeout, environment, working directory...
     pub(crate) options: RunOptions,
+}
+
+/// The size of a terminal as the agent protocol has it.
+pub(crate) fn window_size(size: PtySize) -> capsule_agent_protocol::WindowSize {
+    capsule_agent_protocol::WindowSize {
+        rows: size.rows,
+        cols: size.cols,
+    }
 }
 
 /// Cancellation shared by a job's caller and the vCPU that runs it.

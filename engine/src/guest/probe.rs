@@ -23,8 +23,9 @@ use super::{
     BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryImage, MemoryOrigin,
     Resources, Runtime,
 };
+use crate::config::RunOptions;
 use crate::error::{Error, Result};
-use crate::model::{CapsuleId, CommandOutput};
+use crate::model::{CapsuleId, Command, CommandOutput};
 use crate::pool::{BackingId, ShellShape};
 use crate::sync::lock;
 
@@ -285,6 +286,14 @@ impl Runtime for ProbeRuntime {
         probe_abi::REQUEST_MAX
     }
 
+    fn check_run(&self, command: &Command, options: &RunOptions, pty: bool) -> Result<()> {
+        unsupported(command, options, pty).map_or(Ok(()), |what| {
+            Err(Error::Unsupported(format!(
+                "the probe guest has {what}: it runs its own verbs only (see the crate docs)"
+            )))
+        })
+    }
+
     fn freeze(&self) -> Result<Frozen> {
         let (thaw_tx, thaw_rx) = crossbeam_channel::bounded::<()>(0);
         let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
@@ -351,9 +360,30 @@ impl Drop for ProbeRuntime {
     }
 }
 
+/// What a command asks for that the probe does not have, if anything.
+fn unsupported(command: &Command, options: &RunOptions, pty: bool) -> Option<&'static str> {
+    Some(if matches!(command, Command::Exec { .. }) {
+        "no programs to exec (use the verb line form)"
+    } else if !options.envs.is_empty() || options.clear_env {
+        "no environment"
+    } else if options.cwd.is_some() {
+        "no working directory"
+    } else if options.user.is_some() {
+        "no users"
+    } else if options.stdin.is_some() {
+        "no stdin"
+    } else if pty {
+        "no terminals"
+    } else {
+        return None;
+    })
+}
+
 /// How one command ended, from the vCPU's side.
 enum Outcome {
     Replied(CommandOutput),
+    /// It was not run: why.
+    Refused(Error),
     Cancelled,
     Stopped,
     Crashed(String),
@@ -419,6 +449,9 @@ impl VcpuWorker {
             match self.run_job(&job) {
                 Outcome::Replied(output) => {
                     let _ = job.reply.send(Ok(output));
+                }
+                Outcome::Refused(e) => {
+                    let _ = job.reply.send(Err(e));
                 }
                 Outcome::Cancelled => {
                     // Kill the command: restart the vCPU at its entry point with a fresh stack.
@@ -486,9 +519,14 @@ impl VcpuWorker {
     }
 
     fn run_job(&mut self, job: &Job) -> Outcome {
+        let Command::Shell(line) = &job.command else {
+            return Outcome::Refused(Error::Unsupported(
+                "the probe guest has no programs to exec".into(),
+            ));
+        };
         self.seq = self.seq.wrapping_add(1);
         let started = Instant::now();
-        if let Err(reason) = self.write_request(&job.command) {
+        if let Err(reason) = self.write_request(line.as_bytes()) {
             return Outcome::Crashed(reason);
         }
         loop {
@@ -557,13 +595,14 @@ impl VcpuWorker {
             let mut bytes = vec![0u8; len as usize];
             memory
                 .read_slice(&mut bytes, GuestAddress(mailbox + offset as u64))
-                .map(|()| String::from_utf8_lossy(&bytes).into_owned())
+                .map(|()| bytes)
                 .map_err(|e| format!("reading the reply: {e}"))
         };
         Ok(CommandOutput {
             stdout: read_area(probe_abi::STDOUT_OFFSET, header.stdout_len)?,
             stderr: read_area(probe_abi::STDERR_OFFSET, header.stderr_len)?,
-            exit_code: header.exit_code,
+            exit_code: Some(header.exit_code),
+            signal: None,
             duration: std::time::Duration::ZERO,
             stdout_truncated: header.flags & probe_abi::FLAG_STDOUT_TRUNCATED != 0,
             stderr_truncated: header.flags & probe_abi::FLAG_STDERR_TRUNCATED != 0,

@@ -5,11 +5,13 @@
 pub(crate) mod id;
 pub(crate) mod info;
 pub(crate) mod output;
+pub(crate) mod process;
 pub(crate) mod record;
 pub(crate) mod status;
 
 pub use id::{CapsuleId, InvalidId};
 pub use info::{CapsuleInfo, TemplateInfo};
-pub use output::CommandOutput;
+pub use output::{CommandOutput, Output};
+pub use process::{Command, ProcessInfo, PtySize, Signal};
 pub(crate) use record::GuestKind;
 pub use status::{ParseStatusError, Status};

@@ -129,8 +129,8 @@ impl Kind {
         let out = self
             .run(c, command)
             .unwrap_or_else(|e| panic!("{command}: {e}"));
-        assert_eq!(out.exit_code, 0, "{command}: {out:?}");
-        out.stdout
+        assert_eq!(out.exit_code, Some(0), "{command}: {out:?}");
+        out.stdout_str().into_owned()
     }
 
     /// Increments a counter kept in the guest (memory for the probe, a file in tmpfs for

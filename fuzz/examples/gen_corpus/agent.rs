@@ -3,7 +3,8 @@
 
 use capsule_agent_protocol::{
     caps, decode_frame, encode, Command, DirEntry, ErrorCode, ExitInfo, ExitStatus, FileType,
-    Hello, Message, RunRequest, SyncRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
+    Hello, Message, ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile, CONTROL_ID,
+    PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 use crate::Seed;
@@ -30,7 +31,7 @@ pub fn host_seeds() -> Result<Vec<Seed>, String> {
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "capsule-agent 0.1.0".into(),
-        capabilities: caps::RUN | caps::STREAM | caps::SYNC,
+        capabilities: caps::RUN | caps::STREAM | caps::SYNC | caps::PTY | caps::PROCESSES,
     });
     let killed = ExitInfo {
         timed_out: true,
@@ -116,6 +117,47 @@ pub fn host_seeds() -> Result<Vec<Seed>, String> {
                 (7, listing),
             ]),
         ),
+        Seed::new(
+            "process-list-and-attach",
+            frames(&[
+                (
+                    10,
+                    Message::ProcessList(vec![
+                        ProcessEntry {
+                            pid: 57,
+                            command: "python3 -m http.server".into(),
+                            started_at_unix_ms: 1_767_225_600_123,
+                        },
+                        ProcessEntry {
+                            pid: 91,
+                            command: "sleep 100".into(),
+                            started_at_unix_ms: 1_767_225_601_000,
+                        },
+                    ]),
+                ),
+                (
+                    4,
+                    Message::error(ErrorCode::DETACHED, "process 57 was attached elsewhere"),
+                ),
+                (11, Message::Started { pid: 57 }),
+                (11, Message::Stdout(b"GET / 200\n".to_vec())),
+                (11, Message::Exit(exit(ExitStatus::Signal(15), b"", b""))),
+                (
+                    12,
+                    Message::error(ErrorCode::NO_SUCH_PROCESS, "no process 4242"),
+                ),
+                (13, Message::error(ErrorCode::UNKNOWN_USER, "no user \"bob\"")),
+            ]),
+        ),
+        Seed::new(
+            "pty-session",
+            frames(&[
+                (14, Message::Started { pid: 120 }),
+                (14, Message::Stdout(b"\x1b[1;32m# \x1b[0m".to_vec())),
+                (14, Message::Stdout(b"stty size\r\n24 80\r\n".to_vec())),
+                (14, Message::Exit(exit(ExitStatus::Code(0), b"", b""))),
+            ]),
+        ),
     ])
 }
 
@@ -134,6 +176,21 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
         stderr_limit: 1024,
         stream: true,
         stdin: true,
+        user: None,
+        pty: None,
+    };
+    let pty = RunRequest {
+        command: Command::Exec {
+            program: "/bin/sh".into(),
+            args: vec!["-i".into()],
+        },
+        stream: true,
+        stdin: true,
+        stdout_limit: u32::MAX,
+        stderr_limit: u32::MAX,
+        user: Some("app".into()),
+        pty: Some(WindowSize { rows: 24, cols: 80 }),
+        ..RunRequest::shell("")
     };
     // After a snapshot restore: set the clock, reseed, name the capsule, run.
     let sync = SyncRequest {
@@ -173,6 +230,31 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
                     (7, Message::Sync(sync)),
                     (8, Message::Run(RunRequest::shell("echo $CAPSULE_ID"))),
                     (9, Message::Sync(SyncRequest::default())),
+                ]),
+            ),
+        ),
+        Seed::new(
+            "pty-run-resize",
+            chunked(
+                9,
+                frames(&[
+                    (20, Message::Run(pty)),
+                    (20, Message::Stdin(b"stty size\n".to_vec())),
+                    (20, Message::Credit { bytes: 65536 }),
+                    (20, Message::Resize(WindowSize { rows: 50, cols: 132 })),
+                    (20, Message::CloseStdin),
+                ]),
+            ),
+        ),
+        Seed::new(
+            "list-attach-credit",
+            chunked(
+                4,
+                frames(&[
+                    (21, Message::ListProcesses),
+                    (22, Message::Attach { pid: 57 }),
+                    (22, Message::Credit { bytes: STREAM_WINDOW }),
+                    (22, Message::Signal { sig: 9 }),
                 ]),
             ),
         ),
