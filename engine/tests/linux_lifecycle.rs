@@ -20,7 +20,15 @@ fn sh(c: &Capsule, command: &str) -> String {
     let out = c
         .commands()
         .run_with(command, RunOptions::new().timeout(Duration::from_secs(120)))
-        .unwrap_or_else(|e| panic!("{command}: {e}"));
+        .unwrap_or_else(|e| {
+            let console = c.console_log();
+            let tail: Vec<&str> = console.lines().rev().take(25).collect();
+            panic!(
+                "{command}: {e}\ninfo: {:?}\nconsole tail (newest first):\n{}",
+                c.info(),
+                tail.join("\n")
+            )
+        });
     assert_eq!(out.exit_code, Some(0), "{command}: {out:?}");
     out.stdout_str().into_owned()
 }

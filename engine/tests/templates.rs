@@ -44,7 +44,12 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     for _ in 0..5 {
         source.commands().run("count").unwrap();
     }
-    let touched = source.commands().run("touch 1024").unwrap().stdout_str().into_owned(); // 4 MiB
+    let touched = source
+        .commands()
+        .run("touch 1024")
+        .unwrap()
+        .stdout_str()
+        .into_owned(); // 4 MiB
     let info = source.snapshot("warm").unwrap();
     assert_eq!(
         (info.name.as_str(), info.vcpus, info.memory_mb),
@@ -70,11 +75,28 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
         );
     }
     // Divergence stays private.
-    let changed = clones[0].commands().run("touch 3").unwrap().stdout_str().into_owned();
-    assert_ne!(clones[0].commands().run("sum").unwrap().stdout_str(), touched);
-    assert_eq!(clones[1].commands().run("sum").unwrap().stdout_str(), touched);
-    assert_eq!(clones[1].commands().run("count").unwrap().stdout_str(), "7\n");
-    assert_eq!(clones[2].commands().run("count").unwrap().stdout_str(), "7\n");
+    let changed = clones[0]
+        .commands()
+        .run("touch 3")
+        .unwrap()
+        .stdout_str()
+        .into_owned();
+    assert_ne!(
+        clones[0].commands().run("sum").unwrap().stdout_str(),
+        touched
+    );
+    assert_eq!(
+        clones[1].commands().run("sum").unwrap().stdout_str(),
+        touched
+    );
+    assert_eq!(
+        clones[1].commands().run("count").unwrap().stdout_str(),
+        "7\n"
+    );
+    assert_eq!(
+        clones[2].commands().run("count").unwrap().stdout_str(),
+        "7\n"
+    );
     assert_ne!(changed, touched);
 
     // Each clone read all 4 MiB of touched pages, yet they are shared: 100 clones map them
@@ -112,8 +134,14 @@ fn a_hundred_capsules_from_one_template_share_its_pages_and_diverge_privately() 
     assert!(engine.templates().unwrap().is_empty());
     // The paused clone does not depend on the deleted template.
     clones[1].resume().unwrap();
-    assert_eq!(clones[1].commands().run("count").unwrap().stdout_str(), "8\n");
-    assert_eq!(clones[1].commands().run("sum").unwrap().stdout_str(), touched);
+    assert_eq!(
+        clones[1].commands().run("count").unwrap().stdout_str(),
+        "8\n"
+    );
+    assert_eq!(
+        clones[1].commands().run("sum").unwrap().stdout_str(),
+        touched
+    );
     assert!(matches!(
         engine.create(CapsuleConfig::new("warm")),
         Err(Error::InvalidConfig(_))

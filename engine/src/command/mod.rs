@@ -101,9 +101,13 @@ pub(crate) fn run(
     }
     drop(runtime);
     let timeout = options.run_timeout();
-    let result = match timeout {
-        Some(limit) => reply_rx.recv_timeout(limit).map_err(|e| e.is_timeout()),
-        None => reply_rx.recv().map_err(|_| false),
+    // A Linux command's timeout is the agent's, on the guest's clock (paused time does not
+    // count), and the job itself waits for the agent's report with a grace: it always
+    // answers, or is dropped when the guest goes away (a pause included). Only the probe's
+    // timeout is enforced here.
+    let result = match (timeout, probe) {
+        (Some(limit), true) => reply_rx.recv_timeout(limit).map_err(|e| e.is_timeout()),
+        _ => reply_rx.recv().map_err(|_| false),
     };
     match result {
         Ok(Ok(output)) if probe => Ok(honour_options(output, options)),

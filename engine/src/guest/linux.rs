@@ -551,7 +551,13 @@ impl VcpuLoop {
                             console_tail(&self.console)
                         ));
                     } else {
-                        tracing::info!(capsule = %self.id, "guest powered off or rebooted");
+                        // A triple fault ends the same way as a reset: where the vCPU was
+                        // tells them apart.
+                        tracing::info!(
+                            capsule = %self.id,
+                            position = %self.position(),
+                            "guest powered off or rebooted"
+                        );
                         self.events.exited();
                     }
                     return format!("vCPU{index}: ended by a shutdown exit");
