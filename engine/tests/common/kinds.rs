@@ -216,7 +216,7 @@ fn spin_for(capsule: &Capsule, wanted: Duration) -> u64 {
         let t = Instant::now();
         capsule
             .commands()
-            .run_with(&format!("spin {probe}"), RunOptions::new().no_timeout())
+            .run_with(format!("spin {probe}"), RunOptions::new().no_timeout())
             .unwrap();
         let took = t.elapsed();
         if took >= Duration::from_millis(100) || probe >= 1 << 40 {
