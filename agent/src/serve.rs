@@ -175,7 +175,14 @@ impl<W: Write + Send> Conn<'_, W> {
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
             // Errors about our replies need no answer.
             Message::Error(_) => {}
-            m @ (Message::ReadFile { .. } | Message::WriteFile(_) | Message::ListDir { .. }) => {
+            m @ (Message::ReadFile { .. }
+            | Message::WriteFile(_)
+            | Message::ListDir { .. }
+            | Message::Stat { .. }
+            | Message::Remove { .. }
+            | Message::MakeDir { .. }
+            | Message::Rename { .. }
+            | Message::SetAttr(_)) => {
                 let spawned = std::thread::Builder::new()
                     .name(format!("file-{id}"))
                     .spawn_scoped(scope, move || self.reply(id, &files::handle(m)));
@@ -192,7 +199,8 @@ impl<W: Write + Send> Conn<'_, W> {
             | Message::Stderr(_)
             | Message::Exit(_)
             | Message::FileData { .. }
-            | Message::DirListing { .. }) => {
+            | Message::DirListing { .. }
+            | Message::Entries { .. }) => {
                 self.error(
                     id,
                     ErrorCode::UNEXPECTED,
