@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::Scope;
 
 use capsule_agent_protocol::{
     caps, try_encode, DecodeError, ErrorCode, ErrorInfo, Frame, FrameDecoder, Hello, Message,
-    SyncRequest, CONTROL_ID, PROTOCOL_VERSION,
+    SyncRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
 };
 
 use crate::exec::{run_command, CmdCtl, ExecConfig};
@@ -112,6 +112,9 @@ struct Conn<'c, W> {
     out: Out<W>,
     active: Mutex<HashMap<u32, Arc<CmdCtl>>>,
     config: &'c ServeConfig,
+    /// Where `WriteFile`s go, to be carried out one at a time in arrival order by one
+    /// thread, started with the first of them; dropped when the connection ends.
+    writes: Mutex<Option<mpsc::Sender<(u32, WriteFile)>>>,
 }
 
 impl<W: Write + Send> Conn<'_, W> {
@@ -175,8 +178,8 @@ impl<W: Write + Send> Conn<'_, W> {
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
             // Errors about our replies need no answer.
             Message::Error(_) => {}
+            Message::WriteFile(w) => self.write_in_order(id, w, scope),
             m @ (Message::ReadFile { .. }
-            | Message::WriteFile(_)
             | Message::ListDir { .. }
             | Message::Stat { .. }
             | Message::Remove { .. }
@@ -185,7 +188,7 @@ impl<W: Write + Send> Conn<'_, W> {
             | Message::SetAttr(_)) => {
                 let spawned = std::thread::Builder::new()
                     .name(format!("file-{id}"))
-                    .spawn_scoped(scope, move || self.reply(id, &files::handle(m)));
+                    .spawn_scoped(scope, move || files::handle(m, &mut |r| self.reply(id, &r)));
                 if let Err(e) = spawned {
                     self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
                 }
@@ -209,6 +212,35 @@ impl<W: Write + Send> Conn<'_, W> {
             }
         }
         None
+    }
+
+    /// Queues a `WriteFile` for the connection's writing thread (started here the first
+    /// time), which answers each in turn: the chunks of one file sent back to back land in
+    /// order.
+    fn write_in_order<'s>(&'s self, id: u32, w: WriteFile, scope: &'s Scope<'s, '_>) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if writes.is_none() {
+            let (tx, rx) = mpsc::channel::<(u32, WriteFile)>();
+            let spawned = std::thread::Builder::new()
+                .name("file-writes".into())
+                .spawn_scoped(scope, move || {
+                    for (id, w) in rx {
+                        self.reply(id, &files::write(&w));
+                    }
+                });
+            match spawned {
+                Ok(_) => *writes = Some(tx),
+                Err(e) => {
+                    drop(writes);
+                    self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = writes.as_ref() {
+            // The thread lives until the sender is dropped, so this cannot fail.
+            let _ = tx.send((id, w));
+        }
     }
 
     fn sync(&self, id: u32, req: SyncRequest) {
@@ -336,6 +368,7 @@ pub fn serve<R: Read, W: Write + Send>(
         out: Out::new(writer),
         active: Mutex::new(HashMap::new()),
         config,
+        writes: Mutex::new(None),
     };
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -353,6 +386,8 @@ pub fn serve<R: Read, W: Write + Send>(
         for ctl in conn.active().values() {
             ctl.cancel();
         }
+        // The writing thread finishes what it was given, then ends.
+        drop(conn.writes.lock().unwrap_or_else(|p| p.into_inner()).take());
         result
     })
 }

@@ -52,6 +52,7 @@ impl Reply {
             | Message::Ack
             | Message::FileData { .. }
             | Message::DirListing { .. } => return true,
+            Message::Entries { more, .. } => return !more,
             _ => {}
         }
         false
