@@ -178,7 +178,7 @@ mod store;
 mod sync;
 mod template;
 
-pub use crate::api::{Capsule, Commands, Engine};
+pub use crate::api::{Capsule, Commands, Engine, Files};
 pub use crate::config::{
     CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, RunOptions,
 };
@@ -186,6 +186,7 @@ pub use crate::error::{Error, KvmUnavailable, Resource, Result, TimeoutKind};
 pub use crate::model::{
     CapsuleId, CapsuleInfo, CommandOutput, InvalidId, ParseStatusError, Status, TemplateInfo,
 };
+pub use crate::model::{EntryInfo, EntryKind, FileErrorKind, WriteOptions};
 pub use capsule_vmm::{HostInfo, Virtualization};
 
 /// The kernel command line Linux capsules (the `"minimal"` template) boot with: console on

@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::model::{CapsuleId, CapsuleInfo, CommandOutput, Status, TemplateInfo};
 use crate::{command, lifecycle};
 
+use super::files::Files;
+
 /// A handle to a capsule. Cheap to clone; every clone refers to the same capsule, and all are
 /// `Send + Sync`. Dropping handles does not destroy the capsule: call [`Capsule::destroy`].
 #[derive(Clone)]
@@ -72,6 +74,12 @@ impl Capsule {
     /// Runs commands in the capsule.
     pub fn commands(&self) -> Commands<'_> {
         Commands { capsule: self }
+    }
+
+    /// Reads, writes and manages files in the capsule (Linux capsules; in the probe every
+    /// call is [`Error::Unsupported`]). See [`Files`].
+    pub fn files(&self) -> Files<'_> {
+        Files::new(&self.core)
     }
 
     /// Stops the capsule and releases everything it holds, its files on disk included.

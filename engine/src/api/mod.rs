@@ -3,6 +3,8 @@
 
 mod capsule;
 mod engine;
+mod files;
 
 pub use capsule::{Capsule, Commands};
 pub use engine::Engine;
+pub use files::Files;

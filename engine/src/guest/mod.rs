@@ -8,6 +8,7 @@
 //! filter by default, reporting crashes through [`event_relay`]); a snapshot's memory is put
 //! under a new VM by [`memory::restore`].
 
+pub(crate) mod agent_files;
 pub(crate) mod agent_link;
 pub(crate) mod event_relay;
 pub(crate) mod linux;
@@ -171,7 +172,6 @@ pub(crate) trait Runtime: Send + Sync {
     /// The link to the guest's agent, for requests beyond plain commands (streams, stdin,
     /// signals, files); `None` for a guest without an agent (the probe). A link lasts as long
     /// as this runtime: after a pause and resume the capsule has a new one.
-    #[allow(dead_code)] // used by the guest I/O API (issue #9), being built
     fn agent(&self) -> Option<Arc<agent_link::AgentLink>> {
         None
     }

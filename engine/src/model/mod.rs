@@ -2,12 +2,14 @@
 //! commands, and the one record that describes a capsule. Nothing here runs anything; every
 //! other module may import it, and it imports none of them.
 
+pub(crate) mod entry;
 pub(crate) mod id;
 pub(crate) mod info;
 pub(crate) mod output;
 pub(crate) mod record;
 pub(crate) mod status;
 
+pub use entry::{EntryInfo, EntryKind, FileErrorKind, WriteOptions};
 pub use id::{CapsuleId, InvalidId};
 pub use info::{CapsuleInfo, TemplateInfo};
 pub use output::CommandOutput;
