@@ -111,6 +111,34 @@
 //! [`Error::BootTimeout`], which says where each vCPU and virtio queue was. Linux capsules
 //! cannot be paused yet ([`Error::Unsupported`]).
 //!
+//! ## Files (Linux capsules)
+//! ```no_run
+//! # use capsule::{CapsuleConfig, Engine, EngineConfig, WriteOptions};
+//! # fn main() -> capsule::Result<()> {
+//! # let engine = Engine::new(EngineConfig::default())?;
+//! let capsule = engine.create(CapsuleConfig::new("minimal"))?;
+//! let files = capsule.files();
+//! files.write("/work/in/data.txt", "hello")?;                 // parents are created
+//! files.upload("build.tar", "/work/build.tar")?;               // streamed, any size
+//! files.write_with("/work/run.sh", "#!/bin/sh\n", WriteOptions::new().mode(0o755))?;
+//! let text = files.read_to_string("/work/in/data.txt")?;
+//! for entry in files.list("/work", 2)? {                       // name, path, kind, size, mode...
+//!     println!("{} {} {}", entry.path, entry.kind, entry.size);
+//! }
+//! files.download("/work/build.tar", "out.tar")?;
+//! # Ok(()) }
+//! ```
+//! [`Capsule::files`] reads, writes, lists, stats, renames and removes files through the
+//! guest's agent. Transfers stream in 1 MiB chunks, four in flight, so a file of any size
+//! costs the host a few MiB ([`Files::read_into`], [`Files::write_from`],
+//! [`Files::upload`], [`Files::download`]). Writes are atomic: a temporary file in the same
+//! directory, renamed over the final name, so a capsule paused mid-write never shows a half
+//! file (see [`Files`] for where a file is written in place instead). Errors are
+//! [`Error::File`] with the guest path and a [`FileErrorKind`] (not found, is a directory,
+//! permission denied, no space...). Files written before a pause are there after the resume,
+//! and after an [`Engine`] reopen: the guest's file systems live in its memory. In the probe
+//! every call is [`Error::Unsupported`].
+//!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.
 //! - A command's timeout ([`RunOptions`], default 30 s) kills the command, not the capsule.
