@@ -25,13 +25,19 @@ fn every_file_call_in_the_probe_is_unsupported() {
     };
     unsupported("read", files.read("/etc/hostname").map(drop));
     unsupported("read_to_string", files.read_to_string("/x").map(drop));
-    unsupported("read_into", files.read_into("/x", std::io::sink()).map(drop));
+    unsupported(
+        "read_into",
+        files.read_into("/x", std::io::sink()).map(drop),
+    );
     unsupported("write", files.write("/tmp/x", "data"));
     unsupported(
         "write_with",
         files.write_with("/tmp/x", "data", WriteOptions::new().mode(0o600)),
     );
-    unsupported("write_from", files.write_from("/tmp/x", &b"data"[..]).map(drop));
+    unsupported(
+        "write_from",
+        files.write_from("/tmp/x", &b"data"[..]).map(drop),
+    );
     unsupported("list", files.list("/", 2).map(drop));
     unsupported("exists", files.exists("/").map(drop));
     unsupported("stat", files.stat("/").map(drop));
@@ -39,7 +45,10 @@ fn every_file_call_in_the_probe_is_unsupported() {
     unsupported("remove", files.remove("/tmp/d"));
     unsupported("rename", files.rename("/tmp/a", "/tmp/b"));
     unsupported("upload", files.upload(&local, "/tmp/x").map(drop));
-    unsupported("download", files.download("/x", host.path().join("d")).map(drop));
+    unsupported(
+        "download",
+        files.download("/x", host.path().join("d")).map(drop),
+    );
     // The download wrote nothing on the host.
     assert!(!host.path().join("d").exists());
     assert_eq!(std::fs::read_dir(host.path()).unwrap().count(), 1);
