@@ -4,8 +4,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::message::{
-    Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile,
+    Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileInfo, FileType, Hello, Kind,
+    Message, ProcessEntry, RunRequest, SetAttr, SyncRequest, WindowSize, WriteFile,
 };
 use crate::{
     DecodeError, EncodeError, Frame, PayloadError, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN,
@@ -75,6 +75,9 @@ impl Enc<'_> {
     fn i32(&mut self, v: i32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    fn i64(&mut self, v: i64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
     fn bool(&mut self, v: bool) {
         self.0.push(u8::from(v));
     }
@@ -90,18 +93,29 @@ impl Enc<'_> {
     fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
-    fn opt_str(&mut self, v: Option<&str>) {
-        match v {
-            None => self.u8(0),
-            Some(s) => {
-                self.u8(1);
-                self.str(s);
-            }
-        }
-    }
     fn window(&mut self, w: WindowSize) {
         self.u16(w.rows);
         self.u16(w.cols);
+    }
+    /// `option<u32>`.
+    fn opt_u32(&mut self, v: Option<u32>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.u32(v);
+            }
+        }
+    }
+    /// `option<string>`.
+    fn opt_str(&mut self, v: Option<&str>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.str(v);
+            }
+        }
     }
     /// `list<(string, string)>`.
     fn env(&mut self, v: &[(String, String)]) {
@@ -223,6 +237,47 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
             }
             e.bool(*truncated);
         }
+        Message::Stat { path, depth } => {
+            e.str(path);
+            e.u32(*depth);
+        }
+        Message::Remove { path, recursive } => {
+            e.str(path);
+            e.bool(*recursive);
+        }
+        Message::MakeDir {
+            path,
+            mode,
+            parents,
+        } => {
+            e.str(path);
+            e.u32(*mode);
+            e.bool(*parents);
+        }
+        Message::Rename { from, to } => {
+            e.str(from);
+            e.str(to);
+        }
+        Message::SetAttr(a) => {
+            e.str(&a.path);
+            e.opt_u32(a.mode);
+            e.opt_u32(a.uid);
+            e.opt_u32(a.gid);
+        }
+        Message::Entries { entries, more } => {
+            e.len(entries.len());
+            for f in entries {
+                e.str(&f.path);
+                e.u8(f.file_type as u8);
+                e.u64(f.size);
+                e.u32(f.mode);
+                e.u32(f.uid);
+                e.u32(f.gid);
+                e.i64(f.modified_ms);
+                e.opt_str(f.symlink_target.as_deref());
+            }
+            e.bool(*more);
+        }
     }
 }
 
@@ -302,6 +357,29 @@ impl<'a> Dec<'a> {
     }
     fn i32(&mut self) -> Result<i32, PayloadError> {
         Ok(i32::from_le_bytes(self.array()?))
+    }
+    fn i64(&mut self) -> Result<i64, PayloadError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    /// `option<T>`: a tag byte, then `T` if it is 1.
+    fn option<T>(
+        &mut self,
+        item: impl FnOnce(&mut Self) -> Result<T, PayloadError>,
+    ) -> Result<Option<T>, PayloadError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => item(self).map(Some),
+            t => Err(PayloadError::InvalidTag(t)),
+        }
+    }
+    fn file_type(&mut self) -> Result<FileType, PayloadError> {
+        Ok(match self.u8()? {
+            0 => FileType::File,
+            1 => FileType::Dir,
+            2 => FileType::Symlink,
+            3 => FileType::Other,
+            t => return Err(PayloadError::InvalidTag(t)),
+        })
     }
     fn bool(&mut self) -> Result<bool, PayloadError> {
         match self.u8()? {
@@ -475,13 +553,7 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
             let entries = d.list(17, |d| {
                 Ok(DirEntry {
                     name: d.string()?,
-                    file_type: match d.u8()? {
-                        0 => FileType::File,
-                        1 => FileType::Dir,
-                        2 => FileType::Symlink,
-                        3 => FileType::Other,
-                        t => return Err(PayloadError::InvalidTag(t)),
-                    },
+                    file_type: d.file_type()?,
                     size: d.u64()?,
                     mode: d.u32()?,
                 })
@@ -489,6 +561,48 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
             Message::DirListing {
                 entries,
                 truncated: d.bool()?,
+            }
+        }
+        Kind::Stat => Message::Stat {
+            path: d.string()?,
+            depth: d.u32()?,
+        },
+        Kind::Remove => Message::Remove {
+            path: d.string()?,
+            recursive: d.bool()?,
+        },
+        Kind::MakeDir => Message::MakeDir {
+            path: d.string()?,
+            mode: d.u32()?,
+            parents: d.bool()?,
+        },
+        Kind::Rename => Message::Rename {
+            from: d.string()?,
+            to: d.string()?,
+        },
+        Kind::SetAttr => Message::SetAttr(SetAttr {
+            path: d.string()?,
+            mode: d.option(Dec::u32)?,
+            uid: d.option(Dec::u32)?,
+            gid: d.option(Dec::u32)?,
+        }),
+        Kind::Entries => {
+            // path (4) + type (1) + size (8) + mode, uid, gid (12) + modified (8) + tag (1)
+            let entries = d.list(34, |d| {
+                Ok(FileInfo {
+                    path: d.string()?,
+                    file_type: d.file_type()?,
+                    size: d.u64()?,
+                    mode: d.u32()?,
+                    uid: d.u32()?,
+                    gid: d.u32()?,
+                    modified_ms: d.i64()?,
+                    symlink_target: d.option(Dec::string)?,
+                })
+            })?;
+            Message::Entries {
+                entries,
+                more: d.bool()?,
             }
         }
     })

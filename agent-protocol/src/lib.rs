@@ -46,7 +46,7 @@
 //! Payloads are a sequence of fields, with no padding and no trailing bytes
 //! (trailing bytes are an error, so the encoding is canonical):
 //!
-//! * `u8`, `u16`, `u32`, `u64`, `i32`: fixed-size little-endian.
+//! * `u8`, `u16`, `u32`, `u64`, `i32`, `i64`: fixed-size little-endian.
 //! * `bool`: one byte, `0` or `1`; any other value is an error.
 //! * `bytes`: `u32` length, then that many bytes.
 //! * `string`: `bytes` that must be valid UTF-8.
@@ -80,12 +80,17 @@
 //! | 0x20 | ReadFile    | host→agent  | `path: string, offset: u64, len: u32` |
 //! | 0x21 | WriteFile   | host→agent  | `path: string, mode: u32, truncate: bool, append: bool, data: bytes` |
 //! | 0x22 | ListDir     | host→agent  | `path: string` |
+//! | 0x23 | Stat        | host→agent  | `path: string, depth: u32` |
+//! | 0x24 | Remove      | host→agent  | `path: string, recursive: bool` |
+//! | 0x25 | MakeDir     | host→agent  | `path: string, mode: u32, parents: bool` |
+//! | 0x26 | Rename      | host→agent  | `from: string, to: string` |
+//! | 0x27 | SetAttr     | host→agent  | `path: string, mode: option<u32>, uid: option<u32>, gid: option<u32>` |
 //! | 0x28 | FileData    | agent→host  | `data: bytes, eof: bool` |
 //! | 0x29 | DirListing  | agent→host  | `list<entry>, truncated: bool`; entry = `name: string, file_type: u8, size: u64, mode: u32` |
+//! | 0x2a | Entries     | agent→host  | `list<info>, more: bool`; see [`FileInfo`] below |
 //!
 //! Reserved, not yet defined: `0x07..=0x0f` (connection control),
-//! `0x1d..=0x1f` (more process events), `0x23..=0x27` (more file requests: stat, remove,
-//! mkdir, rename, chmod), `0x2a..=0x2f` (more file replies), `0x30..=0x7f`
+//! `0x1d..=0x1f` (more process events), `0x2b..=0x2f` (more file replies), `0x30..=0x7f`
 //! (future core messages), `0x80..=0xff` (experimental extensions). A receiver
 //! answers an unknown kind with an `Error` of code
 //! [`ErrorCode::UNKNOWN_KIND`] on the frame's id.
@@ -103,6 +108,12 @@
 //! the guest clock alone), `entropy: bytes` (at most [`MAX_SYNC_ENTROPY`]
 //! bytes; a longer field is a malformed payload, [`PayloadError::TooLong`]),
 //! `env: list<(string, string)>`.
+//!
+//! `Entries` item ([`FileInfo`]), in order: `path: string` (relative to the
+//! request's path, `/`-separated; empty for the path itself), `file_type: u8`
+//! (`0` file, `1` directory, `2` symbolic link, `3` other), `size: u64`,
+//! `mode: u32` (`st_mode`), `uid: u32`, `gid: u32`, `modified_ms: i64`
+//! (milliseconds since the Unix epoch), `symlink_target: option<string>`.
 //!
 //! `Exit` payload, in order: `status` (u8 tag: `0` = exited, followed by
 //! `code: i32`; `1` = killed by a signal, followed by `signal: i32`),
@@ -137,7 +148,22 @@
 //!    [`ErrorCode::UNKNOWN_USER`].
 //! 3. `Ping` → `Pong` with the same data.
 //! 4. `ReadFile` → `FileData`; `WriteFile` → `Ack`; `ListDir` → `DirListing`;
-//!    any of them → `Error` on failure.
+//!    `Stat` → one or more `Entries`, the last with `more: false`; `Remove`,
+//!    `MakeDir`, `Rename`, `SetAttr` → `Ack`; any of them → one `Error` on
+//!    failure (after `Entries` frames with `more: true`, too), whose code
+//!    names the file-system error where it is one of the codes 32..=47
+//!    ([`ErrorCode::NOT_FOUND`], [`ErrorCode::IS_A_DIRECTORY`]...) and is
+//!    [`ErrorCode::IO`] otherwise, with the OS's message. File requests run
+//!    concurrently, except `WriteFile`s: the agent carries those out one at a
+//!    time, in the order they arrive, so a host may send the chunks of one
+//!    file (`truncate`, then `append`) without waiting for each `Ack`.
+//!    `Stat` with `depth` 0 describes the path itself (`lstat`: a final
+//!    symbolic link is not followed) in one entry with an empty `path`; with
+//!    `depth` n > 0 the path must be a directory, and the entries are those
+//!    below it down to n levels, each directory's entries sorted by name and
+//!    each directory before its contents (symbolic links to directories are
+//!    not entered; what cannot be read below the path is left out), in as
+//!    many frames as needed, each well under [`MAX_CHUNK_LEN`] bytes.
 //! 5. `Sync` → `Ack`, or one `Error` (which ends the request) naming the step
 //!    that failed. The host sends it after a fresh boot and after every
 //!    restore of a snapshot (a resumed or cloned guest), on a non-zero id.
@@ -216,8 +242,8 @@ mod message;
 pub use codec::{decode_frame, decode_payload, encode, encode_into, try_encode};
 pub use decoder::FrameDecoder;
 pub use message::{
-    Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileType, Hello, Kind, Message,
-    ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile,
+    Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileInfo, FileType, Hello, Kind,
+    Message, ProcessEntry, RunRequest, SetAttr, SyncRequest, WindowSize, WriteFile,
 };
 
 /// Version of the wire protocol described in this crate. Bumped on any
@@ -274,7 +300,10 @@ pub mod caps {
     pub const STDIN: u64 = 1 << 2;
     /// The agent forwards signals ([`crate::Message::Signal`]).
     pub const SIGNAL: u64 = 1 << 3;
-    /// The agent serves `ReadFile`, `WriteFile` and `ListDir`.
+    /// The agent serves `ReadFile`, `WriteFile` and `ListDir` (and, since
+    /// kinds 0x23..=0x27 and 0x2a were defined, `Stat`, `Remove`, `MakeDir`,
+    /// `Rename` and `SetAttr`; an older agent answers those with
+    /// [`crate::ErrorCode::UNKNOWN_KIND`]).
     pub const FILES: u64 = 1 << 4;
     /// The agent runs as PID 1 (it set up the guest and reaps orphans).
     pub const PID1: u64 = 1 << 5;

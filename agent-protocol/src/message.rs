@@ -51,10 +51,22 @@ pub enum Kind {
     WriteFile = 0x21,
     /// [`Message::ListDir`].
     ListDir = 0x22,
+    /// [`Message::Stat`].
+    Stat = 0x23,
+    /// [`Message::Remove`].
+    Remove = 0x24,
+    /// [`Message::MakeDir`].
+    MakeDir = 0x25,
+    /// [`Message::Rename`].
+    Rename = 0x26,
+    /// [`Message::SetAttr`].
+    SetAttr = 0x27,
     /// [`Message::FileData`].
     FileData = 0x28,
     /// [`Message::DirListing`].
     DirListing = 0x29,
+    /// [`Message::Entries`].
+    Entries = 0x2a,
 }
 
 impl Kind {
@@ -83,8 +95,14 @@ impl Kind {
             0x20 => Kind::ReadFile,
             0x21 => Kind::WriteFile,
             0x22 => Kind::ListDir,
+            0x23 => Kind::Stat,
+            0x24 => Kind::Remove,
+            0x25 => Kind::MakeDir,
+            0x26 => Kind::Rename,
+            0x27 => Kind::SetAttr,
             0x28 => Kind::FileData,
             0x29 => Kind::DirListing,
+            0x2a => Kind::Entries,
             _ => return None,
         })
     }
@@ -165,11 +183,49 @@ pub enum Message {
     },
     /// Host → agent: write a chunk of a file.
     WriteFile(WriteFile),
-    /// Host → agent: list a directory.
+    /// Host → agent: list a directory (names, types, sizes and modes; see
+    /// [`Message::Stat`] for whole entries and trees).
     ListDir {
         /// Absolute path in the guest.
         path: String,
     },
+    /// Host → agent: information about a path (`depth` 0) or about the tree
+    /// below a directory, down to `depth` levels; answered by one or more
+    /// [`Message::Entries`].
+    Stat {
+        /// Absolute path in the guest. A final symbolic link is not followed.
+        path: String,
+        /// 0: the path itself; n > 0: the entries below the directory, down to
+        /// n levels (1 = its children).
+        depth: u32,
+    },
+    /// Host → agent: remove a file, symbolic link or directory; answered by
+    /// [`Message::Ack`].
+    Remove {
+        /// Absolute path in the guest. A symbolic link is removed, not followed.
+        path: String,
+        /// Remove a directory with everything in it (otherwise only an empty one).
+        recursive: bool,
+    },
+    /// Host → agent: create a directory; answered by [`Message::Ack`].
+    MakeDir {
+        /// Absolute path in the guest.
+        path: String,
+        /// Permission bits of the directories created (before the umask).
+        mode: u32,
+        /// Create missing parents too, and accept a directory that exists.
+        parents: bool,
+    },
+    /// Host → agent: `rename(2)`; answered by [`Message::Ack`].
+    Rename {
+        /// Absolute path of what to rename.
+        from: String,
+        /// Absolute new path; a file (or empty directory) there is replaced.
+        to: String,
+    },
+    /// Host → agent: change the owner and permission bits of a path
+    /// (following a final symbolic link); answered by [`Message::Ack`].
+    SetAttr(SetAttr),
     /// Agent → host: answer to [`Message::ReadFile`].
     FileData {
         /// The bytes read.
@@ -183,6 +239,13 @@ pub enum Message {
         entries: Vec<DirEntry>,
         /// Whether entries were left out to fit one frame.
         truncated: bool,
+    },
+    /// Agent → host: (part of) the answer to [`Message::Stat`].
+    Entries {
+        /// The entries of this frame.
+        entries: Vec<FileInfo>,
+        /// Whether more `Entries` frames follow for the same request.
+        more: bool,
     },
 }
 
@@ -212,8 +275,14 @@ impl Message {
             Message::ReadFile { .. } => Kind::ReadFile,
             Message::WriteFile(_) => Kind::WriteFile,
             Message::ListDir { .. } => Kind::ListDir,
+            Message::Stat { .. } => Kind::Stat,
+            Message::Remove { .. } => Kind::Remove,
+            Message::MakeDir { .. } => Kind::MakeDir,
+            Message::Rename { .. } => Kind::Rename,
+            Message::SetAttr(_) => Kind::SetAttr,
             Message::FileData { .. } => Kind::FileData,
             Message::DirListing { .. } => Kind::DirListing,
+            Message::Entries { .. } => Kind::Entries,
         }
     }
 
@@ -416,6 +485,24 @@ impl ErrorCode {
     /// [`RunRequest::user`] names no user of the guest.
     pub const UNKNOWN_USER: ErrorCode = ErrorCode(15);
 
+    // File-system errors of file requests: 32..=47, one per `errno` family
+    // that callers tell apart; any other failure is [`ErrorCode::IO`].
+
+    /// No such file or directory (`ENOENT`).
+    pub const NOT_FOUND: ErrorCode = ErrorCode(32);
+    /// A directory where a file was expected (`EISDIR`).
+    pub const IS_A_DIRECTORY: ErrorCode = ErrorCode(33);
+    /// A path component that is not a directory (`ENOTDIR`).
+    pub const NOT_A_DIRECTORY: ErrorCode = ErrorCode(34);
+    /// Permission denied or read-only file system (`EACCES`, `EPERM`, `EROFS`).
+    pub const PERMISSION_DENIED: ErrorCode = ErrorCode(35);
+    /// No space or quota left on the file system (`ENOSPC`, `EDQUOT`).
+    pub const NO_SPACE: ErrorCode = ErrorCode(36);
+    /// The path exists already (`EEXIST`).
+    pub const ALREADY_EXISTS: ErrorCode = ErrorCode(37);
+    /// A directory that is not empty (`ENOTEMPTY`).
+    pub const DIRECTORY_NOT_EMPTY: ErrorCode = ErrorCode(38);
+
     /// Whether an `Error` with this code ends the request it is sent on.
     ///
     /// Advisory codes ([`ErrorCode::UNEXPECTED`],
@@ -472,6 +559,44 @@ pub enum FileType {
     Symlink = 2,
     /// Anything else (device, fifo, socket).
     Other = 3,
+}
+
+/// Payload of [`Message::SetAttr`]. The owner is changed first (which may
+/// clear set-user-id bits), then the mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetAttr {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// New permission bits (`0o7777` at most), if any.
+    pub mode: Option<u32>,
+    /// New owner user id, if any.
+    pub uid: Option<u32>,
+    /// New owner group id, if any.
+    pub gid: Option<u32>,
+}
+
+/// One entry of [`Message::Entries`]: what `lstat(2)` says about a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// The entry's path relative to the [`Message::Stat`] request's path,
+    /// components separated by `/` (lossily converted to UTF-8); empty for
+    /// the request's path itself (depth 0).
+    pub path: String,
+    /// Entry type (a symbolic link is not followed).
+    pub file_type: FileType,
+    /// Size in bytes (of the link itself for symlinks).
+    pub size: u64,
+    /// `st_mode`: permission and type bits.
+    pub mode: u32,
+    /// Owner user id.
+    pub uid: u32,
+    /// Owner group id.
+    pub gid: u32,
+    /// Last modification, milliseconds since the Unix epoch (negative before it).
+    pub modified_ms: i64,
+    /// Where a symbolic link points (lossily converted to UTF-8); `None` for
+    /// anything else.
+    pub symlink_target: Option<String>,
 }
 
 /// One entry of [`Message::DirListing`].

@@ -125,6 +125,65 @@ fn samples() -> Vec<Message> {
             }],
             truncated: false,
         },
+        Message::Stat {
+            path: "/tmp".into(),
+            depth: 3,
+        },
+        Message::Remove {
+            path: "/tmp/d".into(),
+            recursive: true,
+        },
+        Message::MakeDir {
+            path: "/tmp/a/b".into(),
+            mode: 0o755,
+            parents: true,
+        },
+        Message::Rename {
+            from: "/tmp/.x.tmp".into(),
+            to: "/tmp/x".into(),
+        },
+        Message::SetAttr(SetAttr {
+            path: "/tmp/x".into(),
+            mode: Some(0o4750),
+            uid: None,
+            gid: Some(100),
+        }),
+        Message::SetAttr(SetAttr {
+            path: "/".into(),
+            mode: None,
+            uid: None,
+            gid: None,
+        }),
+        Message::Entries {
+            entries: vec![
+                FileInfo {
+                    path: "sub/link".into(),
+                    file_type: FileType::Symlink,
+                    size: 9,
+                    mode: 0o120777,
+                    uid: 1000,
+                    gid: 1000,
+                    modified_ms: 1_767_225_600_123,
+                    symlink_target: Some("../target".into()),
+                },
+                FileInfo {
+                    path: String::new(),
+                    file_type: FileType::Dir,
+                    size: 4096,
+                    mode: 0o40755,
+                    uid: 0,
+                    gid: 0,
+                    modified_ms: -1,
+                    symlink_target: None,
+                },
+            ],
+            more: true,
+        },
+        Message::Entries {
+            entries: vec![],
+            more: false,
+        },
+        Message::error(ErrorCode::NO_SPACE, "No space left on device (os error 28)"),
     ]
 }
 
@@ -312,6 +371,177 @@ fn a_lying_process_list_count_does_not_allocate() {
 }
 
 #[test]
+fn file_request_bytes_are_as_documented() {
+    let stat = encode(
+        &Message::Stat {
+            path: "/a".into(),
+            depth: 2,
+        },
+        4,
+    );
+    let expected: Vec<u8> = [
+        &[15, 0, 0, 0][..],        // len = 5 + 10
+        &[0x23],                   // kind
+        &[4, 0, 0, 0],             // id
+        &[2, 0, 0, 0, b'/', b'a'], // path
+        &[2, 0, 0, 0],             // depth
+    ]
+    .concat();
+    assert_eq!(stat, expected);
+
+    let set = encode(
+        &Message::SetAttr(SetAttr {
+            path: "/f".into(),
+            mode: Some(0o640),
+            uid: None,
+            gid: Some(7),
+        }),
+        5,
+    );
+    let expected: Vec<u8> = [
+        &[22, 0, 0, 0][..],        // len = 5 + 17
+        &[0x27],                   // kind
+        &[5, 0, 0, 0],             // id
+        &[2, 0, 0, 0, b'/', b'f'], // path
+        &[1, 0xa0, 0x01, 0, 0],    // mode: some(0o640)
+        &[0],                      // uid: none
+        &[1, 7, 0, 0, 0],          // gid: some(7)
+    ]
+    .concat();
+    assert_eq!(set, expected);
+
+    for (m, kind) in [
+        (
+            Message::Remove {
+                path: "/x".into(),
+                recursive: true,
+            },
+            0x24,
+        ),
+        (
+            Message::MakeDir {
+                path: "/x".into(),
+                mode: 0o700,
+                parents: false,
+            },
+            0x25,
+        ),
+        (
+            Message::Rename {
+                from: "/x".into(),
+                to: "/y".into(),
+            },
+            0x26,
+        ),
+    ] {
+        assert_eq!(encode(&m, 1)[4], kind);
+    }
+    assert_eq!(
+        encode(
+            &Message::Remove {
+                path: "/x".into(),
+                recursive: true
+            },
+            1
+        )[9..],
+        [2, 0, 0, 0, b'/', b'x', 1]
+    );
+    assert_eq!(
+        encode(
+            &Message::MakeDir {
+                path: "/x".into(),
+                mode: 0o700,
+                parents: false
+            },
+            1
+        )[9..],
+        [2, 0, 0, 0, b'/', b'x', 0xc0, 0x01, 0, 0, 0]
+    );
+}
+
+#[test]
+fn entries_bytes_are_as_documented() {
+    let m = Message::Entries {
+        entries: vec![FileInfo {
+            path: "l".into(),
+            file_type: FileType::Symlink,
+            size: 1,
+            mode: 0o120777,
+            uid: 2,
+            gid: 3,
+            modified_ms: -2,
+            symlink_target: Some("t".into()),
+        }],
+        more: false,
+    };
+    let expected: Vec<u8> = [
+        &[50, 0, 0, 0][..],                                // len = 5 + 45
+        &[0x2a],                                           // kind
+        &[6, 0, 0, 0],                                     // id
+        &[1, 0, 0, 0],                                     // one entry
+        &[1, 0, 0, 0, b'l'],                               // path
+        &[2],                                              // symlink
+        &[1, 0, 0, 0, 0, 0, 0, 0],                         // size
+        &[0xff, 0xa1, 0, 0],                               // mode 0o120777
+        &[2, 0, 0, 0],                                     // uid
+        &[3, 0, 0, 0],                                     // gid
+        &[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], // modified_ms = -2
+        &[1, 1, 0, 0, 0, b't'],                            // symlink_target: some("t")
+        &[0],                                              // more
+    ]
+    .concat();
+    assert_eq!(encode(&m, 6), expected);
+
+    // A count the payload cannot hold is refused before anything is allocated.
+    let mut lying = vec![10, 0, 0, 0, 0x2a, 6, 0, 0, 0];
+    lying.extend(1_000_000u32.to_le_bytes());
+    lying.push(0);
+    assert!(matches!(
+        decode_frame(&lying),
+        Err(DecodeError::Malformed {
+            reason: PayloadError::Truncated,
+            ..
+        })
+    ));
+    // Bad option and type tags.
+    let mut bad = expected.clone();
+    let tag = bad.len() - 7;
+    bad[tag] = 2;
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(DecodeError::Malformed {
+            reason: PayloadError::InvalidTag(2),
+            ..
+        })
+    ));
+    let mut bad = expected;
+    bad[18] = 4;
+    assert!(matches!(
+        decode_frame(&bad),
+        Err(DecodeError::Malformed {
+            reason: PayloadError::InvalidTag(4),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn file_error_codes_end_their_request() {
+    for code in [
+        ErrorCode::NOT_FOUND,
+        ErrorCode::IS_A_DIRECTORY,
+        ErrorCode::NOT_A_DIRECTORY,
+        ErrorCode::PERMISSION_DENIED,
+        ErrorCode::NO_SPACE,
+        ErrorCode::ALREADY_EXISTS,
+        ErrorCode::DIRECTORY_NOT_EMPTY,
+    ] {
+        assert!((32..=47).contains(&code.0), "{code:?}");
+        assert!(code.ends_request(), "{code:?}");
+    }
+}
+
+#[test]
 fn sync_entropy_over_the_limit_does_not_decode() {
     let frame = |n: usize| {
         encode(
@@ -382,7 +612,12 @@ fn kind_bytes_roundtrip() {
             known += 1;
         }
     }
-    assert_eq!(known, 24);
+    assert_eq!(known, 30);
+    // The file kinds: requests 0x20..=0x27, replies from 0x28.
+    assert_eq!(Kind::from_u8(0x23), Some(Kind::Stat));
+    assert_eq!(Kind::from_u8(0x27), Some(Kind::SetAttr));
+    assert_eq!(Kind::from_u8(0x2a), Some(Kind::Entries));
+    assert!((0x2b..=0x2f).all(|b| Kind::from_u8(b).is_none()));
     assert_eq!(Kind::from_u8(0x06), Some(Kind::Sync));
     assert_eq!(Kind::from_u8(0x14), Some(Kind::Resize));
     assert_eq!(Kind::from_u8(0x15), Some(Kind::ListProcesses));
@@ -626,7 +861,7 @@ fn random_bytes_never_panic() {
             bytes[..4].copy_from_slice(&l.to_le_bytes());
             let kinds = [
                 1u8, 2, 3, 4, 5, 6, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19,
-                0x1a, 0x1b, 0x1c, 0x20, 0x21, 0x22, 0x28, 0x29,
+                0x1a, 0x1b, 0x1c, 0x20, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27, 0x28, 0x29, 0x2a,
             ];
             bytes[4] = kinds[rng.below(kinds.len())];
         }

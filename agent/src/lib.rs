@@ -41,6 +41,11 @@
 //!   ([`SyncEnv`]) for every later command, across reconnections with the
 //!   same [`ServeConfig`].
 //!
+//! * File requests each run on their own thread, except `WriteFile`s, which
+//!   one thread per connection carries out in arrival order (so the host may
+//!   pipeline the chunks of a file); failures carry the `errno` family's
+//!   error code (not found, is a directory, permission denied, no space...).
+//!
 //! [`Message::Signal`]: capsule_agent_protocol::Message::Signal
 //! [`Message::Sync`]: capsule_agent_protocol::Message::Sync
 #![warn(missing_docs)]

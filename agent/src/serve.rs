@@ -2,12 +2,12 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Scope};
 
 use capsule_agent_protocol::{
     caps, try_encode, DecodeError, ErrorCode, ErrorInfo, Frame, FrameDecoder, Hello, Message,
-    RunRequest, SyncRequest, CONTROL_ID, PROTOCOL_VERSION,
+    RunRequest, SyncRequest, WriteFile, CONTROL_ID, PROTOCOL_VERSION,
 };
 
 use crate::ctl::{CmdCtl, FrameSink, Link, Subscriber};
@@ -131,6 +131,9 @@ struct Conn<'c> {
     config: &'c ServeConfig,
     /// The processes this connection started, and their threads.
     started: Mutex<Vec<(Arc<CmdCtl>, JoinHandle<()>)>>,
+    /// Where `WriteFile`s go, to be carried out one at a time in arrival order by one
+    /// thread, started with the first of them; dropped when the connection ends.
+    writes: Mutex<Option<mpsc::Sender<(u32, WriteFile)>>>,
 }
 
 impl Conn<'_> {
@@ -213,10 +216,17 @@ impl Conn<'_> {
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
             // Errors about our replies need no answer.
             Message::Error(_) => {}
-            m @ (Message::ReadFile { .. } | Message::WriteFile(_) | Message::ListDir { .. }) => {
+            Message::WriteFile(w) => self.write_in_order(id, w, scope),
+            m @ (Message::ReadFile { .. }
+            | Message::ListDir { .. }
+            | Message::Stat { .. }
+            | Message::Remove { .. }
+            | Message::MakeDir { .. }
+            | Message::Rename { .. }
+            | Message::SetAttr(_)) => {
                 let spawned = std::thread::Builder::new()
                     .name(format!("file-{id}"))
-                    .spawn_scoped(scope, move || self.reply(id, &files::handle(m)));
+                    .spawn_scoped(scope, move || files::handle(m, &mut |r| self.reply(id, &r)));
                 if let Err(e) = spawned {
                     self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
                 }
@@ -231,7 +241,8 @@ impl Conn<'_> {
             | Message::Exit(_)
             | Message::FileData { .. }
             | Message::DirListing { .. }
-            | Message::ProcessList(_)) => {
+            | Message::ProcessList(_)
+            | Message::Entries { .. }) => {
                 self.error(
                     id,
                     ErrorCode::UNEXPECTED,
@@ -240,6 +251,35 @@ impl Conn<'_> {
             }
         }
         None
+    }
+
+    /// Queues a `WriteFile` for the connection's writing thread (started here the first
+    /// time), which answers each in turn: the chunks of one file sent back to back land in
+    /// order.
+    fn write_in_order<'s>(&'s self, id: u32, w: WriteFile, scope: &'s Scope<'s, '_>) {
+        let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if writes.is_none() {
+            let (tx, rx) = mpsc::channel::<(u32, WriteFile)>();
+            let spawned = std::thread::Builder::new()
+                .name("file-writes".into())
+                .spawn_scoped(scope, move || {
+                    for (id, w) in rx {
+                        self.reply(id, &files::write(&w));
+                    }
+                });
+            match spawned {
+                Ok(_) => *writes = Some(tx),
+                Err(e) => {
+                    drop(writes);
+                    self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
+                    return;
+                }
+            }
+        }
+        if let Some(tx) = writes.as_ref() {
+            // The thread lives until the sender is dropped, so this cannot fail.
+            let _ = tx.send((id, w));
+        }
     }
 
     fn sync(&self, id: u32, req: SyncRequest) {
@@ -410,6 +450,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
         link: Link::new(Box::new(Out::new(writer))),
         config,
         started: Mutex::new(Vec::new()),
+        writes: Mutex::new(None),
     };
     let hello = Message::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -422,7 +463,12 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     if config.ready_line {
         eprintln!("{READY_LINE}");
     }
-    let result = std::thread::scope(|scope| conn.read_loop(&mut reader, scope));
+    let result = std::thread::scope(|scope| {
+        let result = conn.read_loop(&mut reader, scope);
+        // The writing thread finishes what it was given, then ends.
+        drop(conn.writes.lock().unwrap_or_else(|p| p.into_inner()).take());
+        result
+    });
     config.processes.detach(Some(&conn.link));
     let started = std::mem::take(&mut *conn.started());
     if !config.keep_processes {

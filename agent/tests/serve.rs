@@ -584,7 +584,7 @@ fn ping_and_files() {
             len: 5,
         },
     );
-    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::IO));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::NOT_FOUND));
 }
 
 /// A `Sync` that only sets variables: the clock (`realtime_ns` 0) and the

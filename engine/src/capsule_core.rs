@@ -268,6 +268,35 @@ impl CapsuleCore {
         note_activity(&mut state);
     }
 
+    /// [`CapsuleCore::begin_command`] for a guest I/O request other than a command (a file
+    /// transfer...), named `operation` in errors: it counts as a running command until the
+    /// guard drops, so the capsule is never auto-paused in the middle of it.
+    pub(crate) fn begin_io(
+        &self,
+        operation: &'static str,
+    ) -> Result<(Arc<dyn Runtime>, CommandActivity<'_>)> {
+        let mut state = self.state();
+        match (&state.runtime, state.status) {
+            (Some(runtime), Status::Running) => {
+                let runtime = runtime.clone();
+                state.running_commands += 1;
+                note_activity(&mut state);
+                Ok((runtime, CommandActivity { capsule: self }))
+            }
+            (_, status) => Err(self.error_for(status, state.error.clone(), operation)),
+        }
+    }
+
+    /// [`CapsuleCore::interrupted_error`] for a guest I/O request named `operation`.
+    pub(crate) fn interrupted_io(&self, operation: &'static str) -> Error {
+        let state = self.state();
+        let status = match state.status {
+            Status::Running => Status::Paused,
+            status => status,
+        };
+        self.error_for(status, state.error.clone(), operation)
+    }
+
     /// If the capsule is running, runs no command and has been idle for at least its
     /// timeout at `now`: a stamp of its activity, to hand to
     /// [`CapsuleCore::pause_if_still_idle`].

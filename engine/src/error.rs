@@ -4,7 +4,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::{CapsuleId, InvalidId, Status};
+use crate::model::{CapsuleId, FileErrorKind, InvalidId, Status};
 
 pub use capsule_vmm::KvmUnavailable;
 
@@ -169,6 +169,17 @@ pub enum Error {
         /// What the agent said or did.
         reason: String,
     },
+    /// A file operation in a Linux capsule ([`crate::Capsule::files`]) failed in the guest:
+    /// `kind` says why, `message` is what the guest's OS reported.
+    #[error("guest file {path}: {kind}: {message}")]
+    File {
+        /// The guest path the operation was about.
+        path: String,
+        /// Not found, is a directory, permission denied, no space...
+        kind: FileErrorKind,
+        /// The guest's own account (the failed step and its OS error).
+        message: String,
+    },
     /// An engine limit ([`crate::EngineConfigBuilder::max_capsules`],
     /// [`crate::EngineConfigBuilder::max_memory_mb`]) or a host resource (file descriptors,
     /// threads, memory) is used up. Nothing was left behind, and other capsules are as they
@@ -242,6 +253,9 @@ pub enum TimeoutKind {
     /// A wait for a spawned command ([`crate::CommandHandle::wait_timeout`],
     /// [`crate::OutputStream::recv_timeout`]) ran out; the command runs on.
     Wait,
+    /// A file operation's agent did not answer one of its requests within
+    /// [`crate::Files::timeout`]; the capsule is still usable.
+    File,
 }
 
 impl std::fmt::Display for TimeoutKind {
@@ -250,6 +264,7 @@ impl std::fmt::Display for TimeoutKind {
             TimeoutKind::Command => "command",
             TimeoutKind::WaitReady => "waiting until ready",
             TimeoutKind::Wait => "waiting for a command",
+            TimeoutKind::File => "file operation",
         })
     }
 }

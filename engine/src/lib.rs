@@ -155,6 +155,34 @@
 //!   kill controls them); what it cannot do (environment, directory, user, stdin, argv,
 //!   terminals, the process list) is [`Error::Unsupported`], never silently ignored.
 //!
+//! ## Files (Linux capsules)
+//! ```no_run
+//! # use capsule::{CapsuleConfig, Engine, EngineConfig, WriteOptions};
+//! # fn main() -> capsule::Result<()> {
+//! # let engine = Engine::new(EngineConfig::default())?;
+//! let capsule = engine.create(CapsuleConfig::new("minimal"))?;
+//! let files = capsule.files();
+//! files.write("/work/in/data.txt", "hello")?;                 // parents are created
+//! files.upload("build.tar", "/work/build.tar")?;               // streamed, any size
+//! files.write_with("/work/run.sh", "#!/bin/sh\n", WriteOptions::new().mode(0o755))?;
+//! let text = files.read_to_string("/work/in/data.txt")?;
+//! for entry in files.list("/work", 2)? {                       // name, path, kind, size, mode...
+//!     println!("{} {} {}", entry.path, entry.kind, entry.size);
+//! }
+//! files.download("/work/build.tar", "out.tar")?;
+//! # Ok(()) }
+//! ```
+//! [`Capsule::files`] reads, writes, lists, stats, renames and removes files through the
+//! guest's agent. Transfers stream in 1 MiB chunks, four in flight, so a file of any size
+//! costs the host a few MiB ([`Files::read_into`], [`Files::write_from`],
+//! [`Files::upload`], [`Files::download`]). Writes are atomic: a temporary file in the same
+//! directory, renamed over the final name, so a capsule paused mid-write never shows a half
+//! file (see [`Files`] for where a file is written in place instead). Errors are
+//! [`Error::File`] with the guest path and a [`FileErrorKind`] (not found, is a directory,
+//! permission denied, no space...). Files written before a pause are there after the resume,
+//! and after an [`Engine`] reopen: the guest's file systems live in its memory. In the probe
+//! every call is [`Error::Unsupported`].
+//!
 //! ## Choices worth knowing
 //! - [`CapsuleConfig::wait`] defaults to `true`: `create` returns a running capsule.
 //! - A command's timeout ([`RunOptions`], default 30 s for [`Commands::run`], none for
@@ -223,7 +251,9 @@ mod store;
 mod sync;
 mod template;
 
-pub use crate::api::{Capsule, CommandHandle, Commands, Engine, OutputStream, PtyHandle, Ptys};
+pub use crate::api::{
+    Capsule, CommandHandle, Commands, Engine, Files, OutputStream, PtyHandle, Ptys,
+};
 pub use crate::config::{
     CapsuleConfig, CapsuleConfigBuilder, EngineConfig, EngineConfigBuilder, OutputCallback,
     RunOptions, DEFAULT_OUTPUT_LIMIT, DEFAULT_RUN_TIMEOUT,
@@ -233,6 +263,7 @@ pub use crate::model::{
     CapsuleId, CapsuleInfo, Command, CommandOutput, InvalidId, Output, ParseStatusError,
     ProcessInfo, PtySize, Signal, Status, TemplateInfo,
 };
+pub use crate::model::{EntryInfo, EntryKind, FileErrorKind, WriteOptions};
 pub use capsule_vmm::{HostInfo, Virtualization};
 
 /// The kernel command line Linux capsules (the `"minimal"` template) boot with: console on

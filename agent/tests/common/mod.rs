@@ -57,6 +57,7 @@ impl Reply {
             | Message::FileData { .. }
             | Message::DirListing { .. }
             | Message::ProcessList(_) => return true,
+            Message::Entries { more, .. } => return !more,
             _ => {}
         }
         false

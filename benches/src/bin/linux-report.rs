@@ -11,6 +11,8 @@
 //!   agent once its `Hello` is sent) appears on QEMU's serial console; then QEMU is killed.
 //! - `boot_ratio_capsule_over_qemu`: the p50s (and the p99s) of the two, divided.
 //! - `linux_exec_roundtrip`: `commands().run("true")` on a running minimal capsule.
+//! - `linux_file_write_mbps`, `linux_file_read_mbps`: 100 MiB written to the guest's `/tmp`
+//!   with `files().write_from` and read back with `files().read_into`, in MB/s.
 //!
 //! Boots alternate between capsule and QEMU (A/B, then B/A), after one unmeasured warm-up
 //! each, so that both see the same machine. If QEMU cannot run, a line
@@ -22,7 +24,8 @@
 //! - `CAPSULE_QEMU`: the QEMU command, split on whitespace (a dynamic loader with its
 //!   `--library-path` and `-L FIRMWARE-DIR` may be part of it); default `qemu-system-x86_64`.
 //! - `CAPSULE_QEMU_MACHINE`: the `-M` value; default `microvm,acpi=on`.
-//! - `CAPSULE_LINUX_REPORT_BOOTS` (default 5), `CAPSULE_LINUX_REPORT_EXECS` (default 50).
+//! - `CAPSULE_LINUX_REPORT_BOOTS` (default 5), `CAPSULE_LINUX_REPORT_EXECS` (default 50),
+//!   `CAPSULE_LINUX_REPORT_FILES` (file transfers each way, default 3).
 //! - `CAPSULE_LINUX_REPORT_DMESG=1`: also print the guest's `dmesg` after the first boot (to
 //!   stderr), to see where a boot's time goes.
 
@@ -187,6 +190,8 @@ fn main() -> Result<()> {
             capsule.console_log()
         )
     })?;
+    let (file_write, file_read) =
+        file_transfers(&capsule, env_num("CAPSULE_LINUX_REPORT_FILES", 3)?)?;
     capsule.destroy()?;
     *PHASE.lock().unwrap_or_else(|p| p.into_inner()) = None;
 
@@ -201,7 +206,42 @@ fn main() -> Result<()> {
         "{}",
         json_line("linux_exec_roundtrip", "us", summarize(&exec))
     );
+    if !file_write.is_empty() {
+        let (write, read) = (summarize(&file_write), summarize(&file_read));
+        println!("{}", json_line("linux_file_write_mbps", "MB/s", write));
+        println!("{}", json_line("linux_file_read_mbps", "MB/s", read));
+    }
     Ok(())
+}
+
+/// `n` timed 100 MiB writes of a new file into the guest's `/tmp` (a tmpfs of half its 256
+/// MiB) and reads of it back, after one unmeasured round; each in MB/s. Each file is removed
+/// before the next.
+fn file_transfers(capsule: &capsule::Capsule, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    const LEN: u64 = 100 << 20;
+    const PATH: &str = "/tmp/linux-report.bin";
+    let files = capsule.files().timeout(PHASE_LIMIT);
+    let mbps = |d: Duration| LEN as f64 / 1e6 / d.as_secs_f64();
+    let (mut writes, mut reads) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..=n {
+        phase(format!("files: writing 100 MiB ({i} of {n})"));
+        let t = Instant::now();
+        files.write_from(PATH, std::io::repeat(0x5a).take(LEN))?;
+        let write = t.elapsed();
+        phase(format!("files: reading 100 MiB ({i} of {n})"));
+        let t = Instant::now();
+        let read = files.read_into(PATH, std::io::sink())?;
+        let read_time = t.elapsed();
+        files.remove(PATH)?;
+        if read != LEN {
+            return Err(format!("read {read} bytes of {LEN}").into());
+        }
+        if i > 0 {
+            writes.push(mbps(write));
+            reads.push(mbps(read_time));
+        }
+    }
+    Ok((writes, reads))
 }
 
 /// `n` timed runs of `true` after five warm-up runs, in microseconds.

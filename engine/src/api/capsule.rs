@@ -13,6 +13,8 @@ use crate::model::{
 };
 use crate::{command, lifecycle};
 
+use super::files::Files;
+
 /// A handle to a capsule. Cheap to clone; every clone refers to the same capsule, and all are
 /// `Send + Sync`. Dropping handles does not destroy the capsule: call [`Capsule::destroy`].
 #[derive(Clone)]
@@ -80,6 +82,12 @@ impl Capsule {
     /// Runs shells (or other commands) on pseudo-terminals in the capsule (Linux capsules).
     pub fn pty(&self) -> Ptys<'_> {
         Ptys { capsule: self }
+    }
+
+    /// Reads, writes and manages files in the capsule (Linux capsules; in the probe every
+    /// call is [`Error::Unsupported`]). See [`Files`].
+    pub fn files(&self) -> Files<'_> {
+        Files::new(&self.core)
     }
 
     /// Stops the capsule and releases everything it holds, its files on disk included.

@@ -4,8 +4,10 @@
 
 mod capsule;
 mod engine;
+mod files;
 mod handles;
 
 pub use capsule::{Capsule, Commands, Ptys};
 pub use engine::Engine;
+pub use files::Files;
 pub use handles::{CommandHandle, OutputStream, PtyHandle};

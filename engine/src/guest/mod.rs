@@ -8,6 +8,7 @@
 //! filter by default, reporting crashes through [`event_relay`]); a snapshot's memory is put
 //! under a new VM by [`memory::restore`].
 
+pub(crate) mod agent_files;
 pub(crate) mod agent_link;
 pub(crate) mod event_relay;
 pub(crate) mod linux;

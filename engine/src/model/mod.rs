@@ -2,6 +2,7 @@
 //! commands, and the one record that describes a capsule. Nothing here runs anything; every
 //! other module may import it, and it imports none of them.
 
+pub(crate) mod entry;
 pub(crate) mod id;
 pub(crate) mod info;
 pub(crate) mod output;
@@ -9,6 +10,7 @@ pub(crate) mod process;
 pub(crate) mod record;
 pub(crate) mod status;
 
+pub use entry::{EntryInfo, EntryKind, FileErrorKind, WriteOptions};
 pub use id::{CapsuleId, InvalidId};
 pub use info::{CapsuleInfo, TemplateInfo};
 pub use output::{CommandOutput, Output};

@@ -2,9 +2,9 @@
 //! encoded by `capsule_agent_protocol::encode`.
 
 use capsule_agent_protocol::{
-    caps, decode_frame, encode, Command, DirEntry, ErrorCode, ExitInfo, ExitStatus, FileType,
-    Hello, Message, ProcessEntry, RunRequest, SyncRequest, WindowSize, WriteFile, CONTROL_ID,
-    PROTOCOL_VERSION, STREAM_WINDOW,
+    caps, decode_frame, encode, Command, DirEntry, ErrorCode, ExitInfo, ExitStatus, FileInfo,
+    FileType, Hello, Message, ProcessEntry, RunRequest, SetAttr, SyncRequest, WindowSize,
+    WriteFile, CONTROL_ID, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 
 use crate::Seed;
@@ -158,6 +158,74 @@ pub fn host_seeds() -> Result<Vec<Seed>, String> {
                 (14, Message::Exit(exit(ExitStatus::Code(0), b"", b""))),
             ]),
         ),
+        Seed::new("stat-entries-and-file-errors", stat_replies()),
+    ])
+}
+
+/// A `Stat` listing in two `Entries` frames, a `Stat` of one path, and the file errors.
+fn stat_replies() -> Vec<u8> {
+    let entry = |path: &str, file_type, size, mode, target: Option<&str>| FileInfo {
+        path: path.into(),
+        file_type,
+        size,
+        mode,
+        uid: 0,
+        gid: 0,
+        modified_ms: 1_767_225_600_123,
+        symlink_target: target.map(Into::into),
+    };
+    frames(&[
+        (
+            10,
+            Message::Entries {
+                entries: vec![
+                    entry("bin", FileType::Dir, 4096, 0o40755, None),
+                    entry("bin/sh", FileType::Symlink, 7, 0o120777, Some("busybox")),
+                ],
+                more: true,
+            },
+        ),
+        (
+            10,
+            Message::Entries {
+                entries: vec![entry("init", FileType::File, 812_345, 0o100755, None)],
+                more: false,
+            },
+        ),
+        (
+            11,
+            Message::Entries {
+                entries: vec![FileInfo {
+                    uid: 1000,
+                    gid: 100,
+                    modified_ms: -1,
+                    ..entry("", FileType::File, 3, 0o100600, None)
+                }],
+                more: false,
+            },
+        ),
+        (
+            12,
+            Message::error(
+                ErrorCode::NOT_FOUND,
+                "open: No such file or directory (os error 2)",
+            ),
+        ),
+        (
+            13,
+            Message::error(
+                ErrorCode::NO_SPACE,
+                "write: No space left on device (os error 28)",
+            ),
+        ),
+        (
+            14,
+            Message::error(
+                ErrorCode::IS_A_DIRECTORY,
+                "read: Is a directory (os error 21)",
+            ),
+        ),
+        (15, Message::Ack),
     ])
 }
 
@@ -286,6 +354,52 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
                         },
                     ),
                     (6, Message::ListDir { path: "/".into() }),
+                ]),
+            ),
+        ),
+        Seed::new(
+            "file-tree-requests",
+            chunked(
+                12,
+                frames(&[
+                    (
+                        10,
+                        Message::Stat {
+                            path: "/".into(),
+                            depth: 2,
+                        },
+                    ),
+                    (
+                        11,
+                        Message::MakeDir {
+                            path: "/tmp/a/b".into(),
+                            mode: 0o755,
+                            parents: true,
+                        },
+                    ),
+                    (
+                        12,
+                        Message::SetAttr(SetAttr {
+                            path: "/tmp/.x.tmp".into(),
+                            mode: Some(0o640),
+                            uid: Some(1000),
+                            gid: None,
+                        }),
+                    ),
+                    (
+                        13,
+                        Message::Rename {
+                            from: "/tmp/.x.tmp".into(),
+                            to: "/tmp/x".into(),
+                        },
+                    ),
+                    (
+                        14,
+                        Message::Remove {
+                            path: "/tmp/a".into(),
+                            recursive: true,
+                        },
+                    ),
                 ]),
             ),
         ),
