@@ -88,14 +88,14 @@ pub fn command_in_l1(extras: &[Extra]) -> Result<String> {
 
 /// `(file name in L1, host path)` for every library in `ldd`'s output, the loader included;
 /// symbolic links resolved (the file name stays the name the program asks for).
-fn parse_ldd(text: &str) -> Result<Vec<(String, PathBuf)>> {
+pub(crate) fn parse_ldd(text: &str) -> Result<Vec<(String, PathBuf)>> {
     let mut libs = Vec::new();
     for line in text.lines().map(str::trim) {
         if line.is_empty() || line.starts_with("linux-vdso") || line.starts_with("linux-gate") {
             continue;
         }
         if line.contains("not found") {
-            return Err(Error::msg(format!("QEMU's library is missing: {line}")));
+            return Err(Error::msg(format!("a shared library is missing: {line}")));
         }
         // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)` or
         // `/lib64/ld-linux-x86-64.so.2 (0x...)`.

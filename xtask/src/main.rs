@@ -10,6 +10,7 @@ mod binaries;
 mod cpio;
 mod initramfs;
 mod kernel;
+mod l1python;
 mod l2qemu;
 mod minimal;
 mod qemu;
@@ -50,6 +51,9 @@ options:
   --report-only         run linux-report and no tests (implies --linux-report)
   --report-boots N      boots of each kind in linux-report (default 5)
   --no-install          fail instead of installing missing tools
+  --no-python           do not pack Python and the capsule SDK into L1 (packed when the
+                        capsule package's tests run, from target/python-venv) and skip the
+                        test that runs the SDK's lifecycle example
   --no-retry            do not run failed tests a second time (by default a test that fails
                         runs once more, alone, and passing then counts as flaky, not failed;
                         an L1 that hangs (silent for 300 s; env CAPSULE_NESTED_STALL) or
@@ -81,6 +85,8 @@ struct Options {
     extra: Vec<Extra>,
     extra_tests: Vec<PathBuf>,
     install: bool,
+    /// Whether Python and the SDK are packed for `engine/tests/linux_python.rs`.
+    python: bool,
     pack_only: bool,
     linux_report: bool,
     report_only: bool,
@@ -192,6 +198,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         extra: Vec::new(),
         extra_tests: Vec::new(),
         install: true,
+        python: true,
         pack_only: false,
         linux_report: false,
         report_only: false,
@@ -224,6 +231,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
             "--extra" => o.extra.push(parse_extra(&value(arg)?)),
             "--extra-test" => o.extra_tests.push(PathBuf::from(value(arg)?)),
             "--no-install" => o.install = false,
+            "--no-python" => o.python = false,
             "--no-retry" => o.retry_failed = false,
             "--pack-only" => o.pack_only = true,
             "--linux-report" => o.linux_report = true,
@@ -444,6 +452,13 @@ fn nested_test(o: &Options) -> Result<bool> {
     } else {
         None
     };
+    // Python with the capsule SDK, for the test that runs the SDK's lifecycle example.
+    let python = o.python && !o.report_only && o.packages.iter().any(|p| p == "capsule");
+    if python {
+        let packed = l1python::extras(&workspace, &cache)?;
+        println!("xtask: packing {}", packed.summary);
+        extra.extend(packed.extras);
+    }
     println!("xtask: [3/5] static test binaries ({})", setup::MUSL_TARGET);
     let mut tests = if o.report_only {
         Vec::new()
@@ -489,7 +504,8 @@ fn nested_test(o: &Options) -> Result<bool> {
         .iter()
         .filter(|e| e.dest.starts_with("qemu/lib/"))
         .count();
-    for e in extra.iter().filter(|e| !e.dest.starts_with("qemu/lib/")) {
+    let quiet = |e: &&Extra| e.dest.starts_with("qemu/lib/") || e.dest.starts_with("python/");
+    for e in extra.iter().filter(|e| !quiet(e)) {
         println!(
             "xtask:   extra /nested/extra/{}  <-  {}",
             e.dest,
@@ -506,6 +522,10 @@ fn nested_test(o: &Options) -> Result<bool> {
             libtest_args.push("--skip".to_string());
             libtest_args.push((*name).to_string());
         }
+    }
+    if !python && !o.report_only {
+        libtest_args.push("--skip".to_string());
+        libtest_args.push(l1python::TEST.to_string());
     }
     libtest_args.extend(o.libtest_args.iter().cloned());
 

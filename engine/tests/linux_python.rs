@@ -1,0 +1,227 @@
+//! The Python SDK's lifecycle example (`python/examples/lifecycle.py`, issue #11) as written,
+//! with the "minimal" Linux template: a fresh Python process creates a capsule on the SDK's
+//! default engine, runs a command, pauses it, reads its status, resumes it, runs another
+//! command and destroys it.
+//!
+//! In the nested harness (`cargo xtask nested-test -- linux_python`) the Python is the host's
+//! CPython packed into L1 with the installed `capsule` package and the example file
+//! (`$CAPSULE_NESTED_EXTRA/python`, `xtask/src/l1python.rs`); it runs through the packed
+//! dynamic loader with `PYTHONHOME` and `PYTHONPATH` pointing into that folder. On a host with
+//! hardware virtualization and the minimal image it runs with the first Python that can
+//! `import capsule`: `$CAPSULE_PYTHON`, `target/python-venv/bin/python` (what `.ci/run`
+//! builds), `python3`. Elsewhere it prints SKIPPED.
+//!
+//! The default engine's data directory is `$XDG_DATA_HOME/capsule` and its Linux images are
+//! in `images/` there (`EngineConfig::linux_images`): the test points `XDG_DATA_HOME` at a
+//! temporary directory whose `capsule/images` links to the minimal image. The SDK's default
+//! engine keeps the engine's 30 s boot timeout; a nested boot takes 5-16 s.
+
+mod common;
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the example may take, end to end (a nested boot, a pause and a resume under
+/// TCG take well under a minute).
+const EXAMPLE_LIMIT: Duration = Duration::from_secs(600);
+
+/// How to run a Python script: the program and its leading arguments, and the environment.
+struct Python {
+    what: String,
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(&'static str, OsString)>,
+    example: PathBuf,
+}
+
+/// The Python packed into L1 under `extra/python` (see `xtask/src/l1python.rs`).
+fn packed_python(extra: &Path) -> Python {
+    let root = extra.join("python");
+    let lib = root.join("lib");
+    let loader = std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e}", lib.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ld-linux"))
+        })
+        .unwrap_or_else(|| panic!("no dynamic loader (ld-linux*) in {}", lib.display()));
+    Python {
+        what: format!("the Python packed into L1 ({})", root.display()),
+        program: loader,
+        args: vec![
+            "--library-path".into(),
+            lib.clone().into(),
+            root.join("bin/python3").into(),
+        ],
+        env: vec![
+            ("PYTHONHOME", root.clone().into()),
+            ("PYTHONPATH", root.join("site-packages").into()),
+        ],
+        example: root.join("examples/lifecycle.py"),
+    }
+}
+
+/// A Python on this host that can `import capsule`, if there is one.
+fn host_python() -> Option<Python> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace")
+        .to_path_buf();
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("CAPSULE_PYTHON") {
+        candidates.push(p.into());
+    }
+    candidates.push(workspace.join("target/python-venv/bin/python"));
+    candidates.push("python3".into());
+    // Not from the workspace's python/ folder: its capsule/ has no compiled extension.
+    let neutral = std::env::temp_dir();
+    let program = candidates.into_iter().find(|p| {
+        Command::new(p)
+            .args(["-c", "import capsule"])
+            .current_dir(&neutral)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })?;
+    Some(Python {
+        what: format!("{} (host)", program.display()),
+        program,
+        args: Vec::new(),
+        env: Vec::new(),
+        example: workspace.join("python/examples/lifecycle.py"),
+    })
+}
+
+#[test]
+fn linux_python_lifecycle_example_runs_as_written() {
+    let nested = std::env::var_os("CAPSULE_NESTED").is_some();
+    let packed = std::env::var_os("CAPSULE_NESTED_EXTRA")
+        .map(PathBuf::from)
+        .filter(|extra| extra.join("python").is_dir());
+    // Hardware virtualization and the minimal image, or SKIPPED (the harness has both).
+    let Some((engine, _dir)) = common::linux::linux_engine() else {
+        return;
+    };
+    drop(engine);
+    let python = match packed {
+        Some(extra) => packed_python(&extra),
+        None if nested => panic!(
+            "the nested harness packs Python into L1 ($CAPSULE_NESTED_EXTRA/python) unless \
+             --no-python, which skips this test"
+        ),
+        None => match host_python() {
+            Some(python) => python,
+            None => {
+                eprintln!(
+                    "SKIPPED: no Python here can `import capsule` ($CAPSULE_PYTHON, \
+                     target/python-venv/bin/python, python3): `pip install ./python`"
+                );
+                return;
+            }
+        },
+    };
+    assert!(
+        python.example.is_file(),
+        "{} is missing",
+        python.example.display()
+    );
+
+    // The default engine's data directory, with the minimal image where it looks.
+    let home = tempfile::tempdir().expect("temp dir");
+    let data_dir = home.path().join("capsule");
+    std::fs::create_dir(&data_dir).expect("data dir");
+    std::os::unix::fs::symlink(common::linux::images(), data_dir.join("images"))
+        .expect("images link");
+
+    let mut cmd = Command::new(&python.program);
+    cmd.args(&python.args)
+        .arg(&python.example)
+        .envs(python.env.iter().map(|(k, v)| (k, v)))
+        .env("CAPSULE_TEST_TEMPLATE", "minimal")
+        .env("XDG_DATA_HOME", home.path())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONNOUSERSITE", "1")
+        .current_dir(home.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    eprintln!("running the example with {}: {cmd:?}", python.what);
+    let started = Instant::now();
+    let (status, stdout, stderr) = run_with_limit(&mut cmd, EXAMPLE_LIMIT);
+    eprintln!(
+        "the example took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
+        started.elapsed().as_secs_f64()
+    );
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the example did not finish within {} s",
+            EXAMPLE_LIMIT.as_secs()
+        )
+    });
+    assert!(status.success(), "the example failed: {status}\n{stderr}");
+
+    // What the issue's example prints: the id, True, "paused".
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let id = lines[0];
+    assert!(
+        id.strip_prefix("cl-").is_some_and(|rest| !rest.is_empty()
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())),
+        "not a capsule id: {id:?}"
+    );
+    assert_eq!(lines[1..], ["True", "paused"], "{stdout}");
+    // The capsule was destroyed: nothing of it is left in the data directory.
+    let left: Vec<_> = std::fs::read_dir(data_dir.join("capsules"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with("cl-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the data directory: {left:?}");
+}
+
+/// Runs `cmd` (stdout and stderr piped), killing it after `limit`; its exit status (`None`
+/// when killed), stdout and stderr.
+fn run_with_limit(
+    cmd: &mut Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = reader(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = reader(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        status,
+        stdout.join().expect("stdout reader"),
+        stderr.join().expect("stderr reader"),
+    )
+}
