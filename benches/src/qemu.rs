@@ -384,19 +384,15 @@ impl QemuVm {
         result.map_err(|e| self.failure(&e))
     }
 
-    /// Connects to the agent's channel and starts a `true` there; [`AgentCall::wait`] gives
-    /// when its exit arrived. Sent before the guest runs, it waits in QEMU's socket.
-    pub fn agent_true(&mut self) -> Result<AgentCall, String> {
+    /// Connects to the agent's channel (a restore connects before it resumes the guest, so
+    /// that only the request itself is timed after that).
+    pub fn agent(&mut self) -> Result<AgentCall, String> {
         let path = self.socket(1)?;
         let child = &mut self.child;
-        let mut stream = connect_unix(&path, SOCKET_TIMEOUT, || {
+        let stream = connect_unix(&path, SOCKET_TIMEOUT, || {
             matches!(child.try_wait(), Ok(None))
         })
         .map_err(|e| self.failure(&format!("agent channel: {e}")))?;
-        let frame = encode(&Message::Run(RunRequest::shell("true")), AgentCall::ID);
-        stream
-            .write_all(&frame)
-            .map_err(|e| self.failure(&format!("agent channel: sending Run: {e}")))?;
         Ok(AgentCall { stream })
     }
 }
@@ -412,7 +408,7 @@ impl Drop for QemuVm {
     }
 }
 
-/// A command sent to the agent of a QEMU guest.
+/// A connection to the agent of a QEMU guest, speaking capsule's agent protocol.
 pub struct AgentCall {
     stream: UnixStream,
 }
@@ -420,9 +416,15 @@ pub struct AgentCall {
 impl AgentCall {
     const ID: u32 = 1;
 
-    /// Waits for the command's `Exit` (up to `timeout`); when it arrived. An exit code other
-    /// than 0 or an `Error` is an error.
-    pub fn wait(mut self, timeout: Duration) -> Result<Instant, String> {
+    /// Sends `true` and waits for its `Exit` (up to `timeout`); when it arrived. An exit code
+    /// other than 0 or an `Error` is an error. (The data is not sent before the guest runs:
+    /// input that reaches a paused guest's virtio-console may wait for the `hvc` driver's
+    /// poll timer.)
+    pub fn run_true(mut self, timeout: Duration) -> Result<Instant, String> {
+        let frame = encode(&Message::Run(RunRequest::shell("true")), Self::ID);
+        self.stream
+            .write_all(&frame)
+            .map_err(|e| format!("agent channel: sending Run: {e}"))?;
         self.stream
             .set_read_timeout(Some(timeout))
             .map_err(|e| e.to_string())?;
