@@ -119,6 +119,7 @@ pub struct LinuxReport {
     /// `{"metric": ...}` lines, verbatim.
     pub metrics: Vec<String>,
     /// `linux-report: SKIPPED ...`, `linux-report: X not measured: ...` (a peer, a metric),
+    /// `linux-report: METRIC: a sample failed: ...`, a boot tried once more,
     /// `linux-report: target: ...` and `linux-report: note: ...`.
     pub notes: Vec<String>,
 }
@@ -199,7 +200,10 @@ impl Report {
         } else if line.starts_with("linux-report: SKIPPED")
             || line.starts_with("linux-report: target: ")
             || line.starts_with("linux-report: note: ")
-            || (line.starts_with("linux-report: ") && line.contains(" not measured: "))
+            || (line.starts_with("linux-report: ")
+                && (line.contains(" not measured: ")
+                    || line.contains(": a sample failed: ")
+                    || line.contains("once more")))
         {
             if self.linux_report.started && self.linux_report.exit_code.is_none() {
                 self.linux_report.notes.push(line.to_string());
@@ -400,6 +404,10 @@ mod tests {
             at(5),
         );
         r.line("linux-report: boot 2: Firecracker marker 4000 ms", at(5));
+        r.line(
+            "linux-report: linux_resume_to_ready: a sample failed: crashed",
+            at(5),
+        );
         r.line("NESTED-REPORT-END rc=0", at(6));
         let lr = &r.linux_report;
         assert!(lr.started);
@@ -417,6 +425,7 @@ mod tests {
                 "linux-report: linux_pause not measured: unsupported: Linux capsules cannot be paused",
                 "linux-report: target: linux_boot_to_marker / firecracker_boot_to_marker = 0.6 (p50), target <= 0.5: MISSED",
                 "linux-report: note: QEMU's boot figures include ~3.4 s",
+                "linux-report: linux_resume_to_ready: a sample failed: crashed",
             ]
         );
     }
