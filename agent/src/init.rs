@@ -1,7 +1,19 @@
-//! PID 1 duties: basic mounts, kernel modules, boot options, the channel.
+//! PID 1 duties: basic mounts, kernel modules, boot options, the boot marker and heartbeat,
+//! the channel.
+//!
+//! The marker and the heartbeat exist for benchmarks that compare VMMs, some of which (like
+//! Firecracker) have no virtio-console, so the agent never gets its channel there: every
+//! system is timed to the same lines on the serial console instead. The marker
+//! ([`MARKER_LINE`], then the guest's `CLOCK_MONOTONIC`) is printed once, early, before the
+//! modules are loaded and the channel is opened; `capsule.marker=0` turns it off. The
+//! heartbeat (`capsule.heartbeat=MS`, off by default) is a thread that prints
+//! `capsule-hb N` (N = 1, 2, ...) every MS milliseconds for the rest of the guest's life:
+//! after a snapshot is restored, its next line is the guest's first sign of life. The same
+//! heartbeat runs as an ordinary process with `capsule-agent --heartbeat MS` (it writes to
+//! `/dev/console`), for guests whose kernel command line cannot be changed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,13 +26,43 @@ pub const DEFAULT_CHANNEL: &str = "/dev/hvc1";
 /// Default list of kernel modules to load at boot.
 pub const DEFAULT_MODULES_FILE: &str = "/etc/capsule/modules";
 
+/// The start of the line PID 1 prints on the console early at boot (the boot marker),
+/// followed by a space and the guest's `CLOCK_MONOTONIC` in seconds (six decimals).
+pub const MARKER_LINE: &str = "capsule-init: marker";
+
+/// The start of a heartbeat line: `capsule-hb N`, N counting from 1.
+pub const HEARTBEAT_PREFIX: &str = "capsule-hb";
+
 /// Options the agent reads from the kernel command line.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootOptions {
     /// `capsule.channel=PATH`.
     pub channel: Option<String>,
     /// `capsule.ready` (or `capsule.ready=1`): print the ready line.
     pub ready: bool,
+    /// Print the boot marker ([`MARKER_LINE`]); on unless `capsule.marker=0` (or `n`, `no`,
+    /// `false`, `off`).
+    pub marker: bool,
+    /// `capsule.heartbeat=MS`: print a heartbeat line every MS milliseconds (0 or a value
+    /// that is not a number: none).
+    pub heartbeat: Option<Duration>,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            channel: None,
+            ready: false,
+            marker: true,
+            heartbeat: None,
+        }
+    }
+}
+
+/// Whether a boolean option's value means on (`capsule.ready=1`); only `0`, `n`, `no`,
+/// `false` and `off` mean off.
+fn flag_value(v: &str) -> bool {
+    !matches!(v, "0" | "n" | "no" | "false" | "off")
 }
 
 /// Parses the contents of `/proc/cmdline`. Later words win.
@@ -34,10 +76,80 @@ pub fn parse_cmdline(cmdline: &str) -> BootOptions {
         } else if word == "capsule.ready" {
             opts.ready = true;
         } else if let Some(v) = word.strip_prefix("capsule.ready=") {
-            opts.ready = !matches!(v, "0" | "n" | "no" | "false" | "off");
+            opts.ready = flag_value(v);
+        } else if word == "capsule.marker" {
+            opts.marker = true;
+        } else if let Some(v) = word.strip_prefix("capsule.marker=") {
+            opts.marker = flag_value(v);
+        } else if let Some(v) = word.strip_prefix("capsule.heartbeat=") {
+            opts.heartbeat = parse_heartbeat_ms(v);
         }
     }
     opts
+}
+
+/// A heartbeat interval in milliseconds: `None` for 0 or anything but a number.
+pub fn parse_heartbeat_ms(value: &str) -> Option<Duration> {
+    match value.trim().parse::<u64>() {
+        Ok(0) | Err(_) => None,
+        Ok(ms) => Some(Duration::from_millis(ms)),
+    }
+}
+
+/// The boot marker line (with its newline) for the monotonic time `now`.
+pub fn marker_line(now: Duration) -> String {
+    format!(
+        "{MARKER_LINE} {}.{:06}\n",
+        now.as_secs(),
+        now.subsec_micros()
+    )
+}
+
+/// Prints the boot marker on stderr (PID 1's stderr is `/dev/console`) in one write.
+pub fn print_marker() {
+    let line = marker_line(sys::monotonic());
+    // Nothing to do if the console is gone: the marker is for benchmarks only.
+    let _ = io::stderr().write_all(line.as_bytes());
+}
+
+/// Heartbeat line number `seq` (with its newline).
+pub fn heartbeat_line(seq: u64) -> String {
+    format!("{HEARTBEAT_PREFIX} {seq}\n")
+}
+
+/// Writes a heartbeat line to `out` every `interval`, forever (write errors are ignored:
+/// the console may come back).
+pub fn run_heartbeat(out: &mut dyn Write, interval: Duration) -> ! {
+    let mut seq: u64 = 0;
+    loop {
+        std::thread::sleep(interval);
+        seq += 1;
+        // One write per line, so that lines from other writers do not split it.
+        let _ = out.write_all(heartbeat_line(seq).as_bytes());
+    }
+}
+
+/// Starts a thread that prints the heartbeat on stderr (PID 1's console) every `interval`.
+pub fn start_heartbeat(interval: Duration) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .stack_size(64 * 1024)
+        .spawn(move || run_heartbeat(&mut io::stderr(), interval))
+        .map(drop)
+}
+
+/// `/dev/console` opened for writing (never as a controlling terminal), for a heartbeat
+/// that runs as an ordinary process; stderr if it cannot be opened.
+pub fn console_writer() -> Box<dyn Write> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/console")
+    {
+        Ok(f) => Box::new(f),
+        Err(_) => Box::new(io::stderr()),
+    }
 }
 
 /// One mount made by [`mount_basics`].
@@ -193,7 +305,9 @@ mod tests {
             o,
             BootOptions {
                 channel: Some("/dev/hvc2".into()),
-                ready: true
+                ready: true,
+                marker: true,
+                heartbeat: None,
             }
         );
         assert_eq!(
@@ -202,6 +316,55 @@ mod tests {
         );
         assert!(parse_cmdline("capsule.ready=1").ready);
         assert_eq!(parse_cmdline("").channel, None);
+    }
+
+    #[test]
+    fn marker_and_heartbeat_options() {
+        // The marker is on by default, so the engine's command line needs no new word.
+        assert!(parse_cmdline("console=ttyS0 quiet").marker);
+        assert!(parse_cmdline("capsule.marker").marker);
+        assert!(parse_cmdline("capsule.marker=1").marker);
+        for off in ["0", "n", "no", "false", "off"] {
+            assert!(
+                !parse_cmdline(&format!("capsule.marker={off}")).marker,
+                "{off}"
+            );
+        }
+        assert!(parse_cmdline("capsule.marker=0 capsule.marker").marker);
+        // The heartbeat is off unless asked for with a positive number of milliseconds.
+        assert_eq!(parse_cmdline("console=ttyS0").heartbeat, None);
+        assert_eq!(
+            parse_cmdline("quiet capsule.heartbeat=5 capsule.ready").heartbeat,
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(
+            parse_cmdline("capsule.heartbeat=5 capsule.heartbeat=250").heartbeat,
+            Some(Duration::from_millis(250))
+        );
+        for bad in ["0", "", "x", "-5", "1.5", "5ms"] {
+            assert_eq!(
+                parse_cmdline(&format!("capsule.heartbeat={bad}")).heartbeat,
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(parse_cmdline("capsule.heartbeat").heartbeat, None);
+        assert!(!parse_cmdline("capsule.heartbeat=5").ready);
+    }
+
+    #[test]
+    fn marker_and_heartbeat_lines() {
+        assert_eq!(
+            marker_line(Duration::new(1, 234_567_891)),
+            "capsule-init: marker 1.234567\n"
+        );
+        assert_eq!(
+            marker_line(Duration::from_micros(5)),
+            "capsule-init: marker 0.000005\n"
+        );
+        assert!(marker_line(Duration::ZERO).starts_with(MARKER_LINE));
+        assert_eq!(heartbeat_line(1), "capsule-hb 1\n");
+        assert!(heartbeat_line(42).starts_with(HEARTBEAT_PREFIX));
     }
 
     #[test]

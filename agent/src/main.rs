@@ -9,11 +9,17 @@ use capsule_agent::init::{self, DEFAULT_CHANNEL, DEFAULT_MODULES_FILE};
 use capsule_agent::{serve, ExecConfig, Reaper, ServeConfig, ServeOutcome, WaitMode};
 
 const USAGE: &str = "usage: capsule-agent [--stdio | --channel PATH] [--ready] [--modules FILE]
+       capsule-agent --heartbeat MS
 
-As PID 1: mounts /proc, /sys, /dev, /tmp, /run, loads the modules listed in
-FILE (default /etc/capsule/modules), reaps orphans and serves on PATH (default
-from capsule.channel= on the kernel command line, else /dev/hvc1), reopening it
-whenever it closes. Otherwise serves once on PATH or on stdin/stdout.";
+As PID 1: mounts /proc, /sys, /dev, /tmp, /run, prints the boot marker on the
+console (unless capsule.marker=0), starts the heartbeat (capsule.heartbeat=MS),
+loads the modules listed in FILE (default /etc/capsule/modules), reaps orphans
+and serves on PATH (default from capsule.channel= on the kernel command line,
+else /dev/hvc1), reopening it whenever it closes. Otherwise serves once on PATH
+or on stdin/stdout.
+
+--heartbeat MS prints `capsule-hb N` on /dev/console every MS milliseconds,
+forever (a benchmark's sign of life after a snapshot is restored).";
 
 #[derive(Debug, Default)]
 struct Args {
@@ -21,6 +27,7 @@ struct Args {
     channel: Option<String>,
     ready: bool,
     modules: Option<PathBuf>,
+    heartbeat: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +39,15 @@ fn parse_args() -> Result<Args, String> {
             "--ready" => args.ready = true,
             "--channel" => args.channel = Some(it.next().ok_or("--channel needs a path")?),
             "--modules" => args.modules = Some(it.next().ok_or("--modules needs a path")?.into()),
+            "--heartbeat" => {
+                let ms = it
+                    .next()
+                    .ok_or("--heartbeat needs a number of milliseconds")?;
+                args.heartbeat = Some(
+                    init::parse_heartbeat_ms(&ms)
+                        .ok_or(format!("--heartbeat {ms:?}: want a positive number of ms"))?,
+                );
+            }
             "--version" | "-V" => {
                 println!("capsule-agent {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
@@ -67,6 +83,17 @@ fn pid1_main(args: Args) -> ! {
     for (target, e) in init::mount_basics() {
         eprintln!("capsule-agent: mount {target}: {e}");
     }
+    // The boot options need /proc; the marker and the heartbeat come before the modules and
+    // the channel, which some VMMs (Firecracker) never provide.
+    let boot = init::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if boot.marker {
+        init::print_marker();
+    }
+    if let Some(interval) = boot.heartbeat {
+        if let Err(e) = init::start_heartbeat(interval) {
+            eprintln!("capsule-agent: cannot start the heartbeat thread: {e}");
+        }
+    }
     let modules = args
         .modules
         .clone()
@@ -76,7 +103,6 @@ fn pid1_main(args: Args) -> ! {
             eprintln!("capsule-agent: module {}: {e}", m.path);
         }
     }
-    let boot = init::parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let channel = args
         .channel
         .or(boot.channel)
@@ -127,6 +153,9 @@ fn main() -> ExitCode {
     };
     if std::process::id() == 1 {
         pid1_main(args);
+    }
+    if let Some(interval) = args.heartbeat {
+        init::run_heartbeat(&mut init::console_writer(), interval);
     }
     let config = ServeConfig {
         ready_line: args.ready,

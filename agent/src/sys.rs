@@ -371,6 +371,20 @@ pub fn reseed_crng(random: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
+/// The time on `CLOCK_MONOTONIC` (in a guest: since its kernel's clock started).
+pub fn monotonic() -> Duration {
+    // SAFETY: timespec is plain data, fully written by clock_gettime on success.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is a valid out-pointer for the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == -1 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

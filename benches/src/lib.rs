@@ -1,7 +1,13 @@
-//! Measurement helpers shared by the `report` binary and the criterion benches.
+//! Measurement helpers shared by the `report` binary and the criterion benches, and the
+//! peers `linux-report` measures Linux capsules against (QEMU's microvm, Firecracker).
 #![deny(missing_docs)]
 
 use std::time::Duration;
+
+pub mod console;
+pub mod firecracker;
+pub mod process;
+pub mod qemu;
 
 /// Percentiles of a set of samples, in the unit they were given in.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -45,11 +45,16 @@ options:
   --extra SRC[=DEST]    copy host file SRC into L1 at /nested/extra/DEST (repeatable;
                         also env CAPSULE_NESTED_EXTRA_FILES and xtask/nested-files.txt)
   --extra-test PATH     also run this static test executable in L1 (repeatable)
-  --linux-report        after the tests, run benches' linux-report in L1: Linux capsule boot
-                        vs QEMU microvm (packed into L1) and the exec round trip, as JSON
-                        lines, repeated in the summary
+  --linux-report        after the tests, run benches' linux-report in L1: Linux capsule
+                        boots, pause/resume, templates and forks vs QEMU microvm and
+                        Firecracker (both packed into L1), as JSON lines, repeated in the
+                        summary
   --report-only         run linux-report and no tests (implies --linux-report)
   --report-boots N      boots of each kind in linux-report (default 5)
+  --firecracker PATH    the Firecracker binary linux-report measures against (default:
+                        ../shared/peers/firecracker/firecracker beside the workspace, packed
+                        when it exists; without one the report says Firecracker was not
+                        measured)
   --no-install          fail instead of installing missing tools
   --no-python           do not pack Python and the capsule SDK into L1 (packed when the
                         capsule package's tests run, from target/python-venv) and skip the
@@ -91,8 +96,16 @@ struct Options {
     linux_report: bool,
     report_only: bool,
     report_boots: u32,
+    /// `--firecracker PATH`; `None`: [`DEFAULT_FIRECRACKER`] when it exists.
+    firecracker: Option<PathBuf>,
     libtest_args: Vec<String>,
 }
+
+/// The Firecracker binary linux-report measures against, relative to the workspace root
+/// (the shared peers directory beside the checkout).
+const DEFAULT_FIRECRACKER: &str = "../shared/peers/firecracker/firecracker";
+/// Where it goes in L1, under `/nested/extra`.
+const FIRECRACKER_IN_L1: &str = "firecracker/firecracker";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -203,6 +216,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
         linux_report: false,
         report_only: false,
         report_boots: 5,
+        firecracker: None,
         libtest_args: Vec::new(),
     };
     if let Ok(list) = std::env::var("CAPSULE_NESTED_EXTRA_FILES") {
@@ -240,6 +254,7 @@ fn parse_options(args: &[String]) -> Result<Option<Options>> {
                 o.report_only = true;
             }
             "--report-boots" => o.report_boots = parse_num(arg, &value(arg)?)?,
+            "--firecracker" => o.firecracker = Some(PathBuf::from(value(arg)?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -438,9 +453,27 @@ fn nested_test(o: &Options) -> Result<bool> {
                 o.report_boots.to_string(),
             ),
         ];
+        match firecracker_for_l1(&workspace, o.firecracker.as_deref())? {
+            Ok(source) => {
+                extra.push(Extra {
+                    source,
+                    dest: FIRECRACKER_IN_L1.to_string(),
+                });
+                env.push((
+                    "CAPSULE_FIRECRACKER".to_string(),
+                    format!("/nested/extra/{FIRECRACKER_IN_L1}"),
+                ));
+            }
+            Err(why) => {
+                println!("xtask: WARNING: Firecracker not packed for linux-report: {why}");
+                env.push(("CAPSULE_FIRECRACKER_ABSENT".to_string(), why));
+            }
+        }
         // Passed through from the host when set (see benches/src/bin/linux-report.rs).
         for name in [
             "CAPSULE_LINUX_REPORT_EXECS",
+            "CAPSULE_LINUX_REPORT_LIFECYCLE",
+            "CAPSULE_LINUX_REPORT_HEARTBEAT_MS",
             "CAPSULE_LINUX_REPORT_DMESG",
             "CAPSULE_QEMU_MACHINE",
         ] {
@@ -603,6 +636,38 @@ fn nested_test(o: &Options) -> Result<bool> {
 /// most this many times in all. A long run (the Linux lifecycle for both guest kinds takes
 /// tens of minutes under TCG) is exposed for longer, hence three.
 const L1_RUNS: usize = 3;
+/// The Firecracker binary to pack for linux-report: `--firecracker PATH` (which must exist),
+/// else [`DEFAULT_FIRECRACKER`] under the workspace when it exists. `Ok(Err(why))`: none, and
+/// why (the report prints it).
+fn firecracker_for_l1(
+    workspace: &Path,
+    flag: Option<&Path>,
+) -> Result<std::result::Result<PathBuf, String>> {
+    let (path, given) = match flag {
+        Some(path) => (path.to_path_buf(), true),
+        None => (workspace.join(DEFAULT_FIRECRACKER), false),
+    };
+    if path.is_file() {
+        let bytes = fs::read(&path).context(|| format!("cannot read {}", path.display()))?;
+        if !util::is_static_elf(&bytes) {
+            return Err(Error::msg(format!(
+                "{} is not a static x86_64 executable: it cannot run in L1",
+                path.display()
+            )));
+        }
+        return Ok(Ok(path));
+    }
+    if given {
+        return Err(Error::msg(format!(
+            "--firecracker {}: no such file",
+            path.display()
+        )));
+    }
+    Ok(Err(format!(
+        "no Firecracker binary at {} (pass --firecracker PATH)",
+        path.display()
+    )))
+}
 
 /// How long L1 may print nothing before it counts as hung (env `CAPSULE_NESTED_STALL`,
 /// seconds, overrides it).
@@ -772,7 +837,7 @@ fn summarize(
 fn summarize_linux_report(lr: &report::LinuxReport, kvm_ready: bool) -> Vec<String> {
     let mut problems = Vec::new();
     println!(
-        "xtask: linux-report (Linux capsule vs QEMU microvm, same L1 run; {}):",
+        "xtask: linux-report (Linux capsule vs QEMU microvm and Firecracker, same L1 run; {}):",
         lr.elapsed.map_or("unfinished".to_string(), |d| format!(
             "{:.1} s",
             d.as_secs_f64()
@@ -842,6 +907,23 @@ mod tests {
         assert_eq!(o.packages, DEFAULT_PACKAGES);
         assert!(parse_options(&args(&["--bogus"])).is_err());
         assert!(parse_options(&args(&["--timeout"])).is_err());
+    }
+
+    #[test]
+    fn firecracker_option() {
+        let o = parse_options(&args(&["--report-only", "--firecracker", "/x/fc"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.firecracker.as_deref(), Some(Path::new("/x/fc")));
+        assert!(o.report_only && o.linux_report);
+        assert!(parse_options(&args(&["--firecracker"])).is_err());
+        // A missing default is not an error (the report says so); a missing --firecracker is.
+        let dir = std::env::temp_dir().join(format!("xtask-fc-{}", std::process::id()));
+        let why = firecracker_for_l1(&dir, None).unwrap().unwrap_err();
+        assert!(why.contains("no Firecracker binary"), "{why}");
+        assert!(firecracker_for_l1(&dir, Some(&dir.join("fc"))).is_err());
+        // Not static: refused.
+        assert!(firecracker_for_l1(&dir, Some(Path::new("/bin/sh"))).is_err());
     }
 
     #[test]

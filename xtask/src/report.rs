@@ -118,7 +118,9 @@ pub struct LinuxReport {
     started_at: Option<Duration>,
     /// `{"metric": ...}` lines, verbatim.
     pub metrics: Vec<String>,
-    /// `linux-report: SKIPPED ...` and `linux-report: QEMU microvm not measured: ...`.
+    /// `linux-report: SKIPPED ...`, `linux-report: X not measured: ...` (a peer, a metric),
+    /// `linux-report: METRIC: a sample failed: ...`, a boot tried once more,
+    /// `linux-report: target: ...` and `linux-report: note: ...`.
     pub notes: Vec<String>,
 }
 
@@ -196,9 +198,16 @@ impl Report {
                 self.linux_report.metrics.push(line.to_string());
             }
         } else if line.starts_with("linux-report: SKIPPED")
-            || line.starts_with("linux-report: QEMU microvm not measured")
+            || line.starts_with("linux-report: target: ")
+            || line.starts_with("linux-report: note: ")
+            || (line.starts_with("linux-report: ")
+                && (line.contains(" not measured: ")
+                    || line.contains(": a sample failed: ")
+                    || line.contains("once more")))
         {
-            self.linux_report.notes.push(line.to_string());
+            if self.linux_report.started && self.linux_report.exit_code.is_none() {
+                self.linux_report.notes.push(line.to_string());
+            }
         } else if let Some(rest) = line.strip_prefix("NESTED-DONE rc=") {
             self.done = Some(rest.trim().parse().unwrap_or(-1));
         } else if let Some(counts) = parse_test_result(line) {
@@ -378,6 +387,27 @@ mod tests {
             r#"xx{"metric": "linux_boot_to_ready", "unit": "us", "p50": 9.0, "p99": 9.5, "n": 5}"#,
             at(4),
         );
+        r.line(
+            "linux-report: Firecracker not measured: no Firecracker binary at x",
+            at(4),
+        );
+        r.line(
+            "linux-report: linux_pause not measured: unsupported: Linux capsules cannot be paused",
+            at(4),
+        );
+        r.line(
+            "linux-report: target: linux_boot_to_marker / firecracker_boot_to_marker = 0.6 (p50), target <= 0.5: MISSED",
+            at(5),
+        );
+        r.line(
+            "linux-report: note: QEMU's boot figures include ~3.4 s",
+            at(5),
+        );
+        r.line("linux-report: boot 2: Firecracker marker 4000 ms", at(5));
+        r.line(
+            "linux-report: linux_resume_to_ready: a sample failed: crashed",
+            at(5),
+        );
         r.line("NESTED-REPORT-END rc=0", at(6));
         let lr = &r.linux_report;
         assert!(lr.started);
@@ -389,7 +419,14 @@ mod tests {
         );
         assert_eq!(
             lr.notes,
-            ["linux-report: QEMU microvm not measured: cannot run qemu"]
+            [
+                "linux-report: QEMU microvm not measured: cannot run qemu",
+                "linux-report: Firecracker not measured: no Firecracker binary at x",
+                "linux-report: linux_pause not measured: unsupported: Linux capsules cannot be paused",
+                "linux-report: target: linux_boot_to_marker / firecracker_boot_to_marker = 0.6 (p50), target <= 0.5: MISSED",
+                "linux-report: note: QEMU's boot figures include ~3.4 s",
+                "linux-report: linux_resume_to_ready: a sample failed: crashed",
+            ]
         );
     }
 
