@@ -178,11 +178,11 @@ class Capsule:
 
     @_CapsuleOrId
     def pause(self) -> None:
-        """Pauses the capsule: waits for running commands, writes its whole state to the
-        engine's data directory and releases its VM (no CPU, no memory). Pausing a paused
-        capsule does nothing. Raises ``InvalidStateError`` if it is stopped,
-        ``GuestCrashedError`` if in error, ``UnsupportedError`` for Linux capsules (for
-        now)."""
+        """Pauses the capsule: freezes it (a Linux capsule with its processes; a command
+        running then returns ``InvalidStateError``, and its process goes on after
+        ``resume``), writes its whole state to the engine's data directory and releases its
+        VM (no CPU, no memory). Pausing a paused capsule does nothing. Raises
+        ``InvalidStateError`` if it is stopped, ``GuestCrashedError`` if in error."""
         self._native.pause()
 
     @_CapsuleOrId
@@ -227,8 +227,8 @@ class Capsule:
 
     def fork(self, n: int) -> builtins.list[Capsule]:
         """``n`` new running capsules in this capsule's exact state (it must be running or
-        paused, and is not changed), on the same engine. All or nothing. Raises
-        ``UnsupportedError`` for Linux capsules (for now)."""
+        paused, and is not changed), on the same engine. All or nothing; clones never share
+        randomness (a Linux clone's kernel CRNG is reseeded before it runs)."""
         return [Capsule._wrap(native, self._engine) for native in self._native.fork(n)]
 
     def console_log(self) -> str:

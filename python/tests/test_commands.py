@@ -33,11 +33,15 @@ def test_run_returns_stdout_stderr_exit_code_and_duration(probe: ProbeFactory) -
     assert [c.commands.run("count").stdout for _ in range(3)] == ["1\n", "2\n", "3\n"]
 
 
-def test_env_and_cwd_are_accepted(probe: ProbeFactory) -> None:
-    # The probe has no environment or directories and ignores both (Linux capsules use them).
+def test_env_and_cwd_are_refused_by_the_probe(probe: ProbeFactory) -> None:
+    # The probe has no environment or directories: asking for them is an error, never
+    # silently ignored (Linux capsules use them).
     c = probe()
-    r = c.commands.run("echo opts", env={"A": "1", "B": "two"}, cwd="/tmp", timeout=5)
-    assert r.stdout == "opts\n"
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.run("echo opts", env={"A": "1", "B": "two"}, timeout=5)
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.run("echo opts", cwd="/tmp", timeout=5)
+    assert c.commands.run("echo opts", timeout=5).stdout == "opts\n"
     with pytest.raises(TypeError):
         c.commands.run("echo x", env={"A": 1})  # type: ignore[dict-item]
 
