@@ -926,7 +926,7 @@ fn lifecycle_config() -> CapsuleConfig {
 fn start_heartbeat(capsule: &Capsule, ms: u64) -> std::result::Result<u32, String> {
     let out = capsule
         .commands()
-        .run(&format!(
+        .run(format!(
             "setsid /init --heartbeat {ms} </dev/null >/dev/null 2>&1 & echo $!"
         ))
         .map_err(|e| format!("starting the heartbeat: {e}"))?;
@@ -1535,7 +1535,7 @@ fn clone_rss(setup: &Setup, metrics: &mut Metrics, source: &Capsule, heartbeat: 
     phase("clone RSS: a quiet template (the heartbeat stopped)");
     let template = source
         .commands()
-        .run(&format!("kill {heartbeat}"))
+        .run(format!("kill {heartbeat}"))
         .map_err(|e| format!("stopping the heartbeat: {e}"))
         .and_then(|_| {
             source
