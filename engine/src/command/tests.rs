@@ -128,8 +128,10 @@ fn kill_leaves_no_process_of_the_tree() {
     let pids = dir.path().join("pids");
     let link = real_agent();
     let script = format!(
+        // `up` only once all three pids are written: the subshell writes its own
+        // child's pid asynchronously.
         "sleep 100 & echo $! >> {p}; (sleep 100 & echo $! >> {p}; wait) & echo $! >> {p}; \
-         echo up; wait",
+         while [ $(wc -l < {p}) -lt 3 ]; do sleep 0.01; done; echo up; wait",
         p = pids.display()
     );
     let tree = spawn(&link, script, RunOptions::new());
