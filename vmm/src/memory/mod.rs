@@ -13,13 +13,15 @@
 //! - flat offsets: [`write_flat`], [`read_flat`], [`flatten_dirty`];
 //! - pages the VMM wrote: [`take_vmm_dirty`] (KVM's log of guest writes is
 //!   [`crate::Vm::take_dirty_pages`], which includes these); pages written by anyone since
-//!   the memory was mapped, without a dirty log: [`private_pages`].
+//!   the memory was mapped, without a dirty log: [`private_pages`];
+//! - memory shared with other guests, mapped only where touched: [`map_touched_only`].
 
 mod dirty;
 mod file;
 mod flat;
 mod huge;
 mod owned;
+mod touched_only;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
@@ -32,6 +34,7 @@ pub use file::{map_private_file, map_private_file_regions, replace_with_private_
 pub use flat::{flatten_dirty, read_flat, write_flat};
 pub use huge::HUGE_PAGE_SIZE;
 pub use owned::private_pages;
+pub use touched_only::map_touched_only;
 
 /// Guest memory as the VMM sees it. The [`AtomicBitmap`] records pages the VMM itself writes
 /// (devices, mailboxes), which KVM's dirty log does not see.
