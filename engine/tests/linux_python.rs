@@ -19,7 +19,6 @@
 mod common;
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,7 +153,7 @@ fn linux_python_lifecycle_example_runs_as_written() {
         .stderr(Stdio::piped());
     eprintln!("running the example with {}: {cmd:?}", python.what);
     let started = Instant::now();
-    let (status, stdout, stderr) = run_with_limit(&mut cmd, EXAMPLE_LIMIT);
+    let (status, stdout, stderr) = common::run_with_limit(&mut cmd, EXAMPLE_LIMIT);
     eprintln!(
         "the example took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
         started.elapsed().as_secs_f64()
@@ -189,39 +188,4 @@ fn linux_python_lifecycle_example_runs_as_written() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the data directory: {left:?}");
-}
-
-/// Runs `cmd` (stdout and stderr piped), killing it after `limit`; its exit status (`None`
-/// when killed), stdout and stderr.
-fn run_with_limit(
-    cmd: &mut Command,
-    limit: Duration,
-) -> (Option<std::process::ExitStatus>, String, String) {
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let reader = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = pipe.read_to_end(&mut text);
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = reader(Box::new(child.stdout.take().expect("stdout")));
-    let stderr = reader(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (
-        status,
-        stdout.join().expect("stdout reader"),
-        stderr.join().expect("stderr reader"),
-    )
 }
