@@ -1,10 +1,15 @@
-//! The Python SDK's lifecycle example (`python/examples/lifecycle.py`, issue #11) as written,
-//! with the "minimal" Linux template: a fresh Python process creates a capsule on the SDK's
-//! default engine, runs a command, pauses it, reads its status, resumes it, runs another
-//! command and destroys it.
+//! The Python SDK's examples with the "minimal" Linux template, each in a fresh Python process
+//! on the SDK's default engine:
+//!
+//! - `python/examples/lifecycle.py` (issue #11) as written: creates a capsule, runs a command,
+//!   pauses it, reads its status, resumes it, runs another command and destroys it.
+//! - `python/examples/guest_io.py` (the guest I/O of issue #9 from Python): background
+//!   commands fed on stdin with output callbacks, a character cut by a chunk boundary, a
+//!   signal, the process list, `connect` and kill by pid, a process across a pause, files in
+//!   and out with their typed errors, another user, and a terminal; one checked line each.
 //!
 //! In the nested harness (`cargo xtask nested-test -- linux_python`) the Python is the host's
-//! CPython packed into L1 with the installed `capsule` package and the example file
+//! CPython packed into L1 with the installed `capsule` package and the example files
 //! (`$CAPSULE_NESTED_EXTRA/python`, `xtask/src/l1python.rs`); it runs through the packed
 //! dynamic loader with `PYTHONHOME` and `PYTHONPATH` pointing into that folder. On a host with
 //! hardware virtualization and the minimal image it runs with the first Python that can
@@ -23,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long the example may take, end to end (a nested boot, a pause and a resume under
+/// How long an example may take, end to end (a nested boot, a pause and a resume under
 /// TCG take well under a minute).
 const EXAMPLE_LIMIT: Duration = Duration::from_secs(600);
 
@@ -33,7 +38,8 @@ struct Python {
     program: PathBuf,
     args: Vec<OsString>,
     env: Vec<(&'static str, OsString)>,
-    example: PathBuf,
+    /// The folder of the examples.
+    examples: PathBuf,
 }
 
 /// The Python packed into L1 under `extra/python` (see `xtask/src/l1python.rs`).
@@ -61,7 +67,7 @@ fn packed_python(extra: &Path) -> Python {
             ("PYTHONHOME", root.clone().into()),
             ("PYTHONPATH", root.join("site-packages").into()),
         ],
-        example: root.join("examples/lifecycle.py"),
+        examples: root.join("examples"),
     }
 }
 
@@ -94,26 +100,33 @@ fn host_python() -> Option<Python> {
         program,
         args: Vec::new(),
         env: Vec::new(),
-        example: workspace.join("python/examples/lifecycle.py"),
+        examples: workspace.join("python/examples"),
     })
 }
 
-#[test]
-fn linux_python_lifecycle_example_runs_as_written() {
+/// What a run of an example left: its output, and the default engine's data directory
+/// (whose temporary home is removed with it).
+struct Ran {
+    stdout: String,
+    data_dir: PathBuf,
+    _home: tempfile::TempDir,
+}
+
+/// Runs `python/examples/NAME` with "minimal", asserting that it exits 0; `None` (SKIPPED)
+/// where Linux capsules cannot run or no Python can import `capsule` outside the harness.
+fn run_example(name: &str) -> Option<Ran> {
     let nested = std::env::var_os("CAPSULE_NESTED").is_some();
     let packed = std::env::var_os("CAPSULE_NESTED_EXTRA")
         .map(PathBuf::from)
         .filter(|extra| extra.join("python").is_dir());
     // Hardware virtualization and the minimal image, or SKIPPED (the harness has both).
-    let Some((engine, _dir)) = common::linux::linux_engine() else {
-        return;
-    };
+    let (engine, _dir) = common::linux::linux_engine()?;
     drop(engine);
     let python = match packed {
         Some(extra) => packed_python(&extra),
         None if nested => panic!(
             "the nested harness packs Python into L1 ($CAPSULE_NESTED_EXTRA/python) unless \
-             --no-python, which skips this test"
+             --no-python, which skips these tests"
         ),
         None => match host_python() {
             Some(python) => python,
@@ -122,15 +135,12 @@ fn linux_python_lifecycle_example_runs_as_written() {
                     "SKIPPED: no Python here can `import capsule` ($CAPSULE_PYTHON, \
                      target/python-venv/bin/python, python3): `pip install ./python`"
                 );
-                return;
+                return None;
             }
         },
     };
-    assert!(
-        python.example.is_file(),
-        "{} is missing",
-        python.example.display()
-    );
+    let example = python.examples.join(name);
+    assert!(example.is_file(), "{} is missing", example.display());
 
     // The default engine's data directory, with the minimal image where it looks.
     let home = tempfile::tempdir().expect("temp dir");
@@ -141,7 +151,7 @@ fn linux_python_lifecycle_example_runs_as_written() {
 
     let mut cmd = Command::new(&python.program);
     cmd.args(&python.args)
-        .arg(&python.example)
+        .arg(&example)
         .envs(python.env.iter().map(|(k, v)| (k, v)))
         .env("CAPSULE_TEST_TEMPLATE", "minimal")
         .env("XDG_DATA_HOME", home.path())
@@ -151,21 +161,43 @@ fn linux_python_lifecycle_example_runs_as_written() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    eprintln!("running the example with {}: {cmd:?}", python.what);
+    eprintln!("running {name} with {}: {cmd:?}", python.what);
     let started = Instant::now();
     let (status, stdout, stderr) = common::run_with_limit(&mut cmd, EXAMPLE_LIMIT);
     eprintln!(
-        "the example took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
+        "{name} took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
         started.elapsed().as_secs_f64()
     );
-    let status = status.unwrap_or_else(|| {
-        panic!(
-            "the example did not finish within {} s",
-            EXAMPLE_LIMIT.as_secs()
-        )
-    });
-    assert!(status.success(), "the example failed: {status}\n{stderr}");
+    let status = status
+        .unwrap_or_else(|| panic!("{name} did not finish within {} s", EXAMPLE_LIMIT.as_secs()));
+    assert!(status.success(), "{name} failed: {status}\n{stderr}");
+    Some(Ran {
+        stdout,
+        data_dir,
+        _home: home,
+    })
+}
 
+/// The capsules left in the data directory of a run (none once the example destroyed its).
+fn capsules_left(data_dir: &Path) -> Vec<OsString> {
+    std::fs::read_dir(data_dir.join("capsules"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with("cl-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn linux_python_lifecycle_example_runs_as_written() {
+    let Some(Ran {
+        stdout, data_dir, ..
+    }) = run_example("lifecycle.py")
+    else {
+        return;
+    };
     // What the issue's example prints: the id, True, "paused".
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{stdout}");
@@ -179,13 +211,38 @@ fn linux_python_lifecycle_example_runs_as_written() {
     );
     assert_eq!(lines[1..], ["True", "paused"], "{stdout}");
     // The capsule was destroyed: nothing of it is left in the data directory.
-    let left: Vec<_> = std::fs::read_dir(data_dir.join("capsules"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name())
-                .filter(|n| n.to_string_lossy().starts_with("cl-"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let left = capsules_left(&data_dir);
+    assert!(left.is_empty(), "left in the data directory: {left:?}");
+}
+
+/// What `guest_io.py` prints with "minimal": one line per part (see the example).
+const GUEST_IO_LINES: &[&str] = &[
+    "stdin: HELLO CAPSULE exit 0 own thread True",
+    "callbacks: whole True stderr two kept True",
+    "signal: exit 7 got TERM",
+    "processes: listed ['sleep 300'] recent True detached True killed 9",
+    "connect: ProcessNotFoundError True",
+    "pause: detached True listed True reconnected exit 4 got hello",
+    "files: roundtrip True size 1048576 mode 0o600 file recent True text True",
+    "list: empty:directory in:directory in/data.bin:file note.txt:file",
+    "transfer: up 3145733 down 3145733 same True",
+    "file errors: FileNotFoundError:not_found:True IsADirectoryError:is_a_directory:True \
+     exists False",
+    "user: 1000 /home/tester unknown refused",
+    "pty: 24 80 then 50 132, exit 3",
+    "done",
+];
+
+#[test]
+fn linux_python_guest_io_example_runs() {
+    let Some(Ran {
+        stdout, data_dir, ..
+    }) = run_example("guest_io.py")
+    else {
+        return;
+    };
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, GUEST_IO_LINES, "{stdout}");
+    let left = capsules_left(&data_dir);
     assert!(left.is_empty(), "left in the data directory: {left:?}");
 }

@@ -12,10 +12,22 @@ destroy it::
     capsule.resume()
     capsule.destroy()
 
+Talk to what runs in it (Linux capsules): background commands with stdin, signals and
+streamed output, files, terminals::
+
+    build = capsule.commands.run("make", background=True,
+                                 on_stdout=lambda text: print(text, end=""))
+    build.wait()
+    capsule.files.write("/work/in.txt", "hello")
+    shell = capsule.pty.create(rows=24, cols=80)
+    shell.write(b"ls\n")
+
 ``Capsule(...)`` uses the process-wide default engine (``default_engine()``);
 ``Engine(data_dir=...)`` opens another, whose ``create(...)`` and ``get(id)`` return capsules
-bound to it. Blocking calls release the GIL. Errors are ``CapsuleError`` subclasses, one per
-kind of engine error (``NotFoundError``, ``TimeoutError``, ``InvalidStateError``...).
+bound to it. Blocking calls release the GIL; output callbacks are called with the GIL held,
+on a thread of their command, never inside an engine lock. Errors are ``CapsuleError``
+subclasses, one per kind of engine error (``NotFoundError``, ``TimeoutError``,
+``InvalidStateError``, ``FileNotFoundError``...).
 
 The Rust engine does the work (``capsule._native``, a PyO3 extension); this package adds the
 Python-shaped layer (``capsule._api``).
@@ -36,9 +48,15 @@ from ._native import (
     BootTimeoutError,
     CapsuleError,
     CapsuleInfo,
+    CommandHandle,
     CommandResult,
     Commands,
     DataDirLockedError,
+    EntryInfo,
+    FileError,
+    FileExistsError,
+    FileNotFoundError,
+    Files,
     GuestCrashedError,
     HostInfo,
     HypervisorError,
@@ -47,9 +65,17 @@ from ._native import (
     InvalidIdError,
     InvalidStateError,
     IoError,
+    IsADirectoryError,
     KvmUnavailableError,
+    NotADirectoryError,
     NotFoundError,
     OsError,
+    PermissionError,
+    ProcessDetachedError,
+    ProcessInfo,
+    ProcessNotFoundError,
+    Pty,
+    PtyHandle,
     ResourceExhaustedError,
     SnapshotError,
     SnapshotMismatchError,
@@ -68,10 +94,16 @@ __all__ = [
     "Capsule",
     "CapsuleError",
     "CapsuleInfo",
+    "CommandHandle",
     "CommandResult",
     "Commands",
     "DataDirLockedError",
     "Engine",
+    "EntryInfo",
+    "FileError",
+    "FileExistsError",
+    "FileNotFoundError",
+    "Files",
     "GuestCrashedError",
     "HostInfo",
     "HypervisorError",
@@ -80,9 +112,17 @@ __all__ = [
     "InvalidIdError",
     "InvalidStateError",
     "IoError",
+    "IsADirectoryError",
     "KvmUnavailableError",
+    "NotADirectoryError",
     "NotFoundError",
     "OsError",
+    "PermissionError",
+    "ProcessDetachedError",
+    "ProcessInfo",
+    "ProcessNotFoundError",
+    "Pty",
+    "PtyHandle",
     "ResourceExhaustedError",
     "SnapshotError",
     "SnapshotMismatchError",

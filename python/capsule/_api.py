@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar, overload
 from pathlib import Path
 
 from ._native import Capsule as _NativeCapsule
-from ._native import CapsuleInfo, Commands, HostInfo, TemplateInfo
+from ._native import CapsuleInfo, Commands, Files, HostInfo, Pty, TemplateInfo
 from ._native import Engine as _NativeEngine
 
 __all__ = ["Capsule", "Engine", "default_engine"]
@@ -105,6 +105,9 @@ class Capsule:
     it returns at once while the capsule boots (see ``wait_ready``). ``vcpus`` and
     ``memory_mb`` default to the template's.
 
+    ``commands`` runs commands (to the end or in the background), ``files`` reads and writes
+    its files and ``pty`` opens terminals in it (the last two in Linux capsules).
+
     ``with Capsule(...) as c:`` destroys the capsule when the block ends. Otherwise a capsule
     lives until ``destroy()`` (or until its engine is gone): dropping the object does not
     destroy it. ``pause``, ``resume`` and ``destroy`` also work on the class with an id.
@@ -116,7 +119,9 @@ class Capsule:
     _engine: Engine
     _capsule_id: str
     commands: Commands
-    """Runs commands in the capsule: ``capsule.commands.run("echo hi")``."""
+    """Runs commands in the capsule: ``capsule.commands.run("echo hi")``, in the background
+    with ``background=True``; ``list()``, ``connect(pid)`` and ``kill(pid)`` reach its
+    processes."""
 
     def __init__(
         self,
@@ -145,6 +150,19 @@ class Capsule:
     def capsule_id(self) -> str:
         """The capsule's id: ``"cl-"`` followed by lowercase letters and digits."""
         return self._capsule_id
+
+    @property
+    def files(self) -> Files:
+        """Its files (Linux capsules): ``read``, ``read_text``, ``write``, ``list``,
+        ``exists``, ``stat``, ``make_dir``, ``remove``, ``rename``, ``upload``,
+        ``download``. In the probe every call raises ``UnsupportedError``."""
+        return self._native.files
+
+    @property
+    def pty(self) -> Pty:
+        """Terminals in the capsule (Linux capsules): ``pty.create(rows, cols)`` starts an
+        interactive shell on a new pseudo-terminal and returns its ``PtyHandle``."""
+        return self._native.pty
 
     @property
     def engine(self) -> Engine:

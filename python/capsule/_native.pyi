@@ -5,10 +5,11 @@ the native ``Capsule`` and ``Engine`` below.
 """
 
 import builtins
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import final
+from typing import Literal, final, overload
 
 __version__: str
 __all__ = [
@@ -17,10 +18,16 @@ __all__ = [
     "Capsule",
     "CapsuleError",
     "CapsuleInfo",
+    "CommandHandle",
     "CommandResult",
     "Commands",
     "DataDirLockedError",
     "Engine",
+    "EntryInfo",
+    "FileError",
+    "FileExistsError",
+    "FileNotFoundError",
+    "Files",
     "GuestCrashedError",
     "HostInfo",
     "HypervisorError",
@@ -29,9 +36,17 @@ __all__ = [
     "InvalidIdError",
     "InvalidStateError",
     "IoError",
+    "IsADirectoryError",
     "KvmUnavailableError",
+    "NotADirectoryError",
     "NotFoundError",
     "OsError",
+    "PermissionError",
+    "ProcessDetachedError",
+    "ProcessInfo",
+    "ProcessNotFoundError",
+    "Pty",
+    "PtyHandle",
     "ResourceExhaustedError",
     "SnapshotError",
     "SnapshotMismatchError",
@@ -44,6 +59,7 @@ __all__ = [
     "__version__",
     "_bench_create",
     "_bench_echo",
+    "_decode_utf8_chunks",
 ]
 
 @final
@@ -128,6 +144,14 @@ class Capsule:
     def commands(self) -> Commands:
         """Runs commands in the capsule."""
 
+    @property
+    def files(self) -> Files:
+        """Its files (Linux capsules)."""
+
+    @property
+    def pty(self) -> Pty:
+        """Terminals in the capsule (Linux capsules)."""
+
     def wait_ready(self, timeout: float = 30.0, interval: float = 0.5) -> None:
         """Blocks until the capsule is running (see ``capsule.Capsule.wait_ready``)."""
 
@@ -158,26 +182,144 @@ class Capsule:
     def console_log(self) -> str:
         """The guest's serial console output so far."""
 
+_Data = bytes | bytearray | str
+_TextCallback = Callable[[str], object]
+_Command = str | Sequence[str]
+
 @final
 class Commands:
-    """Runs commands in one capsule: ``capsule.commands.run("echo hi")``.
+    """Runs commands in one capsule: ``capsule.commands.run("echo hi")``, in the background
+    with ``background=True``; ``list()``, ``connect(pid)``, ``kill(pid)`` reach the guest's
+    processes."""
 
-    Background commands, streaming callbacks, stdin and ``user`` are not here yet: they
-    arrive with the engine's guest I/O work."""
-
+    @overload
     def run(
         self,
-        cmd: str,
+        cmd: _Command,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        user: str | None = None,
+        *,
+        background: Literal[True],
+        on_stdout: _TextCallback | None = None,
+        on_stderr: _TextCallback | None = None,
+        stdin: _Data | None = None,
+        clear_env: bool = False,
+        output_limit: int | None = None,
+    ) -> CommandHandle: ...
+    @overload
+    def run(
+        self,
+        cmd: _Command,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        timeout: float | None,
+        user: str | None,
+        background: Literal[True],
+        on_stdout: _TextCallback | None = None,
+        on_stderr: _TextCallback | None = None,
+        stdin: _Data | None = None,
+        *,
+        clear_env: bool = False,
+        output_limit: int | None = None,
+    ) -> CommandHandle: ...
+    @overload
+    def run(
+        self,
+        cmd: _Command,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+        background: Literal[False] = False,
+        on_stdout: _TextCallback | None = None,
+        on_stderr: _TextCallback | None = None,
+        stdin: _Data | None = None,
+        *,
+        clear_env: bool = False,
+        output_limit: int | None = None,
     ) -> CommandResult:
-        """Runs ``cmd`` and returns its result once it has finished.
+        """Runs ``cmd`` and returns its ``CommandResult`` once it has finished, or with
+        ``background=True`` a ``CommandHandle`` once it started.
 
-        ``env`` and ``cwd`` apply to Linux capsules (``/bin/sh -c cmd``); the probe ignores
-        them. ``timeout`` in seconds: None for the engine's default (30 s), 0 for none; a
-        command that outlives it is killed and ``capsule.TimeoutError`` raised. The GIL is
-        released while the command runs."""
+        ``cmd``: a shell script, or a program and its arguments (Linux capsules). ``env``,
+        ``cwd``, ``user``, ``stdin`` and ``clear_env`` apply to Linux capsules; the probe
+        raises ``UnsupportedError`` for each. ``timeout`` in seconds: None for 30 s in the
+        foreground and none in the background, 0 for none. ``on_stdout``/``on_stderr``
+        receive ``str`` chunks as they arrive, with the GIL held, on a thread of the
+        command. The GIL is released while the command runs."""
+    @overload
+    def run(
+        self,
+        cmd: _Command,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+        background: bool = False,
+        on_stdout: _TextCallback | None = None,
+        on_stderr: _TextCallback | None = None,
+        stdin: _Data | None = None,
+        *,
+        clear_env: bool = False,
+        output_limit: int | None = None,
+    ) -> CommandResult | CommandHandle: ...
+    def list(self) -> builtins.list[ProcessInfo]:
+        """The processes the guest's agent tracks, by pid (Linux capsules)."""
+
+    def connect(self, pid: int) -> CommandHandle:
+        """A new handle to process ``pid``: its output from now on and its exit."""
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL to process ``pid``'s whole process group."""
+
+@final
+class CommandHandle:
+    """A command running in the background (``commands.run(..., background=True)``,
+    ``commands.connect(pid)``). Iterating over it yields ``(stream, data)`` output chunks."""
+
+    @property
+    def pid(self) -> int:
+        """The command's pid in the guest (0 for the probe)."""
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Waits until the command ends; its result. ``TimeoutError`` ("wait") past
+        ``timeout`` seconds (the command runs on)."""
+
+    def kill(self) -> None:
+        """SIGKILL to the command's whole process group."""
+
+    def signal(self, signum: int) -> None:
+        """Sends signal ``signum`` to the command's process group."""
+
+    def send_stdin(self, data: _Data) -> None:
+        """Writes ``data`` (bytes, or str as UTF-8) to the command's stdin."""
+
+    def close_stdin(self) -> None:
+        """Closes the command's stdin (end of file)."""
+
+    def next_chunk(self, timeout: float | None = None) -> tuple[str, bytes] | None:
+        """The next output chunk, ``("stdout" | "stderr", data)``; None at the end."""
+
+    def __iter__(self) -> CommandHandle: ...
+    def __next__(self) -> tuple[str, bytes]: ...
+
+@final
+class ProcessInfo:
+    """A process the guest's agent tracks."""
+
+    @property
+    def pid(self) -> int:
+        """Its pid in the guest (also its process group id)."""
+
+    @property
+    def command(self) -> str:
+        """What was run."""
+
+    @property
+    def started_at(self) -> datetime:
+        """When it started, by the guest's clock (UTC)."""
 
 @final
 class CommandResult:
@@ -185,11 +327,19 @@ class CommandResult:
 
     @property
     def stdout(self) -> str:
-        """Standard output (invalid UTF-8 replaced)."""
+        """Standard output as text (invalid UTF-8 replaced)."""
 
     @property
     def stderr(self) -> str:
-        """Standard error (invalid UTF-8 replaced)."""
+        """Standard error as text (invalid UTF-8 replaced)."""
+
+    @property
+    def stdout_bytes(self) -> bytes:
+        """Standard output as the command wrote it."""
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        """Standard error as the command wrote it."""
 
     @property
     def exit_code(self) -> int:
@@ -202,15 +352,153 @@ class CommandResult:
 
     @property
     def duration(self) -> float:
-        """Seconds from sending the command to receiving its result."""
+        """Seconds the command ran."""
 
     @property
     def stdout_truncated(self) -> bool:
-        """Whether stdout was cut at the guest's output limit."""
+        """Whether stdout was cut at the output limit."""
 
     @property
     def stderr_truncated(self) -> bool:
-        """Whether stderr was cut at the guest's output limit."""
+        """Whether stderr was cut at the output limit."""
+
+@final
+class Files:
+    """Files in one capsule (Linux capsules; ``UnsupportedError`` in the probe). Guest
+    paths are absolute."""
+
+    def read(self, path: str) -> bytes:
+        """The whole file at ``path``."""
+
+    def read_text(self, path: str) -> str:
+        """The whole file at ``path`` as text (UTF-8)."""
+
+    def write(
+        self, path: str, data: _Data, mode: int | None = None, owner: tuple[int, int] | None = None
+    ) -> None:
+        """Writes ``data`` to ``path`` atomically, creating parent directories."""
+
+    def list(self, path: str, depth: int = 1) -> builtins.list[EntryInfo]:
+        """The entries below the directory ``path``, ``depth`` levels down."""
+
+    def exists(self, path: str) -> bool:
+        """Whether something exists at ``path``."""
+
+    def stat(self, path: str) -> EntryInfo:
+        """What is at ``path``."""
+
+    def make_dir(self, path: str) -> None:
+        """Creates the directory ``path`` and its parents."""
+
+    def remove(self, path: str) -> None:
+        """Removes the file or directory (recursively) at ``path``."""
+
+    def rename(self, src: str, dst: str) -> None:
+        """Renames ``src`` to ``dst``."""
+
+    def upload(self, host_path: str | PathLike[str], guest_path: str) -> int:
+        """Copies a host file into the guest; the bytes copied."""
+
+    def download(self, guest_path: str, host_path: str | PathLike[str]) -> int:
+        """Copies a guest file to the host; the bytes copied."""
+
+@final
+class EntryInfo:
+    """A file, directory or link in a guest."""
+
+    @property
+    def name(self) -> str:
+        """Its last path component."""
+
+    @property
+    def path(self) -> str:
+        """Its absolute path in the guest."""
+
+    @property
+    def type(self) -> str:
+        """ "file", "directory", "symlink" or "other"."""
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+
+    @property
+    def mode(self) -> int:
+        """Permission bits."""
+
+    @property
+    def uid(self) -> int:
+        """The owner's user id."""
+
+    @property
+    def gid(self) -> int:
+        """The owner's group id."""
+
+    @property
+    def modified(self) -> datetime:
+        """When its contents last changed (UTC)."""
+
+    @property
+    def symlink_target(self) -> str | None:
+        """Where a symbolic link points."""
+
+    def is_dir(self) -> bool:
+        """Whether it is a directory."""
+
+    def is_file(self) -> bool:
+        """Whether it is a regular file."""
+
+@final
+class Pty:
+    """Terminals in one capsule (Linux capsules)."""
+
+    def create(
+        self,
+        rows: int = 24,
+        cols: int = 80,
+        cmd: _Command | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        on_data: Callable[[bytes], object] | None = None,
+        *,
+        clear_env: bool = False,
+    ) -> PtyHandle:
+        """Starts a shell (or ``cmd``) on a new terminal of ``rows`` by ``cols``."""
+
+    def connect(self, pid: int) -> PtyHandle:
+        """A new handle to the terminal session led by ``pid``."""
+
+@final
+class PtyHandle:
+    """A shell (or command) on a pseudo-terminal. Iterating over it yields what the
+    terminal shows, in bytes chunks."""
+
+    @property
+    def pid(self) -> int:
+        """The pid of the session leader in the guest."""
+
+    def write(self, data: _Data) -> None:
+        """Types ``data`` into the terminal."""
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Changes the terminal's size."""
+
+    def kill(self) -> None:
+        """SIGKILL to the session's process group."""
+
+    def signal(self, signum: int) -> None:
+        """Sends signal ``signum`` to the session's process group."""
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Waits until the shell ends; its result."""
+
+    def next_chunk(self, timeout: float | None = None) -> bytes | None:
+        """The next chunk the terminal shows; None at the end."""
+
+    def __iter__(self) -> PtyHandle: ...
+    def __next__(self) -> bytes: ...
 
 @final
 class CapsuleInfo:
@@ -310,7 +598,7 @@ class TemplateNotFoundError(NotFoundError):
     name: str
 
 class TimeoutError(CapsuleError, builtins.TimeoutError):
-    """A command or a wait did not finish in time."""
+    """A command, a wait or a file request did not finish in time."""
 
     timeout_kind: str
     after: float
@@ -406,6 +694,44 @@ class OsError(CapsuleError):
 
     operation: str
     errno: int | None
+
+class FileError(CapsuleError, builtins.OSError):
+    """A file operation in a Linux capsule failed in the guest."""
+
+    path: str
+    kind: str
+    message: str
+
+class FileNotFoundError(FileError, builtins.FileNotFoundError):
+    """No such guest file or directory."""
+
+class IsADirectoryError(FileError, builtins.IsADirectoryError):
+    """A guest directory where a file was expected."""
+
+class NotADirectoryError(FileError, builtins.NotADirectoryError):
+    """A guest path component that is not a directory."""
+
+class FileExistsError(FileError, builtins.FileExistsError):
+    """Something is in the way in the guest."""
+
+class PermissionError(FileError, builtins.PermissionError):
+    """The guest refused access."""
+
+class ProcessDetachedError(CapsuleError, RuntimeError):
+    """A handle no longer receives its process's output: reconnect with
+    ``commands.connect(pid)``."""
+
+    capsule_id: str
+    pid: int
+    reason: str
+
+class ProcessNotFoundError(NotFoundError, builtins.ProcessLookupError):
+    """The guest's agent tracks no process with this pid."""
+
+    pid: int
+
+def _decode_utf8_chunks(chunks: list[bytes]) -> list[str]:
+    """Private, for the tests: what a text callback receives for these chunks."""
 
 def _bench_echo(capsule: Capsule, n: int) -> list[float]:
     """Private, for ``bench.py``: ``n`` runs of ``echo hi`` timed in Rust (microseconds)."""

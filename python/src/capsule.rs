@@ -5,7 +5,9 @@ use pyo3::prelude::*;
 
 use crate::commands::Commands;
 use crate::errors::{seconds, IntoPy};
+use crate::files::Files;
 use crate::info::{CapsuleInfo, TemplateInfo};
+use crate::pty::Pty;
 
 /// A handle to one capsule of an engine (the native half of `capsule.Capsule`). Every
 /// blocking call releases the GIL. Dropping the handle does not destroy the capsule.
@@ -39,6 +41,24 @@ impl Capsule {
     #[getter]
     fn commands(&self) -> Commands {
         Commands {
+            capsule: self.inner.clone(),
+        }
+    }
+
+    /// Reads, writes and manages files in the capsule (a new `Files` bound to it; Linux
+    /// capsules).
+    #[getter]
+    fn files(&self) -> Files {
+        Files {
+            capsule: self.inner.clone(),
+        }
+    }
+
+    /// Runs shells on pseudo-terminals in the capsule (a new `Pty` bound to it; Linux
+    /// capsules).
+    #[getter]
+    fn pty(&self) -> Pty {
+        Pty {
             capsule: self.inner.clone(),
         }
     }

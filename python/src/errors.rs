@@ -1,7 +1,10 @@
 //! The engine's errors as Python exceptions: one class per kind of [`capsule::Error`], all
 //! under `capsule.CapsuleError`, each also under the builtin that Python code would catch for
-//! that kind (`TimeoutError`, `RuntimeError`, `ValueError`). The message is the Rust error's
-//! own; the facts it carries (ids, statuses, limits) are attributes of the exception.
+//! that kind (`TimeoutError`, `RuntimeError`, `ValueError`, `OSError` and its
+//! `FileNotFoundError`...). The message is the Rust error's own; the facts it carries (ids,
+//! statuses, limits, guest paths) are attributes of the exception. A guest file error is a
+//! `FileError` with its `kind`, raised as the subclass that mirrors the builtin for that kind
+//! where there is one (`capsule.FileNotFoundError` is also a builtin `FileNotFoundError`).
 //!
 //! The classes are made with Python's `type()` when the module is first imported, because
 //! `capsule.TimeoutError` needs two bases (`CapsuleError` and the builtin `TimeoutError`).
@@ -46,6 +49,14 @@ enum Kind {
     Agent,
     Io,
     Os,
+    File,
+    FileNotFound,
+    IsADirectory,
+    NotADirectory,
+    FileExists,
+    Permission,
+    ProcessDetached,
+    ProcessNotFound,
 }
 
 /// Every exception class, in [`Kind`] order; bases come before the classes deriving from them.
@@ -72,8 +83,10 @@ const CLASSES: &[ClassDef] = &[
         bases: &["CapsuleError", "TimeoutError"],
         doc: "A command or a wait did not finish in time; also a builtin `TimeoutError`. \
               Attributes: `timeout_kind` (\"command\": the command was killed and the capsule \
-              is still usable; \"wait_ready\"; \"boot\" for a `BootTimeoutError`) and `after` \
-              (the limit, in seconds).",
+              is still usable; \"wait\": a wait for a background command or its output ran \
+              out, the command runs on; \"file\": the guest did not answer a file request; \
+              \"wait_ready\"; \"boot\" for a `BootTimeoutError`) and `after` (the limit, in \
+              seconds).",
     },
     ClassDef {
         name: "BootTimeoutError",
@@ -187,6 +200,63 @@ const CLASSES: &[ClassDef] = &[
         doc: "The host refused the engine a resource (a thread, a file descriptor...). \
               Attributes: `operation`, `errno` (or None).",
     },
+    ClassDef {
+        name: "FileError",
+        bases: &["CapsuleError", "OSError"],
+        doc: "A file operation in a Linux capsule (`capsule.files`) failed in the guest; also \
+              a builtin `OSError`. Attributes: `path` (the guest path), `kind` (\"not_found\", \
+              \"is_a_directory\", \"not_a_directory\", \"permission_denied\", \"no_space\", \
+              \"already_exists\", \"directory_not_empty\", \"invalid_data\", \"other\") and \
+              `message` (what the guest's OS reported). The kinds with a builtin counterpart \
+              raise a subclass: `FileNotFoundError`, `IsADirectoryError`, \
+              `NotADirectoryError`, `FileExistsError`, `PermissionError`.",
+    },
+    ClassDef {
+        name: "FileNotFoundError",
+        bases: &["FileError", "FileNotFoundError"],
+        doc: "No such guest file or directory (`kind` \"not_found\"); also a builtin \
+              `FileNotFoundError`.",
+    },
+    ClassDef {
+        name: "IsADirectoryError",
+        bases: &["FileError", "IsADirectoryError"],
+        doc: "A guest directory where a file was expected (`kind` \"is_a_directory\"); also a \
+              builtin `IsADirectoryError`.",
+    },
+    ClassDef {
+        name: "NotADirectoryError",
+        bases: &["FileError", "NotADirectoryError"],
+        doc: "A guest path component that is not a directory, or a file listed as one \
+              (`kind` \"not_a_directory\"); also a builtin `NotADirectoryError`.",
+    },
+    ClassDef {
+        name: "FileExistsError",
+        bases: &["FileError", "FileExistsError"],
+        doc: "Something is in the way in the guest: a file where a directory was to be made \
+              (`kind` \"already_exists\"); also a builtin `FileExistsError`.",
+    },
+    ClassDef {
+        name: "PermissionError",
+        bases: &["FileError", "PermissionError"],
+        doc: "The guest refused access: permission denied or a read-only file system \
+              (`kind` \"permission_denied\"); also a builtin `PermissionError`.",
+    },
+    ClassDef {
+        name: "ProcessDetachedError",
+        bases: &["CapsuleError", "RuntimeError"],
+        doc: "A `CommandHandle` (or `PtyHandle`) no longer receives its process's output and \
+              exit: the capsule was paused, or another handle connected to the process. The \
+              process runs on: once the capsule runs, `commands.connect(pid)` gives a new \
+              handle. Also a builtin `RuntimeError`. Attributes: `capsule_id`, `pid`, \
+              `reason`.",
+    },
+    ClassDef {
+        name: "ProcessNotFoundError",
+        bases: &["NotFoundError", "ProcessLookupError"],
+        doc: "The capsule's guest agent tracks no process with this pid (it never started \
+              one, or the process ended and its exit was reported); also a builtin \
+              `ProcessLookupError`. Attributes: `capsule_id`, `pid`.",
+    },
 ];
 
 static TYPES: PyOnceLock<Vec<Py<PyType>>> = PyOnceLock::new();
@@ -282,6 +352,16 @@ fn build(py: Python<'_>, error: &capsule::Error) -> PyResult<PyErr> {
         E::Agent { .. } => Kind::Agent,
         E::Io { .. } => Kind::Io,
         E::Os { .. } => Kind::Os,
+        E::File { kind, .. } => match kind {
+            capsule::FileErrorKind::NotFound => Kind::FileNotFound,
+            capsule::FileErrorKind::IsADirectory => Kind::IsADirectory,
+            capsule::FileErrorKind::NotADirectory => Kind::NotADirectory,
+            capsule::FileErrorKind::AlreadyExists => Kind::FileExists,
+            capsule::FileErrorKind::PermissionDenied => Kind::Permission,
+            _ => Kind::File,
+        },
+        E::ProcessDetached { .. } => Kind::ProcessDetached,
+        E::ProcessNotFound { .. } => Kind::ProcessNotFound,
         _ => Kind::Capsule,
     };
     let exc = types(py)?[kind as usize]
@@ -296,6 +376,8 @@ fn build(py: Python<'_>, error: &capsule::Error) -> PyResult<PyErr> {
             let kind = match kind {
                 capsule::TimeoutKind::Command => "command",
                 capsule::TimeoutKind::WaitReady => "wait_ready",
+                capsule::TimeoutKind::Wait => "wait",
+                capsule::TimeoutKind::File => "file",
                 _ => "other",
             };
             set("timeout_kind", any(&kind))?;
@@ -375,9 +457,43 @@ fn build(py: Python<'_>, error: &capsule::Error) -> PyResult<PyErr> {
             set("operation", any(op))?;
             set("errno", source.raw_os_error().into_pyobject(py)?.into_any())?;
         }
+        E::File {
+            path,
+            kind,
+            message,
+        } => {
+            set("path", any(&path.as_str()))?;
+            set("kind", any(&file_error_kind(*kind)))?;
+            set("message", any(&message.as_str()))?;
+        }
+        E::ProcessDetached { id, pid, reason } => {
+            set("capsule_id", any(&id.as_str()))?;
+            set("pid", any(pid))?;
+            set("reason", any(&reason.as_str()))?;
+        }
+        E::ProcessNotFound { id, pid } => {
+            set("capsule_id", any(&id.as_str()))?;
+            set("pid", any(pid))?;
+        }
         _ => {}
     }
     Ok(PyErr::from_value(exc))
+}
+
+/// The Python name of a file error's kind (`FileError.kind`).
+fn file_error_kind(kind: capsule::FileErrorKind) -> &'static str {
+    use capsule::FileErrorKind as K;
+    match kind {
+        K::NotFound => "not_found",
+        K::IsADirectory => "is_a_directory",
+        K::NotADirectory => "not_a_directory",
+        K::PermissionDenied => "permission_denied",
+        K::NoSpace => "no_space",
+        K::AlreadyExists => "already_exists",
+        K::DirectoryNotEmpty => "directory_not_empty",
+        K::InvalidData => "invalid_data",
+        _ => "other",
+    }
 }
 
 /// Plain values that become Python objects (to keep [`build`] short).

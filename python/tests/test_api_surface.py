@@ -94,4 +94,35 @@ def test_the_api_shape_of_the_issue() -> None:
     wait_ready = inspect.signature(capsule.Capsule.wait_ready).parameters
     assert (wait_ready["timeout"].default, wait_ready["interval"].default) == (30, 0.5)
     run = inspect.signature(capsule.Commands.run).parameters
-    assert list(run) == ["self", "cmd", "env", "cwd", "timeout"]
+    assert list(run) == [
+        "self",
+        "cmd",
+        "env",
+        "cwd",
+        "timeout",
+        "user",
+        "background",
+        "on_stdout",
+        "on_stderr",
+        "stdin",
+        "clear_env",
+        "output_limit",
+    ]
+    handle = {m for m in dir(capsule.CommandHandle) if not m.startswith("_")}
+    assert {"pid", "wait", "kill", "send_stdin", "close_stdin", "signal"} <= handle
+    files = {m for m in dir(capsule.Files) if not m.startswith("_")}
+    assert files == {
+        "read",
+        "read_text",
+        "write",
+        "list",
+        "exists",
+        "stat",
+        "make_dir",
+        "remove",
+        "rename",
+        "upload",
+        "download",
+    }
+    pty = {m for m in dir(capsule.PtyHandle) if not m.startswith("_")}
+    assert pty == {"pid", "write", "resize", "kill", "signal", "wait", "next_chunk"}

@@ -1,5 +1,5 @@
-"""``capsule.commands.run``: results, options, timeouts, and the parameters that are not
-there yet."""
+"""``capsule.commands.run`` in the foreground: results, options, timeouts, and what the probe
+refuses (background commands and callbacks: ``test_background.py``)."""
 
 from __future__ import annotations
 
@@ -75,13 +75,79 @@ def test_bad_timeouts_are_value_errors(probe: ProbeFactory) -> None:
             c.wait_ready(timeout=bad)
 
 
-def test_commands_not_in_the_engine_yet_are_not_stubbed(probe: ProbeFactory) -> None:
-    # Background commands, streaming callbacks, stdin and user arrive with the guest I/O
-    # work; until then the parameters do not exist (no stubs that raise).
+def test_what_the_probe_cannot_do_is_unsupported(probe: ProbeFactory) -> None:
+    # The probe runs its own verbs only: every option it cannot honour is refused, in the
+    # foreground and in the background, and nothing runs.
     c = probe()
+    refused: list[dict[str, object]] = [
+        {"env": {"A": "1"}},
+        {"cwd": "/tmp"},
+        {"user": "root"},
+        {"stdin": "input"},
+        {"stdin": b"input"},
+        {"clear_env": True},
+    ]
+    for options in refused:
+        for background in (False, True):
+            with pytest.raises(capsule.UnsupportedError) as e:
+                c.commands.run("echo x", background=background, **options)  # type: ignore[call-overload]
+            assert "probe" in str(e.value), options
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.run(["echo", "x"])  # argv form: Linux capsules
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.list()
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.connect(1)
+    with pytest.raises(capsule.UnsupportedError):
+        c.commands.kill(1)
+    assert c.commands.run("count").stdout == "1\n"  # nothing ran before
+
+
+def test_bad_arguments_are_type_and_value_errors(probe: ProbeFactory) -> None:
+    c = probe()
+    with pytest.raises(TypeError):
+        c.commands.run("echo x", stdin=1)  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        c.commands.run("echo x", on_stdout="not callable")  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        c.commands.run(42)  # type: ignore[call-overload]
+    with pytest.raises(ValueError):
+        c.commands.run([])
+    h = c.commands.run("spin 100000000000", background=True)
+    for bad in (0, 65, -1):
+        with pytest.raises(ValueError):
+            h.signal(bad)
+    with pytest.raises(ValueError):
+        h.wait(timeout=-1)
+    h.kill()
+    h.wait(timeout=10)
+
+
+def test_output_limit_and_bytes(probe: ProbeFactory) -> None:
+    c = probe()
+    r = c.commands.run("echo callback", output_limit=4)
+    assert (r.stdout, r.stdout_bytes, r.stdout_truncated) == ("call", b"call", True)
+    r = c.commands.run("echo h\u00e9")
+    assert r.stdout_bytes == "h\u00e9\n".encode() and r.stdout == "h\u00e9\n"
+    assert r.stderr_bytes == b""
+    assert c.commands.run("frobnicate").stderr_bytes.startswith(b"probe: unknown command")
+
+
+def test_run_takes_the_parameters_of_the_issue() -> None:
     params = inspect.signature(capsule.Commands.run).parameters
-    for missing in ("user", "background", "on_stdout", "on_stderr", "stdin"):
-        assert missing not in params
-        with pytest.raises(TypeError):
-            c.commands.run("echo x", **{missing: None})
-    assert not hasattr(c, "files") and not hasattr(c, "pty")
+    assert list(params)[:10] == [
+        "self",
+        "cmd",
+        "env",
+        "cwd",
+        "timeout",
+        "user",
+        "background",
+        "on_stdout",
+        "on_stderr",
+        "stdin",
+    ]
+    assert params["background"].default is False
+    assert [params[k].kind for k in ("clear_env", "output_limit")] == [
+        inspect.Parameter.KEYWORD_ONLY
+    ] * 2

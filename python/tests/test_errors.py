@@ -37,6 +37,14 @@ KINDS = {
     "AgentError": (capsule.CapsuleError,),
     "IoError": (capsule.CapsuleError,),
     "OsError": (capsule.CapsuleError,),
+    "FileError": (capsule.CapsuleError, OSError),
+    "FileNotFoundError": (capsule.FileError, FileNotFoundError),
+    "IsADirectoryError": (capsule.FileError, IsADirectoryError),
+    "NotADirectoryError": (capsule.FileError, NotADirectoryError),
+    "FileExistsError": (capsule.FileError, FileExistsError),
+    "PermissionError": (capsule.FileError, PermissionError),
+    "ProcessDetachedError": (capsule.CapsuleError, RuntimeError),
+    "ProcessNotFoundError": (capsule.NotFoundError, ProcessLookupError),
 }
 
 
@@ -49,6 +57,23 @@ def test_the_hierarchy() -> None:
         for base in bases:
             assert issubclass(cls, base), (name, base)
     assert capsule.TimeoutError is not TimeoutError
+    assert capsule.FileNotFoundError is not FileNotFoundError
+
+
+def test_file_errors_behave_as_the_builtins() -> None:
+    # Made as the engine makes them (the probe has no files to fail on): str() is the
+    # message alone, as for every capsule error, and they pickle with their attributes.
+    err = capsule.FileNotFoundError("guest file /x: not found: No such file")
+    err.path, err.kind, err.message = "/x", "not_found", "No such file"
+    assert str(err) == "guest file /x: not found: No such file"
+    assert isinstance(err, OSError) and err.errno is None
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is capsule.FileNotFoundError
+    assert (str(again), again.path, again.kind) == (str(err), "/x", "not_found")
+    try:
+        raise err
+    except FileNotFoundError as caught:  # the builtin catches it
+        assert caught is err
 
 
 def test_not_found_and_invalid_id(engine: Engine) -> None:

@@ -1,6 +1,6 @@
-"""The type stubs agree with the compiled module (mypy's stubtest), and the package and
-these tests type-check under ``mypy --strict``. Skipped where mypy is not installed (CI
-installs it)."""
+"""The type stubs agree with the compiled module (mypy's stubtest), and the package, these
+tests and the examples type-check under ``mypy --strict``. Skipped where mypy is not
+installed (CI installs it)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_stubs_match_the_compiled_module(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_package_and_the_tests_type_check(tmp_path: Path) -> None:
-    done = mypy("mypy", "--strict", "--cache-dir", str(tmp_path), str(HERE), cwd=tmp_path)
+def test_the_package_the_tests_and_the_examples_type_check(tmp_path: Path) -> None:
+    examples = str(HERE.parent / "examples")
+    done = mypy("mypy", "--strict", "--cache-dir", str(tmp_path), str(HERE), examples, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr

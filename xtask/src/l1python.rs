@@ -1,6 +1,7 @@
 //! Python for inside L1 (`nested-test`, when the `capsule` package's tests run): the host's
 //! CPython with the `capsule` SDK installed, so that `engine/tests/linux_python.rs` runs the
-//! SDK's lifecycle example (`python/examples/lifecycle.py`) with the "minimal" Linux template.
+//! SDK's examples (`python/examples/lifecycle.py`, `python/examples/guest_io.py`) with the
+//! "minimal" Linux template.
 //!
 //! What is packed comes from the virtualenv `target/python-venv` (the one `.ci/run` creates
 //! and installs `./python` into before the nested step; created here, and `./python`
@@ -35,12 +36,19 @@ use crate::util::{have_program, run, stdout_of, Context, Error, Result};
 
 /// Where the extras go in L1, under `/nested/extra`.
 pub const DIR: &str = "python";
-/// The test that uses them (`engine/tests/linux_python.rs`), skipped when they are not packed.
-pub const TEST: &str = "linux_python_lifecycle_example_runs_as_written";
+/// The tests that use them (`engine/tests/linux_python.rs`:
+/// `linux_python_lifecycle_example_runs_as_written`, `linux_python_guest_io_example_runs`),
+/// skipped when they are not packed: libtest's `--skip` matches this as a substring of their
+/// names (no other test has it).
+pub const TEST: &str = "linux_python_";
 /// The pack script, run with the venv's interpreter.
 const PACK_SCRIPT: &str = include_str!("../l1/pack_python.py");
-/// The example the test runs, relative to the workspace root.
-const EXAMPLE: &str = "python/examples/lifecycle.py";
+/// The examples the tests run, relative to the workspace root; packed as
+/// `python/examples/NAME`.
+const EXAMPLES: &[&str] = &[
+    "python/examples/lifecycle.py",
+    "python/examples/guest_io.py",
+];
 /// Tracked sources the installed `capsule` package is built from: newer ones mean a rebuild.
 const SOURCES: &[&str] = &[
     "Cargo.lock",
@@ -118,11 +126,14 @@ pub fn extras(workspace: &Path, cache: &Path) -> Result<Packed> {
                 zip.file_name().unwrap_or_default().to_string_lossy()
             ),
         },
-        Extra {
-            source: workspace.join(EXAMPLE),
-            dest: format!("{DIR}/examples/lifecycle.py"),
-        },
     ];
+    for example in EXAMPLES {
+        let source = workspace.join(example);
+        extras.push(Extra {
+            dest: format!("{DIR}/examples/{}", file_name(&source)?),
+            source,
+        });
+    }
     // Every shared object that will be loaded: the interpreter's libraries, the extension
     // modules, and what those need.
     let mut objects = vec![executable];
@@ -332,8 +343,21 @@ mod tests {
     }
 
     #[test]
-    fn example_is_in_the_workspace() {
+    fn examples_are_in_the_workspace() {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        assert!(workspace.join(EXAMPLE).is_file());
+        for example in EXAMPLES {
+            assert!(workspace.join(example).is_file(), "{example}");
+        }
+        let tests = fs::read_to_string(workspace.join("engine/tests/linux_python.rs")).unwrap();
+        let names: Vec<&str> = tests
+            .lines()
+            .filter_map(|l| l.strip_prefix("fn "))
+            .filter_map(|l| l.split('(').next())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.contains(TEST)).count(),
+            2,
+            "{names:?}"
+        );
     }
 }

@@ -58,6 +58,11 @@ impl Retry {
 }
 
 impl BinaryRun {
+    /// Whether the binary (and its retry, if it had one) ran to its end marker.
+    pub fn finished(&self) -> bool {
+        self.exit_code.is_some() && self.retry.as_ref().is_none_or(|r| r.exit_code.is_some())
+    }
+
     /// Failed tests; a binary that exits non-zero or dies without a `test result:` line
     /// counts as one failure even when no test reported failing. Tests that passed when
     /// run again are [`BinaryRun::flaky`], not failed.

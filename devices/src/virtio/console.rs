@@ -188,7 +188,10 @@ impl Console {
     pub fn restore(state: &ConsoleState) -> Result<(Self, UnixStream), ConsoleError> {
         // A state may hold more than the bound (see `absorb_host_input`), never more than
         // a few frames: anything larger is not a state this device wrote.
-        let limit = state.buffer_bytes.max(MAX_CHAIN_BYTES as usize) * 64;
+        let limit = state
+            .buffer_bytes
+            .max(MAX_CHAIN_BYTES as usize)
+            .saturating_mul(64);
         if state.buffer_bytes == 0
             || state.buffer_bytes > MAX_BUFFER_BYTES
             || state.to_guest.len() > limit
@@ -673,6 +676,9 @@ mod tests {
         assert!(Console::restore(&bad).is_err());
         bad.to_guest.clear();
         bad.buffer_bytes = 0;
+        assert!(Console::restore(&bad).is_err());
+        // Found by the linux_devices fuzz target: a huge bound must not overflow.
+        bad.buffer_bytes = usize::MAX;
         assert!(Console::restore(&bad).is_err());
     }
 
