@@ -183,6 +183,10 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
         Message::ListProcesses => {}
         Message::Attach { pid } => e.u32(*pid),
         Message::Credit { bytes } => e.u32(*bytes),
+        Message::ChannelTest { len, to_agent } => {
+            e.u64(*len);
+            e.bool(*to_agent);
+        }
         Message::ProcessList(list) => {
             e.len(list.len());
             for p in list {
@@ -505,6 +509,10 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
         Kind::ListProcesses => Message::ListProcesses,
         Kind::Attach => Message::Attach { pid: d.u32()? },
         Kind::Credit => Message::Credit { bytes: d.u32()? },
+        Kind::ChannelTest => Message::ChannelTest {
+            len: d.u64()?,
+            to_agent: d.bool()?,
+        },
         // An entry is at least a pid, an empty command and a time: 16 bytes.
         Kind::ProcessList => Message::ProcessList(d.list(16, |d| {
             Ok(ProcessEntry {

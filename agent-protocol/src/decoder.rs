@@ -79,6 +79,15 @@ impl FrameDecoder {
         &self.buf[self.pos..]
     }
 
+    /// Drops up to `max` buffered bytes (the raw bytes of a channel test that arrived with
+    /// the frame announcing them, see "Channel tests" in the crate docs); returns how many
+    /// were dropped. A poisoned decoder has none.
+    pub fn discard(&mut self, max: usize) -> usize {
+        let n = self.buffered_len().min(max);
+        self.pos += n;
+        n
+    }
+
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered_len(&self) -> usize {
         self.buf.len() - self.pos

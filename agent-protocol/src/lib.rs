@@ -88,10 +88,11 @@
 //! | 0x28 | FileData    | agent→host  | `data: bytes, eof: bool` |
 //! | 0x29 | DirListing  | agent→host  | `list<entry>, truncated: bool`; entry = `name: string, file_type: u8, size: u64, mode: u32` |
 //! | 0x2a | Entries     | agent→host  | `list<info>, more: bool`; see [`FileInfo`] below |
+//! | 0x80 | ChannelTest | either      | `len: u64, to_agent: bool` (experimental: raw bytes follow; see "Channel tests") |
 //!
 //! Reserved, not yet defined: `0x07..=0x0f` (connection control),
 //! `0x1d..=0x1f` (more process events), `0x2b..=0x2f` (more file replies), `0x30..=0x7f`
-//! (future core messages), `0x80..=0xff` (experimental extensions). A receiver
+//! (future core messages), `0x81..=0xff` (experimental extensions). A receiver
 //! answers an unknown kind with an `Error` of code
 //! [`ErrorCode::UNKNOWN_KIND`] on the frame's id.
 //!
@@ -229,6 +230,29 @@
 //!
 //! An `Error` on a request id ends that request unless
 //! [`ErrorCode::ends_request`] says it is advisory.
+//!
+//! # Channel tests (experimental, for benchmarks)
+//!
+//! `ChannelTest` measures the channel itself: `len` raw bytes go through the
+//! stream with no protocol work (no frames, no encoding or decoding, no
+//! process, no flow control), the ceiling any request's throughput can reach.
+//! Only a benchmark asks for it (the engine sends it only with its `testing`
+//! feature); an agent that predates it answers `Error` with
+//! [`ErrorCode::UNKNOWN_KIND`].
+//!
+//! * `ChannelTest { len, to_agent: false }` (host → agent, on a fresh id):
+//!   the agent answers with `ChannelTest { len, to_agent: false }` on that
+//!   id, followed immediately by `len` raw bytes (zeros, written 64 KiB at a
+//!   time, as streamed output is), and writes no other frame until they are
+//!   all written. A host that did not ask for it must not take such a frame
+//!   as a raw block (it drops it and keeps decoding frames).
+//! * `ChannelTest { len, to_agent: true }` (host → agent): `len` raw bytes
+//!   follow this frame immediately; the agent reads and discards them, and
+//!   answers `Ack` on the frame's id once it has read them all.
+//!
+//! The raw bytes are part of neither side's frames: a receiver takes them
+//! out of its decoder ([`FrameDecoder::discard`]) and out of the stream before
+//! decoding again.
 #![no_std]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -67,6 +67,8 @@ pub enum Kind {
     DirListing = 0x29,
     /// [`Message::Entries`].
     Entries = 0x2a,
+    /// [`Message::ChannelTest`] (experimental: measuring the channel).
+    ChannelTest = 0x80,
 }
 
 impl Kind {
@@ -103,6 +105,7 @@ impl Kind {
             0x28 => Kind::FileData,
             0x29 => Kind::DirListing,
             0x2a => Kind::Entries,
+            0x80 => Kind::ChannelTest,
             _ => return None,
         })
     }
@@ -247,6 +250,19 @@ pub enum Message {
         /// Whether more `Entries` frames follow for the same request.
         more: bool,
     },
+    /// Either way, experimental, for measuring the channel itself (benchmarks): `len` raw
+    /// bytes, not frames, go through the stream right after this frame. Host → agent with
+    /// `to_agent: true`: `len` raw bytes follow this frame; the agent reads and discards
+    /// them, then answers [`Message::Ack`]. Host → agent with `to_agent: false`: the agent
+    /// answers with this message (same `len`, `to_agent: false`) followed at once by `len`
+    /// raw bytes, and writes no other frame in between. See "Channel tests" in the crate
+    /// docs.
+    ChannelTest {
+        /// How many raw bytes follow.
+        len: u64,
+        /// Which way they go: `true` host → agent, `false` agent → host.
+        to_agent: bool,
+    },
 }
 
 impl Message {
@@ -283,6 +299,7 @@ impl Message {
             Message::FileData { .. } => Kind::FileData,
             Message::DirListing { .. } => Kind::DirListing,
             Message::Entries { .. } => Kind::Entries,
+            Message::ChannelTest { .. } => Kind::ChannelTest,
         }
     }
 

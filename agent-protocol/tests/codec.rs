@@ -62,6 +62,14 @@ fn samples() -> Vec<Message> {
         Message::ListProcesses,
         Message::Attach { pid: 4242 },
         Message::Credit { bytes: 262_144 },
+        Message::ChannelTest {
+            len: 100 << 20,
+            to_agent: false,
+        },
+        Message::ChannelTest {
+            len: u64::MAX,
+            to_agent: true,
+        },
         Message::ProcessList(vec![]),
         Message::ProcessList(vec![
             ProcessEntry {
@@ -612,7 +620,7 @@ fn kind_bytes_roundtrip() {
             known += 1;
         }
     }
-    assert_eq!(known, 30);
+    assert_eq!(known, 31);
     // The file kinds: requests 0x20..=0x27, replies from 0x28.
     assert_eq!(Kind::from_u8(0x23), Some(Kind::Stat));
     assert_eq!(Kind::from_u8(0x27), Some(Kind::SetAttr));
@@ -629,6 +637,9 @@ fn kind_bytes_roundtrip() {
     assert!((0x1d..=0x1f).all(|b| Kind::from_u8(b).is_none()));
     // The rest of the connection-control range stays reserved.
     assert!((0x07..=0x0f).all(|b| Kind::from_u8(b).is_none()));
+    // The one experimental kind; the rest of that range stays reserved.
+    assert_eq!(Kind::from_u8(0x80), Some(Kind::ChannelTest));
+    assert!((0x81..=0xff).all(|b| Kind::from_u8(b).is_none()));
 }
 
 #[test]
@@ -648,6 +659,31 @@ fn streaming_decoder_byte_by_byte() {
     }
     assert_eq!(got, msgs);
     assert_eq!(dec.buffered_len(), 0);
+}
+
+#[test]
+fn raw_bytes_after_a_channel_test_frame_are_discarded() {
+    // A channel test frame, 5 raw bytes (two with it, three later), then a frame again.
+    let mut dec = FrameDecoder::new();
+    let mut first = encode(
+        &Message::ChannelTest {
+            len: 5,
+            to_agent: false,
+        },
+        3,
+    );
+    first.extend([0xff, 0xff]);
+    dec.push(&first);
+    assert!(matches!(
+        dec.next_frame().unwrap().unwrap().message,
+        Message::ChannelTest { len: 5, .. }
+    ));
+    assert_eq!(dec.discard(5), 2);
+    assert_eq!(dec.buffered_len(), 0);
+    // The other three raw bytes never reach the decoder; framing resumes.
+    dec.push(&encode(&Message::Ack, 3));
+    assert_eq!(dec.discard(0), 0);
+    assert_eq!(dec.next_frame().unwrap().unwrap().message, Message::Ack);
 }
 
 #[test]

@@ -14,6 +14,9 @@ use capsule_agent_protocol::{Message, WindowSize};
 pub(crate) trait FrameSink: Send + Sync {
     /// Encodes and writes one frame of request `id`.
     fn send(&self, id: u32, message: &Message) -> io::Result<()>;
+    /// Writes one frame of request `id`, then `len` raw bytes (a channel test), with no
+    /// other frame in between.
+    fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()>;
 }
 
 /// One connection as its processes see it: where frames go, and which
@@ -38,6 +41,11 @@ impl Link {
     /// Writes one frame; a dead connection shows up as EOF on its reader.
     pub(crate) fn send(&self, id: u32, message: &Message) {
         let _ = self.out.send(id, message);
+    }
+
+    /// Writes one frame, then `len` raw bytes (see [`FrameSink::send_raw`]).
+    pub(crate) fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()> {
+        self.out.send_raw(id, message, len)
     }
 
     /// Writes one frame, reporting a failure.

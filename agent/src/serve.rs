@@ -117,13 +117,43 @@ impl<W: Write> Out<W> {
         }
         r
     }
+
+    /// Writes one frame, then `len` raw zero bytes, holding the writer throughout so that no
+    /// other frame comes in between (a channel test, see the protocol's docs).
+    fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let bytes = try_encode(message, id).map_err(|_| io::ErrorKind::InvalidData)?;
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = w.write_all(&bytes);
+        let mut left = len;
+        while r.is_ok() && left > 0 {
+            let n = left.min(RAW_ZEROS.len() as u64) as usize;
+            r = w.write_all(&RAW_ZEROS[..n]);
+            left -= n as u64;
+        }
+        let r = r.and_then(|()| w.flush());
+        if r.is_err() {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        r
+    }
 }
 
 impl<W: Write + Send> FrameSink for Out<W> {
     fn send(&self, id: u32, message: &Message) -> io::Result<()> {
         Out::send(self, id, message)
     }
+
+    fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()> {
+        Out::send_raw(self, id, message, len)
+    }
 }
+
+/// Zeros, the raw bytes of a channel test: written this much at a time, as streamed output
+/// is (a process's output is read 64 KiB at a time and sent as one frame).
+static RAW_ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// State of one connection.
 struct Conn<'c> {
@@ -211,6 +241,16 @@ impl Conn<'_> {
                 self.reply(id, &Message::ProcessList(self.config.processes.list()))
             }
             Message::Attach { pid } => self.attach(id, pid),
+            Message::ChannelTest {
+                len,
+                to_agent: false,
+            } => self.channel_test(id, len, scope),
+            // `read_loop` takes those (and their raw bytes) before they get here.
+            Message::ChannelTest { to_agent: true, .. } => self.error(
+                id,
+                ErrorCode::INTERNAL,
+                "a channel test reached the handler",
+            ),
             Message::Ping(data) => self.reply(id, &Message::Pong(data)),
             Message::Pong(_) => {}
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
@@ -279,6 +319,28 @@ impl Conn<'_> {
         if let Some(tx) = writes.as_ref() {
             // The thread lives until the sender is dropped, so this cannot fail.
             let _ = tx.send((id, w));
+        }
+    }
+
+    /// `ChannelTest { len, to_agent: false }`: the same frame back, then `len` raw bytes, on
+    /// a thread of its own (the reading goes on meanwhile).
+    fn channel_test<'s>(&'s self, id: u32, len: u64, scope: &'s Scope<'s, '_>) {
+        if id == CONTROL_ID {
+            self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name(format!("channel-test-{id}"))
+            .spawn_scoped(scope, move || {
+                let announce = Message::ChannelTest {
+                    len,
+                    to_agent: false,
+                };
+                // A dead writer shows up as EOF on the reader; nothing to do here.
+                let _ = self.link.send_raw(id, &announce, len);
+            });
+        if let Err(e) = spawned {
+            self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
         }
     }
 
@@ -384,6 +446,8 @@ impl Conn<'_> {
     ) -> Result<ServeOutcome, ServeError> {
         let mut decoder = FrameDecoder::new();
         let mut buf = vec![0u8; 64 * 1024];
+        // The raw bytes of a channel test (`to_agent`) still to come: its id, how many.
+        let mut raw: Option<(u32, u64)> = None;
         loop {
             let n = match reader.read(&mut buf) {
                 Ok(0) => return Ok(ServeOutcome::Closed),
@@ -391,9 +455,38 @@ impl Conn<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServeError::Read(e)),
             };
-            decoder.push(&buf[..n]);
+            let mut bytes = &buf[..n];
+            if let Some((id, left)) = raw.as_mut() {
+                let taken = usize::try_from(*left).unwrap_or(usize::MAX).min(n);
+                *left -= taken as u64;
+                bytes = &bytes[taken..];
+                if *left == 0 {
+                    self.reply(*id, &Message::Ack);
+                    raw = None;
+                }
+            }
+            decoder.push(bytes);
             loop {
                 match decoder.next_frame() {
+                    Ok(Some(Frame {
+                        id,
+                        message:
+                            Message::ChannelTest {
+                                len,
+                                to_agent: true,
+                            },
+                    })) => {
+                        // Its raw bytes follow the frame: those already here, then the
+                        // next reads' (the decoder is empty until they are all read).
+                        let buffered = decoder.discard(usize::try_from(len).unwrap_or(usize::MAX));
+                        let left = len - buffered as u64;
+                        if left == 0 {
+                            self.reply(id, &Message::Ack);
+                        } else {
+                            raw = Some((id, left));
+                            break;
+                        }
+                    }
                     Ok(Some(frame)) => {
                         if let Some(outcome) = self.handle(frame, scope) {
                             return Ok(outcome);

@@ -13,7 +13,16 @@ use capsule::{CapsuleConfig, Engine, EngineConfig, WriteOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data_dir = std::env::temp_dir().join("capsule-files-example");
-    let engine = Engine::new(EngineConfig::builder().data_dir(&data_dir))?;
+    // A data directory of its own; the Linux images where `cargo xtask build-minimal` put
+    // them (the default data directory's `images/`), or in `$CAPSULE_MINIMAL_IMAGES`.
+    let images = std::env::var_os("CAPSULE_MINIMAL_IMAGES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| EngineConfig::default().linux_images());
+    let engine = Engine::new(
+        EngineConfig::builder()
+            .data_dir(&data_dir)
+            .linux_images(images),
+    )?;
     if !engine.host().can_boot_linux() {
         println!(
             "this host's KVM ({}) cannot boot Linux capsules; nothing to do",

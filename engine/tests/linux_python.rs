@@ -24,7 +24,6 @@
 mod common;
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -164,7 +163,7 @@ fn run_example(name: &str) -> Option<Ran> {
         .stderr(Stdio::piped());
     eprintln!("running {name} with {}: {cmd:?}", python.what);
     let started = Instant::now();
-    let (status, stdout, stderr) = run_with_limit(&mut cmd, EXAMPLE_LIMIT);
+    let (status, stdout, stderr) = common::run_with_limit(&mut cmd, EXAMPLE_LIMIT);
     eprintln!(
         "{name} took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
         started.elapsed().as_secs_f64()
@@ -246,39 +245,4 @@ fn linux_python_guest_io_example_runs() {
     assert_eq!(lines, GUEST_IO_LINES, "{stdout}");
     let left = capsules_left(&data_dir);
     assert!(left.is_empty(), "left in the data directory: {left:?}");
-}
-
-/// Runs `cmd` (stdout and stderr piped), killing it after `limit`; its exit status (`None`
-/// when killed), stdout and stderr.
-fn run_with_limit(
-    cmd: &mut Command,
-    limit: Duration,
-) -> (Option<std::process::ExitStatus>, String, String) {
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let reader = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = pipe.read_to_end(&mut text);
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = reader(Box::new(child.stdout.take().expect("stdout")));
-    let stderr = reader(Box::new(child.stderr.take().expect("stderr")));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    (
-        status,
-        stdout.join().expect("stdout reader"),
-        stderr.join().expect("stderr reader"),
-    )
 }

@@ -221,7 +221,7 @@ fn is_executable(meta: &fs::Metadata) -> bool {
 
 /// A copy of `source` without debug information at `dest` (the release profile keeps line
 /// tables; they would triple the initramfs). Falls back to `source` when there is no `strip`.
-fn stripped(source: &Path, dest: &Path) -> Result<PathBuf> {
+pub fn stripped(source: &Path, dest: &Path) -> Result<PathBuf> {
     if !have_program("strip") {
         return Ok(source.to_path_buf());
     }

@@ -498,6 +498,7 @@ fn nested_test(o: &Options) -> Result<bool> {
         println!("xtask: packing {}", packed.summary);
         extra.extend(packed.extras);
     }
+    extra.extend(linux_examples(&workspace, &cache, o)?);
     println!("xtask: [3/5] static test binaries ({})", setup::MUSL_TARGET);
     let mut tests = if o.report_only {
         Vec::new()
@@ -894,6 +895,29 @@ fn summarize_linux_report(lr: &report::LinuxReport, kvm_ready: bool) -> Vec<Stri
         problems.push("linux-report printed no linux_boot_to_ready".to_string());
     }
     problems
+}
+
+/// The examples of Linux-capsule features that `engine/tests/linux_examples.rs` runs in L1.
+const LINUX_EXAMPLES: &[&str] = &["streaming_build", "pty_session", "files_in_and_out"];
+
+/// The [`LINUX_EXAMPLES`] of the `capsule` package, built for musl (static) and stripped
+/// (copies in `CACHE/examples/`), as extra files `examples/NAME`, when the `capsule`
+/// package's tests run (not with `--report-only`).
+fn linux_examples(workspace: &Path, cache: &Path, o: &Options) -> Result<Vec<Extra>> {
+    if o.report_only || !o.packages.iter().any(|p| p == "capsule") {
+        return Ok(Vec::new());
+    }
+    let stage = cache.join("examples");
+    fs::create_dir_all(&stage).context(|| format!("cannot create {}", stage.display()))?;
+    let mut extras = Vec::new();
+    for name in LINUX_EXAMPLES {
+        let binary = binaries::build_example(workspace, "capsule", name)?;
+        extras.push(Extra {
+            source: initramfs::stripped(&binary, &stage.join(name))?,
+            dest: format!("examples/{name}"),
+        });
+    }
+    Ok(extras)
 }
 
 #[cfg(test)]

@@ -36,6 +36,42 @@
 //! - `boot_ratio_capsule_over_qemu`: p50/p50 and p99/p99 of the two boot-to-ready figures.
 //! - `linux_exec_roundtrip`: `commands().run("true")` on a running capsule.
 //!
+//! Guest I/O, in the exec phase's capsule (256 MiB, 1 vCPU), before its exec runs. Throughputs
+//! in MB/s (10^6 bytes per second), each sample one transfer of 100 MiB (8 MiB in the nested
+//! harness, where the guest's console driver moves output 4 KiB at a time, each waiting for
+//! the host: well under 1 MB/s under TCG); first `CAPSULE_LINUX_REPORT_FILES` (default 1)
+//! file transfers each way, then one unmeasured warm-up round (an eighth of the size) and
+//! `CAPSULE_LINUX_REPORT_STREAMS` (default 3) rounds of the channel from the agent, a stream
+//! and the channel to the agent, in that order:
+//! - `linux_file_write_mbps`: `files().write_from` (a reader of one repeated byte) into the
+//!   guest's `/tmp` (a tmpfs): host to guest, 1 MiB `WriteFile` chunks.
+//! - `linux_file_read_mbps`: `files().read_into` of that file into a sink: guest to host.
+//! - `linux_stream_mbps`: `commands().spawn("head -c LEN /dev/zero")` and its `output()`
+//!   taken chunk by chunk (and dropped) until it ends, from the spawn call; the byte count and
+//!   exit 0 are checked. What a streamed command costs end to end: the process and its pipe,
+//!   the agent's reads, `Stdout` frames of up to 64 KiB, the credit window, the engine's
+//!   decoding and the handle's buffer.
+//! - `linux_channel_mbps`: the ceiling of the same path, measured in the same capsule:
+//!   `Capsule::channel_test` (the engine's `testing` feature) asks the agent for LEN raw
+//!   bytes (the agent protocol's experimental `ChannelTest`): the agent writes zeros to its
+//!   channel (`/dev/hvc0`) 64 KiB at a time, as it writes streamed output, with no frame, no
+//!   process, no pipe and no flow control, and the engine's reader thread takes them out of
+//!   the virtio-console's socket and drops them without decoding. Time from the request to
+//!   the last byte read. Every guest-to-host transfer (streams, file reads) goes through
+//!   exactly this: the guest's tty and virtio-console driver, the device thread and the
+//!   socket; all it adds is protocol work, so no transfer can be faster.
+//! - `linux_channel_in_mbps`: the same, host to guest (the direction of file writes and
+//!   stdin): the engine writes the request and LEN raw zeros, 64 KiB at a time, and the
+//!   agent reads and drops them; time until its `Ack` of the last byte.
+//! - `linux_stream_first_byte`: `spawn("echo x")` until its first stdout chunk arrived
+//!   (`output().recv_timeout`), µs; `CAPSULE_LINUX_REPORT_EXECS` samples after five
+//!   unmeasured spawns.
+//!
+//! Streams and files against the channel they go through, target ≥ 0.7 (p50/p50 and p99/p99,
+//! each with a `target:` line): `linux_stream_mbps` / `linux_channel_mbps`,
+//! `linux_file_read_mbps` / `linux_channel_mbps`, `linux_file_write_mbps` /
+//! `linux_channel_in_mbps` (a file write is compared with the channel in its own direction).
+//!
 //! Lifecycle, 512 MiB, 1 vCPU, `CAPSULE_LINUX_REPORT_LIFECYCLE` rounds (default: as many as
 //! boots), the three systems taking turns; each round boots each system afresh, with the
 //! heartbeat running (a capsule: started by its one command, `setsid /init --heartbeat MS`;
@@ -100,6 +136,8 @@
 //! - `CAPSULE_QEMU_MACHINE`: the `-M` value; default `microvm,acpi=on`.
 //! - `CAPSULE_FIRECRACKER`: the Firecracker binary (the nested harness packs one); when
 //!   unset, `CAPSULE_FIRECRACKER_ABSENT` may say why, and Firecracker is not measured.
+//! - `CAPSULE_LINUX_REPORT_FILES` (default 1), `CAPSULE_LINUX_REPORT_STREAMS` (default 3):
+//!   file transfers each way, rounds of streams and the channel.
 //! - `CAPSULE_LINUX_REPORT_BOOTS` (default 5), `CAPSULE_LINUX_REPORT_EXECS` (default 50),
 //!   `CAPSULE_LINUX_REPORT_LIFECYCLE` (default: the boots), `CAPSULE_LINUX_REPORT_HEARTBEAT_MS`
 //!   (default 5).
@@ -457,6 +495,7 @@ fn main() -> Result<()> {
         ("linux_file_write_mbps", "MB/s"),
         ("linux_file_read_mbps", "MB/s"),
     ]);
+    print_stream_and_channel(&mut metrics);
     if let (Some(ours), Some(theirs)) = (
         metrics.summary("linux_boot_to_ready"),
         metrics.summary("qemu_microvm_boot_to_ready"),
@@ -788,6 +827,8 @@ fn exec_phase(setup: &Setup, metrics: &mut Metrics, execs: usize) -> Result<()> 
                 metrics.fail("linux_file_read_mbps", &e);
             }
         }
+        let streams = env_num("CAPSULE_LINUX_REPORT_STREAMS", 3)?;
+        stream_and_channel(&capsule, metrics, streams, execs);
         let exec = exec_roundtrips(&capsule, execs).map_err(|e| {
             let info = capsule.info();
             format!(
@@ -1699,4 +1740,177 @@ fn env_num(name: &str, default: usize) -> Result<usize> {
             .map_err(|_| format!("{name}={v:?} is not a number").into()),
         Err(_) => Ok(default),
     }
+}
+
+/// Bytes of each stream and channel transfer, as the file transfers: 100 MiB, 8 MiB in the
+/// nested harness (where the guest's console driver moves output at well under 1 MB/s).
+fn io_len() -> u64 {
+    if std::env::var_os("CAPSULE_NESTED").is_some() {
+        8 << 20
+    } else {
+        100 << 20
+    }
+}
+
+/// Streams and the agent's channel, in the exec phase's capsule right after its file
+/// transfers: one unmeasured warm-up round of an eighth of the size, then `rounds` rounds,
+/// each of [`io_len`] bytes through the raw channel from the agent (`linux_channel_mbps`), of a
+/// spawned command's stdout (`linux_stream_mbps`) and through the raw channel to the agent
+/// (`linux_channel_in_mbps`), in that order, so the three share the capsule's and the host's
+/// state; then `first_bytes` spawns of `echo x` (after five unmeasured ones) for
+/// `linux_stream_first_byte`.
+fn stream_and_channel(capsule: &Capsule, metrics: &mut Metrics, rounds: usize, first_bytes: usize) {
+    let mbps = |len: u64, d: Duration| len as f64 / 1e6 / d.as_secs_f64();
+    for i in 0..=rounds {
+        let (len, what) = if i == 0 {
+            (io_len() / 8, format!("warm-up, {} MiB", io_len() >> 23))
+        } else {
+            (io_len(), format!("{} MiB, {i} of {rounds}", io_len() >> 20))
+        };
+        // `Some(to_guest)`: the raw channel that way; `None`: the stream.
+        for (metric, channel) in [
+            ("linux_channel_mbps", Some(false)),
+            ("linux_stream_mbps", None),
+            ("linux_channel_in_mbps", Some(true)),
+        ] {
+            if metrics.gave_up(metric) {
+                continue;
+            }
+            let took = match channel {
+                None => {
+                    phase(format!(
+                        "stream: `head -c {len} /dev/zero`, its stdout streamed ({what})"
+                    ));
+                    stream_once(capsule, len)
+                }
+                Some(to_guest) => {
+                    phase(format!(
+                        "channel: raw bytes {} the agent ({what})",
+                        if to_guest { "to" } else { "from" }
+                    ));
+                    capsule.channel_test(len, to_guest, PHASE_LIMIT)
+                }
+            };
+            match took {
+                Ok(took) if i > 0 => metrics.add(metric, mbps(len, took)),
+                Ok(took) => eprintln!(
+                    "linux-report: {metric} warm-up: {:.1} MB/s",
+                    mbps(len, took)
+                ),
+                Err(e) => metrics.fail_engine(metric, &e, ""),
+            }
+        }
+    }
+    phase(format!(
+        "stream: {first_bytes} spawns of `echo x` until the first chunk"
+    ));
+    for i in 0..first_bytes + 5 {
+        if metrics.gave_up("linux_stream_first_byte") {
+            break;
+        }
+        match first_byte(capsule) {
+            Ok(took) if i >= 5 => metrics.add_time("linux_stream_first_byte", took),
+            Ok(_) => {}
+            Err(e) => metrics.fail_engine("linux_stream_first_byte", &e, ""),
+        }
+    }
+}
+
+/// Spawns `head -c LEN /dev/zero` and takes its stdout as it streams, dropping it: the time
+/// from `spawn` until the last byte was taken (the command's exit is checked after).
+fn stream_once(capsule: &Capsule, len: u64) -> capsule::Result<Duration> {
+    let bad = |why: String| capsule::Error::Agent {
+        id: capsule.id().clone(),
+        reason: why,
+    };
+    let started = Instant::now();
+    let handle = capsule.commands().spawn(
+        format!("head -c {len} /dev/zero"),
+        capsule::RunOptions::new().timeout(PHASE_LIMIT),
+    )?;
+    let mut output = handle.output();
+    let mut got = 0u64;
+    while let Some(chunk) = output.recv_timeout(PHASE_LIMIT)? {
+        if chunk.is_stderr() {
+            return Err(bad(format!(
+                "stderr: {}",
+                String::from_utf8_lossy(chunk.bytes())
+            )));
+        }
+        got += chunk.bytes().len() as u64;
+    }
+    let took = started.elapsed();
+    let exit = handle.wait()?;
+    if got != len || exit.exit_code != Some(0) {
+        return Err(bad(format!(
+            "streamed {got} bytes of {len}, exit {:?}",
+            exit.exit_code
+        )));
+    }
+    Ok(took)
+}
+
+/// Spawns `echo x`: the time from `spawn` until its first stdout chunk arrived.
+fn first_byte(capsule: &Capsule) -> capsule::Result<Duration> {
+    let started = Instant::now();
+    let handle = capsule
+        .commands()
+        .spawn("echo x", capsule::RunOptions::new().timeout(LIVE_TIMEOUT))?;
+    let first = handle.output().recv_timeout(LIVE_TIMEOUT)?;
+    let took = started.elapsed();
+    let exit = handle.wait()?;
+    match first {
+        Some(capsule::Output::Stdout(bytes))
+            if bytes.starts_with(b"x") && exit.exit_code == Some(0) =>
+        {
+            Ok(took)
+        }
+        other => Err(capsule::Error::Agent {
+            id: capsule.id().clone(),
+            reason: format!("`echo x` gave {other:?} first, exit {:?}", exit.exit_code),
+        }),
+    }
+}
+
+/// The JSON lines of the streams and the channel, and how streams and files compare with
+/// the channel they go through: `linux_stream_mbps` and `linux_file_read_mbps` (agent to
+/// host) over `linux_channel_mbps`, `linux_file_write_mbps` (host to agent) over
+/// `linux_channel_in_mbps`, each with the target ≥ 0.7.
+fn print_stream_and_channel(metrics: &mut Metrics) {
+    metrics.print(&[
+        ("linux_stream_mbps", "MB/s"),
+        ("linux_stream_first_byte", "us"),
+        ("linux_channel_mbps", "MB/s"),
+        ("linux_channel_in_mbps", "MB/s"),
+    ]);
+    for (a, b) in [
+        ("linux_stream_mbps", "linux_channel_mbps"),
+        ("linux_file_read_mbps", "linux_channel_mbps"),
+        ("linux_file_write_mbps", "linux_channel_in_mbps"),
+    ] {
+        ratio_at_least(metrics, a, b, 0.7);
+    }
+}
+
+/// [`Metrics::ratio`] for a target the ratio must reach (a throughput against its ceiling):
+/// `{"metric": "A_over_B", "unit": "x", ...}` and `linux-report: target: A / B = R (p50),
+/// target >= T: met` (or `MISSED`, or `not computed: WHY`).
+fn ratio_at_least(metrics: &Metrics, a: &str, b: &str, target: f64) {
+    let (sa, sb) = match (metrics.summary(a), metrics.summary(b)) {
+        (Some(sa), Some(sb)) => (sa, sb),
+        (sa, _) => {
+            let missing = if sa.is_none() { a } else { b };
+            println!(
+                "linux-report: target: {a} / {b} >= {target} not computed: {}",
+                metrics.why_missing(missing)
+            );
+            return;
+        }
+    };
+    println!("{}", ratio_line(&format!("{a}_over_{b}"), sa, sb));
+    let p50 = sa.p50 / sb.p50;
+    println!(
+        "linux-report: target: {a} / {b} = {p50:.3} (p50), target >= {target}: {}",
+        if p50 >= target { "met" } else { "MISSED" }
+    );
 }

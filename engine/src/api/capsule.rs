@@ -290,3 +290,50 @@ impl Ptys<'_> {
         command::connect(&self.capsule.core, pid, true).map(PtyHandle::new)
     }
 }
+
+/// Hooks for the engine's own tests and benches (the `testing` feature); not part of the
+/// stable API.
+#[cfg(feature = "testing")]
+impl Capsule {
+    /// Measures a Linux capsule's agent channel itself (its virtio-console): `len` raw bytes
+    /// through it with no protocol work (no frames encoded or decoded, no process, no flow
+    /// control), from the guest's agent to the host (`to_guest` false: the agent writes zeros
+    /// to its channel 64 KiB at a time, the engine's reader drops them) or from the host to
+    /// the agent (`to_guest` true: the agent reads and drops them). Returns the time from the
+    /// request until the last byte was read on the host, or the agent's answer that it read
+    /// the last. The ceiling that streamed output and file transfers, which go the same way,
+    /// can reach. See "Channel tests" in the `capsule-agent-protocol` docs. Other requests
+    /// wait for the channel meanwhile; do not pause the capsule during it.
+    ///
+    /// Errors: [`Error::Unsupported`] for a probe, or an image whose agent predates channel
+    /// tests; [`Error::Agent`] when no answer came within `timeout`.
+    pub fn channel_test(&self, len: u64, to_guest: bool, timeout: Duration) -> Result<Duration> {
+        use crate::guest::agent_link::LinkError;
+        const OPERATION: &str = "test the agent's channel";
+        let (runtime, _activity) = self.core.begin_io(OPERATION)?;
+        let Some(link) = runtime.agent() else {
+            return Err(Error::Unsupported(format!(
+                "cannot {OPERATION}: the {} guest has no agent",
+                self.core.record().kind
+            )));
+        };
+        drop(runtime);
+        link.channel_test(len, to_guest, timeout)
+            .map_err(|e| match e {
+                LinkError::Closed(_) => self.core.interrupted_io(OPERATION),
+                LinkError::Refused(e)
+                    if e.code == capsule_agent_protocol::ErrorCode::UNKNOWN_KIND =>
+                {
+                    Error::Unsupported(format!(
+                        "the capsule's agent predates channel tests (rebuild the image: \
+                         `cargo xtask build-minimal`): {}",
+                        e.message
+                    ))
+                }
+                e => Error::Agent {
+                    id: self.core.id().clone(),
+                    reason: e.to_string(),
+                },
+            })
+    }
+}

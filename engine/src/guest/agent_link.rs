@@ -24,7 +24,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::sync::{lock, wait};
 use capsule_agent_protocol::{
-    encode, ErrorInfo, ExitInfo, FrameDecoder, Hello, Message, ProcessEntry, RunRequest,
+    encode, ErrorInfo, ExitInfo, Frame, FrameDecoder, Hello, Message, ProcessEntry, RunRequest,
     SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 
@@ -69,6 +69,9 @@ struct Writer {
 struct ReaderState {
     decoder: FrameDecoder,
     received: u64,
+    /// The request whose channel test ([`AgentLink::channel_test`]) may announce raw bytes
+    /// from the agent: only then is such an announcement taken as one.
+    raw_expected: Option<u32>,
 }
 
 /// A connected agent.
@@ -369,6 +372,74 @@ impl AgentLink {
         result
     }
 
+    /// A channel test (the protocol's `ChannelTest`, for benchmarks): `len` raw bytes through
+    /// the stream, agent to host (`to_agent` false: the reader thread takes them out of the
+    /// stream and drops them, decoding nothing) or host to agent (written here right after
+    /// the request, under the writer's lock; the agent drops them). Returns the time from
+    /// sending the request until the last byte was read by this side's reader, or, to the
+    /// agent, until its `Ack` for the last byte arrived. Nothing else may use the link
+    /// meanwhile without waiting (the raw bytes hold the writer, or the agent's), and the
+    /// guest must not be paused during it.
+    #[cfg(feature = "testing")]
+    pub(crate) fn channel_test(
+        &self,
+        len: u64,
+        to_agent: bool,
+        timeout: Duration,
+    ) -> Result<Duration, LinkError> {
+        let (id, replies) = self.open_request()?;
+        let request = encode(&Message::ChannelTest { len, to_agent }, id);
+        let started = Instant::now();
+        let sent = if to_agent {
+            self.send_raw(&request, len)
+        } else {
+            lock(&self.reader).raw_expected = Some(id);
+            self.send_raw(&request, 0)
+        };
+        let result = sent.and_then(|()| {
+            let deadline = Some(Instant::now() + timeout);
+            match Self::next_reply(&replies, deadline)? {
+                Message::Ack if to_agent => Ok(started.elapsed()),
+                Message::ChannelTest { .. } if !to_agent => Ok(started.elapsed()),
+                Message::Error(e) if e.code.ends_request() => Err(LinkError::Refused(e)),
+                other => Err(LinkError::Protocol(format!(
+                    "a channel test got {:?}",
+                    other.kind()
+                ))),
+            }
+        });
+        let mut reader = lock(&self.reader);
+        if reader.raw_expected == Some(id) {
+            reader.raw_expected = None;
+        }
+        drop(reader);
+        self.close_request(id);
+        result
+    }
+
+    /// Writes the encoded `frame`, then `len` raw zero bytes, with no other frame in between.
+    #[cfg(feature = "testing")]
+    fn send_raw(&self, frame: &[u8], len: u64) -> Result<(), LinkError> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut writer = lock(&self.writer);
+        while writer.held && !self.closed.load(Ordering::SeqCst) {
+            writer = wait(&self.writable, writer);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LinkError::Closed("the agent is gone".into()));
+        }
+        let mut result = writer.stream.write_all(frame);
+        let mut left = len;
+        while result.is_ok() && left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            result = writer.stream.write_all(&ZEROS[..n]);
+            left -= n as u64;
+        }
+        result
+            .and_then(|()| writer.stream.flush())
+            .map_err(|e| LinkError::Closed(e.to_string()))
+    }
+
     /// Whether the stream has closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
@@ -406,6 +477,9 @@ fn read_loop(
     closed: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    // A channel test's raw bytes still to come: its announcement (delivered once they are
+    // all read), how many.
+    let mut raw: Option<(Frame, u64)> = None;
     'outer: loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -420,16 +494,44 @@ fn read_loop(
         // of those bytes routed, and `undecoded` is exactly what is left of them.
         let mut state = lock(&state);
         state.received += n as u64;
-        state.decoder.push(&buf[..n]);
+        let mut bytes = &buf[..n];
+        if let Some((_, left)) = raw.as_mut() {
+            let taken = usize::try_from(*left).unwrap_or(usize::MAX).min(n);
+            *left -= taken as u64;
+            bytes = &bytes[taken..];
+            if *left == 0 {
+                if let Some((frame, _)) = raw.take() {
+                    route(&waiters, frame);
+                }
+            }
+        }
+        state.decoder.push(bytes);
         loop {
             match state.decoder.next_frame() {
                 Ok(Some(frame)) => {
-                    let waiters = lock(&waiters);
-                    if let Some(tx) = waiters.get(&frame.id) {
-                        let _ = tx.send(frame.message);
-                    } else {
-                        tracing::trace!(id = frame.id, "frame for no waiting request");
+                    if let Message::ChannelTest {
+                        len,
+                        to_agent: false,
+                    } = frame.message
+                    {
+                        if state.raw_expected == Some(frame.id) {
+                            // Its raw bytes follow: those already here, then the next
+                            // reads' (the decoder stays empty until they are all read).
+                            state.raw_expected = None;
+                            let buffered = state
+                                .decoder
+                                .discard(usize::try_from(len).unwrap_or(usize::MAX));
+                            let left = len - buffered as u64;
+                            if left > 0 {
+                                raw = Some((frame, left));
+                                break;
+                            }
+                        } else {
+                            tracing::warn!(id = frame.id, "unrequested channel test ignored");
+                            continue;
+                        }
                     }
+                    route(&waiters, frame);
                 }
                 Ok(None) => break,
                 Err(e) if e.is_fatal() => {
@@ -443,6 +545,16 @@ fn read_loop(
     closed.store(true, Ordering::SeqCst);
     // Wake every waiter: their senders drop.
     lock(&waiters).clear();
+}
+
+/// Hands `frame` to the request waiting for it, if one is.
+fn route(waiters: &Mutex<Waiters>, frame: Frame) {
+    let waiters = lock(waiters);
+    if let Some(tx) = waiters.get(&frame.id) {
+        let _ = tx.send(frame.message);
+    } else {
+        tracing::trace!(id = frame.id, "frame for no waiting request");
+    }
 }
 
 /// The real agent serving one end of a socket pair on a thread; a link on the other (for
@@ -533,6 +645,68 @@ mod tests {
                 .stdout,
             b"after\n"
         );
+    }
+
+    #[test]
+    fn channel_tests_move_raw_bytes_both_ways_and_framing_resumes() {
+        let link = agent();
+        // Odd sizes: the raw bytes end inside a read and inside the agent's writes.
+        for len in [0, 1, 100_003, 3 << 20] {
+            for to_agent in [false, true] {
+                link.channel_test(len, to_agent, Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("{len} bytes, to agent {to_agent}: {e}"));
+                let exit = link
+                    .run(RunRequest::shell("echo framed"), None, None)
+                    .unwrap();
+                assert_eq!(exit.stdout, b"framed\n");
+            }
+        }
+        // Commands running meanwhile get their frames after the raw bytes.
+        let busy = {
+            let link = link.clone();
+            std::thread::spawn(move || {
+                (0..20)
+                    .map(|i| {
+                        let out = link
+                            .run(RunRequest::shell(format!("echo {i}")), None, None)
+                            .unwrap();
+                        String::from_utf8(out.stdout).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        for _ in 0..5 {
+            link.channel_test(1 << 20, false, Duration::from_secs(30))
+                .unwrap();
+            link.channel_test(1 << 20, true, Duration::from_secs(30))
+                .unwrap();
+        }
+        let outs = busy.join().unwrap();
+        assert_eq!(outs, (0..20).map(|i| format!("{i}\n")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_unrequested_channel_test_is_dropped_not_taken_as_raw() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            capabilities: 0,
+        });
+        guest.write_all(&encode(&hello, CONTROL_ID)).unwrap();
+        let reader = host.try_clone().unwrap();
+        let link =
+            AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+        let (id, replies) = link.open_request().unwrap();
+        // Announces 4 raw bytes nobody asked for, then answers the request.
+        let raw = Message::ChannelTest {
+            len: 4,
+            to_agent: false,
+        };
+        guest.write_all(&encode(&raw, id)).unwrap();
+        guest.write_all(&encode(&Message::Ack, id)).unwrap();
+        let got = AgentLink::next_reply(&replies, Some(Instant::now() + Duration::from_secs(5)));
+        assert_eq!(got, Ok(Message::Ack));
     }
 
     #[test]

@@ -4,6 +4,10 @@
 pub mod kinds;
 pub mod linux;
 
+use std::io::Read;
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
 use capsule::{
     CapsuleConfig, CapsuleConfigBuilder, Engine, EngineConfig, EngineConfigBuilder, Error,
     KvmUnavailable,
@@ -36,4 +40,36 @@ pub fn engine_with(
 /// A small probe configuration (memory is only reserved, but smaller slots start faster).
 pub fn probe() -> CapsuleConfigBuilder {
     CapsuleConfig::builder("probe").memory_mb(32)
+}
+
+/// Runs `cmd` (stdout and stderr piped), killing it after `limit`; its exit status (`None`
+/// when killed), stdout and stderr.
+pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> (Option<ExitStatus>, String, String) {
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = reader(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = reader(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (
+        status,
+        stdout.join().expect("stdout reader"),
+        stderr.join().expect("stderr reader"),
+    )
 }
