@@ -8,6 +8,7 @@ pub mod console;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
+pub mod start_phases;
 
 /// Percentiles of a set of samples, in the unit they were given in.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -119,6 +119,12 @@
 //! ≤ 0.1, `linux_template_spawn_to_ready` / `linux_boot_to_ready` ≤ 0.05, `linux_pause` /
 //! `firecracker_snapshot_create` ≤ 0.25; and `linux_clone_rss_kib` ≤ 4096.
 //!
+//! Where the engine's starts spend their time: each boot, resume, template spawn and fork
+//! sample prints `linux-report: METRIC: start phases: shell=..ms memory=..ms machine=..ms
+//! vcpu_threads=..ms agent=..ms` (the engine's `start phases` debug events, collected by
+//! `capsule_benches::start_phases`), and the end of the run `linux-report: phases of METRIC
+//! (p50 of N): ...`.
+//!
 //! A metric that cannot be measured prints `linux-report: METRIC not measured: WHY` and the
 //! others continue; a peer that cannot run prints `linux-report: QEMU microvm not measured:
 //! WHY` or `linux-report: Firecracker not measured: WHY`. Since TCG's nested SVM breaks a
@@ -157,6 +163,7 @@ use capsule::{Capsule, CapsuleConfig, Engine, EngineConfig, Status, LINUX_KERNEL
 use capsule_benches::console::{self, heartbeat_seq, is_life_after_restore, last_heartbeat};
 use capsule_benches::firecracker::Firecracker;
 use capsule_benches::qemu::Qemu;
+use capsule_benches::start_phases;
 use capsule_benches::{json_line, micros, summarize, Summary};
 
 /// Memory of the boots (as in the existing boot figures).
@@ -211,6 +218,8 @@ fn start_watchdog() {
 struct Metrics {
     samples: BTreeMap<&'static str, Vec<f64>>,
     failed: BTreeMap<&'static str, Failure>,
+    /// The engine's start phases of each sample, by metric (`start_phases`).
+    starts: BTreeMap<&'static str, Vec<Vec<(String, f64)>>>,
 }
 
 /// Why samples of a metric failed.
@@ -231,6 +240,29 @@ impl Metrics {
 
     fn add_time(&mut self, metric: &'static str, took: Duration) {
         self.add(metric, micros(took));
+    }
+
+    /// Files the engine starts seen since the last call under `metric` and prints them:
+    /// `linux-report: METRIC: start phases: shell=..ms memory=..ms ...`.
+    fn add_starts(&mut self, metric: &'static str) {
+        for start in start_phases::take() {
+            eprintln!(
+                "linux-report: {metric}: start phases: {}",
+                start_phases::describe(&start)
+            );
+            self.starts.entry(metric).or_default().push(start);
+        }
+    }
+
+    /// `linux-report: phases of METRIC (p50 of N): ...` for every metric with starts.
+    fn print_starts(&self) {
+        for (metric, starts) in &self.starts {
+            let (p50, n) = start_phases::medians(starts);
+            println!(
+                "linux-report: phases of {metric} (p50 of {n}): {}",
+                start_phases::describe(&p50)
+            );
+        }
     }
 
     /// Records that a sample of `metric` failed. Under the nested harness TCG's emulation
@@ -424,6 +456,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     start_watchdog();
+    if !start_phases::install() {
+        eprintln!("linux-report: note: another tracing subscriber is installed: no start phases");
+    }
 
     let qemu = match Qemu::from_env(&kernel, &initrd, work.path()) {
         Ok(q) => {
@@ -539,6 +574,7 @@ fn main() -> Result<()> {
         ("linux_clone_pss_kib", "KiB"),
     ]);
     *PHASE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    metrics.print_starts();
 
     metrics.ratio(
         "linux_boot_to_marker",
@@ -630,6 +666,7 @@ fn capsule_boot(
     i: usize,
 ) -> Result<()> {
     phase(format!("boot {}: capsule", i + 1));
+    start_phases::take();
     let mut t = Instant::now();
     let capsule = match setup.engine.create(config.clone()) {
         Ok(c) => c,
@@ -645,6 +682,7 @@ fn capsule_boot(
     };
     let took = t.elapsed();
     metrics.add_time("linux_boot_to_ready", took);
+    metrics.add_starts("linux_boot_to_ready");
     let marker = marker_time(&capsule, t);
     match &marker {
         Ok((at, error)) => {
@@ -1095,6 +1133,7 @@ fn capsule_pause_resume(capsule: &Capsule, setup: &Setup, metrics: &mut Metrics,
         "lifecycle {}: capsule resume until the next heartbeat",
         i + 1
     ));
+    start_phases::take();
     let t = Instant::now();
     let live = capsule
         .resume()
@@ -1107,6 +1146,7 @@ fn capsule_pause_resume(capsule: &Capsule, setup: &Setup, metrics: &mut Metrics,
         Ok((resumed, at)) => {
             let took = at.duration_since(t);
             metrics.add_time("linux_resume_to_live", took);
+            metrics.add_starts("linux_resume_to_live");
             eprintln!(
                 "linux-report: lifecycle {}: capsule pause {:.1} ms; resume returned {:.1} ms, \
                  live {:.1} ms (heartbeat after {baseline:?})",
@@ -1394,6 +1434,7 @@ fn template_phase(setup: &Setup, metrics: &mut Metrics, rounds: usize) {
             "fork {}: fork(1) of the running source until `true`",
             i + 1
         ));
+        start_phases::take();
         let t = Instant::now();
         match source.fork(1) {
             Ok(forks) => {
@@ -1409,6 +1450,7 @@ fn template_phase(setup: &Setup, metrics: &mut Metrics, rounds: usize) {
                     Ok(_) => {
                         let took = t.elapsed();
                         metrics.add_time("linux_fork_to_ready", took);
+                        metrics.add_starts("linux_fork_to_ready");
                         eprintln!(
                             "linux-report: fork {}: ready {:.1} ms",
                             i + 1,
@@ -1445,6 +1487,7 @@ fn template_spawn_round(
     frozen: Option<u64>,
 ) {
     phase(format!("template spawn {}: until `true` answers", i + 1));
+    start_phases::take();
     let t = Instant::now();
     let ready = setup
         .engine
@@ -1460,7 +1503,10 @@ fn template_spawn_round(
             ran.map(|_| took)
         });
     match ready {
-        Ok(took) => metrics.add_time("linux_template_spawn_to_ready", took),
+        Ok(took) => {
+            metrics.add_time("linux_template_spawn_to_ready", took);
+            metrics.add_starts("linux_template_spawn_to_ready");
+        }
         Err(e) => metrics.fail("linux_template_spawn_to_ready", e),
     }
 

@@ -34,6 +34,7 @@ use capsule_vmm::vcpu::VcpuState;
 use capsule_vmm::{HostInfo, Kicker, Vcpu, VcpuEvent, Vm};
 
 use super::agent_link::{AgentLink, LinkError, WritesHeld};
+use super::start_phases::StartPhases;
 use super::vcpu_set::VcpuSet;
 use super::{
     BootContext, Frozen, GuestEvents, GuestState, Job, MachineState, MemoryImage, MemoryOrigin,
@@ -171,6 +172,7 @@ pub(crate) struct LinuxRuntime {
 impl LinuxRuntime {
     /// Boots the kernel and waits for the agent's hello.
     pub(crate) fn boot(ctx: BootContext) -> Result<Arc<Self>> {
+        let mut phases = StartPhases::begin("boot");
         validate(&ctx.config, ctx.hypervisor.info())?;
         let (kernel, initrd) = image_files(&ctx.linux_images)?;
         let options = LinuxMachine::vm_options();
@@ -194,9 +196,15 @@ impl LinuxRuntime {
         let Shell {
             vm, vcpus, loaded, ..
         } = ctx.shells.take(shape, None, Some(&config))?;
+        phases.mark(if loaded.is_some() {
+            "shell(loaded)"
+        } else {
+            "shell"
+        });
         let machine =
             LinuxMachine::assemble(&ctx.id.to_string(), vm, vcpus, &config, loaded, ctx.seccomp)?;
-        Self::start(ctx, machine, AgentStart::Boot, MemoryOrigin::Fresh)
+        phases.mark("machine");
+        Self::start(ctx, machine, AgentStart::Boot, MemoryOrigin::Fresh, phases)
     }
 
     /// Rebuilds a Linux guest from `machine` over the memory in `image`: its processes, open
@@ -207,6 +215,7 @@ impl LinuxRuntime {
         image: &MemoryImage,
         origin: MemoryOrigin,
     ) -> Result<Arc<Self>> {
+        let mut phases = StartPhases::begin("restore");
         validate(&ctx.config, ctx.hypervisor.info())?;
         let GuestState::Linux(state) = &machine.guest else {
             return Err(Error::SnapshotMismatch(
@@ -233,9 +242,15 @@ impl LinuxRuntime {
         // A template's capsules get shells whose memory already maps its base layer.
         let shell = ctx.shells.take(shape, image.base.as_ref(), None)?;
         let premapped = image.base_id.is_some() && image.base_id == shell.backing;
+        phases.mark(if premapped {
+            "shell(premapped)"
+        } else {
+            "shell"
+        });
         // SAFETY: a shell's vCPUs have never run, and the shell is ours alone until it is
         // handed to the machine below.
         unsafe { super::memory::restore(shell.vm.memory(), image, premapped) }?;
+        phases.mark("memory");
         let restored = LinuxMachine::restore(
             &ctx.id.to_string(),
             shell.vm,
@@ -245,11 +260,13 @@ impl LinuxRuntime {
             &machine.vcpus,
             ctx.seccomp,
         )?;
+        phases.mark("machine");
         Self::start(
             ctx,
             restored,
             AgentStart::Restored(state.agent.clone()),
             origin,
+            phases,
         )
     }
 
@@ -260,6 +277,7 @@ impl LinuxRuntime {
         mut machine: LinuxMachine,
         agent: AgentStart,
         origin: MemoryOrigin,
+        mut phases: StartPhases,
     ) -> Result<Arc<Self>> {
         let vm = machine.vm().clone();
         let console_log = machine.console_log().clone();
@@ -311,6 +329,7 @@ impl LinuxRuntime {
                 move || worker.run(),
             )?;
         }
+        phases.mark("vcpu_threads");
         let reader = host_end
             .try_clone()
             .map_err(|e| Error::os("cloning the agent channel", e))?;
@@ -363,6 +382,8 @@ impl LinuxRuntime {
                 });
             }
         };
+        phases.mark("agent");
+        phases.log(&ctx.id);
         tracing::debug!(capsule = %ctx.id, agent = %link.hello().agent_version, "agent ready");
         Ok(Arc::new(LinuxRuntime {
             id: ctx.id.clone(),

@@ -14,6 +14,7 @@ pub(crate) mod event_relay;
 pub(crate) mod linux;
 pub(crate) mod memory;
 pub(crate) mod probe;
+pub(crate) mod start_phases;
 pub(crate) mod vcpu_set;
 pub(crate) mod vcpu_thread;
 

@@ -160,7 +160,12 @@ mod tests {
                 }
             }
             if inside && first == "Rss:" {
-                total += line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
+                total += line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
             }
         }
         total
@@ -183,7 +188,10 @@ mod tests {
             file.write_all(&chunk).unwrap();
         }
         let file = std::sync::Arc::new(file);
-        let layout = [(GuestAddress(0), SIZE / 2), (GuestAddress(1 << 32), SIZE / 2)];
+        let layout = [
+            (GuestAddress(0), SIZE / 2),
+            (GuestAddress(1 << 32), SIZE / 2),
+        ];
         // Every page in the page cache, as for a template many clones have read.
         let warm = map_private_file_regions(file.clone(), &layout).unwrap();
         let mut page = vec![0u8; PAGE_SIZE];
@@ -206,7 +214,10 @@ mod tests {
         let growth = rss_kib(&clone);
         // 256 pages read: 1024 KiB.
         assert_eq!(growth, 1024, "grew {growth} KiB (plain: {plain_growth})");
-        assert!(plain_growth > 2 * growth, "plain {plain_growth} KiB, clone {growth}");
+        assert!(
+            plain_growth > 2 * growth,
+            "plain {plain_growth} KiB, clone {growth}"
+        );
         // Writes still work and stay private.
         super::super::write_flat(&clone, 0, b"x").unwrap();
         let mut byte = [0u8];

@@ -1,0 +1,144 @@
+//! The engine's `start phases` events (target `capsule::start_phases`: where a boot or a
+//! restore spent its time), collected by a minimal `tracing` subscriber so a report can
+//! break a resume or a template spawn down by phase.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Mutex;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+
+/// Phases of the starts seen since the last [`take`], oldest first: `(name, milliseconds)`.
+static SEEN: Mutex<Vec<Vec<(String, f64)>>> = Mutex::new(Vec::new());
+
+/// The events' target.
+const TARGET: &str = "capsule::start_phases";
+
+/// Installs the collector as this process's global subscriber (it sees nothing else).
+/// Returns `false` when another subscriber was installed first.
+pub fn install() -> bool {
+    tracing::subscriber::set_global_default(Collector).is_ok()
+}
+
+/// The starts seen since the last call, oldest first.
+pub fn take() -> Vec<Vec<(String, f64)>> {
+    std::mem::take(&mut *SEEN.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Parses `shell=0.412ms memory=1.5ms` into `(name, ms)` pairs.
+pub fn parse(text: &str) -> Vec<(String, f64)> {
+    text.split_whitespace()
+        .filter_map(|word| {
+            let (name, value) = word.split_once('=')?;
+            let ms = value.strip_suffix("ms")?.parse().ok()?;
+            Some((name.to_string(), ms))
+        })
+        .collect()
+}
+
+/// `name=1.23ms` words for `phases`.
+pub fn describe(phases: &[(String, f64)]) -> String {
+    let words: Vec<String> = phases
+        .iter()
+        .map(|(name, ms)| format!("{name}={ms:.2}ms"))
+        .collect();
+    words.join(" ")
+}
+
+/// Per phase name, the p50 over `starts` (in the order phases first appear) and the count.
+pub fn medians(starts: &[Vec<(String, f64)>]) -> (Vec<(String, f64)>, usize) {
+    let mut order = Vec::new();
+    let mut by_name: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for start in starts {
+        for (name, ms) in start {
+            if !by_name.contains_key(name) {
+                order.push(name.clone());
+            }
+            by_name.entry(name.clone()).or_default().push(*ms);
+        }
+    }
+    let medians = order
+        .into_iter()
+        .map(|name| {
+            let mut values = by_name.remove(&name).unwrap_or_default();
+            values.sort_by(f64::total_cmp);
+            let p50 = values.get(values.len() / 2).copied().unwrap_or(0.0);
+            (name, p50)
+        })
+        .collect();
+    (medians, starts.len())
+}
+
+/// Records `start phases` events and ignores everything else.
+struct Collector;
+
+/// Finds the `phases` field of an event.
+#[derive(Default)]
+struct PhasesField(Option<String>);
+
+impl Visit for PhasesField {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "phases" {
+            self.0 = Some(value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        if field.name() == "phases" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+impl Subscriber for Collector {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.target() == TARGET
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut field = PhasesField::default();
+        event.record(&mut field);
+        if let Some(text) = field.0 {
+            SEEN.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(parse(&text));
+        }
+    }
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_and_summarize() {
+        let a = parse("shell=1.0ms memory=2.5ms");
+        let b = parse("shell=3.0ms memory=0.5ms agent=9ms bogus");
+        assert_eq!(a, vec![("shell".into(), 1.0), ("memory".into(), 2.5)]);
+        let (p50, n) = medians(&[a, b.clone(), b]);
+        assert_eq!(n, 3);
+        assert_eq!(
+            p50,
+            vec![
+                ("shell".into(), 3.0),
+                ("memory".into(), 0.5),
+                ("agent".into(), 9.0)
+            ]
+        );
+        assert_eq!(describe(&p50[..1]), "shell=3.00ms");
+    }
+}
