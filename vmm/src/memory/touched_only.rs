@@ -30,10 +30,11 @@ const UFFD_API: u64 = 0xaa;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// `UFFDIO_REGISTER` mode: write-protect tracking.
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-/// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xaa, 0x3f, struct uffdio_api)` (`libc::Ioctl` is `c_int` on musl: the bits as
+/// they are).
+const UFFDIO_API: libc::Ioctl = 0xc018_aa3f_u32 as libc::Ioctl;
 /// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_REGISTER: libc::Ioctl = 0xc020_aa00_u32 as libc::Ioctl;
 
 /// `struct uffdio_api`.
 #[repr(C)]
