@@ -50,7 +50,11 @@ fn a_command_longer_than_the_timeout_is_activity_until_it_ends(kind: Kind) {
     let Some((engine, _dir)) = engine(kind) else {
         return;
     };
-    let timeout = kind.pick(Duration::from_millis(200), Duration::from_secs(3));
+    let timeout = kind.pick(Duration::from_secs(1), Duration::from_secs(3));
+    // The watcher is held where it decides to pause: a decision during the command shows
+    // there, and no scheduling delay of this thread after the command can turn into a
+    // pause before the checks below.
+    let hold = engine.hold_auto_pause(AutoPausePoint::Decided);
     let capsule = engine.create(kind.config().timeout(timeout)).unwrap();
     let command = kind.long_command(&capsule, timeout * 4);
     let t = Instant::now();
@@ -58,11 +62,18 @@ fn a_command_longer_than_the_timeout_is_activity_until_it_ends(kind: Kind) {
         .commands()
         .run_with(&command, RunOptions::new().no_timeout())
         .unwrap();
-    assert!(t.elapsed() > timeout * 3 / 2, "{:?}", t.elapsed());
-    // Sent at once: the capsule was busy, not idle, for the whole command.
-    assert_eq!(kind.out(&capsule, kind.count()), "1\n");
+    let took = t.elapsed();
+    let decided = hold.wait_reached(Duration::ZERO);
+    assert!(took > timeout * 3 / 2, "{took:?}");
+    assert!(
+        !decided,
+        "the watcher decided to pause a capsule busy with a command (the command took {took:?})"
+    );
     assert_eq!(capsule.status(), Status::Running);
+    // The capsule was busy, not idle, for the whole command.
+    assert_eq!(kind.out(&capsule, kind.count()), "1\n");
     // Idle afterwards, it is paused as usual.
+    drop(hold);
     let deadline = Instant::now() + kind.pick(Duration::from_secs(10), Duration::from_secs(60));
     assert_eq!(
         wait_for_status(&capsule, Status::Paused, deadline),
