@@ -481,6 +481,7 @@ fn nested_test(o: &Options) -> Result<bool> {
             "CAPSULE_LINUX_REPORT_LIFECYCLE",
             "CAPSULE_LINUX_REPORT_HEARTBEAT_MS",
             "CAPSULE_LINUX_REPORT_DMESG",
+            "CAPSULE_LINUX_REPORT_PARTS",
             "CAPSULE_QEMU_MACHINE",
         ] {
             if let Ok(value) = std::env::var(name) {

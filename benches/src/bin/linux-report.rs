@@ -119,6 +119,11 @@
 //! ≤ 0.1, `linux_template_spawn_to_ready` / `linux_boot_to_ready` ≤ 0.05, `linux_pause` /
 //! `firecracker_snapshot_create` ≤ 0.25; and `linux_clone_rss_kib` ≤ 4096.
 //!
+//! `CAPSULE_LINUX_REPORT_PARTS` (comma-separated; default all) runs only some parts:
+//! `boot` (the boots), `io` (command round trips, files, streams, the channel), `lifecycle`
+//! (pause and resume against the peers), `templates` (template spawns, forks, clone RSS).
+//! The template part uses `CAPSULE_LINUX_REPORT_LIFECYCLE` rounds (at least one) either way.
+//!
 //! Where the engine's starts spend their time: each boot, resume, template spawn and fork
 //! sample prints `linux-report: METRIC: start phases: shell=..ms memory=..ms machine=..ms
 //! vcpu_threads=..ms agent=..ms` (the engine's `start phases` debug events, collected by
@@ -518,8 +523,13 @@ fn main() -> Result<()> {
     };
     let mut metrics = Metrics::default();
 
-    boot_phase(&mut setup, &mut metrics, boots)?;
-    exec_phase(&setup, &mut metrics, execs)?;
+    let parts = parts()?;
+    if parts.contains(&"boot") {
+        boot_phase(&mut setup, &mut metrics, boots)?;
+    }
+    if parts.contains(&"io") {
+        exec_phase(&setup, &mut metrics, execs)?;
+    }
     metrics.print(&[
         ("linux_boot_to_ready", "us"),
         ("linux_boot_to_marker", "us"),
@@ -545,7 +555,12 @@ fn main() -> Result<()> {
         );
     }
 
-    for i in 0..rounds {
+    let lifecycle_rounds = if parts.contains(&"lifecycle") {
+        rounds
+    } else {
+        0
+    };
+    for i in 0..lifecycle_rounds {
         for system in rotation(i) {
             match system {
                 System::Capsule => capsule_round(&setup, &mut metrics, i),
@@ -565,7 +580,9 @@ fn main() -> Result<()> {
         ("qemu_microvm_restore_to_live", "us"),
     ]);
 
-    template_phase(&setup, &mut metrics, rounds.max(1));
+    if parts.contains(&"templates") {
+        template_phase(&setup, &mut metrics, rounds.max(1));
+    }
     metrics.print(&[
         ("linux_template_spawn_to_ready", "us"),
         ("linux_template_spawn_to_live", "us"),
@@ -619,6 +636,26 @@ fn main() -> Result<()> {
     }
     Ok(())
 }
+
+/// The parts of the report to run: `CAPSULE_LINUX_REPORT_PARTS`, a comma-separated subset
+/// of [`PARTS`] (default: all), so a part can be measured again alone.
+fn parts() -> Result<Vec<&'static str>> {
+    let Ok(list) = std::env::var("CAPSULE_LINUX_REPORT_PARTS") else {
+        return Ok(PARTS.to_vec());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            PARTS.iter().copied().find(|&known| known == p).ok_or_else(|| {
+                format!("CAPSULE_LINUX_REPORT_PARTS: unknown part {p:?} (parts: {PARTS:?})").into()
+            })
+        })
+        .collect()
+}
+
+/// The report's parts, in the order they run.
+const PARTS: [&str; 4] = ["boot", "io", "lifecycle", "templates"];
 
 /// The boots, interleaved, after one warm-up each.
 fn boot_phase(setup: &mut Setup, metrics: &mut Metrics, boots: usize) -> Result<()> {
