@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub mod console;
 pub mod firecracker;
+pub mod kvm_stats;
 pub mod process;
 pub mod qemu;
 pub mod start_phases;

@@ -22,6 +22,8 @@ mount -t proc proc /proc || fail_setup "cannot mount /proc"
 mount -t sysfs sysfs /sys || fail_setup "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail_setup "cannot mount devtmpfs on /dev"
 mount -t tmpfs -o mode=1777 tmpfs /tmp || fail_setup "cannot mount tmpfs on /tmp"
+# KVM's event counters for linux-report (/sys/kernel/debug/kvm); optional.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
 echo # ends the firmware's last line
 echo "NESTED-INIT kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep MemTotal /proc/meminfo | tr -s ' ')"
 

@@ -124,6 +124,11 @@
 //! (pause and resume against the peers), `templates` (template spawns, forks, clone RSS).
 //! The template part uses `CAPSULE_LINUX_REPORT_LIFECYCLE` rounds (at least one) either way.
 //!
+//! Where a restore's first moments go: around each capsule resume, template spawn and
+//! Firecracker restore (until the guest is live) the report prints KVM's event counters
+//! (`linux-report: WHAT: KVM events: exits=.. pf_fixed=..`, from debugfs where mounted, as in
+//! the nested harness): `pf_fixed` counts the guest pages first touched after the restore.
+//!
 //! Where the engine's starts spend their time: each boot, resume, template spawn and fork
 //! sample prints `linux-report: METRIC: start phases: shell=..ms memory=..ms machine=..ms
 //! vcpu_threads=..ms agent=..ms` (the engine's `start phases` debug events, collected by
@@ -168,8 +173,8 @@ use capsule::{Capsule, CapsuleConfig, Engine, EngineConfig, Status, LINUX_KERNEL
 use capsule_benches::console::{self, heartbeat_seq, is_life_after_restore, last_heartbeat};
 use capsule_benches::firecracker::Firecracker;
 use capsule_benches::qemu::Qemu;
-use capsule_benches::start_phases;
 use capsule_benches::{json_line, micros, summarize, Summary};
+use capsule_benches::{kvm_stats, start_phases};
 
 /// Memory of the boots (as in the existing boot figures).
 const MEMORY_MB: u64 = 256;
@@ -637,6 +642,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Prints `linux-report: WHAT: KVM events: exits=.. pf_fixed=.. ...` since `before` (when
+/// KVM's counters can be read: debugfs, as in the nested harness's L1). The counters are the
+/// host's, so nothing else may run a VM meanwhile (the report runs one system at a time).
+fn print_kvm_stats(what: &str, before: Option<kvm_stats::KvmStats>) {
+    if let (Some(before), Some(after)) = (before, kvm_stats::read()) {
+        eprintln!(
+            "linux-report: {what}: KVM events: {}",
+            before.delta_to(&after)
+        );
+    }
+}
+
 /// The parts of the report to run: `CAPSULE_LINUX_REPORT_PARTS`, a comma-separated subset
 /// of [`PARTS`] (default: all), so a part can be measured again alone.
 fn parts() -> Result<Vec<&'static str>> {
@@ -647,9 +664,14 @@ fn parts() -> Result<Vec<&'static str>> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| {
-            PARTS.iter().copied().find(|&known| known == p).ok_or_else(|| {
-                format!("CAPSULE_LINUX_REPORT_PARTS: unknown part {p:?} (parts: {PARTS:?})").into()
-            })
+            PARTS
+                .iter()
+                .copied()
+                .find(|&known| known == p)
+                .ok_or_else(|| {
+                    format!("CAPSULE_LINUX_REPORT_PARTS: unknown part {p:?} (parts: {PARTS:?})")
+                        .into()
+                })
         })
         .collect()
 }
@@ -1171,6 +1193,7 @@ fn capsule_pause_resume(capsule: &Capsule, setup: &Setup, metrics: &mut Metrics,
         i + 1
     ));
     start_phases::take();
+    let stats = kvm_stats::read();
     let t = Instant::now();
     let live = capsule
         .resume()
@@ -1184,6 +1207,10 @@ fn capsule_pause_resume(capsule: &Capsule, setup: &Setup, metrics: &mut Metrics,
             let took = at.duration_since(t);
             metrics.add_time("linux_resume_to_live", took);
             metrics.add_starts("linux_resume_to_live");
+            print_kvm_stats(
+                &format!("lifecycle {}: capsule resume to live", i + 1),
+                stats,
+            );
             eprintln!(
                 "linux-report: lifecycle {}: capsule pause {:.1} ms; resume returned {:.1} ms, \
                  live {:.1} ms (heartbeat after {baseline:?})",
@@ -1278,6 +1305,7 @@ fn firecracker_round(setup: &mut Setup, metrics: &mut Metrics, i: usize) {
         let created = t.elapsed();
         drop(vm);
         phase(format!("lifecycle {}: Firecracker restore", i + 1));
+        let stats = kvm_stats::read();
         let (mut restored, loaded) = fc.restore(&snapshot).map_err(|e| ("restore", e))?;
         let Some(live) = restored
             .console()
@@ -1288,6 +1316,10 @@ fn firecracker_round(setup: &mut Setup, metrics: &mut Metrics, i: usize) {
                 restored.failure("no heartbeat after the snapshot was loaded"),
             ));
         };
+        print_kvm_stats(
+            &format!("lifecycle {}: Firecracker restore to live", i + 1),
+            stats,
+        );
         let live = live.duration_since(restored.started());
         eprintln!(
             "linux-report: lifecycle {}: Firecracker pause {:.1} ms, snapshot create (with the \
@@ -1548,6 +1580,7 @@ fn template_spawn_round(
     }
 
     phase(format!("template spawn {}: until a heartbeat", i + 1));
+    let stats = kvm_stats::read();
     let t = Instant::now();
     let live = setup
         .engine
@@ -1562,6 +1595,7 @@ fn template_spawn_round(
         Ok((at, inherited)) => {
             let took = at.duration_since(t);
             metrics.add_time("linux_template_spawn_to_live", took);
+            print_kvm_stats(&format!("template spawn {} to live", i + 1), stats);
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             eprintln!(
                 "linux-report: template spawn {}: ready {}, live {:.1} ms (clone console {})",
