@@ -108,10 +108,12 @@
 //!   the source's console during `snapshot` (the longest pause of its heartbeat).
 //! - `linux_fork_to_ready`: `fork(1)` of the running source until the fork answers `true`.
 //! - `linux_clone_rss_kib`: growth of this process's `VmRSS` (/proc/self/status) per idle
-//!   running clone, 10 clones of a template taken after the heartbeat was stopped, each
-//!   given one `true` and 300 ms to settle; p50/p99 over the 10 increments.
-//!   `linux_clone_pss_kib`: the same for `Pss` (/proc/self/smaps_rollup), which counts a
-//!   page shared by several mappings once.
+//!   running clone: 10 clones of a template taken after the heartbeat was stopped, each read
+//!   300 ms after `create` returned (the clone is running and its agent answered the
+//!   start-up sync); p50/p99 over the 10 increments. `linux_clone_pss_kib`: the same for
+//!   `Pss` (/proc/self/smaps_rollup), which counts a page shared by several mappings once.
+//!   `linux_clone_command_rss_kib`: what one `run("true")` in each clone then adds (300 ms
+//!   after it answered): the pages a fork and exec touch.
 //!
 //! Ratios (`A_over_B`, p50/p50 and p99/p99) and their targets, each also as a line
 //! `linux-report: target: ...`: `linux_boot_to_marker` / `firecracker_boot_to_marker` ≤ 0.5,
@@ -594,6 +596,7 @@ fn main() -> Result<()> {
         ("linux_fork_to_ready", "us"),
         ("linux_clone_rss_kib", "KiB"),
         ("linux_clone_pss_kib", "KiB"),
+        ("linux_clone_command_rss_kib", "KiB"),
     ]);
     *PHASE.lock().unwrap_or_else(|p| p.into_inner()) = None;
     metrics.print_starts();
@@ -1438,12 +1441,13 @@ const QUIET_TEMPLATE: &str = "linux-report-quiet";
 
 /// Templates and forks of a running capsule.
 fn template_phase(setup: &Setup, metrics: &mut Metrics, rounds: usize) {
-    const ALL: [&str; 5] = [
+    const ALL: [&str; 6] = [
         "linux_template_spawn_to_ready",
         "linux_template_spawn_to_live",
         "linux_fork_to_ready",
         "linux_clone_rss_kib",
         "linux_clone_pss_kib",
+        "linux_clone_command_rss_kib",
     ];
     phase(format!(
         "templates: source capsule boot ({LIFECYCLE_MEMORY_MB} MiB) and heartbeat"
@@ -1697,7 +1701,11 @@ impl SourceWatch {
 /// `linux_clone_rss_kib` and `linux_clone_pss_kib`: 10 idle clones of a template of the
 /// source taken after its heartbeat was stopped.
 fn clone_rss(setup: &Setup, metrics: &mut Metrics, source: &Capsule, heartbeat: u32) {
-    const BOTH: [&str; 2] = ["linux_clone_rss_kib", "linux_clone_pss_kib"];
+    const BOTH: [&str; 3] = [
+        "linux_clone_rss_kib",
+        "linux_clone_pss_kib",
+        "linux_clone_command_rss_kib",
+    ];
     phase("clone RSS: a quiet template (the heartbeat stopped)");
     let template = source
         .commands()
@@ -1727,6 +1735,11 @@ fn clone_rss(setup: &Setup, metrics: &mut Metrics, source: &Capsule, heartbeat: 
                 break;
             }
         };
+        // Ready (its agent answered the start-up sync), then idle.
+        std::thread::sleep(CLONE_SETTLE);
+        let idle = (vm_rss_kib(), pss_kib());
+        metrics.add("linux_clone_rss_kib", idle.0 as f64 - previous.0 as f64);
+        metrics.add("linux_clone_pss_kib", idle.1 as f64 - previous.1 as f64);
         let ran = clone.commands().run("true");
         clones.push(clone);
         if let Err(e) = ran {
@@ -1735,8 +1748,7 @@ fn clone_rss(setup: &Setup, metrics: &mut Metrics, source: &Capsule, heartbeat: 
         }
         std::thread::sleep(CLONE_SETTLE);
         let now = (vm_rss_kib(), pss_kib());
-        metrics.add("linux_clone_rss_kib", now.0 as f64 - previous.0 as f64);
-        metrics.add("linux_clone_pss_kib", now.1 as f64 - previous.1 as f64);
+        metrics.add("linux_clone_command_rss_kib", now.0 as f64 - idle.0 as f64);
         previous = now;
     }
     eprintln!(
@@ -1753,6 +1765,7 @@ fn clone_rss(setup: &Setup, metrics: &mut Metrics, source: &Capsule, heartbeat: 
         }
         metrics.samples.remove("linux_clone_rss_kib");
         metrics.samples.remove("linux_clone_pss_kib");
+        metrics.samples.remove("linux_clone_command_rss_kib");
     }
     for c in clones {
         let _ = c.destroy();
