@@ -129,7 +129,9 @@
 //! Where a restore's first moments go: around each capsule resume, template spawn and
 //! Firecracker restore (until the guest is live) the report prints KVM's event counters
 //! (`linux-report: WHAT: KVM events: exits=.. pf_fixed=..`, from debugfs where mounted, as in
-//! the nested harness): `pf_fixed` counts the guest pages first touched after the restore.
+//! the nested harness), summed over the VMs that exist when they are read (so read before
+//! a clone is destroyed; a template's source runs meanwhile and counts too): `pf_fixed`
+//! counts the nested page faults KVM fixed, i.e. guest pages first touched after the restore.
 //!
 //! Where the engine's starts spend their time: each boot, resume, template spawn and fork
 //! sample prints `linux-report: METRIC: start phases: shell=..ms memory=..ms machine=..ms
@@ -1592,6 +1594,8 @@ fn template_spawn_round(
         .map_err(|e| format!("create from the template failed: {e}"))
         .and_then(|c| {
             let seen = wait_clone_heartbeat(&c, before, frozen, t + LIVE_TIMEOUT);
+            // Before the destroy: debugfs sums the counters of the VMs that exist.
+            print_kvm_stats(&format!("template spawn {} to live", i + 1), stats);
             let _ = c.destroy();
             seen
         });
@@ -1599,7 +1603,6 @@ fn template_spawn_round(
         Ok((at, inherited)) => {
             let took = at.duration_since(t);
             metrics.add_time("linux_template_spawn_to_live", took);
-            print_kvm_stats(&format!("template spawn {} to live", i + 1), stats);
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             eprintln!(
                 "linux-report: template spawn {}: ready {}, live {:.1} ms (clone console {})",
