@@ -276,8 +276,10 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
     let state = sh(&c, &format!("sed 's/.*) //' /proc/{pid}/stat | cut -c1"));
     assert_eq!(state.trim(), "S", "blocked in its write");
     let got: usize = writer.output().map(|chunk| chunk.bytes().len()).sum();
-    assert_eq!(got as u64, total);
-    assert_eq!(writer.wait_timeout(STEP).unwrap().exit_code, Some(0));
+    // The stream ends when the command does: say how it ended if bytes are missing.
+    let ended = writer.wait_timeout(STEP);
+    assert_eq!(got as u64, total, "the stream ended early: {ended:?}");
+    assert_eq!(ended.unwrap().exit_code, Some(0));
     c.destroy().unwrap();
 }
 
