@@ -21,6 +21,11 @@ mkdir -p /proc /sys /dev /tmp
 mount -t proc proc /proc || fail_setup "cannot mount /proc"
 mount -t sysfs sysfs /sys || fail_setup "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail_setup "cannot mount devtmpfs on /dev"
+# Pseudo-terminals, for the tests that open one on the host side (the engine's unit tests
+# run a real agent, whose terminals need /dev/ptmx and /dev/pts).
+mkdir -p /dev/pts
+mount -t devpts -o ptmxmode=0666 devpts /dev/pts || fail_setup "cannot mount devpts on /dev/pts"
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 mount -t tmpfs -o mode=1777 tmpfs /tmp || fail_setup "cannot mount tmpfs on /tmp"
 # KVM's event counters for linux-report (/sys/kernel/debug/kvm); optional.
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
