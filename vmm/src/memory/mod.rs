@@ -14,7 +14,7 @@
 //! - pages the VMM wrote: [`take_vmm_dirty`] (KVM's log of guest writes is
 //!   [`crate::Vm::take_dirty_pages`], which includes these); pages written by anyone since
 //!   the memory was mapped, without a dirty log: [`private_pages`];
-//! - memory shared with other guests, mapped only where touched: [`map_touched_only`].
+//! - memory shared with other guests, mapped only where touched: [`TouchedOnly`].
 
 mod dirty;
 mod file;
@@ -34,7 +34,7 @@ pub use file::{map_private_file, map_private_file_regions, replace_with_private_
 pub use flat::{flatten_dirty, read_flat, write_flat};
 pub use huge::HUGE_PAGE_SIZE;
 pub use owned::private_pages;
-pub use touched_only::map_touched_only;
+pub use touched_only::TouchedOnly;
 
 /// Guest memory as the VMM sees it. The [`AtomicBitmap`] records pages the VMM itself writes
 /// (devices, mailboxes), which KVM's dirty log does not see.

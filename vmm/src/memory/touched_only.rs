@@ -8,19 +8,18 @@
 //!
 //! Linux turns fault-around off for a mapping registered with a userfaultfd in
 //! write-protect mode (`uffd_disable_fault_around`), and maps a large folio one page at a
-//! time where transparent huge pages are disabled (`MADV_NOHUGEPAGE`). [`map_touched_only`]
-//! does both. It registers with one userfaultfd for the whole process, created in
-//! user-mode-only mode (allowed without privileges), that never write-protects a page: it
+//! time where transparent huge pages are disabled (`MADV_NOHUGEPAGE`).
+//! [`TouchedOnly::register`] does both. It registers with a userfaultfd created in
+//! user-mode-only mode (allowed without privileges) that never write-protects a page: it
 //! delivers no event and needs no reader, so faults stay the kernel's. Registering a
 //! regular file's mapping in write-protect mode needs `UFFD_FEATURE_WP_ASYNC` (Linux 6.7);
 //! shmem/tmpfs works from 5.19. Where the kernel (or a seccomp policy) refuses, memory keeps
 //! the kernel's default and the call says so: it is an optimisation, never a failure.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::OnceLock;
 
 use super::{host_ranges, GuestMemory};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `userfaultfd(2)` flag: handle faults from user mode only (no privilege needed).
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
@@ -53,15 +52,36 @@ struct UffdioRegister {
     ioctls: u64,
 }
 
-/// The process's userfaultfd for write-protect registrations, or why there is none.
-fn process_userfaultfd() -> &'static std::result::Result<OwnedFd, String> {
-    static FD: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
-    FD.get_or_init(|| {
-        // WP_ASYNC first (regular files); without it, shmem and anonymous memory only.
-        open_userfaultfd(UFFD_FEATURE_WP_ASYNC).or_else(|first| {
-            open_userfaultfd(0).map_err(|second| format!("{first}; without WP_ASYNC: {second}"))
-        })
-    })
+/// A userfaultfd for [`TouchedOnly::register`]: one serves any number of guest memories
+/// (an engine keeps one per template, shared by its clones). A registration lasts while
+/// both the mapping and this descriptor exist: keep it as long as the memory it registered.
+#[derive(Debug)]
+pub struct TouchedOnly {
+    fd: OwnedFd,
+}
+
+impl TouchedOnly {
+    /// Opens the userfaultfd: with `UFFD_FEATURE_WP_ASYNC` where the kernel has it (regular
+    /// files can then be registered), else without (shmem and anonymous memory only).
+    /// Fails, saying why, where the kernel or a seccomp policy refuses userfaultfd.
+    pub fn new() -> Result<TouchedOnly> {
+        open_userfaultfd(UFFD_FEATURE_WP_ASYNC)
+            .or_else(|first| {
+                open_userfaultfd(0).map_err(|second| format!("{first}; without WP_ASYNC: {second}"))
+            })
+            .map(|fd| TouchedOnly { fd })
+            .map_err(Error::Memory)
+    }
+
+    /// Makes every region of `memory` map only the pages that are touched (see the module
+    /// docs): `MADV_NOHUGEPAGE`, then a write-protect registration that turns fault-around
+    /// off. Call it after the memory's final mappings are in place (a later `MAP_FIXED`
+    /// over a range replaces its registration). Returns `Ok(false)`, with the reason in a
+    /// `debug` trace, where the kernel does not allow it for this memory; the memory then
+    /// works as before.
+    pub fn register(&self, memory: &GuestMemory) -> Result<bool> {
+        map_touched_only(&self.fd, memory)
+    }
 }
 
 /// A new userfaultfd with `features` negotiated.
@@ -94,19 +114,8 @@ fn open_userfaultfd(features: u64) -> std::result::Result<OwnedFd, String> {
     Ok(fd)
 }
 
-/// Makes every region of `memory` map only the pages that are touched (see the module
-/// docs): `MADV_NOHUGEPAGE`, then a write-protect registration that turns fault-around
-/// off. Call it after the memory's final mappings are in place (a later `MAP_FIXED` over a
-/// range replaces its registration). Returns `Ok(false)`, with the reason in a `debug`
-/// trace, where the kernel does not allow it; the memory then works as before.
-pub fn map_touched_only(memory: &GuestMemory) -> Result<bool> {
-    let fd = match process_userfaultfd() {
-        Ok(fd) => fd,
-        Err(why) => {
-            tracing::debug!("guest memory keeps fault-around: {why}");
-            return Ok(false);
-        }
-    };
+/// [`TouchedOnly::register`] with `fd`.
+fn map_touched_only(fd: &OwnedFd, memory: &GuestMemory) -> Result<bool> {
     for (addr, len) in host_ranges(memory)? {
         // SAFETY: [addr, addr + len) is one region's own mapping (host_ranges); the advice
         // changes how its future faults are mapped, never its contents.
@@ -207,7 +216,11 @@ mod tests {
         drop(plain);
 
         let clone = map_private_file_regions(file, &layout).unwrap();
-        if !map_touched_only(&clone).unwrap() {
+        let Ok(touched_only) = TouchedOnly::new() else {
+            eprintln!("SKIPPED: no userfaultfd on this host");
+            return;
+        };
+        if !touched_only.register(&clone).unwrap() {
             eprintln!("SKIPPED: this kernel keeps fault-around for file mappings");
             return;
         }
