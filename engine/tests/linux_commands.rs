@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,8 @@ use common::linux::{linux_engine, minimal};
 
 /// How long one step may take in the nested harness.
 const STEP: Duration = Duration::from_secs(120);
+/// How long 64 MiB of output may take to arrive in the nested harness (~100 s there).
+const STREAM_PATIENCE: Duration = Duration::from_secs(200);
 
 /// Runs `command`, which must exit 0; its stdout.
 fn sh(c: &Capsule, command: &str) -> String {
@@ -275,10 +278,34 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
     assert_eq!(written(), last, "it went on writing");
     let state = sh(&c, &format!("sed 's/.*) //' /proc/{pid}/stat | cut -c1"));
     assert_eq!(state.trim(), "S", "blocked in its write");
-    let got: usize = writer.output().map(|chunk| chunk.bytes().len()).sum();
+    // Read on another thread, so that a stream that stops short of its end fails the test
+    // (with how far it got) instead of hanging it: under TCG this stream has stalled
+    // (twice) and ended early (once); ~100 s is its usual time there.
+    let got = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let (writer, got) = (writer.clone(), got.clone());
+        std::thread::spawn(move || {
+            for chunk in writer.output() {
+                got.fetch_add(chunk.bytes().len() as u64, Ordering::Relaxed);
+            }
+            let _ = done_tx.send(());
+        })
+    };
+    if done_rx.recv_timeout(STREAM_PATIENCE).is_err() {
+        let stalled_at = got.load(Ordering::Relaxed);
+        let _ = writer.kill();
+        panic!(
+            "the stream stalled: {stalled_at} of {total} bytes after {STREAM_PATIENCE:?} \
+             (capsule {:?})",
+            c.info().status
+        );
+    }
+    reader.join().unwrap();
+    let got = got.load(Ordering::Relaxed);
     // The stream ends when the command does: say how it ended if bytes are missing.
     let ended = writer.wait_timeout(STEP);
-    assert_eq!(got as u64, total, "the stream ended early: {ended:?}");
+    assert_eq!(got, total, "the stream ended early: {ended:?}");
     assert_eq!(ended.unwrap().exit_code, Some(0));
     c.destroy().unwrap();
 }
