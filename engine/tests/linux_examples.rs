@@ -16,7 +16,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long one example may take, end to end (a nested boot and a few seconds of work; the
 /// file example moves 64 MiB each way).
@@ -38,15 +38,7 @@ fn run_example(extra: &Path, name: &str) -> String {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let started = Instant::now();
-    let (status, stdout, stderr) = common::run_with_limit(&mut cmd, EXAMPLE_LIMIT);
-    eprintln!(
-        "{name} took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
-        started.elapsed().as_secs_f64()
-    );
-    let status = status
-        .unwrap_or_else(|| panic!("{name} did not finish within {} s", EXAMPLE_LIMIT.as_secs()));
-    assert!(status.success(), "{name} failed: {status}\n{stderr}");
+    let stdout = common::run_to_success(name, &mut cmd, EXAMPLE_LIMIT);
     assert!(
         !stdout.contains("cannot boot Linux"),
         "{name} did not run a capsule:\n{stdout}"

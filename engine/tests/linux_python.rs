@@ -26,7 +26,7 @@ mod common;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long an example may take, end to end (a nested boot, a pause and a resume under
 /// TCG take well under a minute).
@@ -162,15 +162,7 @@ fn run_example(name: &str) -> Option<Ran> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     eprintln!("running {name} with {}: {cmd:?}", python.what);
-    let started = Instant::now();
-    let (status, stdout, stderr) = common::run_with_limit(&mut cmd, EXAMPLE_LIMIT);
-    eprintln!(
-        "{name} took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
-        started.elapsed().as_secs_f64()
-    );
-    let status = status
-        .unwrap_or_else(|| panic!("{name} did not finish within {} s", EXAMPLE_LIMIT.as_secs()));
-    assert!(status.success(), "{name} failed: {status}\n{stderr}");
+    let stdout = common::run_to_success(name, &mut cmd, EXAMPLE_LIMIT);
     Some(Ran {
         stdout,
         data_dir,

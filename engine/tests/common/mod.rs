@@ -42,6 +42,21 @@ pub fn probe() -> CapsuleConfigBuilder {
     CapsuleConfig::builder("probe").memory_mb(32)
 }
 
+/// Runs the example `name` as `cmd` ([`run_with_limit`]), prints how long it took with its
+/// output, and fails unless it exited successfully within `limit`; its stdout.
+pub fn run_to_success(name: &str, cmd: &mut Command, limit: Duration) -> String {
+    let started = std::time::Instant::now();
+    let (status, stdout, stderr) = run_with_limit(cmd, limit);
+    eprintln!(
+        "{name} took {:.1} s and exited with {status:?}\n--- stdout\n{stdout}--- stderr\n{stderr}---",
+        started.elapsed().as_secs_f64()
+    );
+    let status =
+        status.unwrap_or_else(|| panic!("{name} did not finish within {} s", limit.as_secs()));
+    assert!(status.success(), "{name} failed: {status}\n{stderr}");
+    stdout
+}
+
 /// Runs `cmd` (stdout and stderr piped), killing it after `limit`; its exit status (`None`
 /// when killed), stdout and stderr.
 pub fn run_with_limit(cmd: &mut Command, limit: Duration) -> (Option<ExitStatus>, String, String) {
