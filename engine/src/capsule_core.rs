@@ -27,6 +27,8 @@ pub(crate) struct CapsuleCore {
 struct State {
     status: Status,
     error: Option<String>,
+    /// How the guest ended, when it stopped by itself (see [`CapsuleInfo::ended`]).
+    ended: Option<String>,
     /// When the capsule last started or finished a command or was pinged, or became
     /// running: the inactivity clock.
     last_activity: SystemTime,
@@ -55,6 +57,7 @@ impl CapsuleCore {
             state: Mutex::new(State {
                 status,
                 error: None,
+                ended: None,
                 last_activity: SystemTime::now(),
                 running_commands: 0,
                 activity: 0,
@@ -212,6 +215,7 @@ impl CapsuleCore {
             created_at: r.created_at,
             last_activity: state.last_activity,
             error: state.error.clone(),
+            ended: state.ended.clone(),
         }
     }
 
@@ -422,8 +426,11 @@ impl GuestEvents for CapsuleCore {
         self.crash(reason);
     }
 
-    fn exited(&self) {
-        if let Ok(runtime) = self.apply(Transition::Exit, None, None) {
+    fn exited(&self, how: String) {
+        let mut state = self.state();
+        if let Ok(runtime) = self.apply_locked(&mut state, Transition::Exit, None, None) {
+            state.ended = Some(how);
+            drop(state);
             release_in_background(self.id(), runtime);
         }
     }

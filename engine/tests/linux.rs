@@ -234,6 +234,11 @@ fn poweroff_stops_the_capsule() {
     }
     assert_eq!(c.status(), Status::Stopped);
     assert_eq!(c.info().error, None);
+    let ended = c.info().ended.unwrap_or_default();
+    assert!(
+        ended.starts_with("shutdown exit") && ended.contains("vCPU0: rip"),
+        "{ended}"
+    );
     assert!(matches!(
         c.commands().run("true"),
         Err(Error::InvalidState { .. })

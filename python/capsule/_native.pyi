@@ -540,6 +540,10 @@ class CapsuleInfo:
     def error(self) -> str | None:
         """Why it is in "error", when it is."""
 
+    @property
+    def ended(self) -> str | None:
+        """How its guest ended, when it stopped by itself (power-off, reboot or triple fault)."""
+
 @final
 class TemplateInfo:
     """A template that capsules start from."""

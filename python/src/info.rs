@@ -29,6 +29,10 @@ pub(crate) struct CapsuleInfo {
     /// Why it is in "error", when it is; otherwise None.
     #[pyo3(get)]
     error: Option<String>,
+    /// How its guest ended, when it stopped by itself (a power-off, reboot or triple
+    /// fault: one shutdown exit, with where the vCPU was); otherwise None.
+    #[pyo3(get)]
+    ended: Option<String>,
     created: SystemTime,
     last_active: SystemTime,
 }
@@ -43,6 +47,7 @@ impl From<capsule::CapsuleInfo> for CapsuleInfo {
             memory_mb: info.memory_mb,
             timeout: info.timeout.as_secs_f64(),
             error: info.error,
+            ended: info.ended,
             created: info.created_at,
             last_active: info.last_activity,
         }

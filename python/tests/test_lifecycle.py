@@ -26,7 +26,7 @@ def test_create_wait_runs_at_once(probe: ProbeFactory) -> None:
     info = c.get_info()
     assert isinstance(info, capsule.CapsuleInfo)
     assert (info.capsule_id, info.status, info.template) == (c.capsule_id, "running", "probe")
-    assert (info.vcpus, info.memory_mb, info.timeout, info.error) == (2, 64, 0.0, None)
+    assert (info.vcpus, info.memory_mb, info.timeout, info.error, info.ended) == (2, 64, 0.0, None, None)
     assert isinstance(info.created_at, datetime)
     assert info.created_at.tzinfo == timezone.utc
     assert info.created_at <= info.last_activity <= datetime.now(timezone.utc)

@@ -86,9 +86,9 @@ impl GuestEvents for Relayed {
         relay(Box::new(move || events.crashed(reason)));
     }
 
-    fn exited(&self) {
+    fn exited(&self, how: String) {
         let events = self.events.clone();
-        relay(Box::new(move || events.exited()));
+        relay(Box::new(move || events.exited(how)));
     }
 }
 
@@ -119,9 +119,9 @@ mod tests {
             let thread = std::thread::current().name().map(str::to_owned);
             lock(&self.seen).push((reason, thread));
         }
-        fn exited(&self) {
+        fn exited(&self, how: String) {
             let thread = std::thread::current().name().map(str::to_owned);
-            lock(&self.seen).push(("exited".into(), thread));
+            lock(&self.seen).push((how, thread));
         }
     }
 
@@ -130,7 +130,7 @@ mod tests {
         let recorder = Arc::new(Recorder::default());
         let events = relayed(recorder.clone()).unwrap();
         events.crashed("KVM KVM_RUN failed: Operation not permitted (os error 1)".into());
-        events.exited();
+        events.exited("exited".into());
         // Synchronous: both already ran, in order, on the relay thread.
         let seen = lock(&recorder.seen).clone();
         assert_eq!(seen.len(), 2);

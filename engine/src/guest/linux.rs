@@ -574,12 +574,15 @@ impl VcpuLoop {
                     } else {
                         // A triple fault ends the same way as a reset: where the vCPU was
                         // tells them apart.
+                        let position = self.position();
                         tracing::info!(
                             capsule = %self.id,
-                            position = %self.position(),
+                            %position,
                             "guest powered off or rebooted"
                         );
-                        self.events.exited();
+                        self.events.exited(format!(
+                            "shutdown exit (power-off, reboot or triple fault) on {position}"
+                        ));
                     }
                     return format!("vCPU{index}: ended by a shutdown exit");
                 }

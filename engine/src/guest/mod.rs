@@ -153,8 +153,9 @@ pub(crate) struct BootContext {
 pub(crate) trait GuestEvents: Send + Sync {
     /// The guest crashed; the capsule must go to error and its VM be released.
     fn crashed(&self, reason: String);
-    /// The guest shut itself down (power-off or reboot); the capsule is stopped.
-    fn exited(&self);
+    /// The guest shut itself down (power-off, reboot or triple fault: `how` says which
+    /// exit and where the vCPU was); the capsule is stopped.
+    fn exited(&self, how: String);
 }
 
 /// A running guest, as the engine drives it.

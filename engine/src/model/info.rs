@@ -29,6 +29,11 @@ pub struct CapsuleInfo {
     pub last_activity: SystemTime,
     /// Why it is in [`Status::Error`], when it is.
     pub error: Option<String>,
+    /// How its guest ended, when the capsule stopped by itself rather than by
+    /// [`crate::Capsule::destroy`]: the kind of exit and where the vCPU was. A power-off, a
+    /// reboot and a triple fault all reach the host as one shutdown exit; the position (and
+    /// the console, [`crate::Capsule::console_log`]) tell them apart.
+    pub ended: Option<String>,
 }
 
 /// A template, as listed by [`crate::Engine::templates`] and returned by

@@ -128,7 +128,7 @@ impl Kind {
     pub fn out(self, c: &Capsule, command: &str) -> String {
         let out = self
             .run(c, command)
-            .unwrap_or_else(|e| panic!("{command}: {e}"));
+            .unwrap_or_else(|e| panic!("{command}: {e}; {:?}", c.info()));
         assert_eq!(out.exit_code, Some(0), "{command}: {out:?}");
         out.stdout_str().into_owned()
     }
