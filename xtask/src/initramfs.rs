@@ -8,7 +8,8 @@
 //! - `/nested/host-report` (the `quickstart` example: prints `engine.host()`);
 //! - `/nested/linux-report` (`--linux-report`: the `capsule-benches` binary `linux-report`);
 //! - `/nested/args` (libtest arguments, one per line), `/nested/config.sh`;
-//! - `/nested/extra/<dest>`: extra files; tests find the directory in `$CAPSULE_NESTED_EXTRA`.
+//! - `/nested/extra/<dest>`: extra files; tests find the directory in `$CAPSULE_NESTED_EXTRA`;
+//! - `/nested/resume.list`, only in an L1 run after one that broke down ([`with_resume`]).
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -53,6 +54,20 @@ pub struct Contents {
     pub retry_failed: bool,
     /// The `linux-report` binary and its environment in L1 (`NAME`, value).
     pub linux_report: Option<(PathBuf, Vec<(String, String)>)>,
+}
+
+/// Writes to `output` the initramfs `base` followed by a second, uncompressed archive
+/// holding `/nested/resume.list` (what `/init` skips: `done BINARY` for a binary an earlier
+/// L1 run finished, `passed BINARY TEST` for a test one saw pass). Linux unpacks archives
+/// laid end to end, each starting at a 4-byte boundary; zero bytes between them are skipped.
+pub fn with_resume(base: &Path, output: &Path, resume_list: &str) -> Result<()> {
+    let mut bytes = fs::read(base).context(|| format!("cannot read {}", base.display()))?;
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    let mut cpio = CpioWriter::new(bytes);
+    cpio.file("/nested/resume.list", 0o644, resume_list.as_bytes())
+        .and_then(|()| cpio.finish())
+        .and_then(|bytes| fs::write(output, bytes))
+        .context(|| format!("cannot write {}", output.display()))
 }
 
 /// Writes `contents` as a gzip-compressed newc cpio to `output`; `stage` holds stripped
@@ -246,6 +261,25 @@ pub fn stripped(source: &Path, dest: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The second archive starts at a 4-byte boundary after the first, untouched.
+    #[test]
+    fn a_resume_list_follows_the_archive_aligned() {
+        let dir = std::env::temp_dir().join(format!("xtask-resume-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (base, out) = (dir.join("base"), dir.join("out"));
+        fs::write(&base, b"\x1f\x8b12345").unwrap();
+        with_resume(&base, &out, "done capsule.api\n").unwrap();
+        let bytes = fs::read(&out).unwrap();
+        assert_eq!(&bytes[..7], b"\x1f\x8b12345");
+        assert_eq!(&bytes[7..8], b"\0");
+        assert_eq!(&bytes[8..14], b"070701");
+        let text = String::from_utf8_lossy(&bytes[8..]);
+        assert!(text.contains("nested/resume.list\0"));
+        assert!(text.contains("done capsule.api\n"));
+        assert!(text.contains("TRAILER!!!"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn extra_destinations() {

@@ -38,7 +38,7 @@ options:
   --all                 run every test: do not add the default --skip list
   -p, --package NAME    test binaries of this package (repeatable; default: capsule and
                         capsule-vmm)
-  --timeout SECS        overall limit for the L1 run (default 1200; env CAPSULE_NESTED_TIMEOUT)
+  --timeout SECS        overall limit for the L1 runs together (default 1200; env CAPSULE_NESTED_TIMEOUT)
   --test-threads N      libtest threads inside L1 (default 2)
   --smp N               L1 vCPUs (default 2)
   --memory MB           L1 memory (default 4096)
@@ -603,50 +603,54 @@ fn nested_test(o: &Options) -> Result<bool> {
 
     println!("xtask: [5/5] boot L1 (QEMU TCG, -cpu max: nested SVM)");
     let log = cache.join("l1-console.log");
+    let first_boot = Instant::now();
     let mut boot = qemu::Boot {
         kernel: kernel.vmlinuz.clone(),
-        initrd,
+        initrd: initrd.clone(),
         smp: o.smp,
         memory_mb: o.memory_mb,
         timeout: o.timeout,
         stall: l1_stall(),
-        done: Vec::new(),
     };
     let mut outcome = qemu::boot(&boot, &log)?;
     // An L1 that hung or died is the emulator failing, not a test (see xtask/README.md):
-    // boot it again, up to L1_RUNS times in all, running only the binaries no earlier run
-    // finished; the summary says so and merges the runs.
+    // boot it again, up to L1_RUNS times in all and within the one --timeout, running only
+    // what no earlier run saw end: binaries they finished are skipped, and so are the tests
+    // they saw pass in the binary they were in; tests they saw fail run again (and count as
+    // flaky if they pass). The summary says so and merges the runs.
     let mut broken_runs = Vec::new();
-    let mut carried: Vec<report::BinaryRun> = Vec::new();
+    let mut resume = Resume::default();
     while o.retry_failed && broken_runs.len() + 1 < L1_RUNS {
         let Some(why) = l1_broke(&outcome) else {
             break;
         };
-        for run in std::mem::take(&mut outcome.report.binaries) {
-            if run.finished() && !carried.iter().any(|c| c.name == run.name) {
-                carried.push(run);
-            }
-        }
-        boot.done = carried.iter().map(|c| c.name.clone()).collect();
+        let Some(left) = o
+            .timeout
+            .checked_sub(first_boot.elapsed())
+            .filter(|left| *left >= L1_RUN_AT_LEAST)
+        else {
+            println!(
+                "xtask: L1 run {} {why}; too little of --timeout left to boot it again",
+                broken_runs.len() + 1
+            );
+            break;
+        };
+        resume.take(std::mem::take(&mut outcome.report.binaries));
+        boot.initrd = cache.join("l1-resume.cpio.gz");
+        initramfs::with_resume(&initrd, &boot.initrd, &resume.list())?;
+        boot.timeout = left;
         let earlier_log = cache.join(format!("l1-console-run{}.log", broken_runs.len() + 1));
         let _ = std::fs::rename(&log, &earlier_log);
         println!(
-            "xtask: L1 run {} {why}; booting L1 once more (its console: {})",
+            "xtask: L1 run {} {why}; booting L1 once more (its console: {}); {}",
             broken_runs.len() + 1,
-            earlier_log.display()
+            earlier_log.display(),
+            resume.describe()
         );
         broken_runs.push(why);
         outcome = qemu::boot(&boot, &log)?;
     }
-    if !carried.is_empty() {
-        let later = std::mem::take(&mut outcome.report.binaries);
-        outcome.report.binaries = carried;
-        for run in later {
-            if !outcome.report.binaries.iter().any(|c| c.name == run.name) {
-                outcome.report.binaries.push(run);
-            }
-        }
-    }
+    resume.merge_into(&mut outcome.report.binaries);
     for (i, why) in broken_runs.iter().enumerate() {
         println!(
             "xtask: NOTE: this is L1 run {}; run {} {why}",
@@ -659,10 +663,88 @@ fn nested_test(o: &Options) -> Result<bool> {
 
 /// Most L1 boots in one nested run: an L1 that breaks down (TCG's emulation of nested SVM
 /// now and then corrupts L1's own state under load, see xtask/README.md) is booted again, at
-/// most this many times in all, each running only what the earlier ones did not finish. A
-/// long run (the Linux tests take tens of minutes under TCG, and streaming tests make many
-/// VM exits) is exposed for longer: three crashes in one run were seen beside other loads.
-const L1_RUNS: usize = 5;
+/// most this many times in all, each running only what the earlier ones did not see end.
+/// The Linux tests keep L1 busy for tens of minutes and TCG's fault comes with VM exits, so
+/// a long run is exposed for longer: five breakdowns in one CI run were seen (QEMU 7.2 and
+/// 10.0 alike).
+const L1_RUNS: usize = 10;
+/// The least time left of `--timeout` worth booting L1 again for.
+const L1_RUN_AT_LEAST: Duration = Duration::from_secs(240);
+
+/// What the L1 runs that broke down saw end, for the next run to skip and the summary to
+/// merge (see [`report::Earlier`]).
+#[derive(Default)]
+struct Resume {
+    /// Binaries that ran to their end, with their figures.
+    finished: Vec<report::BinaryRun>,
+    /// Per binary that an L1 run broke down in: the tests seen ending.
+    partial: Vec<(String, report::Earlier)>,
+}
+
+impl Resume {
+    /// Takes the binaries of an L1 run that broke down.
+    fn take(&mut self, runs: Vec<report::BinaryRun>) {
+        for mut run in runs {
+            if self.finished.iter().any(|c| c.name == run.name) {
+                continue;
+            }
+            if run.finished() {
+                if let Some(at) = self.partial.iter().position(|(n, _)| *n == run.name) {
+                    run.fold_earlier(self.partial.remove(at).1);
+                }
+                self.finished.push(run);
+            } else {
+                match self.partial.iter_mut().find(|(n, _)| *n == run.name) {
+                    Some((_, earlier)) => earlier.add(&run),
+                    None => {
+                        let mut earlier = report::Earlier::default();
+                        earlier.add(&run);
+                        self.partial.push((run.name.clone(), earlier));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `/nested/resume.list` (see [`initramfs::with_resume`]).
+    fn list(&self) -> String {
+        let mut list = String::new();
+        for run in &self.finished {
+            list.push_str(&format!("done {}\n", run.name));
+        }
+        for (name, earlier) in &self.partial {
+            for test in earlier.skipped() {
+                list.push_str(&format!("passed {name} {test}\n"));
+            }
+        }
+        list
+    }
+
+    fn describe(&self) -> String {
+        let tests: usize = self.partial.iter().map(|(_, e)| e.skipped().count()).sum();
+        format!(
+            "skipping {} finished test binaries and {tests} tests seen passing in an unfinished one",
+            self.finished.len()
+        )
+    }
+
+    /// Puts the earlier runs' figures in front of the last run's.
+    fn merge_into(mut self, last: &mut Vec<report::BinaryRun>) {
+        if self.finished.is_empty() && self.partial.is_empty() {
+            return;
+        }
+        for mut run in std::mem::take(last) {
+            if self.finished.iter().any(|c| c.name == run.name) {
+                continue;
+            }
+            if let Some(at) = self.partial.iter().position(|(n, _)| *n == run.name) {
+                run.fold_earlier(self.partial.remove(at).1);
+            }
+            self.finished.push(run);
+        }
+        *last = self.finished;
+    }
+}
 /// The Firecracker binary to pack for linux-report: `--firecracker PATH` (which must exist),
 /// else [`DEFAULT_FIRECRACKER`] under the workspace when it exists. `Ok(Err(why))`: none, and
 /// why (the report prints it).
@@ -788,6 +870,27 @@ fn summarize(
                     (Some(0), _, 0) => "all passed (counted as flaky)".to_string(),
                     (_, passed, failed) =>
                         format!("{passed} passed (flaky), {failed} failed again"),
+                }
+            );
+        }
+    }
+    for b in &r.binaries {
+        if let Some(earlier) = &b.earlier {
+            println!(
+                "xtask:   {} resumed after an L1 breakdown: {} test(s) that passed before it were \
+                 not run again; failed before it and run again: {}",
+                b.name,
+                earlier.skipped().count(),
+                if earlier.failed.is_empty() && earlier.recovered.is_empty() {
+                    "none".to_string()
+                } else {
+                    earlier
+                        .failed
+                        .iter()
+                        .chain(&earlier.recovered)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 }
             );
         }

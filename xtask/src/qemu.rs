@@ -22,9 +22,6 @@ pub struct Boot {
     /// L1 counts as hung after this long without a console line (tests print one as each
     /// finishes; the slowest takes about a minute in L1).
     pub stall: Duration,
-    /// Test binaries an earlier L1 run finished: `/init` skips them (`capsule.done=` on the
-    /// kernel command line).
-    pub done: Vec<String>,
 }
 
 /// How the L1 run ended.
@@ -60,11 +57,7 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         .arg("-initrd")
         .arg(&boot.initrd)
         .arg("-append")
-        .arg(if boot.done.is_empty() {
-            APPEND.to_string()
-        } else {
-            format!("{APPEND} capsule.done={}", boot.done.join(","))
-        })
+        .arg(APPEND)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

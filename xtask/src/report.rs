@@ -38,6 +38,50 @@ pub struct BinaryRun {
     pub elapsed: Option<Duration>,
     /// The second run of the tests that failed, if `/init` made one.
     pub retry: Option<Retry>,
+    /// Tests libtest reported passed (`test NAME ... ok`) and failed (`... FAILED`) in the
+    /// main run, as far as their lines could be read (a kernel message can split one).
+    pub passed_tests: Vec<String>,
+    pub failed_tests: Vec<String>,
+    /// What earlier L1 runs, which broke down while this binary ran, learned of its tests
+    /// (see [`BinaryRun::fold_earlier`]).
+    pub earlier: Option<Earlier>,
+}
+
+/// The tests of one binary that earlier L1 runs saw end before the L1 broke down in the
+/// middle of the binary. A later L1 run skips the passed and recovered ones (`/init` gets
+/// them in `/nested/resume.list`) and runs the failed ones again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Earlier {
+    /// Passed (and never failed).
+    pub passed: Vec<String>,
+    /// Failed, and not seen passing since.
+    pub failed: Vec<String>,
+    /// Failed in one earlier run and passed in a later one: flaky.
+    pub recovered: Vec<String>,
+}
+
+impl Earlier {
+    /// Adds what one more broken L1 run saw of the binary.
+    pub fn add(&mut self, run: &BinaryRun) {
+        for test in &run.failed_tests {
+            if !self.failed.contains(test) {
+                self.failed.push(test.clone());
+            }
+        }
+        for test in &run.passed_tests {
+            if let Some(at) = self.failed.iter().position(|t| t == test) {
+                self.failed.remove(at);
+                self.recovered.push(test.clone());
+            } else if !self.passed.contains(test) && !self.recovered.contains(test) {
+                self.passed.push(test.clone());
+            }
+        }
+    }
+
+    /// The tests a later run skips.
+    pub fn skipped(&self) -> impl Iterator<Item = &String> {
+        self.passed.iter().chain(&self.recovered)
+    }
 }
 
 /// A second run of a binary's failed tests (`NESTED-RETRY-BEGIN`/`-END`).
@@ -85,12 +129,40 @@ impl BinaryRun {
         }
     }
 
-    /// Tests that failed and then passed when run again, alone.
+    /// Tests that failed and then passed when run again, alone, or in a later L1 run.
     pub fn flaky(&self) -> u64 {
-        match &self.retry {
+        let retried = match &self.retry {
             Some(retry) if retry.finished() => retry.counts.passed,
             _ => 0,
-        }
+        };
+        retried + self.earlier_flaky()
+    }
+
+    /// Tests that failed in an earlier, broken L1 run and passed since.
+    fn earlier_flaky(&self) -> u64 {
+        let Some(earlier) = &self.earlier else {
+            return 0;
+        };
+        let all_passed = self.exit_code == Some(0) && self.reported;
+        let now = earlier
+            .failed
+            .iter()
+            .filter(|t| all_passed || self.passed_tests.contains(t))
+            .count();
+        (earlier.recovered.len() + now) as u64
+    }
+
+    /// Counts, in this run's figures, the tests earlier broken L1 runs saw: those they saw
+    /// pass were skipped here (libtest counted them as filtered out) and count as passed;
+    /// those that failed there and passed here (or passed in between) count as flaky.
+    pub fn fold_earlier(&mut self, earlier: Earlier) {
+        let passed = earlier.passed.len() as u64;
+        let recovered = earlier.recovered.len() as u64;
+        self.counts.filtered_out = self.counts.filtered_out.saturating_sub(passed + recovered);
+        self.earlier = Some(earlier);
+        // Failed earlier and passed in this run: flaky, not passed.
+        let recovered_here = self.earlier_flaky() - recovered;
+        self.counts.passed = (self.counts.passed + passed).saturating_sub(recovered_here);
     }
 }
 
@@ -162,6 +234,9 @@ impl Report {
                 exit_code: None,
                 elapsed: None,
                 retry: None,
+                passed_tests: Vec::new(),
+                failed_tests: Vec::new(),
+                earlier: None,
             });
             self.current_started = Some(at);
         } else if let Some(rest) = line.strip_prefix("NESTED-TEST-END ") {
@@ -215,6 +290,18 @@ impl Report {
             }
         } else if let Some(rest) = line.strip_prefix("NESTED-DONE rc=") {
             self.done = Some(rest.trim().parse().unwrap_or(-1));
+        } else if let Some((name, passed)) = parse_test_outcome(line) {
+            if let Some(run) = self
+                .binaries
+                .last_mut()
+                .filter(|r| r.exit_code.is_none() && r.retry.is_none())
+            {
+                if passed {
+                    run.passed_tests.push(name.to_string());
+                } else {
+                    run.failed_tests.push(name.to_string());
+                }
+            }
         } else if let Some(counts) = parse_test_result(line) {
             if let Some(run) = self.binaries.last_mut() {
                 if run.exit_code.is_none() {
@@ -245,6 +332,17 @@ impl Report {
     pub fn tests_elapsed(&self) -> Duration {
         self.binaries.iter().filter_map(|b| b.elapsed).sum()
     }
+}
+
+/// Parses libtest's `test NAME ... ok` (true) or `test NAME ... FAILED` (false).
+pub fn parse_test_outcome(line: &str) -> Option<(&str, bool)> {
+    let rest = line.strip_prefix("test ")?;
+    if let Some(name) = rest.strip_suffix(" ... ok") {
+        Some((name, true))
+    } else {
+        rest.strip_suffix(" ... FAILED").map(|name| (name, false))
+    }
+    .filter(|(name, _)| !name.is_empty() && !name.contains(char::is_whitespace))
 }
 
 /// Parses `test result: ok. 3 passed; 1 failed; 2 ignored; 0 measured; 5 filtered out; …`.
@@ -432,6 +530,77 @@ mod tests {
                 "linux-report: note: QEMU's boot figures include ~3.4 s",
                 "linux-report: linux_resume_to_ready: a sample failed: crashed",
             ]
+        );
+    }
+
+    #[test]
+    fn test_outcome_lines() {
+        assert_eq!(parse_test_outcome("test a::b ... ok"), Some(("a::b", true)));
+        assert_eq!(parse_test_outcome("test c ... FAILED"), Some(("c", false)));
+        assert_eq!(
+            parse_test_outcome("test c has been running for over 60 seconds"),
+            None
+        );
+        assert_eq!(parse_test_outcome("test c ... ignored"), None);
+        assert_eq!(
+            parse_test_outcome("test result: ok. 1 passed; 0 failed"),
+            None
+        );
+    }
+
+    /// One binary over three L1 runs: the first two break down in it.
+    #[test]
+    fn a_binary_resumed_after_breakdowns_counts_every_test_once() {
+        let mut first = Report::default();
+        for line in [
+            "NESTED-TEST-BEGIN capsule.linux",
+            "test a ... ok",
+            "test b ... FAILED",
+            "test c ... ok",
+        ] {
+            first.line(line, at(1));
+        }
+        let mut earlier = Earlier::default();
+        earlier.add(&first.binaries[0]);
+        assert_eq!(earlier.skipped().collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(earlier.failed, ["b"]);
+
+        let mut second = Report::default();
+        for line in [
+            "NESTED-TEST-BEGIN capsule.linux",
+            "test d ... FAILED",
+            "test b ... ok",
+        ] {
+            second.line(line, at(2));
+        }
+        earlier.add(&second.binaries[0]);
+        assert_eq!(
+            (earlier.failed.clone(), earlier.recovered.clone()),
+            (vec!["d".to_string()], vec!["b".to_string()])
+        );
+
+        // The last run skips a, c and b and runs d (which passes now) and e.
+        let mut last = Report::default();
+        for line in [
+            "NESTED-TEST-BEGIN capsule.linux",
+            "test d ... ok",
+            "test e ... ok",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
+            "NESTED-TEST-END capsule.linux rc=0",
+        ] {
+            last.line(line, at(3));
+        }
+        let mut run = last.binaries.remove(0);
+        run.fold_earlier(earlier);
+        // a, c, e passed; b and d failed once, then passed: flaky.
+        assert_eq!(
+            (
+                run.counts.passed,
+                run.failures(),
+                run.flaky(),
+                run.counts.filtered_out
+            ),
+            (3, 0, 2, 0)
         );
     }
 
