@@ -298,14 +298,19 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
         panic!(
             "the stream stalled: {stalled_at} of {total} bytes after {STREAM_PATIENCE:?} \
              (capsule {:?})",
-            c.info().status
+            c.info()
         );
     }
     reader.join().unwrap();
     let got = got.load(Ordering::Relaxed);
     // The stream ends when the command does: say how it ended if bytes are missing.
     let ended = writer.wait_timeout(STEP);
-    assert_eq!(got, total, "the stream ended early: {ended:?}");
+    assert_eq!(
+        got,
+        total,
+        "the stream ended early: {ended:?}; {:?}",
+        c.info()
+    );
     assert_eq!(ended.unwrap().exit_code, Some(0));
     c.destroy().unwrap();
 }

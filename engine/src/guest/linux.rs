@@ -575,13 +575,19 @@ impl VcpuLoop {
                         // A triple fault ends the same way as a reset: where the vCPU was
                         // tells them apart.
                         let position = self.position();
+                        let registers = self
+                            .vcpu
+                            .fault_registers()
+                            .unwrap_or_else(|e| format!("registers unreadable: {e}"));
                         tracing::info!(
                             capsule = %self.id,
                             %position,
+                            %registers,
                             "guest powered off or rebooted"
                         );
                         self.events.exited(format!(
-                            "shutdown exit (power-off, reboot or triple fault) on {position}"
+                            "shutdown exit (power-off, reboot or triple fault) on {position}; \
+                             {registers}"
                         ));
                     }
                     return format!("vCPU{index}: ended by a shutdown exit");

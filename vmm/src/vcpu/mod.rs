@@ -146,6 +146,17 @@ impl Vcpu {
         })
     }
 
+    /// The control registers, EFER and the GS and IDT bases, as words (`cr0 0x.. cr2 0x..
+    /// cr3 0x.. cr4 0x.. efer 0x.. gs.base 0x.. idt 0x../0x..`): what tells a triple fault
+    /// apart (the last page-fault address, whether the per-CPU base is the guest's own).
+    pub fn fault_registers(&self) -> Result<String> {
+        let s = self.sregs()?;
+        Ok(format!(
+            "cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} gs.base {:#x} idt {:#x}/{:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.gs.base, s.idt.base, s.idt.limit
+        ))
+    }
+
     /// Whether the last [`Vcpu::run`] returned from inside a port I/O or MMIO exit that KVM
     /// has not completed yet (a [`VcpuEvent::Yield`], or a kick that came between an exit and
     /// the next entry).
