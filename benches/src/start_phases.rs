@@ -1,6 +1,7 @@
-//! The engine's `start phases` events (target `capsule::start_phases`: where a boot or a
-//! restore spent its time), collected by a minimal `tracing` subscriber so a report can
-//! break a resume or a template spawn down by phase.
+//! The engine's `start phases` and `pause phases` events (targets `capsule::start_phases`
+//! and `capsule::pause_phases`: where a boot, a restore or a pause spent its time),
+//! collected by a minimal `tracing` subscriber so a report can break a resume, a template
+//! spawn or a pause down by phase.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -10,11 +11,12 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-/// Phases of the starts seen since the last [`take`], oldest first: `(name, milliseconds)`.
+/// Phases of the starts and pauses seen since the last [`take`], oldest first:
+/// `(name, milliseconds)`.
 static SEEN: Mutex<Vec<Vec<(String, f64)>>> = Mutex::new(Vec::new());
 
-/// The events' target.
-const TARGET: &str = "capsule::start_phases";
+/// The events' targets.
+const TARGETS: [&str; 2] = ["capsule::start_phases", "capsule::pause_phases"];
 
 /// Installs the collector as this process's global subscriber (it sees nothing else).
 /// Returns `false` when another subscriber was installed first.
@@ -22,7 +24,7 @@ pub fn install() -> bool {
     tracing::subscriber::set_global_default(Collector).is_ok()
 }
 
-/// The starts seen since the last call, oldest first.
+/// The starts and pauses seen since the last call, oldest first.
 pub fn take() -> Vec<Vec<(String, f64)>> {
     std::mem::take(&mut *SEEN.lock().unwrap_or_else(|p| p.into_inner()))
 }
@@ -71,7 +73,7 @@ pub fn medians(starts: &[Vec<(String, f64)>]) -> (Vec<(String, f64)>, usize) {
     (medians, starts.len())
 }
 
-/// Records `start phases` events and ignores everything else.
+/// Records `start phases` and `pause phases` events and ignores everything else.
 struct Collector;
 
 /// Finds the `phases` field of an event.
@@ -94,7 +96,7 @@ impl Visit for PhasesField {
 
 impl Subscriber for Collector {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.target() == TARGET
+        TARGETS.contains(&metadata.target())
     }
 
     fn new_span(&self, _: &Attributes<'_>) -> Id {

@@ -16,6 +16,7 @@ use crate::capsule_core::CapsuleCore;
 use crate::config::CapsuleConfig;
 use crate::engine_core::EngineCore;
 use crate::error::{Error, Result};
+use crate::guest::start_phases::StartPhases;
 use crate::guest::MemoryImage;
 use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
 use crate::host_limits;
@@ -196,15 +197,25 @@ pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
     if capsule.status() == Status::Paused {
         return Ok(());
     }
+    let mut phases = StartPhases::begin("pause");
     let runtime = capsule.runtime("pause")?;
     let frozen = runtime.freeze()?;
+    phases.mark("freeze");
     let dir = engine.store.snapshot_dir(capsule.id());
-    snapshot_files::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
+    snapshot_files::write_paused(
+        &dir,
+        &frozen,
+        capsule.record(),
+        &write_options(engine),
+        &mut phases,
+    )?;
     // Committed: release the VM. Frozen vCPU threads end on shutdown.
     if let Some(runtime) = capsule.paused()? {
         runtime.shutdown();
     }
     drop(frozen);
+    phases.mark("release");
+    phases.log_pause(capsule.id());
     tracing::debug!(capsule = %capsule.id(), "paused");
     Ok(())
 }
@@ -292,7 +303,14 @@ pub(crate) fn pause_if_idle(
         return Ok(false); // dropping `frozen` thaws the guest
     }
     let dir = engine.store.snapshot_dir(capsule.id());
-    snapshot_files::write_paused(&dir, &frozen, capsule.record(), &write_options(engine))?;
+    let mut phases = StartPhases::begin("pause");
+    snapshot_files::write_paused(
+        &dir,
+        &frozen,
+        capsule.record(),
+        &write_options(engine),
+        &mut phases,
+    )?;
     engine.pause_gate.pass(AutoPausePoint::Written);
     match capsule.pause_if_still_idle(stamp)? {
         Some(runtime) => {
@@ -301,6 +319,8 @@ pub(crate) fn pause_if_idle(
                 runtime.shutdown();
             }
             drop(frozen);
+            phases.mark("release");
+            phases.log_pause(capsule.id());
             tracing::debug!(capsule = %capsule.id(), "paused after inactivity");
             Ok(true)
         }

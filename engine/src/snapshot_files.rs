@@ -28,6 +28,7 @@ use capsule_snapshot::{atomic, STATE_FILE_NAME};
 use capsule_vmm::memory;
 
 use crate::error::{Error, Result};
+use crate::guest::start_phases::StartPhases;
 use crate::guest::{Frozen, MachineState, MemoryOrigin};
 use crate::model::record::CapsuleRecord;
 use crate::model::GuestKind;
@@ -98,6 +99,7 @@ pub(crate) fn write_paused(
     frozen: &Frozen,
     capsule: &CapsuleRecord,
     options: &WriteOptions,
+    phases: &mut StartPhases,
 ) -> Result<()> {
     fs::create_dir_all(dir).map_err(Error::io("creating the snapshot directory", dir))?;
     let mem = memory_slices(frozen)?;
@@ -115,6 +117,7 @@ pub(crate) fn write_paused(
         &SavePolicy::default(),
         options,
     )?;
+    phases.mark("memory");
     let state = SnapshotState {
         schema: SNAPSHOT_SCHEMA,
         of: SnapshotOf::Capsule(capsule.clone()),
@@ -122,9 +125,11 @@ pub(crate) fn write_paused(
         memory,
     };
     write_state(&dir.join(STATE_FILE_NAME), &state)?;
+    phases.mark("state");
     if let Err(e) = remove_unreferenced_layers(dir, &state.memory.chain) {
         tracing::warn!(dir = %dir.display(), error = %e, "could not remove old layers");
     }
+    phases.mark("cleanup");
     Ok(())
 }
 

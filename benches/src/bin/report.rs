@@ -34,8 +34,8 @@ use std::time::Instant;
 use capsule::{CapsuleConfig, Engine, EngineConfig};
 use capsule_benches::{
     disk_write_gbps, fd_count, json_line, json_ratio_line, map_count, micros, raise_nofile_limit,
-    rss_kib, rss_of_mappings_sized_kib, rss_of_mappings_under_kib, summarize, sync_file_system,
-    Summary,
+    rss_kib, rss_of_mappings_sized_kib, rss_of_mappings_under_kib, start_phases, summarize,
+    sync_file_system, Summary,
 };
 
 const MEMORY_MB: u64 = 512;
@@ -59,6 +59,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let engine = Engine::new(builder)?;
     eprintln!("host: {}", engine.host().virtualization);
+    if !start_phases::install() {
+        eprintln!("report: another tracing subscriber is installed: no pause phases");
+    }
 
     if wants("floor") {
         println!(
@@ -181,6 +184,7 @@ fn pauses(engine: &Engine, capsule: &capsule::Capsule) -> Result<(), Box<dyn std
     let data_dir = engine.config().data_dir();
     let mut disk = Vec::new();
     let mut pause_256 = None;
+    start_phases::take();
     for (mib, n) in [(0u64, 200), (1, 100), (16, 30), (256, 8)] {
         let mut pause = Vec::new();
         for _ in 0..n {
@@ -203,6 +207,14 @@ fn pauses(engine: &Engine, capsule: &capsule::Capsule) -> Result<(), Box<dyn std
         );
         if mib == 256 {
             pause_256 = Some(summary);
+        }
+        // Where the pauses of this size spent their time (the probe's resumes log no phases).
+        let (p50, seen) = start_phases::medians(&start_phases::take());
+        if seen > 0 {
+            eprintln!(
+                "pause_dirty_{mib}mib phases (p50 of {seen}): {}",
+                start_phases::describe(&p50)
+            );
         }
     }
     let disk = summarize(&disk);

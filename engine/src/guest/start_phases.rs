@@ -3,7 +3,8 @@
 //! A start (boot or restore) marks the end of each phase; [`StartPhases::log`] emits
 //! `start phases` with `phases = "shell=0.41ms memory=0.12ms ..."` (each phase's own time,
 //! in order) and `total`, under the target `capsule::start_phases`, so a subscriber can
-//! break a resume or a template spawn down without a profiler.
+//! break a resume or a template spawn down without a profiler. A pause is timed the same
+//! way and logged as `pause phases` under `capsule::pause_phases` ([`StartPhases::log_pause`]).
 
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,17 @@ impl StartPhases {
             .map(|(name, took)| format!("{name}={:.3}ms", took.as_secs_f64() * 1e3))
             .collect();
         words.join(" ")
+    }
+
+    /// Emits the `pause phases` event for capsule `id` (target `capsule::pause_phases`).
+    pub(crate) fn log_pause(&self, id: &CapsuleId) {
+        tracing::debug!(
+            target: "capsule::pause_phases",
+            capsule = %id,
+            phases = %self.describe(),
+            total_ms = (self.last - self.started).as_secs_f64() * 1e3,
+            "pause phases"
+        );
     }
 
     /// Emits the `start phases` event for capsule `id`.
