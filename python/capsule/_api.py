@@ -153,9 +153,10 @@ class Capsule:
 
     @property
     def files(self) -> Files:
-        """Its files (Linux capsules): ``read``, ``read_text``, ``write``, ``list``,
-        ``exists``, ``stat``, ``make_dir``, ``remove``, ``rename``, ``upload``,
-        ``download``. In the probe every call raises ``UnsupportedError``."""
+        """Its files (Linux capsules): ``read``, ``read_text``, ``write``, ``read_into``,
+        ``write_from``, ``list``, ``exists``, ``stat``, ``make_dir``, ``remove``,
+        ``rename``, ``upload``, ``download``; ``with_timeout`` for another per-request
+        timeout. In the probe every call raises ``UnsupportedError``."""
         return self._native.files
 
     @property

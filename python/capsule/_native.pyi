@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from os import PathLike
 from pathlib import Path
-from typing import Literal, final, overload
+from typing import Literal, Protocol, final, overload
 
 __version__: str
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "__version__",
     "_bench_create",
     "_bench_echo",
+    "_copy_file_objects",
     "_decode_utf8_chunks",
 ]
 
@@ -362,10 +363,26 @@ class CommandResult:
     def stderr_truncated(self) -> bool:
         """Whether stderr was cut at the output limit."""
 
+class _Writer(Protocol):
+    """A binary file object to write to: ``open(path, "wb")``, ``io.BytesIO()``..."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+class _Reader(Protocol):
+    """A binary file object to read from: ``open(path, "rb")``, ``io.BytesIO(data)``..."""
+
+    def read(self, size: int, /) -> bytes | bytearray: ...
+
 @final
 class Files:
     """Files in one capsule (Linux capsules; ``UnsupportedError`` in the probe). Guest
-    paths are absolute."""
+    paths are absolute. Each request waits 60 s at most for the guest's answer
+    (``with_timeout`` sets another time)."""
+
+    def with_timeout(self, seconds: float) -> Files:
+        """A new ``Files`` for the same capsule whose every request (one chunk of a
+        transfer) waits at most ``seconds`` for the guest; past it ``TimeoutError``
+        ("file"). ``ValueError`` unless positive, finite and at most a year."""
 
     def read(self, path: str) -> bytes:
         """The whole file at ``path``."""
@@ -377,6 +394,20 @@ class Files:
         self, path: str, data: _Data, mode: int | None = None, owner: tuple[int, int] | None = None
     ) -> None:
         """Writes ``data`` to ``path`` atomically, creating parent directories."""
+
+    def read_into(self, path: str, fileobj: _Writer) -> int:
+        """Streams the file at ``path`` into ``fileobj`` (``write`` called with chunks of
+        at most 1 MiB); the bytes copied. An exception ``write`` raises is raised as is."""
+
+    def write_from(
+        self,
+        path: str,
+        fileobj: _Reader,
+        mode: int | None = None,
+        owner: tuple[int, int] | None = None,
+    ) -> int:
+        """Writes what ``fileobj.read(n)`` gives, until ``b""``, to ``path`` as ``write``
+        does; the bytes written. An exception ``read`` raises is raised as is."""
 
     def list(self, path: str, depth: int = 1) -> builtins.list[EntryInfo]:
         """The entries below the directory ``path``, ``depth`` levels down."""
@@ -736,6 +767,10 @@ class ProcessNotFoundError(NotFoundError, builtins.ProcessLookupError):
 
 def _decode_utf8_chunks(chunks: list[bytes]) -> list[str]:
     """Private, for the tests: what a text callback receives for these chunks."""
+
+def _copy_file_objects(src: _Reader, dst: _Writer) -> int:
+    """Private, for the tests: ``src`` copied to ``dst`` through the file object adapters
+    of ``write_from`` and ``read_into``, as the engine streams; the bytes copied."""
 
 def _bench_echo(capsule: Capsule, n: int) -> list[float]:
     """Private, for ``bench.py``: ``n`` runs of ``echo hi`` timed in Rust (microseconds)."""

@@ -10,6 +10,7 @@ part prints one ``name: result`` line. Run by ``tests/test_example.py`` (probe) 
 ``CAPSULE_TEST_TEMPLATE=minimal python guest_io.py``.
 """
 
+import io
 import os
 import signal
 import tempfile
@@ -198,6 +199,52 @@ def linux_part(c: Capsule) -> None:
         with open(host_out, "rb") as in_file:
             back = in_file.read() == blob
     print(f"transfer: up {up} down {down} same {back}")
+
+    # Streams from and to Python file objects, each request with a 30 s timeout; an
+    # exception of a file object is raised as it is, and a write it cut leaves the old file.
+    files = c.files.with_timeout(30)
+    blob = os.urandom(3 * 1024 * 1024 + 3)
+    up = files.write_from("/tmp/py-io/stream.bin", io.BytesIO(blob), mode=0o640)
+    sink = io.BytesIO()
+    down = files.read_into("/tmp/py-io/stream.bin", sink)
+    same = sink.getvalue() == blob
+    assert up == down == len(blob) and same, (up, down, same)
+    mode = files.stat("/tmp/py-io/stream.bin").mode
+
+    class Full:
+        """A file object whose ``write`` fails."""
+
+        def write(self, data: bytes, /) -> int:
+            raise RuntimeError("stop")
+
+    class Failing:
+        """A file object whose second ``read`` fails."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def read(self, size: int, /) -> bytes:
+            self.reads += 1
+            if self.reads > 1:
+                raise RuntimeError("stop")
+            return bytes(size)
+
+    raised = []
+    streams: list[Callable[[], object]] = [
+        lambda: files.read_into("/tmp/py-io/stream.bin", Full()),
+        lambda: files.write_from("/tmp/py-io/stream.bin", Failing()),
+    ]
+    for stream in streams:
+        try:
+            stream()
+            raised.append("nothing")
+        except RuntimeError as e:
+            raised.append(f"{type(e).__name__}:{e}")
+    kept = files.read("/tmp/py-io/stream.bin") == blob
+    print(
+        f"stream: up {up} down {down} same {same} mode {oct(mode)} "
+        f"raised {' '.join(raised)} kept {kept}"
+    )
     c.files.remove("/tmp/py-io")
     errors = []
     reads: list[Callable[[], object]] = [

@@ -49,9 +49,7 @@ impl Capsule {
     /// capsules).
     #[getter]
     fn files(&self) -> Files {
-        Files {
-            capsule: self.inner.clone(),
-        }
+        Files::new(self.inner.clone())
     }
 
     /// Runs shells on pseudo-terminals in the capsule (a new `Pty` bound to it; Linux

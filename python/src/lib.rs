@@ -45,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench::bench_echo, m)?)?;
     m.add_function(wrap_pyfunction!(bench::bench_create, m)?)?;
     m.add_function(wrap_pyfunction!(output::decode_utf8_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(files::copy_file_objects, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
