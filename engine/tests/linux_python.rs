@@ -6,7 +6,8 @@
 //! - `python/examples/guest_io.py` (the guest I/O of issue #9 from Python): background
 //!   commands fed on stdin with output callbacks, a character cut by a chunk boundary, a
 //!   signal, the process list, `connect` and kill by pid, a process across a pause, files in
-//!   and out with their typed errors, another user, and a terminal; one checked line each.
+//!   and out with their typed errors, files streamed from and into Python file objects (with
+//!   a per-request timeout), another user, and a terminal; one checked line each.
 //!
 //! In the nested harness (`cargo xtask nested-test -- linux_python`) the Python is the host's
 //! CPython packed into L1 with the installed `capsule` package and the example files
@@ -218,6 +219,7 @@ const GUEST_IO_LINES: &[&str] = &[
     "files: roundtrip True size 1048576 mode 0o600 file recent True text True",
     "list: empty:directory in:directory in/data.bin:file note.txt:file",
     "transfer: up 3145733 down 3145733 same True",
+    "stream: up 3145731 down 3145731 same True mode 0o640 raised RuntimeError:stop RuntimeError:stop kept True",
     "file errors: FileNotFoundError:not_found:True IsADirectoryError:is_a_directory:True \
      exists False",
     "user: 1000 /home/tester unknown refused",
