@@ -398,7 +398,8 @@ impl CapsuleCore {
     /// Blocks until the capsule is running, waking on every status change and at least
     /// every `interval`.
     pub(crate) fn wait_ready(&self, timeout: Duration, interval: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add to the clock means no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         let mut state = self.state();
         loop {
             match state.status {
@@ -409,13 +410,14 @@ impl CapsuleCore {
                 }
             }
             let now = Instant::now();
-            if now >= deadline {
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+            if left.is_zero() {
                 return Err(Error::Timeout {
                     kind: TimeoutKind::WaitReady,
                     after: timeout,
                 });
             }
-            let wait = (deadline - now).min(interval.max(Duration::from_millis(1)));
+            let wait = left.min(interval.max(Duration::from_millis(1)));
             state = wait_timeout(&self.changed, state, wait);
         }
     }

@@ -114,3 +114,25 @@ fn host_kind_is_reported() {
         )
     );
 }
+
+/// A timeout too long to add to the clock means "no deadline", never a panic: the engine's
+/// boot timeout, `wait_ready` and a command's timeout.
+#[test]
+fn timeouts_too_long_for_the_clock_mean_no_deadline() {
+    let Some((engine, _dir)) = common::engine_with(|c| c.boot_timeout(std::time::Duration::MAX))
+    else {
+        return;
+    };
+    let c = engine.create(probe()).unwrap();
+    c.wait_ready(std::time::Duration::MAX, std::time::Duration::MAX)
+        .unwrap();
+    let out = c
+        .commands()
+        .run_with(
+            "echo hi",
+            capsule::RunOptions::new().timeout(std::time::Duration::MAX),
+        )
+        .unwrap();
+    assert_eq!(out.stdout_str(), "hi\n");
+    c.destroy().unwrap();
+}

@@ -495,9 +495,10 @@ impl<'a> GuestFiles<'a> {
     /// The request's next reply (advisory errors skipped); an error reply becomes the error
     /// about `path`.
     fn next(&self, pending: &Pending<'_>, path: &str) -> FilesResult<Message> {
-        let deadline = Instant::now() + self.timeout;
+        // A timeout too long to add to the clock means no deadline.
+        let deadline = Instant::now().checked_add(self.timeout);
         loop {
-            match AgentLink::next_reply(&pending.replies, Some(deadline)) {
+            match AgentLink::next_reply(&pending.replies, deadline) {
                 Ok(Message::Error(e)) if e.code.ends_request() => return Err(self.refusal(path, e)),
                 Ok(Message::Error(_)) => {}
                 Ok(reply) => return Ok(reply),

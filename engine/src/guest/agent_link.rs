@@ -299,7 +299,7 @@ impl AgentLink {
     pub(crate) fn list_processes(&self, timeout: Duration) -> Result<Vec<ProcessEntry>, LinkError> {
         let (id, replies) = self.open_request()?;
         let result = self.send(&Message::ListProcesses, id).and_then(|()| {
-            let deadline = Some(Instant::now() + timeout);
+            let deadline = Instant::now().checked_add(timeout);
             loop {
                 match Self::next_reply(&replies, deadline)? {
                     Message::ProcessList(list) => return Ok(list),
@@ -357,7 +357,7 @@ impl AgentLink {
     pub(crate) fn sync(&self, request: SyncRequest, timeout: Duration) -> Result<(), LinkError> {
         let (id, replies) = self.open_request()?;
         let result = self.send(&Message::Sync(request), id).and_then(|()| {
-            let deadline = Some(Instant::now() + timeout);
+            let deadline = Instant::now().checked_add(timeout);
             loop {
                 match Self::next_reply(&replies, deadline)? {
                     Message::Ack => return Ok(()),
@@ -397,7 +397,7 @@ impl AgentLink {
             self.send_raw(&request, 0)
         };
         let result = sent.and_then(|()| {
-            let deadline = Some(Instant::now() + timeout);
+            let deadline = Instant::now().checked_add(timeout);
             match Self::next_reply(&replies, deadline)? {
                 Message::Ack if to_agent => Ok(started.elapsed()),
                 Message::ChannelTest { .. } if !to_agent => Ok(started.elapsed()),

@@ -204,11 +204,15 @@ impl ProbeRuntime {
         }
         drop(ready_tx);
 
-        let deadline = Instant::now() + ctx.boot_timeout;
+        // A timeout too long to add to the clock means no deadline.
+        let deadline = Instant::now().checked_add(ctx.boot_timeout);
         for _ in 0..booting {
-            let outcome = ready_rx
-                .recv_deadline(deadline)
-                .map_err(|_| Error::BootTimeout {
+            let report = match deadline {
+                Some(deadline) => ready_rx.recv_deadline(deadline).ok(),
+                None => ready_rx.recv().ok(),
+            };
+            let outcome = report
+                .ok_or_else(|| Error::BootTimeout {
                     id: ctx.id.clone(),
                     after: ctx.boot_timeout,
                     console: String::new(),
