@@ -32,9 +32,10 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null || true
 echo # ends the firmware's last line
 echo "NESTED-INIT kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep MemTotal /proc/meminfo | tr -s ' ')"
 
-while IFS= read -r module; do
+while read -r module params; do
     [ -n "$module" ] || continue
-    insmod "/nested/modules/$module" || fail_setup "insmod $module failed"
+    # shellcheck disable=SC2086 # one argument per parameter
+    insmod "/nested/modules/$module" $params || fail_setup "insmod $module $params failed"
 done < /nested/modules.list
 dmesg | grep -i -E 'kvm|svm' | sed 's/^/NESTED-DMESG /'
 [ -c /dev/kvm ] || fail_setup "no /dev/kvm after loading the KVM modules"

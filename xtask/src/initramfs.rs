@@ -3,7 +3,8 @@
 //!
 //! Layout inside L1:
 //! - `/init` (`xtask/l1/init.sh`), `/bin/busybox` + applet links, `/bin/nested-exit`;
-//! - `/nested/modules/*.ko` and `/nested/modules.list` (load order);
+//! - `/nested/modules/*.ko` and `/nested/modules.list` (load order; a module's parameters
+//!   follow its name on its line);
 //! - `/nested/tests/<package>.<target>` and `/nested/tests.list` (run order);
 //! - `/nested/host-report` (the `quickstart` example: prints `engine.host()`);
 //! - `/nested/linux-report` (`--linux-report`: the `capsule-benches` binary `linux-report`);
@@ -54,6 +55,13 @@ pub struct Contents {
     pub retry_failed: bool,
     /// The `linux-report` binary and its environment in L1 (`NAME`, value).
     pub linux_report: Option<(PathBuf, Vec<(String, String)>)>,
+}
+
+/// L1's `kvm-amd` module parameters (env `CAPSULE_NESTED_KVM_AMD` replaces them).
+const KVM_AMD_PARAMS: &str = "";
+
+fn kvm_amd_params() -> String {
+    std::env::var("CAPSULE_NESTED_KVM_AMD").unwrap_or_else(|_| KVM_AMD_PARAMS.to_string())
 }
 
 /// Writes to `output` the initramfs `base` followed by a second, uncompressed archive
@@ -127,6 +135,10 @@ fn write_cpio<W: Write>(contents: &Contents, stage: &Path, out: W) -> Result<()>
         cpio.file_from(&format!("/nested/modules/{name}"), 0o644, module)
             .map_err(io)?;
         list.push_str(&name);
+        if name == "kvm-amd.ko" {
+            list.push(' ');
+            list.push_str(&kvm_amd_params());
+        }
         list.push('\n');
     }
     cpio.file("/nested/modules.list", 0o644, list.as_bytes())

@@ -42,6 +42,8 @@ pub struct BinaryRun {
     /// main run, as far as their lines could be read (a kernel message can split one).
     pub passed_tests: Vec<String>,
     pub failed_tests: Vec<String>,
+    /// Tests libtest said had been running for over 60 seconds.
+    pub slow_tests: Vec<String>,
     /// What earlier L1 runs, which broke down while this binary ran, learned of its tests
     /// (see [`BinaryRun::fold_earlier`]).
     pub earlier: Option<Earlier>,
@@ -61,9 +63,15 @@ pub struct Earlier {
 }
 
 impl Earlier {
-    /// Adds what one more broken L1 run saw of the binary.
+    /// Adds what one more broken L1 run saw of the binary. A test that had been running for
+    /// over a minute and never ended there counts as failed: it may be what broke L1 (a hang
+    /// that silenced it), so passing later makes it flaky, not passed.
     pub fn add(&mut self, run: &BinaryRun) {
-        for test in &run.failed_tests {
+        let unended = run
+            .slow_tests
+            .iter()
+            .filter(|t| !run.passed_tests.contains(t) && !run.failed_tests.contains(t));
+        for test in run.failed_tests.iter().chain(unended) {
             if !self.failed.contains(test) {
                 self.failed.push(test.clone());
             }
@@ -236,6 +244,7 @@ impl Report {
                 retry: None,
                 passed_tests: Vec::new(),
                 failed_tests: Vec::new(),
+                slow_tests: Vec::new(),
                 earlier: None,
             });
             self.current_started = Some(at);
@@ -290,6 +299,17 @@ impl Report {
             }
         } else if let Some(rest) = line.strip_prefix("NESTED-DONE rc=") {
             self.done = Some(rest.trim().parse().unwrap_or(-1));
+        } else if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" has been running for over 60 seconds"))
+        {
+            if let Some(run) = self
+                .binaries
+                .last_mut()
+                .filter(|r| r.exit_code.is_none() && r.retry.is_none())
+            {
+                run.slow_tests.push(name.to_string());
+            }
         } else if let Some((name, passed)) = parse_test_outcome(line) {
             if let Some(run) = self
                 .binaries
@@ -557,13 +577,16 @@ mod tests {
             "test a ... ok",
             "test b ... FAILED",
             "test c ... ok",
+            "test c has been running for over 60 seconds",
+            "test h has been running for over 60 seconds",
         ] {
             first.line(line, at(1));
         }
         let mut earlier = Earlier::default();
         earlier.add(&first.binaries[0]);
         assert_eq!(earlier.skipped().collect::<Vec<_>>(), ["a", "c"]);
-        assert_eq!(earlier.failed, ["b"]);
+        // h was running when L1 broke: maybe what broke it, so it counts as failed there.
+        assert_eq!(earlier.failed, ["b", "h"]);
 
         let mut second = Report::default();
         for line in [
@@ -576,23 +599,27 @@ mod tests {
         earlier.add(&second.binaries[0]);
         assert_eq!(
             (earlier.failed.clone(), earlier.recovered.clone()),
-            (vec!["d".to_string()], vec!["b".to_string()])
+            (
+                vec!["h".to_string(), "d".to_string()],
+                vec!["b".to_string()]
+            )
         );
 
-        // The last run skips a, c and b and runs d (which passes now) and e.
+        // The last run skips a, c and b and runs h and d (which pass now) and e.
         let mut last = Report::default();
         for line in [
             "NESTED-TEST-BEGIN capsule.linux",
             "test d ... ok",
+            "test h ... ok",
             "test e ... ok",
-            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out",
             "NESTED-TEST-END capsule.linux rc=0",
         ] {
             last.line(line, at(3));
         }
         let mut run = last.binaries.remove(0);
         run.fold_earlier(earlier);
-        // a, c, e passed; b and d failed once, then passed: flaky.
+        // a, c, e passed; b, d and h failed (or hung) once, then passed: flaky.
         assert_eq!(
             (
                 run.counts.passed,
@@ -600,7 +627,7 @@ mod tests {
                 run.flaky(),
                 run.counts.filtered_out
             ),
-            (3, 0, 2, 0)
+            (3, 0, 3, 0)
         );
     }
 
