@@ -109,13 +109,15 @@ pub(crate) fn write_paused(
             dir: origin, chain, ..
         } => Some((origin.as_path(), chain)),
     };
+    // state.bin's atomic write, next, fsyncs this directory: that makes the layer's new
+    // name durable too, before anything refers to it.
     let memory = save_memory(
         dir,
         &mem,
         &frozen.dirty,
         origin,
         &SavePolicy::default(),
-        options,
+        &options.clone().with_deferred_directory_sync(true),
     )?;
     phases.mark("memory");
     let state = SnapshotState {

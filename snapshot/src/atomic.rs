@@ -52,6 +52,17 @@ pub fn write_file_with<F>(path: &Path, fill: F) -> Result<()>
 where
     F: FnOnce(&mut File, &Path) -> Result<()>,
 {
+    write_file_with_sync(path, true, fill)
+}
+
+/// [`write_file_with`], fsyncing the parent directory only if `sync_dir`. Without it the
+/// new name is durable only once the caller fsyncs that directory (each fsync is a journal
+/// commit and a disk flush: a caller that publishes another file there next, and fsyncs
+/// the directory then, saves one).
+pub fn write_file_with_sync<F>(path: &Path, sync_dir: bool, fill: F) -> Result<()>
+where
+    F: FnOnce(&mut File, &Path) -> Result<()>,
+{
     let (parent, name) = split_path(path)?;
     let (tmp_path, mut file) = create_temp_file(&parent, &name)?;
     let guard = RemoveOnDrop::new(tmp_path.clone());
@@ -62,7 +73,9 @@ where
 
     fs::rename(&tmp_path, path).at(path)?;
     guard.disarm();
-    sync_dir(&parent)?;
+    if sync_dir {
+        self::sync_dir(&parent)?;
+    }
     tracing::debug!(path = %path.display(), "atomically replaced file");
     Ok(())
 }

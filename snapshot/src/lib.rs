@@ -127,6 +127,7 @@
 
 pub mod atomic;
 pub mod bitmap;
+mod bounce;
 pub mod chain;
 mod codec;
 mod error;
