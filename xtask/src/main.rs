@@ -797,6 +797,12 @@ fn l1_broke(outcome: &qemu::Outcome) -> Option<String> {
             silence.as_secs(),
             outcome.wall.as_secs_f64()
         ))
+    } else if let Some(stuck) = outcome.locked_up {
+        Some(format!(
+            "hung (a CPU stuck in a soft lockup for {} s, after {:.0} s)",
+            stuck.as_secs(),
+            outcome.wall.as_secs_f64()
+        ))
     } else if outcome.report.done.is_none()
         && !outcome.timed_out
         && outcome.report.init_at.is_some()
@@ -934,6 +940,10 @@ fn summarize(
         (None, _, Some(silence)) => problems.push(format!(
             "L1 hung: no console output for {} s",
             silence.as_secs()
+        )),
+        (None, _, None) if outcome.locked_up.is_some() => problems.push(format!(
+            "L1 hung: a CPU stuck in a soft lockup for {} s",
+            outcome.locked_up.map_or(0, |d| d.as_secs())
         )),
         (None, _, None) if !outcome.timed_out => {
             problems.push("L1 stopped before /init finished".to_string())

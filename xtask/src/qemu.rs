@@ -32,6 +32,10 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Stopped because the console was silent this long ([`Boot::stall`]).
     pub stalled: Option<Duration>,
+    /// Stopped because L1's kernel reported a CPU stuck in a soft lockup this long (at
+    /// least [`LOCKUP_LIMIT`]): its watchdog keeps the console talking, so silence would
+    /// never tell.
+    pub locked_up: Option<Duration>,
     pub wall: Duration,
 }
 
@@ -99,11 +103,17 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
 
     let deadline = started + boot.timeout;
     let mut report = Report::default();
-    let (mut timed_out, mut stalled) = (false, None);
+    let (mut timed_out, mut stalled, mut locked_up) = (false, None, None);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(boot.stall)) {
-            Ok(line) => report.line(&line, started.elapsed()),
+            Ok(line) => {
+                if let Some(stuck) = soft_lockup(&line).filter(|s| *s >= LOCKUP_LIMIT) {
+                    locked_up = Some(stuck);
+                    break;
+                }
+                report.line(&line, started.elapsed());
+            }
             Err(RecvTimeoutError::Timeout) => {
                 if left <= boot.stall {
                     timed_out = true;
@@ -119,6 +129,13 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         println!(
             "xtask: L1 ran past the {} s timeout; stopping QEMU",
             boot.timeout.as_secs()
+        );
+        let _ = child.kill();
+    }
+    if let Some(stuck) = locked_up {
+        println!(
+            "xtask: an L1 CPU has been stuck in its kernel for {} s: L1 hung; stopping QEMU",
+            stuck.as_secs()
         );
         let _ = child.kill();
     }
@@ -145,8 +162,21 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         status,
         timed_out,
         stalled,
+        locked_up,
         wall,
     })
+}
+
+/// How long a CPU of L1 may be stuck in a soft lockup before L1 counts as hung (TCG has
+/// left one stuck for over 8 minutes, its watchdog printing every ~30 s).
+pub const LOCKUP_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long the CPU of a `watchdog: BUG: soft lockup - CPU#0 stuck for 44s! [...]` line has
+/// been stuck.
+fn soft_lockup(line: &str) -> Option<Duration> {
+    let rest = line.split_once("soft lockup - CPU#")?.1;
+    let secs = rest.split_once(" stuck for ")?.1.split_once("s!")?.0;
+    secs.parse().ok().map(Duration::from_secs)
 }
 
 /// `line` without terminal escape sequences (SeaBIOS and the kernel clear the screen, which
@@ -186,5 +216,15 @@ mod tests {
         );
         assert_eq!(printable("a\tb \u{1b}[0mc"), "a\tb c");
         assert_eq!(printable("µs ok"), "µs ok");
+    }
+
+    #[test]
+    fn soft_lockup_lines() {
+        assert_eq!(
+            soft_lockup("[  156.5] watchdog: BUG: soft lockup - CPU#0 stuck for 44s! [a_fork:744]"),
+            Some(Duration::from_secs(44))
+        );
+        assert_eq!(soft_lockup("test x ... ok"), None);
+        assert_eq!(soft_lockup("soft lockup - CPU#1 stuck for many s!"), None);
     }
 }
