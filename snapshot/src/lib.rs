@@ -109,8 +109,11 @@
 //! chain, at most `inline_max_pages` (16) dirty pages go inline in the state
 //! file, more make one new layer, and a chain already `max_layers` (8) long
 //! is replaced by one new base with every page. Layers of at least
-//! `direct_io_min_pages` (256) pages are written with `O_DIRECT`. A chain in
-//! another directory (a template's) is hard-linked in first.
+//! `direct_io_min_pages` (256) pages are written with `O_DIRECT`; runs of
+//! 32 MiB or more go through a 32 MiB buffer whose pages were faulted in order
+//! (guest pages copied-on-write one by one are physically scattered, which
+//! cuts a direct write into small requests: 1.5–2x slower measured). A chain
+//! in another directory (a template's) is hard-linked in first.
 //! [`save::save_full_image`] writes a template's single base layer through
 //! the page cache.
 //!
