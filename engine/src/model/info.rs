@@ -32,7 +32,10 @@ pub struct CapsuleInfo {
     /// How its guest ended, when the capsule stopped by itself rather than by
     /// [`crate::Capsule::destroy`]: the kind of exit and where the vCPU was. A power-off, a
     /// reboot and a triple fault all reach the host as one shutdown exit; the position (and
-    /// the console, [`crate::Capsule::console_log`]) tell them apart.
+    /// the console, [`crate::Capsule::console_log`]) tell them apart. On AMD hosts KVM
+    /// resets the vCPU before it reports a triple fault, so there the registers read as
+    /// after a reset (`rip 0xfff0`, `cr0 0x10`): that state itself says "triple fault",
+    /// where a power-off or reboot shows the guest's own position.
     pub ended: Option<String>,
 }
 
