@@ -13,15 +13,16 @@ use crate::error::{Error, Result};
 /// little memory for the length of a pause.
 pub(crate) const BOUNCE_LEN: usize = 32 << 20;
 
-/// An anonymous mapping of [`BOUNCE_LEN`] bytes, unmapped on drop.
+/// A page-aligned anonymous mapping, unmapped on drop: [`BOUNCE_LEN`] bytes for layer
+/// writes (the crate's tests use other lengths as page-aligned guest memory).
 pub(crate) struct BounceBuffer {
     addr: *mut u8,
     len: usize,
 }
 
 impl BounceBuffer {
-    pub(crate) fn new() -> Result<Self> {
-        let len = BOUNCE_LEN;
+    /// A mapping of `len` bytes (a whole number of pages).
+    pub(crate) fn new(len: usize) -> Result<Self> {
         // SAFETY: a fresh private anonymous mapping; failure is checked below.
         let addr = unsafe {
             libc::mmap(
@@ -34,10 +35,7 @@ impl BounceBuffer {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(Error::io(
-                std::path::Path::new("(bounce buffer)"),
-                std::io::Error::last_os_error(),
-            ));
+            return Err(Error::last_os("mmap"));
         }
         // Huge pages where the host offers them (fewer, larger pieces still); advice only.
         // SAFETY: advice on the mapping just created, of its exact length.
@@ -48,7 +46,7 @@ impl BounceBuffer {
         })
     }
 
-    /// The first `len` bytes (at most [`BOUNCE_LEN`]), for writing into.
+    /// The first `len` bytes (at most the buffer's length), for writing into.
     pub(crate) fn slice_mut(&mut self, len: usize) -> &mut [u8] {
         // SAFETY: the mapping is `self.len` bytes, readable and writable, owned by `self`
         // and borrowed mutably here; `len` is clamped to it.

@@ -174,7 +174,7 @@ fn write_direct(
     }
     let buffer = match bounce {
         Some(buffer) => buffer,
-        None => bounce.insert(BounceBuffer::new()?),
+        None => bounce.insert(BounceBuffer::new(BOUNCE_LEN)?),
     };
     for (i, piece) in data.chunks(BOUNCE_LEN).enumerate() {
         let staged = buffer.slice_mut(piece.len());
@@ -289,20 +289,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // O_DIRECT needs page-aligned memory: use a mapping, as guest memory is.
         let len = (pages * PAGE_SIZE) as usize;
-        // SAFETY: a fresh anonymous mapping, checked for failure, unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        // SAFETY: the mapping is len bytes, ours alone.
-        let mem = unsafe { std::slice::from_raw_parts_mut(addr.cast::<u8>(), len) };
+        let mut mapping = BounceBuffer::new(len).unwrap();
+        let mem = mapping.slice_mut(len);
         mem.copy_from_slice(&patterned(pages));
         let mut bm = PageBitmap::new(pages);
         for &(first, count) in runs {
@@ -317,8 +305,6 @@ mod tests {
         )
         .unwrap();
         assert_layer_holds(&std::fs::read(&p).unwrap(), mem, &bm);
-        // SAFETY: unmapping the mapping made above; `mem` is not used afterwards.
-        unsafe { libc::munmap(addr, len) };
     }
 
     #[test]
