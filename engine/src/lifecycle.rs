@@ -7,6 +7,7 @@
 //! ([`snapshot_files::write_paused`], which uses `capsule_snapshot`'s save policy), moves the
 //! capsule to Paused ([`CapsuleCore::paused`]) and shuts the guest down.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -18,7 +19,7 @@ use crate::engine_core::EngineCore;
 use crate::error::{Error, Result};
 use crate::guest::start_phases::StartPhases;
 use crate::guest::MemoryImage;
-use crate::guest::{self, BootContext, GuestEvents, MemoryOrigin, Resources};
+use crate::guest::{self, BootContext, Frozen, GuestEvents, MemoryOrigin, Resources};
 use crate::host_limits;
 use crate::model::record::CapsuleRecord;
 use crate::model::{CapsuleId, GuestKind, Status, TemplateInfo};
@@ -190,6 +191,25 @@ fn write_options(engine: &EngineCore) -> WriteOptions {
     }
 }
 
+/// Writes the snapshot of the frozen `capsule` into its snapshot directory (the pause of
+/// [`pause`] and of [`pause_if_idle`]); returns that directory.
+fn write_pause_snapshot(
+    engine: &EngineCore,
+    capsule: &CapsuleCore,
+    frozen: &Frozen,
+    phases: &mut StartPhases,
+) -> Result<PathBuf> {
+    let dir = engine.store.snapshot_dir(capsule.id());
+    snapshot_files::write_paused(
+        &dir,
+        frozen,
+        capsule.record(),
+        &write_options(engine),
+        phases,
+    )?;
+    Ok(dir)
+}
+
 /// Freezes the capsule, writes its snapshot and releases its VM. Pausing a paused capsule
 /// does nothing.
 pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
@@ -201,14 +221,7 @@ pub(crate) fn pause(engine: &EngineCore, capsule: &CapsuleCore) -> Result<()> {
     let runtime = capsule.runtime("pause")?;
     let frozen = runtime.freeze()?;
     phases.mark("freeze");
-    let dir = engine.store.snapshot_dir(capsule.id());
-    snapshot_files::write_paused(
-        &dir,
-        &frozen,
-        capsule.record(),
-        &write_options(engine),
-        &mut phases,
-    )?;
+    write_pause_snapshot(engine, capsule, &frozen, &mut phases)?;
     // Committed: release the VM. Frozen vCPU threads end on shutdown.
     if let Some(runtime) = capsule.paused()? {
         runtime.shutdown();
@@ -296,21 +309,15 @@ pub(crate) fn pause_if_idle(
         return Ok(false);
     };
     engine.pause_gate.pass(AutoPausePoint::Decided);
+    let mut phases = StartPhases::begin("pause");
     let runtime = capsule.runtime("pause")?;
     let frozen = runtime.freeze()?;
+    phases.mark("freeze");
     engine.pause_gate.pass(AutoPausePoint::Frozen);
     if !capsule.still_idle(stamp) {
         return Ok(false); // dropping `frozen` thaws the guest
     }
-    let dir = engine.store.snapshot_dir(capsule.id());
-    let mut phases = StartPhases::begin("pause");
-    snapshot_files::write_paused(
-        &dir,
-        &frozen,
-        capsule.record(),
-        &write_options(engine),
-        &mut phases,
-    )?;
+    let dir = write_pause_snapshot(engine, capsule, &frozen, &mut phases)?;
     engine.pause_gate.pass(AutoPausePoint::Written);
     match capsule.pause_if_still_idle(stamp)? {
         Some(runtime) => {
