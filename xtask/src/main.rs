@@ -684,15 +684,12 @@ struct Resume {
 impl Resume {
     /// Takes the binaries of an L1 run that broke down.
     fn take(&mut self, runs: Vec<report::BinaryRun>) {
-        for mut run in runs {
+        for run in runs {
             if self.finished.iter().any(|c| c.name == run.name) {
                 continue;
             }
             if run.finished() {
-                if let Some(at) = self.partial.iter().position(|(n, _)| *n == run.name) {
-                    run.fold_earlier(self.partial.remove(at).1);
-                }
-                self.finished.push(run);
+                self.keep(run);
             } else {
                 match self.partial.iter_mut().find(|(n, _)| *n == run.name) {
                     Some((_, earlier)) => earlier.add(&run),
@@ -733,18 +730,23 @@ impl Resume {
         if self.finished.is_empty() && self.partial.is_empty() {
             return;
         }
-        for mut run in std::mem::take(last) {
-            if self.finished.iter().any(|c| c.name == run.name) {
-                continue;
+        for run in std::mem::take(last) {
+            if !self.finished.iter().any(|c| c.name == run.name) {
+                self.keep(run);
             }
-            if let Some(at) = self.partial.iter().position(|(n, _)| *n == run.name) {
-                run.fold_earlier(self.partial.remove(at).1);
-            }
-            self.finished.push(run);
         }
         *last = self.finished;
     }
+
+    /// Keeps `run` with what earlier runs that broke down in its binary saw folded in.
+    fn keep(&mut self, mut run: report::BinaryRun) {
+        if let Some(at) = self.partial.iter().position(|(n, _)| *n == run.name) {
+            run.fold_earlier(self.partial.remove(at).1);
+        }
+        self.finished.push(run);
+    }
 }
+
 /// The Firecracker binary to pack for linux-report: `--firecracker PATH` (which must exist),
 /// else [`DEFAULT_FIRECRACKER`] under the workspace when it exists. `Ok(Err(why))`: none, and
 /// why (the report prints it).
