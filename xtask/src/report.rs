@@ -303,19 +303,11 @@ impl Report {
             .strip_prefix("test ")
             .and_then(|rest| rest.strip_suffix(" has been running for over 60 seconds"))
         {
-            if let Some(run) = self
-                .binaries
-                .last_mut()
-                .filter(|r| r.exit_code.is_none() && r.retry.is_none())
-            {
+            if let Some(run) = self.main_run_in_progress() {
                 run.slow_tests.push(name.to_string());
             }
         } else if let Some((name, passed)) = parse_test_outcome(line) {
-            if let Some(run) = self
-                .binaries
-                .last_mut()
-                .filter(|r| r.exit_code.is_none() && r.retry.is_none())
-            {
+            if let Some(run) = self.main_run_in_progress() {
                 if passed {
                     run.passed_tests.push(name.to_string());
                 } else {
@@ -333,6 +325,13 @@ impl Report {
                 }
             }
         }
+    }
+
+    /// The binary whose main run (not its retry) is under way.
+    fn main_run_in_progress(&mut self) -> Option<&mut BinaryRun> {
+        self.binaries
+            .last_mut()
+            .filter(|r| r.exit_code.is_none() && r.retry.is_none())
     }
 
     /// Totals over every binary.
