@@ -3,7 +3,7 @@
 //! ([`crate::Engine`], [`crate::Capsule`]) hold it; dropping the last one stops every
 //! running capsule (paused ones stay on disk for the next engine).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use capsule_vmm::Hypervisor;
 
@@ -46,6 +46,31 @@ impl EngineCore {
     /// Takes the pending injected write fault, if a test set one.
     pub(crate) fn take_write_fault(&self) -> Option<u64> {
         lock(&self.write_fault).take()
+    }
+}
+
+/// The user-facing handles' share of an engine ([`crate::Engine`] and every
+/// [`crate::Capsule`] hold one, declared before their reference to the core). When the last
+/// goes, the inactivity watcher is stopped and joined first: it may hold the core for a
+/// moment, and the core (with the data directory's lock) must go on the thread that dropped
+/// the last handle, not later on the watcher's, while a new engine is refused the directory.
+pub(crate) struct Owner {
+    core: Weak<EngineCore>,
+}
+
+impl Owner {
+    pub(crate) fn new(core: &Arc<EngineCore>) -> Arc<Self> {
+        Arc::new(Owner {
+            core: Arc::downgrade(core),
+        })
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        if let Some(core) = self.core.upgrade() {
+            drop(lock(&core.idle_watch).take());
+        }
     }
 }
 

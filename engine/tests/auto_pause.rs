@@ -214,3 +214,30 @@ fn deleting_a_template_waits_for_a_clone_being_paused_to_release_it(kind: Kind) 
     clone.resume().unwrap();
     assert_eq!(kind.out(&clone, &kind.echo("on")), "on\n");
 }
+
+/// Dropping the last handles of an engine while its watcher is in the middle of an
+/// auto-pause waits for the watcher, so the data directory is free once the drop returns
+/// (the watcher holds the engine for that moment; the engine used to go later, on the
+/// watcher's thread, and a new engine on the directory got `DataDirLocked`).
+#[test]
+fn dropping_the_engine_waits_for_its_watcher_and_frees_the_directory() {
+    let Some((engine, dir)) = engine(Kind::Probe) else {
+        return;
+    };
+    let hold = engine.hold_auto_pause(AutoPausePoint::Decided);
+    let capsule = engine
+        .create(Kind::Probe.config().timeout(Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        hold.wait_reached(Duration::from_secs(30)),
+        "the watcher did not decide"
+    );
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(hold);
+    });
+    drop((capsule, engine));
+    let reopened = Engine::new(capsule::EngineConfig::builder().data_dir(dir.path()));
+    assert!(reopened.is_ok(), "{:?}", reopened.err());
+    release.join().unwrap();
+}

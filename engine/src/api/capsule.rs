@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::handles::{CommandHandle, PtyHandle};
 use crate::capsule_core::CapsuleCore;
 use crate::config::RunOptions;
-use crate::engine_core::EngineCore;
+use crate::engine_core::{EngineCore, Owner};
 use crate::error::{Error, Result};
 use crate::model::{
     CapsuleId, CapsuleInfo, Command, CommandOutput, ProcessInfo, PtySize, Status, TemplateInfo,
@@ -20,6 +20,8 @@ use super::files::Files;
 #[derive(Clone)]
 pub struct Capsule {
     core: Arc<CapsuleCore>,
+    // Before `engine`: dropped first (see `Owner`).
+    owner: Arc<Owner>,
     engine: Arc<EngineCore>,
 }
 
@@ -33,8 +35,12 @@ impl std::fmt::Debug for Capsule {
 }
 
 impl Capsule {
-    pub(crate) fn new(core: Arc<CapsuleCore>, engine: Arc<EngineCore>) -> Self {
-        Capsule { core, engine }
+    pub(crate) fn new(core: Arc<CapsuleCore>, owner: Arc<Owner>, engine: Arc<EngineCore>) -> Self {
+        Capsule {
+            core,
+            owner,
+            engine,
+        }
     }
 
     /// The capsule's id.
@@ -165,7 +171,7 @@ impl Capsule {
     pub fn fork(&self, n: usize) -> Result<Vec<Capsule>> {
         Ok(lifecycle::fork(&self.engine, &self.core, n)?
             .into_iter()
-            .map(|core| Capsule::new(core, self.engine.clone()))
+            .map(|core| Capsule::new(core, self.owner.clone(), self.engine.clone()))
             .collect())
     }
 

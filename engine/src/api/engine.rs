@@ -6,7 +6,7 @@ use capsule_vmm::{HostInfo, Hypervisor};
 
 use super::Capsule;
 use crate::config::{CapsuleConfig, EngineConfig};
-use crate::engine_core::EngineCore;
+use crate::engine_core::{EngineCore, Owner};
 use crate::error::Result;
 use crate::limiter::StartLimiter;
 use crate::model::{CapsuleId, CapsuleInfo, Status, TemplateInfo};
@@ -32,6 +32,8 @@ use crate::{host_limits, idle_watch, lifecycle, recovery};
 /// ```
 #[derive(Clone)]
 pub struct Engine {
+    // Before `core`: dropped first (see `Owner`).
+    owner: Arc<Owner>,
     core: Arc<EngineCore>,
 }
 
@@ -85,7 +87,10 @@ impl Engine {
             write_fault: Mutex::new(None),
         });
         idle_watch::start(&core)?;
-        Ok(Engine { core })
+        Ok(Engine {
+            owner: Owner::new(&core),
+            core,
+        })
     }
 
     /// What the host's KVM is: hardware virtualization or a software/paravirtual
@@ -100,7 +105,7 @@ impl Engine {
     }
 
     fn handle(&self, core: Arc<crate::capsule_core::CapsuleCore>) -> Capsule {
-        Capsule::new(core, self.core.clone())
+        Capsule::new(core, self.owner.clone(), self.core.clone())
     }
 
     /// Creates a capsule from a built-in template (`"probe"`, `"minimal"`) or one made with
