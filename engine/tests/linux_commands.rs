@@ -242,6 +242,44 @@ fn linux_streams_a_hundred_mib_of_binary_output_byte_exact() {
     c.destroy().unwrap();
 }
 
+/// Every thread of this process with its state and the CPU ticks it used over `span`.
+fn thread_cpu_over(span: Duration) -> Vec<(String, char, u64)> {
+    // (tid, name, state, utime + stime)
+    let sample = || -> Vec<(String, String, char, u64)> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1.to_string();
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let state = fields.first()?.chars().next()?;
+                // utime and stime: fields 14 and 15 of stat, 11 and 12 after the name.
+                let ticks =
+                    fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+                Some((
+                    t.file_name().to_string_lossy().into_owned(),
+                    name,
+                    state,
+                    ticks,
+                ))
+            })
+            .collect()
+    };
+    let before = sample();
+    std::thread::sleep(span);
+    sample()
+        .into_iter()
+        .map(|(tid, name, state, ticks)| {
+            let was = before.iter().find(|b| b.0 == tid).map_or(ticks, |b| b.3);
+            (name, state, ticks.saturating_sub(was))
+        })
+        .collect()
+}
+
 /// A consumer that stops reading: the guest process blocks on its next write (it neither
 /// exits nor writes on), and once reading resumes everything arrives.
 #[test]
@@ -250,7 +288,9 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
         return;
     };
     let c = engine.create(minimal()).unwrap();
-    let total: u64 = 64 << 20;
+    // 16 times the agent's send window (1 MiB), which with the pipe (64 KiB) is all a
+    // process may write ahead of its consumer.
+    let total: u64 = 16 << 20;
     let writer = c
         .commands()
         .spawn(format!("exec head -c {total} /dev/zero"), RunOptions::new())
@@ -280,7 +320,7 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
     assert_eq!(state.trim(), "S", "blocked in its write");
     // Read on another thread, so that a stream that stops short of its end fails the test
     // (with how far it got) instead of hanging it: under TCG this stream has stalled
-    // (twice) and ended early (once); ~100 s is its usual time there.
+    // (twice) and ended early (once); 64 MiB took ~100 s there.
     let got = Arc::new(AtomicU64::new(0));
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let reader = {
@@ -324,10 +364,14 @@ fn linux_a_stalled_consumer_blocks_the_guest_process() {
                 RunOptions::new().timeout(Duration::from_secs(60)),
             )
             .map(|o| o.stdout_str().into_owned());
+        // Which of this process's threads (vCPUs, device thread, agent link) still use CPU:
+        // a vCPU thread running all the time is a guest spinning, one asleep a guest halted.
+        let threads = thread_cpu_over(Duration::from_secs(2));
         let _ = writer.kill();
         panic!(
             "the stream stalled: {stalled_at} of {total} bytes after {STREAM_PATIENCE:?}; \
-             KiB received every 10 s: {progress:?}; the guest then: {guest:?} (capsule {:?})",
+             KiB received every 10 s: {progress:?}; the guest then: {guest:?} (capsule {:?}); \
+             this process's threads (name, state, CPU ticks used in 2 s): {threads:?}",
             c.info()
         );
     }
