@@ -801,7 +801,7 @@ fn l1_broke(outcome: &qemu::Outcome) -> Option<String> {
         ))
     } else if let Some(stuck) = outcome.locked_up {
         Some(format!(
-            "hung (a CPU stuck in a soft lockup for {} s, after {:.0} s)",
+            "hung (a CPU stuck, soft lockup or RCU stall, for {} s, after {:.0} s)",
             stuck.as_secs(),
             outcome.wall.as_secs_f64()
         ))
@@ -944,7 +944,7 @@ fn summarize(
             silence.as_secs()
         )),
         (None, _, None) if outcome.locked_up.is_some() => problems.push(format!(
-            "L1 hung: a CPU stuck in a soft lockup for {} s",
+            "L1 hung: a CPU stuck (soft lockup or RCU stall) for {} s",
             outcome.locked_up.map_or(0, |d| d.as_secs())
         )),
         (None, _, None) if !outcome.timed_out => {

@@ -32,9 +32,9 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Stopped because the console was silent this long ([`Boot::stall`]).
     pub stalled: Option<Duration>,
-    /// Stopped because L1's kernel reported a CPU stuck in a soft lockup this long (at
-    /// least [`LOCKUP_LIMIT`]): its watchdog keeps the console talking, so silence would
-    /// never tell.
+    /// Stopped because L1's kernel reported a CPU stuck in a soft lockup, or an RCU stall,
+    /// this long (at least [`LOCKUP_LIMIT`]): its watchdogs keep the console talking, so
+    /// silence would never tell.
     pub locked_up: Option<Duration>,
     pub wall: Duration,
 }
@@ -104,11 +104,16 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
     let deadline = started + boot.timeout;
     let mut report = Report::default();
     let (mut timed_out, mut stalled, mut locked_up) = (false, None, None);
+    let mut rcu = RcuStalls::default();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(boot.stall)) {
             Ok(line) => {
                 if let Some(stuck) = soft_lockup(&line).filter(|s| *s >= LOCKUP_LIMIT) {
+                    locked_up = Some(stuck);
+                    break;
+                }
+                if let Some(stuck) = rcu.line(&line, started.elapsed()) {
                     locked_up = Some(stuck);
                     break;
                 }
@@ -171,6 +176,37 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
 /// left one stuck for over 8 minutes, its watchdog printing every ~30 s).
 pub const LOCKUP_LIMIT: Duration = Duration::from_secs(120);
 
+/// L1's reports of an RCU grace period that does not end (`rcu: INFO: rcu_preempt detected
+/// stalls on CPUs/tasks:`): a CPU stuck with interrupts off, which the soft-lockup watchdog
+/// does not report (seen: one such CPU for over 8 minutes, the stall re-reported every ~63 s
+/// and a test task blocked behind it). Reports that follow each other within
+/// [`RCU_REPORT_GAP`] are one stall; one that lasts [`LOCKUP_LIMIT`] means L1 hung.
+#[derive(Debug, Default)]
+struct RcuStalls {
+    /// When the current stall was first and last reported (time since L1 started).
+    streak: Option<(Duration, Duration)>,
+}
+
+/// Longest gap between two reports of one RCU stall (the kernel repeats them every ~63 s).
+const RCU_REPORT_GAP: Duration = Duration::from_secs(100);
+
+impl RcuStalls {
+    /// Takes a console line seen at `at`; how long the stall has lasted once that is at
+    /// least [`LOCKUP_LIMIT`].
+    fn line(&mut self, line: &str, at: Duration) -> Option<Duration> {
+        if !line.contains("rcu: INFO:") || !line.contains("detected stalls") {
+            return None;
+        }
+        let first = match self.streak {
+            Some((first, last)) if at.saturating_sub(last) <= RCU_REPORT_GAP => first,
+            _ => at,
+        };
+        self.streak = Some((first, at));
+        let lasted = at.saturating_sub(first);
+        (lasted >= LOCKUP_LIMIT).then_some(lasted)
+    }
+}
+
 /// How long the CPU of a `watchdog: BUG: soft lockup - CPU#0 stuck for 44s! [...]` line has
 /// been stuck.
 fn soft_lockup(line: &str) -> Option<Duration> {
@@ -216,6 +252,24 @@ mod tests {
         );
         assert_eq!(printable("a\tb \u{1b}[0mc"), "a\tb c");
         assert_eq!(printable("µs ok"), "µs ok");
+    }
+
+    #[test]
+    fn an_rcu_stall_reported_for_two_minutes_is_a_hang() {
+        let stall = "[  130.88] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:";
+        let s = Duration::from_secs;
+        let mut rcu = RcuStalls::default();
+        assert_eq!(rcu.line("test x ... ok", s(10)), None);
+        assert_eq!(rcu.line(stall, s(67)), None);
+        assert_eq!(rcu.line(stall, s(130)), None);
+        assert_eq!(rcu.line(stall, s(193)), Some(s(126)));
+        // Stalls that end (no report for longer than the gap) do not add up.
+        let mut rcu = RcuStalls::default();
+        assert_eq!(rcu.line(stall, s(67)), None);
+        assert_eq!(rcu.line(stall, s(130)), None);
+        assert_eq!(rcu.line(stall, s(400)), None);
+        assert_eq!(rcu.line(stall, s(463)), None);
+        assert_eq!(rcu.line(stall, s(526)), Some(s(126)));
     }
 
     #[test]
