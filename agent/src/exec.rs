@@ -409,12 +409,15 @@ pub(crate) fn run_process(job: Job) {
         killed: false,
         abandoned: false,
         unclaimed_noted: false,
-        held: false,
         buf: vec![0u8; READ_CHUNK],
     };
-    runner.serve();
+    let last = runner.serve();
     if let Some(h) = waiter {
         let _ = h.join();
+    }
+    job.processes.remove(pid, &job.ctl);
+    if let Some(subscriber) = last {
+        subscriber.finish(&job.ctl, &runner.exit_message());
     }
 }
 
@@ -456,39 +459,24 @@ struct Runner {
     killed: bool,
     abandoned: bool,
     unclaimed_noted: bool,
-    /// Reports were held (`Hold`) when the inbox was last taken: read no
-    /// output and send no exit until they are not.
-    held: bool,
     buf: Vec<u8>,
 }
 
 impl Runner {
-    /// Serves the process until it has ended and its exit is reported (or,
-    /// abandoned, nobody is to be told); it is no longer tracked then.
-    fn serve(&mut self) {
+    /// Serves the process until it has ended and its exit can be reported;
+    /// returns the request to report it to (`None`: abandoned).
+    fn serve(&mut self) -> Option<Subscriber> {
         loop {
             self.take_inbox();
             self.flush_pending();
             if self.ending() {
                 if self.abandoned {
-                    self.processes.remove(self.pid, &self.ctl);
-                    return;
+                    return None;
                 }
-                let gate = self.processes.gate().clone();
-                // Held since the inbox was taken: wait for the release.
-                let Some(_open) = gate.open() else {
-                    continue;
-                };
                 // Unless a new request attached meanwhile (then: once more,
-                // to greet it), nobody can attach any more. The exit goes out
-                // before a `Hold` can be answered.
+                // to greet it), nobody can attach any more.
                 if let Some(last) = self.ctl.finish(self.generation) {
-                    self.processes.remove(self.pid, &self.ctl);
-                    if let Some(subscriber) = last {
-                        let exit = self.exit_message();
-                        subscriber.finish(&self.ctl, &exit);
-                    }
-                    return;
+                    return last;
                 }
                 continue;
             }
@@ -497,13 +485,10 @@ impl Runner {
         }
     }
 
-    /// Output cannot flow now: reports are held, or it is streamed and
-    /// nobody receives it, its window is shut, or collected chunks wait to be
-    /// sent first.
+    /// Output cannot flow now: it is streamed and nobody receives it, its
+    /// window is shut, or collected chunks wait to be sent first.
     fn blocked(&self) -> bool {
-        self.held
-            || (self.streamed
-                && (self.subscriber.is_none() || self.credit == 0 || !self.pending.is_empty()))
+        self.streamed && (self.subscriber.is_none() || self.credit == 0 || !self.pending.is_empty())
     }
 
     fn pipes_open(&self) -> bool {
@@ -533,7 +518,7 @@ impl Runner {
             self.stdout = None;
             self.stderr = None;
         }
-        if !self.pending.is_empty() || self.held {
+        if !self.pending.is_empty() {
             return false;
         }
         self.subscriber.is_some()
@@ -543,7 +528,6 @@ impl Runner {
     fn take_inbox(&mut self) {
         let mut failures = Vec::new();
         let mut changed = None;
-        self.held = self.processes.gate().is_held();
         {
             let mut inbox = self.ctl.lock();
             if self.exit.is_none() {
@@ -628,10 +612,6 @@ impl Runner {
     /// Sends collected chunks while the window allows.
     fn flush_pending(&mut self) {
         let Some(subscriber) = self.subscriber.clone() else {
-            return;
-        };
-        let gate = self.processes.gate().clone();
-        let Some(_open) = gate.open() else {
             return;
         };
         while self.credit > 0 {
@@ -770,16 +750,8 @@ impl Runner {
         if !self.streamed {
             sink.buf.extend_from_slice(kept);
         } else if let Some(subscriber) = &self.subscriber {
-            let gate = self.processes.gate().clone();
-            let open = gate.open();
-            if open.is_some() {
-                self.credit = self.credit.saturating_sub(kept.len() as u64);
-                subscriber.send(&sink.chunk(kept.to_vec()));
-            } else {
-                // Held since the pipe was polled: sent after the release.
-                self.pending.push_back((stderr, kept.to_vec()));
-            }
-            drop(open);
+            self.credit = self.credit.saturating_sub(kept.len() as u64);
+            subscriber.send(&sink.chunk(kept.to_vec()));
         }
     }
 
