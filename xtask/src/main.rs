@@ -620,6 +620,8 @@ fn nested_test(o: &Options) -> Result<bool> {
     // flaky if they pass). The summary says so and merges the runs.
     let mut broken_runs = Vec::new();
     let mut resume = Resume::default();
+    // Why tests failed in runs that broke down, for the summary.
+    let mut panics = Vec::new();
     while o.retry_failed && broken_runs.len() + 1 < L1_RUNS {
         let Some(why) = l1_broke(&outcome) else {
             break;
@@ -635,6 +637,7 @@ fn nested_test(o: &Options) -> Result<bool> {
             );
             break;
         };
+        panics.append(&mut outcome.report.panics);
         resume.take(std::mem::take(&mut outcome.report.binaries));
         boot.initrd = cache.join("l1-resume.cpio.gz");
         initramfs::with_resume(&initrd, &boot.initrd, &resume.list())?;
@@ -651,6 +654,8 @@ fn nested_test(o: &Options) -> Result<bool> {
         outcome = qemu::boot(&boot, &log)?;
     }
     resume.merge_into(&mut outcome.report.binaries);
+    panics.append(&mut outcome.report.panics);
+    outcome.report.panics = panics;
     for (i, why) in broken_runs.iter().enumerate() {
         println!(
             "xtask: NOTE: this is L1 run {}; run {} {why}",
@@ -902,6 +907,17 @@ fn summarize(
                 }
             );
         }
+    }
+    // Last, so the end of the output (all a CI log may keep) says why each test failed.
+    for p in &r.panics {
+        println!(
+            "xtask:   why {} {} failed{}: {} (at {})",
+            p.binary,
+            p.test,
+            if p.retry { " again" } else { "" },
+            p.message,
+            p.location
+        );
     }
     let totals = r.totals();
     println!(

@@ -192,7 +192,29 @@ pub struct Report {
     /// `linux-report` (`--linux-report`): started, its exit status, its JSON lines, and its
     /// `linux-report: ...` lines that say what was not measured or why.
     pub linux_report: LinuxReport,
+    /// Why tests failed: each `thread 'TEST' panicked at ...` with its message's first line,
+    /// so the summary (the end of the output, all a CI log may keep) says it.
+    pub panics: Vec<Panic>,
+    /// A panic whose message line has not been seen yet.
+    panic_pending: Option<Panic>,
 }
+
+/// One test's panic, as libtest printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Panic {
+    /// The test binary (`NESTED-TEST-BEGIN` name).
+    pub binary: String,
+    pub test: String,
+    /// Whether it came from the binary's second run (`NESTED-RETRY-*`).
+    pub retry: bool,
+    /// `FILE:LINE:COL`.
+    pub location: String,
+    /// The message's first line, at most [`PANIC_MESSAGE_LIMIT`] characters.
+    pub message: String,
+}
+
+/// How much of a panic message the summary repeats.
+pub const PANIC_MESSAGE_LIMIT: usize = 700;
 
 /// What the console told of the `linux-report` run.
 #[derive(Debug, Default)]
@@ -225,6 +247,9 @@ impl Report {
         .filter_map(|m| line.find(m))
         .min()
         .map_or(line, |at| &line[at..]);
+        if self.take_panic_line(line) {
+            return;
+        }
         if let Some(rest) = line.strip_prefix("NESTED-INIT ") {
             self.init_at = Some(at);
             self.kernel = Some(rest.to_string());
@@ -327,6 +352,40 @@ impl Report {
         }
     }
 
+    /// Follows libtest's `thread 'TEST' (TID) panicked at FILE:LINE:COL:` and the message
+    /// line after it (kernel messages between them are passed over); true when `line` was
+    /// the message.
+    fn take_panic_line(&mut self, line: &str) -> bool {
+        if let Some(mut panic) = self.panic_pending.take() {
+            let kernel_message = line.starts_with('[') && line.contains("] ");
+            if line.is_empty() || kernel_message {
+                self.panic_pending = Some(panic);
+                return false;
+            }
+            panic.message = line.chars().take(PANIC_MESSAGE_LIMIT).collect();
+            self.panics.push(panic);
+            return true;
+        }
+        let Some((test, location)) = parse_panic(line) else {
+            return false;
+        };
+        let (binary, retry) = match self.binaries.last() {
+            Some(run) => (
+                run.name.clone(),
+                run.retry.as_ref().is_some_and(|r| r.exit_code.is_none()),
+            ),
+            None => (String::new(), false),
+        };
+        self.panic_pending = Some(Panic {
+            binary,
+            test: test.to_string(),
+            retry,
+            location: location.to_string(),
+            message: String::new(),
+        });
+        false
+    }
+
     /// The binary whose main run (not its retry) is under way.
     fn main_run_in_progress(&mut self) -> Option<&mut BinaryRun> {
         self.binaries
@@ -351,6 +410,15 @@ impl Report {
     pub fn tests_elapsed(&self) -> Duration {
         self.binaries.iter().filter_map(|b| b.elapsed).sum()
     }
+}
+
+/// Parses `thread 'TEST' (TID) panicked at FILE:LINE:COL:` (older toolchains print no
+/// TID) into the test and the location.
+pub fn parse_panic(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("thread '")?;
+    let (test, rest) = rest.split_once('\'')?;
+    let (_, location) = rest.split_once(" panicked at ")?;
+    Some((test, location.trim_end_matches(':')))
 }
 
 /// Parses libtest's `test NAME ... ok` (true) or `test NAME ... FAILED` (false).
@@ -394,6 +462,49 @@ mod tests {
 
     fn at(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn panics_are_kept_with_their_message_from_main_runs_and_retries() {
+        let mut r = Report::default();
+        for line in [
+            "NESTED-TEST-BEGIN capsule.fork",
+            "---- forks::linux stdout ----",
+            "",
+            "thread 'forks::linux' (861) panicked at engine/tests/common/kinds.rs:131:33:",
+            "[  170.05] kvm [967]: vcpu0, guest rIP: 0xffffffff81073744 Unhandled WRMSR",
+            "md5sum /tmp/m: capsule cl-3q8r is stopped: cannot run a command",
+            "stack backtrace:",
+            "NESTED-TEST-END capsule.fork rc=101",
+            "NESTED-RETRY-BEGIN capsule.fork forks::linux",
+            "thread 'forks::linux' panicked at engine/tests/fork.rs:9:5:",
+            "again",
+            "NESTED-RETRY-END capsule.fork rc=101",
+        ] {
+            r.line(line, at(1));
+        }
+        assert_eq!(
+            r.panics,
+            [
+                Panic {
+                    binary: "capsule.fork".into(),
+                    test: "forks::linux".into(),
+                    retry: false,
+                    location: "engine/tests/common/kinds.rs:131:33".into(),
+                    message: "md5sum /tmp/m: capsule cl-3q8r is stopped: cannot run a command"
+                        .into(),
+                },
+                Panic {
+                    binary: "capsule.fork".into(),
+                    test: "forks::linux".into(),
+                    retry: true,
+                    location: "engine/tests/fork.rs:9:5".into(),
+                    message: "again".into(),
+                },
+            ]
+        );
+        // The message line was taken as such, not as anything else.
+        assert_eq!(r.binaries[0].counts, Counts::default());
     }
 
     #[test]
