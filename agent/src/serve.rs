@@ -446,6 +446,9 @@ impl Conn<'_> {
     ) -> Result<ServeOutcome, ServeError> {
         let mut decoder = FrameDecoder::new();
         let mut buf = vec![0u8; 64 * 1024];
+        // Bytes read on this connection, for the report of a framing loss: where in the
+        // host's stream it happened tells a lost byte from a bad frame.
+        let mut read_total: u64 = 0;
         // The raw bytes of a channel test (`to_agent`) still to come: its id, how many.
         let mut raw: Option<(u32, u64)> = None;
         loop {
@@ -455,6 +458,7 @@ impl Conn<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServeError::Read(e)),
             };
+            read_total += n as u64;
             let mut bytes = &buf[..n];
             if let Some((id, left)) = raw.as_mut() {
                 let taken = usize::try_from(*left).unwrap_or(usize::MAX).min(n);
@@ -467,6 +471,8 @@ impl Conn<'_> {
             }
             decoder.push(bytes);
             loop {
+                // Where the next frame starts in this connection's stream.
+                let frame_at = read_total - decoder.buffered_len() as u64;
                 match decoder.next_frame() {
                     Ok(Some(Frame {
                         id,
@@ -494,7 +500,12 @@ impl Conn<'_> {
                     }
                     Ok(None) => break,
                     Err(e) if e.is_fatal() => {
-                        self.error(CONTROL_ID, e.error_code(), e.to_string());
+                        let report = format!(
+                            "{e}, in the frame header at byte {frame_at} of this connection \
+                             ({read_total} bytes read); the agent closes the connection"
+                        );
+                        eprintln!("capsule-agent: lost framing: {report}");
+                        self.error(CONTROL_ID, e.error_code(), report);
                         return Ok(ServeOutcome::FramingLost(e));
                     }
                     Err(e) => self.error(

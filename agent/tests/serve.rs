@@ -374,17 +374,22 @@ fn malformed_frames_get_errors_and_the_agent_lives_on() {
     assert_eq!(r.frames, vec![Message::Pong(b"still here".to_vec())]);
     assert_eq!(h.run(13, shell("echo ok")).stdout_str(), "ok\n");
 
-    // A bad length loses framing: error on id 0, then serve returns cleanly.
+    // A bad length loses framing: error on id 0, saying where in the stream, then serve
+    // returns cleanly.
     h.send_raw(&u32::MAX.to_le_bytes());
     let f = h.recv();
     assert_eq!(f.id, CONTROL_ID);
-    assert!(matches!(
-        f.message,
-        Message::Error(ErrorInfo {
-            code: ErrorCode::MALFORMED,
-            ..
-        })
-    ));
+    let Message::Error(ErrorInfo {
+        code: ErrorCode::MALFORMED,
+        message,
+    }) = f.message
+    else {
+        panic!("expected a MALFORMED error, got {:?}", f.message);
+    };
+    assert!(
+        message.contains("in the frame header at byte ") && message.contains(" bytes read)"),
+        "{message}"
+    );
     assert!(matches!(
         h.join().unwrap(),
         ServeOutcome::FramingLost(DecodeError::BadLength { .. })

@@ -24,8 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::sync::{lock, wait};
 use capsule_agent_protocol::{
-    encode, ErrorInfo, ExitInfo, Frame, FrameDecoder, Hello, Message, ProcessEntry, RunRequest,
-    SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
+    encode, ErrorCode, ErrorInfo, ExitInfo, Frame, FrameDecoder, Hello, Message, ProcessEntry,
+    RunRequest, SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 
 /// Why a request over the link failed.
@@ -531,6 +531,26 @@ fn read_loop(
                             continue;
                         }
                     }
+                    if let Some(report) = framing_lost_by_agent(&frame) {
+                        // The agent ends this connection: every request fails now with its
+                        // report rather than waiting out a timeout.
+                        tracing::warn!(
+                            report = %report.message,
+                            received = state.received,
+                            "the agent lost the framing of the host's stream; closing the link"
+                        );
+                        let report = Message::Error(ErrorInfo {
+                            code: report.code,
+                            message: format!(
+                                "the agent lost the framing of the host's stream: {}",
+                                report.message
+                            ),
+                        });
+                        for tx in lock(&waiters).values() {
+                            let _ = tx.send(report.clone());
+                        }
+                        break 'outer;
+                    }
                     route(&waiters, frame);
                 }
                 Ok(None) => break,
@@ -545,6 +565,15 @@ fn read_loop(
     closed.store(true, Ordering::SeqCst);
     // Wake every waiter: their senders drop.
     lock(&waiters).clear();
+}
+
+/// The agent's report that it lost the framing of the host's stream (a `MALFORMED` error on
+/// the control id, sent as it closes the connection), if `frame` is one.
+fn framing_lost_by_agent(frame: &Frame) -> Option<&ErrorInfo> {
+    match &frame.message {
+        Message::Error(e) if frame.id == CONTROL_ID && e.code == ErrorCode::MALFORMED => Some(e),
+        _ => None,
+    }
 }
 
 /// Hands `frame` to the request waiting for it, if one is.
@@ -707,6 +736,45 @@ mod tests {
         guest.write_all(&encode(&Message::Ack, id)).unwrap();
         let got = AgentLink::next_reply(&replies, Some(Instant::now() + Duration::from_secs(5)));
         assert_eq!(got, Ok(Message::Ack));
+    }
+
+    #[test]
+    fn the_agents_framing_loss_report_fails_every_request_at_once_with_it() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let hello = Message::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "test".into(),
+            capabilities: 0,
+        });
+        guest.write_all(&encode(&hello, CONTROL_ID)).unwrap();
+        let reader = host.try_clone().unwrap();
+        let link =
+            AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+        let (_, first) = link.open_request().unwrap();
+        let (_, second) = link.open_request().unwrap();
+        let report = Message::error(
+            ErrorCode::MALFORMED,
+            "frame length 117901063, in the frame header at byte 57 of this connection",
+        );
+        guest.write_all(&encode(&report, CONTROL_ID)).unwrap();
+        for replies in [first, second] {
+            // Long before any timeout a caller would give.
+            let got =
+                AgentLink::next_reply(&replies, Some(Instant::now() + Duration::from_secs(5)));
+            match got {
+                Ok(Message::Error(e)) => {
+                    assert_eq!(e.code, ErrorCode::MALFORMED);
+                    assert!(
+                        e.message.starts_with("the agent lost the framing")
+                            && e.message.contains("at byte 57"),
+                        "{}",
+                        e.message
+                    );
+                }
+                other => panic!("expected the agent's report, got {other:?}"),
+            }
+        }
+        assert!(matches!(link.open_request(), Err(LinkError::Closed(_))));
     }
 
     #[test]
