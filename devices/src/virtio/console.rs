@@ -328,6 +328,14 @@ impl VirtioDevice for Console {
         VIRTIO_F_VERSION_1
     }
 
+    /// The transmit queue: Linux's hvc console driver (the agent's tty) spins, interrupts
+    /// off, after each write until the device has used the buffer; taken in the vCPU's own
+    /// exit, it is used before the driver first looks, and the vCPU never spins (under
+    /// nested virtualization each spin iteration is a VM exit).
+    fn notifies_inline(&self, queue: usize) -> bool {
+        queue == TX_QUEUE
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports and emerg_wr are all 0: none of their features is offered.
         let config = [0u8; CONFIG_SIZE];

@@ -571,11 +571,22 @@ impl<D: VirtioDevice, M: GuestMemoryBackend> MmioTransport<D, M> {
             );
             return;
         }
+        if self.device.notifies_inline(index) {
+            self.process_queue(index);
+        }
+        // Also for a queue processed inline: the device thread re-arms its host-side
+        // interest after every event (a buffer taken here may wait for the host socket).
         if let Some(evt) = self.queue_evts.get(index) {
             if let Err(e) = evt.write(1) {
                 tracing::warn!(error = %e, "queue eventfd write failed");
             }
         }
+    }
+
+    /// Whether the driver's notifications of `queue` should reach this transport through the
+    /// MMIO bus (no ioeventfd): see [`VirtioDevice::notifies_inline`].
+    pub fn notifies_inline(&self, queue: usize) -> bool {
+        self.device.notifies_inline(queue)
     }
 
     /// The transport's state as plain data.
@@ -866,6 +877,72 @@ mod tests {
         w(&mut t, reg::STATUS, ALL);
         assert!(!t.is_activated());
         assert!(t.needs_reset());
+    }
+
+    #[test]
+    fn a_console_transmit_buffer_is_used_before_the_notify_returns() {
+        use crate::virtio::console::{Console, TX_QUEUE};
+        use std::io::Read;
+        use vm_memory::Bytes;
+
+        let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (console, mut host) = Console::new().unwrap();
+        let mut t = MmioTransport::new(console, mem.clone()).unwrap();
+        assert!(t.notifies_inline(TX_QUEUE));
+        assert!(!t.notifies_inline(0));
+        let wr = |t: &mut MmioTransport<Console, Mem>, off: u64, v: u32| {
+            assert_eq!(t.write(off, &v.to_le_bytes()), WriteOutcome::Handled);
+        };
+        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        wr(&mut t, reg::DRIVER_FEATURES, 1);
+        wr(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        for (queue, base) in [(0u32, 0x1_0000u32), (1, 0x2_0000)] {
+            wr(&mut t, reg::QUEUE_SEL, queue);
+            wr(&mut t, reg::QUEUE_NUM, 16);
+            wr(&mut t, reg::QUEUE_DESC_LOW, base);
+            wr(&mut t, reg::QUEUE_DRIVER_LOW, base + 0x1000);
+            wr(&mut t, reg::QUEUE_DEVICE_LOW, base + 0x2000);
+            wr(&mut t, reg::QUEUE_READY, 1);
+        }
+        wr(&mut t, reg::STATUS, ALL);
+        assert!(t.is_activated());
+
+        // The driver posts one transmit buffer: descriptor 0, then avail ring entry 0.
+        let (desc, avail, used) = (0x2_0000u64, 0x2_1000u64, 0x2_2000u64);
+        let data = b"hello from the guest";
+        mem.write_slice(data, GuestAddress(0x5_0000)).unwrap();
+        mem.write_obj(0x5_0000u64, GuestAddress(desc)).unwrap();
+        mem.write_obj(data.len() as u32, GuestAddress(desc + 8))
+            .unwrap();
+        mem.write_obj(0u16, GuestAddress(desc + 12)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        wr(&mut t, reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+
+        // Used, and the interrupt raised, by the time the write returns: a driver polling
+        // the used ring finds it at once.
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+        assert_eq!(
+            r_any(&mut t, reg::INTERRUPT_STATUS) & INT_USED_RING,
+            INT_USED_RING
+        );
+        let mut got = vec![0u8; data.len()];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, data);
+        // The device thread is still told (it re-arms its host-side interest).
+        assert_eq!(t.queue_evts()[TX_QUEUE].read().unwrap(), 1);
+    }
+
+    fn r_any<D: VirtioDevice>(t: &mut MmioTransport<D, Mem>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
     }
 
     #[test]

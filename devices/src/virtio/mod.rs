@@ -131,6 +131,16 @@ pub trait VirtioDevice: Send {
     /// The features offered, [`VIRTIO_F_VERSION_1`] included.
     fn device_features(&self) -> u64;
 
+    /// Whether the driver's notification of `queue` is processed at once, on the vCPU that
+    /// wrote it (the MMIO exit), rather than by the device thread: for a queue whose driver
+    /// busy-waits for the buffer it just posted, so that the buffer is used before the
+    /// driver looks. Such a queue gets no ioeventfd (see [`MmioTransport`]); the device
+    /// thread is still woken, to re-arm what it watches on the host side. Default: none.
+    fn notifies_inline(&self, queue: usize) -> bool {
+        let _ = queue;
+        false
+    }
+
     /// A driver read of the device configuration space; bytes past its end read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
