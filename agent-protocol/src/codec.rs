@@ -140,7 +140,7 @@ fn encode_payload(message: &Message, e: &mut Enc<'_>) {
             e.u16(err.code.0);
             e.str(&err.message);
         }
-        Message::Ack | Message::CloseStdin => {}
+        Message::Ack | Message::CloseStdin | Message::Hold | Message::Release => {}
         Message::Sync(s) => {
             e.u64(s.realtime_ns);
             e.bytes(&s.entropy);
@@ -469,6 +469,8 @@ fn decode_kind(kind: Kind, d: &mut Dec<'_>) -> Result<Message, PayloadError> {
             message: d.string()?,
         }),
         Kind::Ack => Message::Ack,
+        Kind::Hold => Message::Hold,
+        Kind::Release => Message::Release,
         Kind::Sync => Message::Sync(SyncRequest {
             realtime_ns: d.u64()?,
             entropy: d.bytes_max(MAX_SYNC_ENTROPY)?,

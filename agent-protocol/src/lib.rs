@@ -64,6 +64,8 @@
 //! | 0x04 | Error       | either      | `code: u16, message: string` |
 //! | 0x05 | Ack         | agent→host  | empty (success of a request without other reply) |
 //! | 0x06 | Sync        | host→agent  | `realtime_ns: u64, entropy: bytes, env: list<(string, string)>`; see [`SyncRequest`] |
+//! | 0x07 | Hold        | host→agent  | empty |
+//! | 0x08 | Release     | host→agent  | empty |
 //! | 0x10 | Run         | host→agent  | see [`RunRequest`] below |
 //! | 0x11 | Stdin       | host→agent  | `data: bytes` |
 //! | 0x12 | CloseStdin  | host→agent  | empty |
@@ -197,6 +199,26 @@
 //!    receives output from the moment of the attach: what was already sent
 //!    to an earlier request is not repeated; what the agent had collected for
 //!    a buffered `Run` and not sent comes first, as chunks.
+//!
+//! 8. `Hold` → `Ack`; `Release` → `Ack` (agents advertising [`caps::HOLD`];
+//!    see below).
+//!
+//! # Holding processes for a snapshot
+//!
+//! A snapshot of a running guest is resumed (or cloned) on a new host side
+//! of the connection, and the `Sync` that tells the agent so can only arrive
+//! once the restored guest runs. Without more, a process that ends in that
+//! instant would send its exit to a request nobody listens to any more, and
+//! the exit would be lost. So the host sends `Hold` before it freezes the
+//! guest: once the agent answers `Ack`, it sends no frame about any process
+//! (no `Started` of an attach, no output, no `Exit`): it stops reading their
+//! output and keeps the exits of processes that end meanwhile, as it does for
+//! detached processes. It holds them until a `Release` (the snapshot is
+//! written and the same guest runs on: every process reports to its request
+//! again, nothing lost) or a `Sync` (a restored guest: every process is
+//! detached, and those that ended meanwhile wait for an `Attach`). Replies to
+//! the host's own requests (files, lists, pings) are not held. An agent
+//! without [`caps::HOLD`] answers `Hold` with [`ErrorCode::UNKNOWN_KIND`].
 //!
 //! # Detached processes
 //!
@@ -342,6 +364,9 @@ pub mod caps {
     /// ([`crate::Message::ListProcesses`], [`crate::Message::Attach`]) and
     /// flow-controls streamed output ([`crate::Message::Credit`]).
     pub const PROCESSES: u64 = 1 << 9;
+    /// The agent holds its processes' reports for a snapshot
+    /// ([`crate::Message::Hold`], [`crate::Message::Release`]).
+    pub const HOLD: u64 = 1 << 10;
 }
 
 /// One decoded frame: a request id and its message.

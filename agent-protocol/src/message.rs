@@ -19,6 +19,10 @@ pub enum Kind {
     Ack = 0x05,
     /// [`Message::Sync`].
     Sync = 0x06,
+    /// [`Message::Hold`].
+    Hold = 0x07,
+    /// [`Message::Release`].
+    Release = 0x08,
     /// [`Message::Run`].
     Run = 0x10,
     /// [`Message::Stdin`].
@@ -81,6 +85,8 @@ impl Kind {
             0x04 => Kind::Error,
             0x05 => Kind::Ack,
             0x06 => Kind::Sync,
+            0x07 => Kind::Hold,
+            0x08 => Kind::Release,
             0x10 => Kind::Run,
             0x11 => Kind::Stdin,
             0x12 => Kind::CloseStdin,
@@ -129,6 +135,16 @@ pub enum Message {
     /// the guest clock, reseed its kernel CRNG and set the environment of
     /// later commands. Answered by [`Message::Ack`] or an [`Message::Error`].
     Sync(SyncRequest),
+    /// Host → agent, on a request id, before the guest is frozen for a
+    /// snapshot: from the [`Message::Ack`] on, the agent sends nothing about
+    /// any process (output, exit) until a [`Message::Release`] or a
+    /// [`Message::Sync`]. See "Holding processes for a snapshot" in the crate
+    /// docs.
+    Hold,
+    /// Host → agent, on a request id: the snapshot is written and the guest
+    /// runs on; processes report to their requests again, as before the
+    /// [`Message::Hold`]. Answered by [`Message::Ack`].
+    Release,
     /// Host → agent: run a command.
     Run(RunRequest),
     /// Host → agent: bytes for the command's stdin.
@@ -275,6 +291,8 @@ impl Message {
             Message::Error(_) => Kind::Error,
             Message::Ack => Kind::Ack,
             Message::Sync(_) => Kind::Sync,
+            Message::Hold => Kind::Hold,
+            Message::Release => Kind::Release,
             Message::Run(_) => Kind::Run,
             Message::Stdin(_) => Kind::Stdin,
             Message::CloseStdin => Kind::CloseStdin,

@@ -22,6 +22,8 @@ fn samples() -> Vec<Message> {
             ],
         }),
         Message::Sync(SyncRequest::default()),
+        Message::Hold,
+        Message::Release,
         Message::Sync(SyncRequest {
             realtime_ns: 0,
             entropy: vec![0xa5; MAX_SYNC_ENTROPY],
@@ -620,7 +622,7 @@ fn kind_bytes_roundtrip() {
             known += 1;
         }
     }
-    assert_eq!(known, 31);
+    assert_eq!(known, 33);
     // The file kinds: requests 0x20..=0x27, replies from 0x28.
     assert_eq!(Kind::from_u8(0x23), Some(Kind::Stat));
     assert_eq!(Kind::from_u8(0x27), Some(Kind::SetAttr));
@@ -635,8 +637,11 @@ fn kind_bytes_roundtrip() {
     // The rest of the process-event range, and the file range the other
     // requests will use, stay reserved.
     assert!((0x1d..=0x1f).all(|b| Kind::from_u8(b).is_none()));
-    // The rest of the connection-control range stays reserved.
-    assert!((0x07..=0x0f).all(|b| Kind::from_u8(b).is_none()));
+    // Holding for a snapshot; the rest of the connection-control range stays reserved.
+    assert_eq!(Kind::from_u8(0x07), Some(Kind::Hold));
+    assert_eq!(Kind::from_u8(0x08), Some(Kind::Release));
+    assert_eq!(encode(&Message::Hold, 2), [5, 0, 0, 0, 0x07, 2, 0, 0, 0]);
+    assert!((0x09..=0x0f).all(|b| Kind::from_u8(b).is_none()));
     // The one experimental kind; the rest of that range stays reserved.
     assert_eq!(Kind::from_u8(0x80), Some(Kind::ChannelTest));
     assert!((0x81..=0xff).all(|b| Kind::from_u8(b).is_none()));

@@ -176,7 +176,8 @@ impl CmdCtl {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wake(&self) {
+    /// Wakes the process's thread to look at its inbox and the gate again.
+    pub(crate) fn wake(&self) {
         // A full socket buffer already guarantees a pending wake-up.
         let _ = (&self.wake_tx).write(&[1]);
     }

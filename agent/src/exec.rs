@@ -409,15 +409,12 @@ pub(crate) fn run_process(job: Job) {
         killed: false,
         abandoned: false,
         unclaimed_noted: false,
+        held: false,
         buf: vec![0u8; READ_CHUNK],
     };
-    let last = runner.serve();
+    runner.serve();
     if let Some(h) = waiter {
         let _ = h.join();
-    }
-    job.processes.remove(pid, &job.ctl);
-    if let Some(subscriber) = last {
-        subscriber.finish(&job.ctl, &runner.exit_message());
     }
 }
 
@@ -459,24 +456,39 @@ struct Runner {
     killed: bool,
     abandoned: bool,
     unclaimed_noted: bool,
+    /// Reports were held (`Hold`) when the inbox was last taken: read no
+    /// output and send no exit until they are not.
+    held: bool,
     buf: Vec<u8>,
 }
 
 impl Runner {
-    /// Serves the process until it has ended and its exit can be reported;
-    /// returns the request to report it to (`None`: abandoned).
-    fn serve(&mut self) -> Option<Subscriber> {
+    /// Serves the process until it has ended and its exit is reported (or,
+    /// abandoned, nobody is to be told); it is no longer tracked then.
+    fn serve(&mut self) {
         loop {
             self.take_inbox();
             self.flush_pending();
             if self.ending() {
                 if self.abandoned {
-                    return None;
+                    self.processes.remove(self.pid, &self.ctl);
+                    return;
                 }
+                let gate = self.processes.gate().clone();
+                // Held since the inbox was taken: wait for the release.
+                let Some(_open) = gate.open() else {
+                    continue;
+                };
                 // Unless a new request attached meanwhile (then: once more,
-                // to greet it), nobody can attach any more.
+                // to greet it), nobody can attach any more. The exit goes out
+                // before a `Hold` can be answered.
                 if let Some(last) = self.ctl.finish(self.generation) {
-                    return last;
+                    self.processes.remove(self.pid, &self.ctl);
+                    if let Some(subscriber) = last {
+                        let exit = self.exit_message();
+                        subscriber.finish(&self.ctl, &exit);
+                    }
+                    return;
                 }
                 continue;
             }
@@ -485,10 +497,13 @@ impl Runner {
         }
     }
 
-    /// Output cannot flow now: it is streamed and nobody receives it, its
-    /// window is shut, or collected chunks wait to be sent first.
+    /// Output cannot flow now: reports are held, or it is streamed and
+    /// nobody receives it, its window is shut, or collected chunks wait to be
+    /// sent first.
     fn blocked(&self) -> bool {
-        self.streamed && (self.subscriber.is_none() || self.credit == 0 || !self.pending.is_empty())
+        self.held
+            || (self.streamed
+                && (self.subscriber.is_none() || self.credit == 0 || !self.pending.is_empty()))
     }
 
     fn pipes_open(&self) -> bool {
@@ -518,7 +533,7 @@ impl Runner {
             self.stdout = None;
             self.stderr = None;
         }
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.held {
             return false;
         }
         self.subscriber.is_some()
@@ -528,6 +543,7 @@ impl Runner {
     fn take_inbox(&mut self) {
         let mut failures = Vec::new();
         let mut changed = None;
+        self.held = self.processes.gate().is_held();
         {
             let mut inbox = self.ctl.lock();
             if self.exit.is_none() {
@@ -612,6 +628,10 @@ impl Runner {
     /// Sends collected chunks while the window allows.
     fn flush_pending(&mut self) {
         let Some(subscriber) = self.subscriber.clone() else {
+            return;
+        };
+        let gate = self.processes.gate().clone();
+        let Some(_open) = gate.open() else {
             return;
         };
         while self.credit > 0 {
@@ -750,8 +770,16 @@ impl Runner {
         if !self.streamed {
             sink.buf.extend_from_slice(kept);
         } else if let Some(subscriber) = &self.subscriber {
-            self.credit = self.credit.saturating_sub(kept.len() as u64);
-            subscriber.send(&sink.chunk(kept.to_vec()));
+            let gate = self.processes.gate().clone();
+            let open = gate.open();
+            if open.is_some() {
+                self.credit = self.credit.saturating_sub(kept.len() as u64);
+                subscriber.send(&sink.chunk(kept.to_vec()));
+            } else {
+                // Held since the pipe was polled: sent after the release.
+                self.pending.push_back((stderr, kept.to_vec()));
+            }
+            drop(open);
         }
     }
 

@@ -36,6 +36,12 @@
 //!   uid); with `pty` the child leads a new session on a new terminal
 //!   (`TERM` defaults to [`DEFAULT_TERM`]). As PID 1 the agent mounts
 //!   `devpts` on `/dev/pts` for those terminals.
+//! * `Hold` (sent before the host freezes the guest for a snapshot) stops
+//!   every process's output and exit from being sent, with no send left half
+//!   done, until `Release` (the guest runs on) or `Sync` (a restored guest:
+//!   every process is detached, and exits that came meanwhile are kept for an
+//!   `Attach`): a process that ends while a snapshot is resumed loses
+//!   nothing.
 //! * A [`Message::Sync`] is applied before the next frame is read: it sets
 //!   the clock, feeds and reseeds the kernel CRNG, and sets variables
 //!   ([`SyncEnv`]) for every later command, across reconnections with the
@@ -53,6 +59,7 @@
 mod ctl;
 pub mod exec;
 mod files;
+mod hold;
 pub mod init;
 mod pty;
 pub mod reaper;

@@ -8,11 +8,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use capsule_agent_protocol::{ProcessEntry, MAX_UNCLAIMED_EXITS};
 
 use crate::ctl::{CmdCtl, Link};
+use crate::hold::ReportGate;
 
 /// The agent's processes (see the module docs). A cheap handle: clones share
 /// one registry.
 #[derive(Debug, Clone, Default)]
-pub struct Processes(Arc<Mutex<Registry>>);
+pub struct Processes {
+    registry: Arc<Mutex<Registry>>,
+    /// Whether their output and exits may be sent (`Hold`/`Release`).
+    gate: ReportGate,
+}
 
 #[derive(Debug, Default)]
 struct Registry {
@@ -30,7 +35,7 @@ struct Entry {
 
 impl Processes {
     fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The processes tracked now, by pid.
@@ -112,6 +117,27 @@ impl Processes {
         let ctls: Vec<_> = self.lock().procs.values().map(|e| e.ctl.clone()).collect();
         for ctl in ctls {
             ctl.detach(link);
+        }
+    }
+
+    /// The gate every report of a process (output, exit) passes.
+    pub(crate) fn gate(&self) -> &ReportGate {
+        &self.gate
+    }
+
+    /// Holds every process's reports once no send is in progress; `then`
+    /// answers the `Hold` before any report may be sent again.
+    pub(crate) fn hold(&self, then: impl FnOnce()) {
+        self.gate.hold(then);
+    }
+
+    /// Ends a hold: processes report again (woken, for those that waited).
+    pub(crate) fn release(&self) {
+        if self.gate.release() {
+            let ctls: Vec<_> = self.lock().procs.values().map(|e| e.ctl.clone()).collect();
+            for ctl in ctls {
+                ctl.wake();
+            }
         }
     }
 }

@@ -251,6 +251,11 @@ impl Conn<'_> {
                 ErrorCode::INTERNAL,
                 "a channel test reached the handler",
             ),
+            Message::Hold => self.config.processes.hold(|| self.reply(id, &Message::Ack)),
+            Message::Release => {
+                self.config.processes.release();
+                self.reply(id, &Message::Ack);
+            }
             Message::Ping(data) => self.reply(id, &Message::Pong(data)),
             Message::Pong(_) => {}
             Message::Error(info) if id == CONTROL_ID => return Some(ServeOutcome::Refused(info)),
@@ -349,8 +354,11 @@ impl Conn<'_> {
             self.error(id, ErrorCode::INVALID_ARGUMENT, "request id 0 is reserved");
             return;
         }
-        // Whoever received the output of earlier requests is gone.
+        // Whoever received the output of earlier requests is gone; processes
+        // held for the snapshot this guest was restored from report again,
+        // to nobody: exits that came meanwhile wait for an `Attach`.
         self.config.processes.detach(None);
+        self.config.processes.release();
         match sync::apply(req, &self.config.sync_env, &mut LiveKernel::default()) {
             Ok(()) => self.reply(id, &Message::Ack),
             Err(e) => self.error(id, ErrorCode::IO, e.to_string()),
@@ -529,7 +537,8 @@ pub fn capabilities(pid1: bool) -> u64 {
         | caps::SYNC
         | caps::USER
         | caps::PTY
-        | caps::PROCESSES;
+        | caps::PROCESSES
+        | caps::HOLD;
     if pid1 {
         base | caps::PID1
     } else {

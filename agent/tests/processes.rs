@@ -1,6 +1,7 @@
 //! Protocol version 3 end to end: flow control of streamed output, PTY
 //! commands, other users, the process registry (`ListProcesses`, `Attach`),
-//! detaching by `Sync` and by a closed connection.
+//! detaching by `Sync` and by a closed connection, holding reports for a
+//! snapshot (`Hold`, `Release`).
 
 mod common;
 
@@ -323,6 +324,104 @@ fn after_a_sync_an_attach_gets_the_rest_and_the_exit() {
     assert!(h.list(5).is_empty());
     // Nothing came on the old id after the Sync.
     assert!(h.try_recv_within(Duration::from_millis(100)).is_none());
+}
+
+/// Reads frames until request `id` finished, failing on a frame of another.
+fn only_for(h: &mut Host, id: u32) -> Vec<Message> {
+    let mut frames = Vec::new();
+    loop {
+        let f = h.recv();
+        assert_eq!(f.id, id, "a frame of another request: {f:?}");
+        let last = !matches!(f.message, Message::Stdout(_) | Message::Stderr(_));
+        frames.push(f.message);
+        if last {
+            return frames;
+        }
+    }
+}
+
+/// `Hold` (sent before a snapshot): from its `Ack` on, no process sends
+/// anything, output or exit, while processes run and end; `Release` lets it
+/// all through to their requests, nothing lost.
+#[test]
+fn a_hold_stops_every_report_until_the_release_lets_them_through() {
+    let mut h = Host::start();
+    assert_ne!(h.hello.capabilities & caps::HOLD, 0);
+    h.send(
+        1,
+        &Message::Run(streamed("while true; do echo tick; sleep 0.01; done")),
+    );
+    h.read_until(1, "tick");
+    h.send(
+        2,
+        &Message::Run(streamed("echo before; sleep 0.3; echo after; exit 3")),
+    );
+    let Message::Started { pid: pid2 } = h.recv_for(2) else {
+        panic!()
+    };
+    h.read_until(2, "before");
+    h.send(3, &Message::Run(shell("sleep 0.3; echo buffered; exit 2")));
+    let Message::Started { pid: pid3 } = h.recv_for(3) else {
+        panic!()
+    };
+    h.send(4, &Message::Hold);
+    // Frames sent before the `Ack` are fine; none may follow it.
+    assert_eq!(h.recv_for(4), Message::Ack);
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_millis(800) {
+        if let Some(f) = h.try_recv_within(Duration::from_millis(100)) {
+            panic!("sent while held: {f:?}");
+        }
+    }
+    // Both short ones ended meanwhile; their exits are kept, so they are
+    // still listed (replies to the host's requests are not held).
+    h.send(5, &Message::ListProcesses);
+    let listed = match only_for(&mut h, 5).pop() {
+        Some(Message::ProcessList(list)) => list,
+        other => panic!("{other:?}"),
+    };
+    assert!(listed.iter().any(|p| p.pid == pid2), "{listed:?}");
+    assert!(listed.iter().any(|p| p.pid == pid3), "{listed:?}");
+    h.send(7, &Message::Release);
+    h.send(1, &Message::Signal { sig: 9 });
+    let r = h.collect(&[1, 2, 3, 7]);
+    assert_eq!(r[&7].frames, vec![Message::Ack]);
+    assert_eq!(r[&2].stdout_str(), "after\n");
+    assert_eq!(r[&2].exit().status, ExitStatus::Code(3));
+    assert_eq!(r[&3].exit().stdout, b"buffered\n");
+    assert_eq!(r[&3].exit().status, ExitStatus::Code(2));
+    assert_eq!(r[&1].exit().status, ExitStatus::Signal(9));
+    assert!(h.list(8).is_empty());
+}
+
+/// What a restored guest does: processes held for the snapshot that ended
+/// before the `Sync` lose nothing with the old host side's requests: nothing
+/// is sent to those, the processes are listed, and an `Attach` gets the rest
+/// of the output and the exit.
+#[test]
+fn after_a_hold_a_sync_keeps_the_exits_for_an_attach() {
+    let mut h = Host::start();
+    h.send(
+        1,
+        &Message::Run(streamed("echo before; sleep 0.3; echo after; exit 3")),
+    );
+    let Message::Started { pid } = h.recv_for(1) else {
+        panic!()
+    };
+    h.read_until(1, "before");
+    h.send(2, &Message::Hold);
+    assert_eq!(only_for(&mut h, 2), vec![Message::Ack]);
+    std::thread::sleep(Duration::from_millis(800));
+    h.send(3, &Message::Sync(SyncRequest::default()));
+    assert_eq!(only_for(&mut h, 3), vec![Message::Ack]);
+    assert!(h.try_recv_within(Duration::from_millis(200)).is_none());
+    assert!(h.list(4).iter().any(|p| p.pid == pid));
+    h.send(5, &Message::Attach { pid });
+    let r = h.collect(&[5]).remove(&5).unwrap();
+    assert_eq!(r.started, Some(pid));
+    assert_eq!(r.stdout_str(), "after\n");
+    assert_eq!(r.exit().status, ExitStatus::Code(3));
+    assert!(h.list(6).is_empty());
 }
 
 /// A buffered `Run` detached before it ended: its collected output comes to

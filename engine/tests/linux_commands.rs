@@ -638,6 +638,56 @@ fn linux_an_exit_while_detached_waits_for_connect() {
     c.destroy().unwrap();
 }
 
+/// Processes that end all around pauses and resumes (before, while the snapshot is written,
+/// in the instant the restored guest runs before the engine's sync reaches its agent): each
+/// exit reaches either the handle from before the pause or, that handle detached, a
+/// `connect` after the resume. None is lost.
+#[test]
+fn linux_every_exit_around_a_pause_reaches_its_handle_or_a_connect() {
+    let Some((engine, _dir)) = linux_engine() else {
+        return;
+    };
+    let c = engine.create(minimal()).unwrap();
+    let (mut before, mut after) = (0, 0);
+    for round in 0..5 {
+        let handles: Vec<(i32, CommandHandle)> = (0..20)
+            .map(|i| {
+                let code = round * 20 + i;
+                let script = format!("sleep 0.{:02}; echo p{code}; exit {code}", i * 3);
+                (code, c.commands().spawn(script, RunOptions::new()).unwrap())
+            })
+            .collect();
+        c.pause().unwrap();
+        c.resume().unwrap();
+        for (code, handle) in handles {
+            let out = match handle.wait_timeout(STEP) {
+                Ok(out) => {
+                    before += 1;
+                    out
+                }
+                Err(Error::ProcessDetached { .. }) => {
+                    after += 1;
+                    let again = c.commands().connect(handle.pid()).unwrap_or_else(|e| {
+                        panic!("process {code} ({}) is lost: {e}", handle.pid())
+                    });
+                    again.wait_timeout(STEP).unwrap()
+                }
+                Err(e) => panic!("process {code}: {e}"),
+            };
+            assert_eq!(out.exit_code, Some(code), "{out:?}");
+            // Output sent to the old handle in the instant before the pause went with it.
+            let stdout = out.stdout_str();
+            assert!(
+                stdout == format!("p{code}\n") || stdout.is_empty(),
+                "{code}: {stdout:?}"
+            );
+        }
+    }
+    println!("{before} exits reached their handle, {after} a connect after the resume");
+    assert!(c.commands().list().unwrap().is_empty());
+    c.destroy().unwrap();
+}
+
 #[test]
 fn linux_a_terminal_shell_answers_reports_its_size_and_resizes() {
     let Some((engine, _dir)) = linux_engine() else {

@@ -121,7 +121,11 @@ impl Capsule {
     /// commands ([`CommandHandle`]) likewise report [`Error::ProcessDetached`]. Such
     /// processes are listed by [`Commands::list`]; their output waits in the guest (one that
     /// writes more than a pipe holds blocks) and their exit is kept, until
-    /// [`Commands::connect`] picks them up again after the resume. The guest's
+    /// [`Commands::connect`] picks them up again after the resume. (Before freezing, the
+    /// engine has the guest's agent hold every process's output and exit; the resumed agent
+    /// detaches them before it reports anything, so a process that ends in the instant the
+    /// capsule resumes is not lost to the handle from before. An agent that does not
+    /// answer within 5 s is frozen anyway.) The guest's
     /// monotonic clocks do not count paused time (so neither does a command's timeout, which
     /// the guest's agent enforces), and its wall clock is set to the host's at every resume.
     ///

@@ -24,8 +24,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::sync::{lock, wait};
 use capsule_agent_protocol::{
-    encode, ErrorCode, ErrorInfo, ExitInfo, Frame, FrameDecoder, Hello, Message, ProcessEntry,
-    RunRequest, SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
+    caps, encode, ErrorCode, ErrorInfo, ExitInfo, Frame, FrameDecoder, Hello, Message,
+    ProcessEntry, RunRequest, SyncRequest, CONTROL_ID, MAX_CHUNK_LEN, PROTOCOL_VERSION,
 };
 
 /// Why a request over the link failed.
@@ -355,8 +355,34 @@ impl AgentLink {
     /// Sends the agent a [`SyncRequest`] (wall clock, entropy, environment) and waits up to
     /// `timeout` for its `Ack`.
     pub(crate) fn sync(&self, request: SyncRequest, timeout: Duration) -> Result<(), LinkError> {
+        self.acked(Message::Sync(request), timeout)
+    }
+
+    /// Asks the agent to hold its processes' output and exits for a snapshot (the protocol's
+    /// `Hold`), waiting up to `timeout` for its answer: once this returns `Ok(true)`, the
+    /// guest may be frozen with no report of a process half sent, and a restored copy sends
+    /// none before its `Sync`. `Ok(false)`: the agent predates holding.
+    pub(crate) fn hold_reports(&self, timeout: Duration) -> Result<bool, LinkError> {
+        if self.hello.capabilities & caps::HOLD == 0 {
+            return Ok(false);
+        }
+        self.acked(Message::Hold, timeout).map(|()| true)
+    }
+
+    /// Ends a hold (the protocol's `Release`; the guest runs on), without waiting for the
+    /// answer: the agent applies it before any request sent after it.
+    pub(crate) fn release_reports(&self) -> Result<(), LinkError> {
+        let (id, _replies) = self.open_request()?;
+        let sent = self.send(&Message::Release, id);
+        // Its `Ack` is dropped on arrival; ids are not reused before they wrap.
+        self.close_request(id);
+        sent
+    }
+
+    /// Sends `message` on a fresh request id and waits up to `timeout` for its `Ack`.
+    fn acked(&self, message: Message, timeout: Duration) -> Result<(), LinkError> {
         let (id, replies) = self.open_request()?;
-        let result = self.send(&Message::Sync(request), id).and_then(|()| {
+        let result = self.send(&message, id).and_then(|()| {
             let deadline = Instant::now().checked_add(timeout);
             loop {
                 match Self::next_reply(&replies, deadline)? {
@@ -630,6 +656,29 @@ mod tests {
             .unwrap();
         assert_eq!(exit.stdout, b"hi\n");
         assert_eq!(exit.status, capsule_agent_protocol::ExitStatus::Code(3));
+    }
+
+    /// A held agent (before a snapshot) keeps a command's exit until the release.
+    #[test]
+    fn a_hold_keeps_an_exit_until_the_release() {
+        let link = agent();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let runner = link.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(runner.run(
+                RunRequest::shell("sleep 0.3; echo held; exit 4"),
+                None,
+                None,
+            ));
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(link.hold_reports(Duration::from_secs(10)).unwrap());
+        // The command ends meanwhile; its exit stays in the agent.
+        assert!(rx.recv_timeout(Duration::from_millis(800)).is_err());
+        link.release_reports().unwrap();
+        let exit = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(exit.stdout, b"held\n");
+        assert_eq!(exit.status, capsule_agent_protocol::ExitStatus::Code(4));
     }
 
     #[test]

@@ -408,6 +408,23 @@ impl LinuxRuntime {
         }
     }
 
+    /// Has the agent hold its processes' reports before the guest is frozen, so that a
+    /// process ending in the instant a restored copy resumes, before that copy's `Sync`,
+    /// keeps its exit for a `connect` rather than sending it to a request of the old link.
+    /// `None` if the agent predates holding or did not answer (logged; the freeze goes on).
+    fn hold_reports(&self) -> Option<ReportsHeld> {
+        match self.link.hold_reports(REPORT_HOLD_LIMIT) {
+            Ok(true) => Some(ReportsHeld(self.link.clone())),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(capsule = %self.id, error = %e, "the agent did not hold its processes' reports for the snapshot");
+                // A late `Ack` may still hold them: release whatever it held.
+                drop(ReportsHeld(self.link.clone()));
+                None
+            }
+        }
+    }
+
     /// Stops every vCPU at a consistent point; returns their states (by index) and the
     /// sender whose drop lets them run on.
     fn freeze_vcpus(&self) -> Result<(Vec<VcpuState>, Sender<()>)> {
@@ -486,6 +503,29 @@ impl LinuxRuntime {
 /// How long a freeze waits for the agent channel to settle (a write in progress, the reader
 /// catching up): both take microseconds unless the host is starved.
 const CHANNEL_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a freeze waits for the agent to hold its processes' reports; past it the
+/// guest is frozen anyway (an agent that does not answer must not keep a capsule from being
+/// paused), and only a process that ends in the instant a restored copy resumes may lose its
+/// exit to the handle that existed before.
+const REPORT_HOLD_LIMIT: Duration = Duration::from_secs(5);
+
+/// While alive, the agent holds its processes' output and exits (the protocol's `Hold`); its
+/// drop lets them through again on a guest that runs on. A snapshot's copy of the agent is
+/// released by the `Sync` of its restore, which also detaches every process from the
+/// requests of the old link.
+struct ReportsHeld(Arc<AgentLink>);
+
+impl Drop for ReportsHeld {
+    fn drop(&mut self) {
+        // A paused capsule's link is closed by now: nothing runs on to release.
+        if !self.0.is_closed() {
+            if let Err(e) = self.0.release_reports() {
+                tracing::debug!(error = %e, "could not release the agent's held reports");
+            }
+        }
+    }
+}
 
 /// What the agent is told whenever its guest starts or resumes: the host's wall clock, fresh
 /// entropy for the kernel's CRNG (clones of one snapshot must not share randomness), and the
@@ -661,6 +701,7 @@ impl Runtime for LinuxRuntime {
     /// Stops the vCPUs (not waiting for commands: their processes are frozen with the rest),
     /// then the devices, settles the agent channel, and reads every state.
     fn freeze(&self) -> Result<Frozen> {
+        let reports_held = self.hold_reports();
         let (vcpus, thaw) = self.freeze_vcpus()?;
         let machine = lock(&self.machine);
         let Some(machine) = machine.as_ref() else {
@@ -693,7 +734,9 @@ impl Runtime for LinuxRuntime {
             dirty,
             origin: self.origin.clone(),
             _thaw: thaw,
-            _hold: Some(Box::new((devices_paused, writes_held))),
+            // Dropped in this order after the vCPUs thaw: the release is written once the
+            // link's writes are no longer held.
+            _hold: Some(Box::new((devices_paused, writes_held, reports_held))),
         })
     }
 

@@ -315,6 +315,19 @@ pub fn guest_seeds() -> Result<Vec<Seed>, String> {
             ),
         ),
         Seed::new(
+            "hold-release-sync",
+            chunked(
+                2,
+                frames(&[
+                    (23, Message::Hold),
+                    (24, Message::ListProcesses),
+                    (25, Message::Release),
+                    (26, Message::Hold),
+                    (27, Message::Sync(SyncRequest::default())),
+                ]),
+            ),
+        ),
+        Seed::new(
             "list-attach-credit",
             chunked(
                 4,
