@@ -72,6 +72,34 @@ failed_tests() {
 touch /nested/resume.list
 done_list=" $(sed -n 's/^done //p' /nested/resume.list | tr '\n' ' ') "
 
+# Heartbeat: every 60 s a NESTED-HB line with L1's uptime and load; once the test output has
+# not grown for two beats, also every thread of each process run from /nested (the test
+# binaries, the examples): name, state, kernel wait channel, CPU ticks. A silent console then
+# tells an L1 that hung (no heartbeat either) from a test that is stuck while L1 runs on, and
+# the threads say where (the xtask does not count these lines as output).
+(
+    size=-1
+    quiet=0
+    while sleep 60; do
+        echo "NESTED-HB uptime $(cut -d' ' -f1 /proc/uptime) load $(cut -d' ' -f1-3 /proc/loadavg)"
+        now=$(wc -c </tmp/test-output 2>/dev/null || echo 0)
+        if [ "$now" = "$size" ]; then quiet=$((quiet + 1)); else quiet=0; fi
+        size=$now
+        [ "$quiet" -ge 2 ] || continue
+        for p in /proc/[0-9]*; do
+            exe=$(readlink "$p/exe" 2>/dev/null) || continue
+            case "$exe" in /nested/*) ;; *) continue ;; esac
+            for t in "$p"/task/*; do
+                stat=$(cat "$t/stat" 2>/dev/null) || continue
+                # Fields after the name: state, then utime and stime are the 12th and 13th.
+                rest=${stat##*) }
+                set -- $rest
+                echo "NESTED-HB   ${p#/proc/}/${t##*/} $(cat "$t/comm" 2>/dev/null) $1 $(cat "$t/wchan" 2>/dev/null) ticks $((${12} + ${13}))"
+            done
+        done
+    done
+) &
+
 failed=0
 while IFS= read -r name; do
     [ -n "$name" ] || continue

@@ -27,10 +27,10 @@ const INIT: &str = include_str!("../l1/init.sh");
 
 /// Busybox applets linked into `/bin`: what `/init` uses, plus tools for debugging in L1.
 const APPLETS: &[&str] = &[
-    "sh", "ash", "cat", "chmod", "cp", "date", "dd", "df", "dmesg", "echo", "env", "find", "free",
-    "grep", "head", "insmod", "ln", "ls", "lsmod", "mkdir", "mknod", "mount", "mv", "nproc",
-    "poweroff", "ps", "reboot", "rm", "sed", "sleep", "sync", "tail", "tee", "timeout", "tr",
-    "umount", "uname", "wc",
+    "sh", "ash", "cat", "chmod", "cp", "cut", "date", "dd", "df", "dmesg", "echo", "env", "find",
+    "free", "grep", "head", "insmod", "ln", "ls", "lsmod", "mkdir", "mknod", "mount", "mv",
+    "nproc", "poweroff", "ps", "readlink", "reboot", "rm", "sed", "sleep", "sync", "tail", "tee",
+    "timeout", "tr", "umount", "uname", "wc",
 ];
 
 /// A host file copied into L1 at `/nested/extra/<dest>`.

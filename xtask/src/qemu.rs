@@ -32,6 +32,9 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Stopped because the console was silent this long ([`Boot::stall`]).
     pub stalled: Option<Duration>,
+    /// With `stalled`: L1's heartbeat went on through the silence, so L1 ran and a test was
+    /// stuck (its threads are in the `NESTED-HB` lines of the console).
+    pub test_stuck: bool,
     /// Stopped because L1's kernel reported a CPU stuck in a soft lockup, or an RCU stall,
     /// this long (at least [`LOCKUP_LIMIT`]): its watchdogs keep the console talking, so
     /// silence would never tell.
@@ -45,7 +48,9 @@ pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 /// Boots L1 and follows its console (also copied to `log`) until QEMU exits or the timeout.
 pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max"])
+    // `CAPSULE_NESTED_ACCEL` (e.g. `tcg,thread=single`) is for experiments with the emulator.
+    let accel = std::env::var("CAPSULE_NESTED_ACCEL").unwrap_or_else(|_| "tcg".to_string());
+    cmd.args(["-accel", &accel, "-cpu", "max"])
         .args(["-smp", &boot.smp.to_string()])
         .args(["-m", &boot.memory_mb.to_string()])
         .args([
@@ -105,10 +110,18 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
     let mut report = Report::default();
     let (mut timed_out, mut stalled, mut locked_up) = (false, None, None);
     let mut rcu = RcuStalls::default();
+    // Heartbeat lines (`NESTED-HB`, from /init) are not output: a test stuck while L1 runs on
+    // is as silent as a hung L1; they only tell the two apart.
+    let mut last_output = Instant::now();
+    let mut heartbeats_in_silence = 0u32;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.min(boot.stall)) {
+        let quiet_left = boot.stall.saturating_sub(last_output.elapsed());
+        match rx.recv_timeout(left.min(quiet_left)) {
+            Ok(line) if is_heartbeat(&line) => heartbeats_in_silence += 1,
             Ok(line) => {
+                last_output = Instant::now();
+                heartbeats_in_silence = 0;
                 if let Some(stuck) = soft_lockup(&line).filter(|s| *s >= LOCKUP_LIMIT) {
                     locked_up = Some(stuck);
                     break;
@@ -120,7 +133,7 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
                 report.line(&line, started.elapsed());
             }
             Err(RecvTimeoutError::Timeout) => {
-                if left <= boot.stall {
+                if left <= quiet_left {
                     timed_out = true;
                 } else {
                     stalled = Some(boot.stall);
@@ -145,10 +158,19 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         let _ = child.kill();
     }
     if let Some(silence) = stalled {
-        println!(
-            "xtask: L1 printed nothing for {} s: it hung; stopping QEMU",
-            silence.as_secs()
-        );
+        if heartbeats_in_silence > 0 {
+            println!(
+                "xtask: no test output for {} s while L1's heartbeat went on ({heartbeats_in_silence} \
+                 beats): a test is stuck (its threads are in the NESTED-HB lines above); \
+                 stopping QEMU",
+                silence.as_secs()
+            );
+        } else {
+            println!(
+                "xtask: L1 printed nothing for {} s, not even its heartbeat: it hung; stopping QEMU",
+                silence.as_secs()
+            );
+        }
         let _ = child.kill();
     }
     let status = child.wait().ok();
@@ -167,9 +189,15 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         status,
         timed_out,
         stalled,
+        test_stuck: stalled.is_some() && heartbeats_in_silence > 0,
         locked_up,
         wall,
     })
+}
+
+/// A line of /init's heartbeat (`NESTED-HB ...`), which does not count as output.
+fn is_heartbeat(line: &str) -> bool {
+    line.trim_start().starts_with("NESTED-HB")
 }
 
 /// How long a CPU of L1 may be stuck in a soft lockup before L1 counts as hung (TCG has
