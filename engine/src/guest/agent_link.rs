@@ -72,6 +72,10 @@ struct ReaderState {
     /// The request whose channel test ([`AgentLink::channel_test`]) may announce raw bytes
     /// from the agent: only then is such an announcement taken as one.
     raw_expected: Option<u32>,
+    /// The agent's report that it lost the framing of the host's stream, once it came.
+    lost: Option<String>,
+    /// Called once when the reader ends (see [`AgentLink::on_end`]).
+    on_end: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// A connected agent.
@@ -217,13 +221,36 @@ impl AgentLink {
             writer = wait(&self.writable, writer);
         }
         if self.closed.load(Ordering::SeqCst) {
-            return Err(LinkError::Closed("the agent is gone".into()));
+            return Err(self.closed_error("the agent is gone".into()));
         }
         writer
             .stream
             .write_all(&bytes)
             .and_then(|()| writer.stream.flush())
-            .map_err(|e| LinkError::Closed(e.to_string()))
+            .map_err(|e| self.closed_error(e.to_string()))
+    }
+
+    /// Why a request cannot go on over a closed link: the agent's own report when it lost
+    /// the framing of the host's stream, else `why`.
+    fn closed_error(&self, why: String) -> LinkError {
+        match lock(&self.reader).lost.clone() {
+            Some(report) => LinkError::Agent(report),
+            None => LinkError::Closed(why),
+        }
+    }
+
+    /// Has `f` called once the reader ends (the stream closed or the framing is lost), at
+    /// once if it has already: the owner of the stream shuts it down there, so that a write
+    /// blocked on a guest that no longer reads fails instead of waiting for ever.
+    pub(crate) fn on_end(&self, f: impl FnOnce() + Send + 'static) {
+        let mut state = lock(&self.reader);
+        // The reader marks the link closed before it takes the callback, under this lock.
+        if self.closed.load(Ordering::SeqCst) {
+            drop(state);
+            f();
+        } else {
+            state.on_end = Some(Box::new(f));
+        }
     }
 
     /// A fresh request id and the channel its replies arrive on (until [`Self::close_request`]
@@ -565,12 +592,14 @@ fn read_loop(
                             received = state.received,
                             "the agent lost the framing of the host's stream; closing the link"
                         );
+                        let message = format!(
+                            "the agent lost the framing of the host's stream: {}",
+                            report.message
+                        );
+                        state.lost = Some(message.clone());
                         let report = Message::Error(ErrorInfo {
                             code: report.code,
-                            message: format!(
-                                "the agent lost the framing of the host's stream: {}",
-                                report.message
-                            ),
+                            message,
                         });
                         for tx in lock(&waiters).values() {
                             let _ = tx.send(report.clone());
@@ -591,6 +620,10 @@ fn read_loop(
     closed.store(true, Ordering::SeqCst);
     // Wake every waiter: their senders drop.
     lock(&waiters).clear();
+    let on_end = lock(&state).on_end.take();
+    if let Some(on_end) = on_end {
+        on_end();
+    }
 }
 
 /// The agent's report that it lost the framing of the host's stream (a `MALFORMED` error on
@@ -824,6 +857,17 @@ mod tests {
             }
         }
         assert!(matches!(link.open_request(), Err(LinkError::Closed(_))));
+        // Writes fail with the report too, and the owner of the stream is told (it shuts
+        // the stream down, so that a write blocked on a full stream fails as well).
+        match link.send(&Message::Ack, 7) {
+            Err(LinkError::Agent(report)) => assert!(report.contains("at byte 57"), "{report}"),
+            other => panic!("expected the agent's report, got {other:?}"),
+        }
+        let (ended_tx, ended_rx) = crossbeam_channel::bounded(1);
+        link.on_end(move || {
+            let _ = ended_tx.send(());
+        });
+        assert!(ended_rx.recv_timeout(Duration::from_secs(5)).is_ok());
     }
 
     #[test]

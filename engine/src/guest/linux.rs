@@ -353,7 +353,15 @@ impl LinuxRuntime {
                 .map(|()| link)
         });
         let link = match synced {
-            Ok(link) => link,
+            Ok(link) => {
+                // A link that ends (the framing lost, the stream closed) shuts the channel,
+                // so that a write blocked on a guest that no longer reads fails at once.
+                let channel = channel.clone();
+                link.on_end(move || {
+                    let _ = channel.shutdown(std::net::Shutdown::Both);
+                });
+                link
+            }
             Err(e) => {
                 let tail = console_tail(&console_log);
                 drop(stop_tx);
