@@ -66,7 +66,11 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         .arg("-initrd")
         .arg(&boot.initrd)
         .arg("-append")
-        .arg(APPEND)
+        .arg(match std::env::var("CAPSULE_NESTED_APPEND") {
+            // More kernel parameters for L1, for experiments.
+            Ok(more) if !more.trim().is_empty() => format!("{APPEND} {more}"),
+            _ => APPEND.to_string(),
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
