@@ -918,7 +918,7 @@ fn summarize(
         }
     }
     // Last, so the end of the output (all a CI log may keep) says why each test failed.
-    for p in &r.panics {
+    for p in r.failure_panics() {
         println!(
             "xtask:   why {} {} failed{}: {} (at {})",
             p.binary,

@@ -386,6 +386,28 @@ impl Report {
         false
     }
 
+    /// The panics of tests that failed (once or for good), not those a passing test
+    /// provoked on purpose. A test's helper threads are unnamed (`<unnamed>`): theirs count
+    /// in a binary that had failures.
+    pub fn failure_panics(&self) -> impl Iterator<Item = &Panic> {
+        self.panics.iter().filter(|p| {
+            self.binaries
+                .iter()
+                .filter(|b| b.name == p.binary)
+                .any(|b| {
+                    let test = p.test.as_str();
+                    let named = b.failed_tests.iter().any(|t| t == test)
+                        || b.retry
+                            .as_ref()
+                            .is_some_and(|r| r.tests.iter().any(|t| t == test))
+                        || b.earlier.as_ref().is_some_and(|e| {
+                            e.failed.iter().chain(&e.recovered).any(|t| t == test)
+                        });
+                    named || (test == "<unnamed>" && (b.failures() > 0 || b.flaky() > 0))
+                })
+        })
+    }
+
     /// The binary whose main run (not its retry) is under way.
     fn main_run_in_progress(&mut self) -> Option<&mut BinaryRun> {
         self.binaries
@@ -505,6 +527,30 @@ mod tests {
         );
         // The message line was taken as such, not as anything else.
         assert_eq!(r.binaries[0].counts, Counts::default());
+    }
+
+    #[test]
+    fn only_the_panics_of_failed_tests_are_repeated() {
+        let mut r = Report::default();
+        for line in [
+            "NESTED-TEST-BEGIN capsule.unit",
+            "thread '<unnamed>' (12) panicked at engine/src/guest/vcpu_thread.rs:285:53:",
+            "on purpose",
+            "test guest::a_panicking_thread_is_reported ... ok",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "NESTED-TEST-END capsule.unit rc=0",
+            "NESTED-TEST-BEGIN capsule.fork",
+            "test forks::linux ... FAILED",
+            "thread 'forks::linux' (861) panicked at engine/tests/fork.rs:9:5:",
+            "boom",
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "NESTED-TEST-END capsule.fork rc=101",
+        ] {
+            r.line(line, at(1));
+        }
+        assert_eq!(r.panics.len(), 2);
+        let why: Vec<&str> = r.failure_panics().map(|p| p.test.as_str()).collect();
+        assert_eq!(why, ["forks::linux"]);
     }
 
     #[test]
