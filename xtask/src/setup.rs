@@ -108,7 +108,18 @@ pub fn ensure_host_tools(install: bool) -> Result<()> {
         .iter()
         .flat_map(|n| n.packages.iter().copied())
         .collect();
-    apt_install(&packages)?;
+    if let Err(e) = apt_install(&packages) {
+        // A qemu-utils from bookworm-backports (some images carry one) Breaks the
+        // distribution's qemu-system-common: the harness needs the system emulator, not
+        // qemu-img, so try once more without it.
+        if !(packages.contains(&"qemu-system-x86") && dpkg_installed("qemu-utils")) {
+            return Err(e);
+        }
+        println!("xtask: retrying without qemu-utils, which may break qemu-system-common");
+        let mut again = packages.clone();
+        again.push("qemu-utils-");
+        apt_install(&again)?;
+    }
     let still: Vec<&str> = NEEDS
         .iter()
         .filter(|n| !(n.present)())
@@ -146,6 +157,12 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
         "apt-get install {} failed (see its output above)",
         packages.join(" ")
     )))
+}
+
+/// Whether dpkg has `package` installed.
+fn dpkg_installed(package: &str) -> bool {
+    stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|status| status.contains("install ok installed"))
 }
 
 /// Refreshes apt's package lists.
@@ -205,4 +222,18 @@ fn musl_std_present() -> bool {
         .join(MUSL_TARGET)
         .join("lib")
         .is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_knows_what_is_installed() {
+        if !have_program("dpkg-query") {
+            return; // not a Debian host
+        }
+        assert!(dpkg_installed("dpkg"));
+        assert!(!dpkg_installed("no-such-package-capsule-test"));
+    }
 }
