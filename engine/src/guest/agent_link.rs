@@ -597,6 +597,9 @@ fn read_loop(
                             report.message
                         );
                         state.lost = Some(message.clone());
+                        // Closed before anyone hears of it: a caller woken by the report
+                        // finds the link closed.
+                        closed.store(true, Ordering::SeqCst);
                         let report = Message::Error(ErrorInfo {
                             code: report.code,
                             message,
