@@ -799,20 +799,11 @@ fn l1_stall() -> Duration {
 /// Why an L1 run broke down by itself (hung, or stopped before `/init` finished), if it did.
 fn l1_broke(outcome: &qemu::Outcome) -> Option<String> {
     if let Some(silence) = outcome.stalled {
-        Some(if outcome.test_stuck {
-            format!(
-                "had a test stuck (no test output for {} s while L1's heartbeat went on, \
-                 after {:.0} s; its threads are in the console's NESTED-HB lines)",
-                silence.as_secs(),
-                outcome.wall.as_secs_f64()
-            )
-        } else {
-            format!(
-                "hung (no console output for {} s, after {:.0} s)",
-                silence.as_secs(),
-                outcome.wall.as_secs_f64()
-            )
-        })
+        Some(format!(
+            "{}, after {:.0} s",
+            qemu::describe_silence(silence, outcome.test_stuck),
+            outcome.wall.as_secs_f64()
+        ))
     } else if let Some(stuck) = outcome.locked_up {
         Some(format!(
             "hung (a CPU stuck, soft lockup or RCU stall, for {} s, after {:.0} s)",
@@ -964,14 +955,9 @@ fn summarize(
             "/init finished with {code} but QEMU exited {status} (isa-debug-exit expects {})",
             code * 2 + 1
         )),
-        (None, _, Some(silence)) if outcome.test_stuck => problems.push(format!(
-            "a test was stuck: no test output for {} s while L1 ran on (see the NESTED-HB \
-             lines for its threads)",
-            silence.as_secs()
-        )),
         (None, _, Some(silence)) => problems.push(format!(
-            "L1 hung: no console output for {} s",
-            silence.as_secs()
+            "L1 {}",
+            qemu::describe_silence(silence, outcome.test_stuck)
         )),
         (None, _, None) if outcome.locked_up.is_some() => problems.push(format!(
             "L1 hung: a CPU stuck (soft lockup or RCU stall) for {} s",

@@ -161,20 +161,12 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         );
         let _ = child.kill();
     }
+    let test_stuck = heartbeats_in_silence > 0;
     if let Some(silence) = stalled {
-        if heartbeats_in_silence > 0 {
-            println!(
-                "xtask: no test output for {} s while L1's heartbeat went on ({heartbeats_in_silence} \
-                 beats): a test is stuck (its threads are in the NESTED-HB lines above); \
-                 stopping QEMU",
-                silence.as_secs()
-            );
-        } else {
-            println!(
-                "xtask: L1 printed nothing for {} s, not even its heartbeat: it hung; stopping QEMU",
-                silence.as_secs()
-            );
-        }
+        println!(
+            "xtask: L1 {}; stopping QEMU",
+            describe_silence(silence, test_stuck)
+        );
         let _ = child.kill();
     }
     let status = child.wait().ok();
@@ -193,10 +185,27 @@ pub fn boot(boot: &Boot, log: &Path) -> Result<Outcome> {
         status,
         timed_out,
         stalled,
-        test_stuck: stalled.is_some() && heartbeats_in_silence > 0,
+        test_stuck: stalled.is_some() && test_stuck,
         locked_up,
         wall,
     })
+}
+
+/// What a console silence of `silence` means, after "L1": a test stuck while L1 ran on (its
+/// heartbeat went on), or L1 itself hung.
+pub fn describe_silence(silence: Duration, test_stuck: bool) -> String {
+    if test_stuck {
+        format!(
+            "had a test stuck: no test output for {} s while its heartbeat went on (the \
+             test's threads are in the console's NESTED-HB lines)",
+            silence.as_secs()
+        )
+    } else {
+        format!(
+            "hung: no console output for {} s, not even its heartbeat",
+            silence.as_secs()
+        )
+    }
 }
 
 /// A line of /init's heartbeat (`NESTED-HB ...`), which does not count as output.

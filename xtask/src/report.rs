@@ -486,10 +486,18 @@ mod tests {
         Duration::from_secs(s)
     }
 
+    /// A report of `lines`, all seen at the same second.
+    fn report_of(lines: &[&str]) -> Report {
+        let mut r = Report::default();
+        for line in lines {
+            r.line(line, at(1));
+        }
+        r
+    }
+
     #[test]
     fn panics_are_kept_with_their_message_from_main_runs_and_retries() {
-        let mut r = Report::default();
-        for line in [
+        let r = report_of(&[
             "NESTED-TEST-BEGIN capsule.fork",
             "---- forks::linux stdout ----",
             "",
@@ -502,9 +510,7 @@ mod tests {
             "thread 'forks::linux' panicked at engine/tests/fork.rs:9:5:",
             "again",
             "NESTED-RETRY-END capsule.fork rc=101",
-        ] {
-            r.line(line, at(1));
-        }
+        ]);
         assert_eq!(
             r.panics,
             [
@@ -531,8 +537,7 @@ mod tests {
 
     #[test]
     fn only_the_panics_of_failed_tests_are_repeated() {
-        let mut r = Report::default();
-        for line in [
+        let r = report_of(&[
             "NESTED-TEST-BEGIN capsule.unit",
             "thread '<unnamed>' (12) panicked at engine/src/guest/vcpu_thread.rs:285:53:",
             "on purpose",
@@ -545,9 +550,7 @@ mod tests {
             "boom",
             "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
             "NESTED-TEST-END capsule.fork rc=101",
-        ] {
-            r.line(line, at(1));
-        }
+        ]);
         assert_eq!(r.panics.len(), 2);
         let why: Vec<&str> = r.failure_panics().map(|p| p.test.as_str()).collect();
         assert_eq!(why, ["forks::linux"]);

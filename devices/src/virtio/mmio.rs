@@ -702,17 +702,17 @@ mod tests {
         MmioTransport::new(Rng::new(), mem).unwrap()
     }
 
-    fn r(t: &mut MmioTransport<Rng, Mem>, off: u64) -> u32 {
+    fn r<D: VirtioDevice>(t: &mut MmioTransport<D, Mem>, off: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn w(t: &mut MmioTransport<Rng, Mem>, off: u64, v: u32) {
+    fn w<D: VirtioDevice>(t: &mut MmioTransport<D, Mem>, off: u64, v: u32) {
         assert_eq!(t.write(off, &v.to_le_bytes()), WriteOutcome::Handled);
     }
 
-    fn negotiate(t: &mut MmioTransport<Rng, Mem>) {
+    fn negotiate<D: VirtioDevice>(t: &mut MmioTransport<D, Mem>) {
         w(t, reg::STATUS, status::ACKNOWLEDGE);
         w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(t, reg::DRIVER_FEATURES_SEL, 1);
@@ -890,27 +890,16 @@ mod tests {
         let mut t = MmioTransport::new(console, mem.clone()).unwrap();
         assert!(t.notifies_inline(TX_QUEUE));
         assert!(!t.notifies_inline(0));
-        let wr = |t: &mut MmioTransport<Console, Mem>, off: u64, v: u32| {
-            assert_eq!(t.write(off, &v.to_le_bytes()), WriteOutcome::Handled);
-        };
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE);
-        wr(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
-        wr(&mut t, reg::DRIVER_FEATURES, 1);
-        wr(
-            &mut t,
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        negotiate(&mut t);
         for (queue, base) in [(0u32, 0x1_0000u32), (1, 0x2_0000)] {
-            wr(&mut t, reg::QUEUE_SEL, queue);
-            wr(&mut t, reg::QUEUE_NUM, 16);
-            wr(&mut t, reg::QUEUE_DESC_LOW, base);
-            wr(&mut t, reg::QUEUE_DRIVER_LOW, base + 0x1000);
-            wr(&mut t, reg::QUEUE_DEVICE_LOW, base + 0x2000);
-            wr(&mut t, reg::QUEUE_READY, 1);
+            w(&mut t, reg::QUEUE_SEL, queue);
+            w(&mut t, reg::QUEUE_NUM, 16);
+            w(&mut t, reg::QUEUE_DESC_LOW, base);
+            w(&mut t, reg::QUEUE_DRIVER_LOW, base + 0x1000);
+            w(&mut t, reg::QUEUE_DEVICE_LOW, base + 0x2000);
+            w(&mut t, reg::QUEUE_READY, 1);
         }
-        wr(&mut t, reg::STATUS, ALL);
+        w(&mut t, reg::STATUS, ALL);
         assert!(t.is_activated());
 
         // The driver posts one transmit buffer: descriptor 0, then avail ring entry 0.
@@ -923,13 +912,13 @@ mod tests {
         mem.write_obj(0u16, GuestAddress(desc + 12)).unwrap();
         mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
         mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-        wr(&mut t, reg::QUEUE_NOTIFY, TX_QUEUE as u32);
+        w(&mut t, reg::QUEUE_NOTIFY, TX_QUEUE as u32);
 
         // Used, and the interrupt raised, by the time the write returns: a driver polling
         // the used ring finds it at once.
         assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
         assert_eq!(
-            r_any(&mut t, reg::INTERRUPT_STATUS) & INT_USED_RING,
+            r(&mut t, reg::INTERRUPT_STATUS) & INT_USED_RING,
             INT_USED_RING
         );
         let mut got = vec![0u8; data.len()];
@@ -937,12 +926,6 @@ mod tests {
         assert_eq!(&got, data);
         // The device thread is still told (it re-arms its host-side interest).
         assert_eq!(t.queue_evts()[TX_QUEUE].read().unwrap(), 1);
-    }
-
-    fn r_any<D: VirtioDevice>(t: &mut MmioTransport<D, Mem>, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
     }
 
     #[test]

@@ -799,8 +799,8 @@ mod tests {
         assert_eq!(outs, (0..20).map(|i| format!("{i}\n")).collect::<Vec<_>>());
     }
 
-    #[test]
-    fn an_unrequested_channel_test_is_dropped_not_taken_as_raw() {
+    /// A link whose agent is the returned stream, written by hand (its `Hello` is sent).
+    fn linked_to_a_scripted_agent() -> (Arc<AgentLink>, UnixStream) {
         let (host, mut guest) = UnixStream::pair().unwrap();
         let hello = Message::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -811,6 +811,12 @@ mod tests {
         let reader = host.try_clone().unwrap();
         let link =
             AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+        (link, guest)
+    }
+
+    #[test]
+    fn an_unrequested_channel_test_is_dropped_not_taken_as_raw() {
+        let (link, mut guest) = linked_to_a_scripted_agent();
         let (id, replies) = link.open_request().unwrap();
         // Announces 4 raw bytes nobody asked for, then answers the request.
         let raw = Message::ChannelTest {
@@ -825,16 +831,7 @@ mod tests {
 
     #[test]
     fn the_agents_framing_loss_report_fails_every_request_at_once_with_it() {
-        let (host, mut guest) = UnixStream::pair().unwrap();
-        let hello = Message::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "test".into(),
-            capabilities: 0,
-        });
-        guest.write_all(&encode(&hello, CONTROL_ID)).unwrap();
-        let reader = host.try_clone().unwrap();
-        let link =
-            AgentLink::connect(Box::new(reader), Box::new(host), Duration::from_secs(5)).unwrap();
+        let (link, mut guest) = linked_to_a_scripted_agent();
         let (_, first) = link.open_request().unwrap();
         let (_, second) = link.open_request().unwrap();
         let report = Message::error(
