@@ -285,7 +285,10 @@ mod codec;
 mod decoder;
 mod message;
 
-pub use codec::{decode_frame, decode_payload, encode, encode_into, try_encode};
+pub use codec::{
+    decode_frame, decode_payload, encode, encode_into, finish_file_data, try_encode,
+    FILE_DATA_PREFIX_LEN,
+};
 pub use decoder::FrameDecoder;
 pub use message::{
     Command, DirEntry, ErrorCode, ErrorInfo, ExitInfo, ExitStatus, FileInfo, FileType, Hello, Kind,
@@ -467,6 +470,13 @@ pub enum EncodeError {
     #[error("payload of {len} bytes exceeds the maximum of {max}", max = MAX_PAYLOAD_LEN)]
     TooLarge {
         /// The payload length that was produced.
+        len: usize,
+    },
+    /// A buffer given to [`finish_file_data`] is shorter than the [`FILE_DATA_PREFIX_LEN`]
+    /// bytes it must reserve for the header.
+    #[error("a FileData frame of {len} bytes has no room for its {prefix}-byte prefix", prefix = FILE_DATA_PREFIX_LEN)]
+    NoPrefix {
+        /// The buffer's length.
         len: usize,
     },
 }

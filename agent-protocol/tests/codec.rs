@@ -929,3 +929,35 @@ fn mutated_valid_frames_never_panic() {
         exercise(&bytes, &mut rng);
     }
 }
+
+#[test]
+fn a_file_data_frame_finished_in_place_is_the_encoded_message() {
+    for (data, eof) in [
+        (Vec::new(), true),
+        (b"hello".to_vec(), false),
+        ((0..=255u8).cycle().take(MAX_CHUNK_LEN).collect(), true),
+    ] {
+        let mut frame = vec![0xee; FILE_DATA_PREFIX_LEN];
+        frame.extend_from_slice(&data);
+        finish_file_data(&mut frame, 42, eof).unwrap();
+        assert_eq!(frame, encode(&Message::FileData { data, eof }, 42));
+    }
+}
+
+#[test]
+fn a_file_data_frame_without_room_or_too_large_is_refused_and_left_alone() {
+    let mut short = vec![1; FILE_DATA_PREFIX_LEN - 1];
+    assert_eq!(
+        finish_file_data(&mut short, 1, true),
+        Err(EncodeError::NoPrefix {
+            len: FILE_DATA_PREFIX_LEN - 1
+        })
+    );
+    assert_eq!(short, vec![1; FILE_DATA_PREFIX_LEN - 1]);
+    let mut huge = vec![2; FILE_DATA_PREFIX_LEN + MAX_PAYLOAD_LEN];
+    assert!(matches!(
+        finish_file_data(&mut huge, 1, true),
+        Err(EncodeError::TooLarge { .. })
+    ));
+    assert_eq!(huge.len(), FILE_DATA_PREFIX_LEN + MAX_PAYLOAD_LEN);
+}

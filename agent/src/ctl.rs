@@ -17,6 +17,8 @@ pub(crate) trait FrameSink: Send + Sync {
     /// Writes one frame of request `id`, then `len` raw bytes (a channel test), with no
     /// other frame in between.
     fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()>;
+    /// Writes one frame that is already encoded.
+    fn send_encoded(&self, frame: &[u8]) -> io::Result<()>;
 }
 
 /// One connection as its processes see it: where frames go, and which
@@ -46,6 +48,12 @@ impl Link {
     /// Writes one frame, then `len` raw bytes (see [`FrameSink::send_raw`]).
     pub(crate) fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()> {
         self.out.send_raw(id, message, len)
+    }
+
+    /// Writes one frame that is already encoded; a dead connection shows up as EOF on its
+    /// reader.
+    pub(crate) fn send_encoded(&self, frame: &[u8]) {
+        let _ = self.out.send_encoded(frame);
     }
 
     /// Writes one frame, reporting a failure.

@@ -11,24 +11,36 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::Path;
 
 use capsule_agent_protocol::{
-    DirEntry, ErrorCode, FileInfo, FileType, Message, SetAttr, WriteFile, MAX_CHUNK_LEN,
-    MAX_PAYLOAD_LEN,
+    finish_file_data, DirEntry, ErrorCode, FileInfo, FileType, Message, SetAttr, WriteFile,
+    FILE_DATA_PREFIX_LEN, MAX_CHUNK_LEN, MAX_PAYLOAD_LEN,
 };
 
 /// Encoded bytes of entries after which a `Stat` listing sends an `Entries` frame and goes on
 /// in the next one.
 const ENTRIES_FRAME_BYTES: usize = 256 * 1024;
 
-/// Answers one file request through `reply`: once, except a `Stat` listing, which may send
+/// An answer to a file request.
+pub enum Reply {
+    /// A message, to be encoded as a frame of the request.
+    Message(Message),
+    /// A whole frame of the request, already encoded (a `ReadFile`'s `FileData`, read straight
+    /// into its frame).
+    Encoded(Vec<u8>),
+}
+
+/// Answers file request `id` through `reply`: once, except a `Stat` listing, which may send
 /// several `Entries` frames (and an `Error` after them if it fails). Anything else gets an
 /// `UNEXPECTED` error. `WriteFile` is answered here too, but the serving loop hands those to
 /// [`write`] in arrival order instead.
-pub fn handle(request: Message, reply: &mut dyn FnMut(Message)) {
+pub fn handle(id: u32, request: Message, reply: &mut dyn FnMut(Reply)) {
     let result = match request {
-        Message::ReadFile { path, offset, len } => read_file(&path, offset, len),
+        Message::ReadFile { path, offset, len } => match read_file(id, &path, offset, len) {
+            Ok(frame) => return reply(Reply::Encoded(frame)),
+            Err(failure) => Err(failure),
+        },
         Message::WriteFile(w) => Ok(write(&w)),
         Message::ListDir { path } => list_dir(&path),
-        Message::Stat { path, depth } => stat(&path, depth, reply),
+        Message::Stat { path, depth } => stat(&path, depth, &mut |m| reply(Reply::Message(m))),
         Message::Remove { path, recursive } => remove(&path, recursive),
         Message::MakeDir {
             path,
@@ -44,7 +56,7 @@ pub fn handle(request: Message, reply: &mut dyn FnMut(Message)) {
             format!("{:?} is not a file request", other.kind()),
         )),
     };
-    reply(result.unwrap_or_else(Failure::into_message));
+    reply(Reply::Message(result.unwrap_or_else(Failure::into_message)));
 }
 
 /// Carries out one `WriteFile` and returns its answer (`Ack` or `Error`).
@@ -97,7 +109,10 @@ fn step(what: &'static str) -> impl FnOnce(io::Error) -> Failure {
     move |e| Failure::new(what, e)
 }
 
-fn read_file(path: &str, offset: u64, len: u32) -> Result<Message, Failure> {
+/// The `FileData` frame of request `id` with up to `len` bytes of `path` from `offset`. The
+/// bytes are read straight into the frame: under nested virtualization every copy of a chunk
+/// in the guest is dear.
+fn read_file(id: u32, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, Failure> {
     let want = usize::try_from(len)
         .unwrap_or(usize::MAX)
         .min(MAX_CHUNK_LEN);
@@ -115,14 +130,18 @@ fn read_file(path: &str, offset: u64, len: u32) -> Result<Message, Failure> {
         .unwrap_or(usize::MAX)
         .max(64 * 1024)
         .min(want);
-    let mut data = Vec::with_capacity(capacity);
+    // Room for the prefix, the data and the end flag.
+    let mut frame = Vec::with_capacity(FILE_DATA_PREFIX_LEN + capacity + 1);
+    frame.resize(FILE_DATA_PREFIX_LEN, 0);
     let got = Read::by_ref(&mut f)
         .take(want as u64)
-        .read_to_end(&mut data)
+        .read_to_end(&mut frame)
         .map_err(step("read"))?;
     // Fewer bytes than asked means EOF; exactly as many: probe one more.
     let eof = got < want || f.read(&mut [0u8; 1]).map_err(step("read"))? == 0;
-    Ok(Message::FileData { data, eof })
+    finish_file_data(&mut frame, id, eof)
+        .map_err(|e| Failure::new("frame", io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    Ok(frame)
 }
 
 fn write_file(w: &WriteFile) -> Result<Message, Failure> {

@@ -110,8 +110,16 @@ impl<W: Write> Out<W> {
                 try_encode(&m, id).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?
             }
         };
+        self.send_encoded(&bytes)
+    }
+
+    /// Writes one frame that is already encoded.
+    fn send_encoded(&self, frame: &[u8]) -> io::Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let r = w.write_all(&bytes).and_then(|()| w.flush());
+        let r = w.write_all(frame).and_then(|()| w.flush());
         if r.is_err() {
             self.broken.store(true, Ordering::Relaxed);
         }
@@ -148,6 +156,10 @@ impl<W: Write + Send> FrameSink for Out<W> {
 
     fn send_raw(&self, id: u32, message: &Message, len: u64) -> io::Result<()> {
         Out::send_raw(self, id, message, len)
+    }
+
+    fn send_encoded(&self, frame: &[u8]) -> io::Result<()> {
+        Out::send_encoded(self, frame)
     }
 }
 
@@ -271,7 +283,12 @@ impl Conn<'_> {
             | Message::SetAttr(_)) => {
                 let spawned = std::thread::Builder::new()
                     .name(format!("file-{id}"))
-                    .spawn_scoped(scope, move || files::handle(m, &mut |r| self.reply(id, &r)));
+                    .spawn_scoped(scope, move || {
+                        files::handle(id, m, &mut |r| match r {
+                            files::Reply::Message(m) => self.reply(id, &m),
+                            files::Reply::Encoded(frame) => self.link.send_encoded(&frame),
+                        });
+                    });
                 if let Err(e) = spawned {
                     self.error(id, ErrorCode::INTERNAL, format!("thread: {e}"));
                 }

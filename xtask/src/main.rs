@@ -478,6 +478,8 @@ fn nested_test(o: &Options) -> Result<bool> {
         // Passed through from the host when set (see benches/src/bin/linux-report.rs).
         for name in [
             "CAPSULE_LINUX_REPORT_EXECS",
+            "CAPSULE_LINUX_REPORT_FILES",
+            "CAPSULE_LINUX_REPORT_STREAMS",
             "CAPSULE_LINUX_REPORT_LIFECYCLE",
             "CAPSULE_LINUX_REPORT_HEARTBEAT_MS",
             "CAPSULE_LINUX_REPORT_DMESG",
@@ -1017,8 +1019,12 @@ fn summarize_linux_report(lr: &report::LinuxReport, kvm_ready: bool) -> Vec<Stri
         Some(code) => problems.push(format!("linux-report failed (exit {code})")),
     }
     let skipped = lr.notes.iter().any(|n| n.contains("SKIPPED"));
+    // A run of some parts only (`CAPSULE_LINUX_REPORT_PARTS`) has boots only when asked.
+    let boots_asked = std::env::var("CAPSULE_LINUX_REPORT_PARTS")
+        .map_or(true, |parts| parts.split(',').any(|p| p.trim() == "boot"));
     if lr.exit_code == Some(0)
         && !skipped
+        && boots_asked
         && !lr
             .metrics
             .iter()

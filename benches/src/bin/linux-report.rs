@@ -39,7 +39,7 @@
 //! Guest I/O, in the exec phase's capsule (256 MiB, 1 vCPU), before its exec runs. Throughputs
 //! in MB/s (10^6 bytes per second), each sample one transfer of 100 MiB (8 MiB in the nested
 //! harness, where the guest's console driver moves output 4 KiB at a time, each waiting for
-//! the host: well under 1 MB/s under TCG); first `CAPSULE_LINUX_REPORT_FILES` (default 1)
+//! the host: well under 1 MB/s under TCG); first `CAPSULE_LINUX_REPORT_FILES` (default 3)
 //! file transfers each way, then one unmeasured warm-up round (an eighth of the size) and
 //! `CAPSULE_LINUX_REPORT_STREAMS` (default 3) rounds of the channel from the agent, a stream
 //! and the channel to the agent, in that order:
@@ -156,7 +156,7 @@
 //! - `CAPSULE_QEMU_MACHINE`: the `-M` value; default `microvm,acpi=on`.
 //! - `CAPSULE_FIRECRACKER`: the Firecracker binary (the nested harness packs one); when
 //!   unset, `CAPSULE_FIRECRACKER_ABSENT` may say why, and Firecracker is not measured.
-//! - `CAPSULE_LINUX_REPORT_FILES` (default 1), `CAPSULE_LINUX_REPORT_STREAMS` (default 3):
+//! - `CAPSULE_LINUX_REPORT_FILES` (default 3), `CAPSULE_LINUX_REPORT_STREAMS` (default 3):
 //!   file transfers each way, rounds of streams and the channel.
 //! - `CAPSULE_LINUX_REPORT_BOOTS` (default 5), `CAPSULE_LINUX_REPORT_EXECS` (default 50),
 //!   `CAPSULE_LINUX_REPORT_LIFECYCLE` (default: the boots), `CAPSULE_LINUX_REPORT_HEARTBEAT_MS`
@@ -917,7 +917,7 @@ fn exec_phase(setup: &Setup, metrics: &mut Metrics, execs: usize) -> Result<()> 
             }
         };
         print_boot_breakdown(&capsule, t.elapsed());
-        match file_transfers(&capsule, env_num("CAPSULE_LINUX_REPORT_FILES", 1)?) {
+        match file_transfers(&capsule, env_num("CAPSULE_LINUX_REPORT_FILES", 3)?) {
             Ok((writes, reads)) => {
                 for (w, r) in writes.into_iter().zip(reads) {
                     metrics.add("linux_file_write_mbps", w);
