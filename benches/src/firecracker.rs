@@ -136,24 +136,31 @@ impl Firecracker {
     }
 
     /// Boots a VM (`--no-api --config-file`) until the boot marker appears on its console;
-    /// the time since the process was spawned. The process is killed afterwards.
+    /// the time since the process was spawned, and the guest's clock in the marker (seconds
+    /// since the guest kernel's clock started; `None` if the line has none). The process is
+    /// killed afterwards.
     pub fn boot_to_marker(
         &self,
         memory_mb: u64,
         cmdline: &str,
         timeout: Duration,
-    ) -> Result<Duration, String> {
+    ) -> Result<(Duration, Option<f64>), String> {
         let name = self.name("boot");
         let config = self.dir.join(format!("{name}.json"));
         std::fs::write(&config, self.config_json(memory_mb, cmdline))
             .map_err(|e| format!("{}: {e}", config.display()))?;
         let config_arg = config.to_string_lossy().into_owned();
         let mut process = self.spawn(&name, &["--no-api", "--config-file", &config_arg])?;
-        let seen = process
-            .console
-            .wait_for(timeout, |_, line| line.contains(MARKER));
+        let mut guest_clock = None;
+        let seen = process.console.wait_for(timeout, |_, line| {
+            let found = line.contains(MARKER);
+            if found {
+                guest_clock = crate::console::marker_clock(line);
+            }
+            found
+        });
         let result = match seen {
-            Some(at) => Ok(at.duration_since(process.started)),
+            Some(at) => Ok((at.duration_since(process.started), guest_clock)),
             None => Err(process.failure(&format!("no `{MARKER}` within {} s", timeout.as_secs()))),
         };
         process.end();

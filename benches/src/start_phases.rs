@@ -6,14 +6,22 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
 
-/// Phases of the starts and pauses seen since the last [`take`], oldest first:
-/// `(name, milliseconds)`.
-static SEEN: Mutex<Vec<Vec<(String, f64)>>> = Mutex::new(Vec::new());
+/// The starts and pauses seen since the last [`take`], oldest first: when each event came,
+/// and its phases, `(name, milliseconds)`.
+static SEEN: Mutex<Vec<(Instant, Phases)>> = Mutex::new(Vec::new());
+
+/// One start's or pause's phases: `(name, milliseconds)`, in order.
+pub type Phases = Vec<(String, f64)>;
+
+/// The last phase of a start: from its vCPU threads starting until the guest's agent
+/// answered. Everything before it is the engine's own work.
+const GUEST_PHASE: &str = "agent";
 
 /// The events' targets.
 const TARGETS: [&str; 2] = ["capsule::start_phases", "capsule::pause_phases"];
@@ -26,7 +34,23 @@ pub fn install() -> bool {
 
 /// The starts and pauses seen since the last call, oldest first.
 pub fn take() -> Vec<Vec<(String, f64)>> {
+    take_timed().into_iter().map(|(_, phases)| phases).collect()
+}
+
+/// [`take`], with when each event came (the end of its last phase).
+pub fn take_timed() -> Vec<(Instant, Phases)> {
     std::mem::take(&mut *SEEN.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// When the guest began to run in a start whose event came `at`: the start of its last
+/// phase, when that is the guest's (`agent`). What came after is the guest's own time.
+pub fn guest_started(at: Instant, phases: &[(String, f64)]) -> Option<Instant> {
+    match phases.last() {
+        Some((name, ms)) if name == GUEST_PHASE => {
+            at.checked_sub(Duration::from_secs_f64(ms.max(0.0) / 1e3))
+        }
+        _ => None,
+    }
 }
 
 /// Parses `shell=0.412ms memory=1.5ms` into `(name, ms)` pairs.
@@ -113,7 +137,7 @@ impl Subscriber for Collector {
         if let Some(text) = field.0 {
             SEEN.lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(parse(&text));
+                .push((Instant::now(), parse(&text)));
         }
     }
 
@@ -142,5 +166,18 @@ mod tests {
             ]
         );
         assert_eq!(describe(&p50[..1]), "shell=3.00ms");
+    }
+
+    #[test]
+    fn the_guest_starts_where_its_agent_phase_begins() {
+        let at = Instant::now();
+        let start = parse("shell=1.0ms machine=2.0ms vcpu_threads=0.5ms agent=250ms");
+        assert_eq!(
+            guest_started(at, &start),
+            Some(at - Duration::from_millis(250))
+        );
+        // A start that ended before its guest phase (or a pause) has no guest start.
+        assert_eq!(guest_started(at, &parse("shell=1.0ms machine=2.0ms")), None);
+        assert_eq!(guest_started(at, &[]), None);
     }
 }

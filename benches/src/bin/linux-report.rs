@@ -34,6 +34,9 @@
 //! - `firecracker_boot_to_marker`: `firecracker --no-api --config-file` (1 vCPU, no SMT, no
 //!   drives), from spawning the process until the marker on its serial console; then SIGKILL.
 //! - `boot_ratio_capsule_over_qemu`: p50/p50 and p99/p99 of the two boot-to-ready figures.
+//! - `linux_boot_guest_to_marker`, `firecracker_boot_guest_to_marker`: T in the marker of
+//!   the same boots, the guest's own time from its kernel's clock starting to the marker:
+//!   the same kernel doing the same work under both, which no VMM can shorten.
 //! - `linux_exec_roundtrip`: `commands().run("true")` on a running capsule.
 //!
 //! Guest I/O, in the exec phase's capsule (256 MiB, 1 vCPU), before its exec runs. Throughputs
@@ -87,6 +90,11 @@
 //!   /snapshot/load` (File backend, `resume_vm: true`) until the restored guest's first
 //!   heartbeat line (or the end of one it began before the snapshot) on the new process's
 //!   console. Stderr also gives spawn to the load's reply.
+//! - `linux_resume_guest_to_live`: of each `linux_resume_to_live`, the guest's own part:
+//!   from its vCPU threads starting (the engine's `start phases` event, less its last
+//!   phase, `agent`, which begins there) until the heartbeat.
+//!   `firecracker_restore_guest_to_live`: of each `firecracker_restore_to_live`, from the
+//!   load's reply (Firecracker resumes the VM before it answers) until the heartbeat.
 //! - `qemu_microvm_snapshot_create`: QMP `stop` then `migrate` to `exec:cat > FILE` (no
 //!   bandwidth limit) until `query-migrate` says completed, of a guest that printed its
 //!   ready line.
@@ -106,6 +114,7 @@
 //!   template's (the snapshot keeps the UART's log), heartbeats up to the one the source had
 //!   printed when `snapshot` froze it are not the clone's: that number is found by watching
 //!   the source's console during `snapshot` (the longest pause of its heartbeat).
+//!   `linux_template_spawn_guest_to_live`: its guest's own part, as for resumes.
 //! - `linux_fork_to_ready`: `fork(1)` of the running source until the fork answers `true`.
 //! - `linux_clone_rss_kib`: growth of this process's `VmRSS` (/proc/self/status) per idle
 //!   running clone: 10 clones of a template taken after the heartbeat was stopped, each read
@@ -120,6 +129,15 @@
 //! `linux_template_spawn_to_live` and `linux_resume_to_live` / `firecracker_restore_to_live`
 //! ≤ 0.1, `linux_template_spawn_to_ready` / `linux_boot_to_ready` ≤ 0.05, `linux_pause` /
 //! `firecracker_snapshot_create` ≤ 0.25; and `linux_clone_rss_kib` ≤ 4096.
+//!
+//! Floors (`linux-report: floor: ...`, with their ratio lines): how low three of those
+//! ratios could go if the engine's own work took no time at all, because the guest's own
+//! part is in the numerator whatever the engine does: `linux_boot_guest_to_marker` /
+//! `firecracker_boot_to_marker` under the boot target, and `linux_template_spawn_guest_to_live`
+//! and `linux_resume_guest_to_live` / `firecracker_restore_to_live` under the restore
+//! targets. Each line says whether its target lies below the floor (unreachable in that run).
+//! Under the nested harness the guest's part is most of every figure: its kernel runs under
+//! TCG, and each of its nested page faults is an emulated VM exit.
 //!
 //! `CAPSULE_LINUX_REPORT_PARTS` (comma-separated; default all) runs only some parts:
 //! `boot` (the boots), `io` (command round trips, files, streams, the channel), `lifecycle`
@@ -257,15 +275,19 @@ impl Metrics {
     }
 
     /// Files the engine starts seen since the last call under `metric` and prints them:
-    /// `linux-report: METRIC: start phases: shell=..ms memory=..ms ...`.
-    fn add_starts(&mut self, metric: &'static str) {
-        for start in start_phases::take() {
+    /// `linux-report: METRIC: start phases: shell=..ms memory=..ms ...`. Returns when the
+    /// guest of the last of them began to run (its vCPU threads started), if known.
+    fn add_starts(&mut self, metric: &'static str) -> Option<Instant> {
+        let mut guest_started = None;
+        for (at, start) in start_phases::take_timed() {
             eprintln!(
                 "linux-report: {metric}: start phases: {}",
                 start_phases::describe(&start)
             );
+            guest_started = start_phases::guest_started(at, &start);
             self.starts.entry(metric).or_default().push(start);
         }
+        guest_started
     }
 
     /// `linux-report: phases of METRIC (p50 of N): ...` for every metric with starts.
@@ -389,6 +411,36 @@ impl Metrics {
             "linux-report: target: {a} / {b} = {p50:.3} (p50), target <= {target}: {}{}",
             if p50 <= target { "met" } else { "MISSED" },
             note.map(|n| format!(" ({n})")).unwrap_or_default()
+        );
+    }
+
+    /// The floor under the target `ratio_of / b <= target`: `guest_part / b`, where
+    /// `guest_part` is the share of `ratio_of` that the guest spends running its own code
+    /// (the same kernel under every system), which no engine work can remove. Prints the
+    /// ratio line and `linux-report: floor: ...`, saying whether the target lies below it.
+    fn floor(&self, guest_part: &str, b: &str, ratio_of: &str, target: f64) {
+        let (Some(sa), Some(sb)) = (self.summary(guest_part), self.summary(b)) else {
+            println!(
+                "linux-report: floor: {guest_part} / {b} not computed: {}",
+                if self.summary(guest_part).is_none() {
+                    self.why_missing(guest_part)
+                } else {
+                    self.why_missing(b)
+                }
+            );
+            return;
+        };
+        println!("{}", ratio_line(&format!("{guest_part}_over_{b}"), sa, sb));
+        let p50 = sa.p50 / sb.p50;
+        println!(
+            "linux-report: floor: {guest_part} / {b} = {p50:.3} (p50): {ratio_of} / {b} cannot \
+             go below this whatever the engine does (its guest alone takes that long); the \
+             target {target} is {}",
+            if p50 > target {
+                "below the floor: unreachable in this run"
+            } else {
+                "above the floor"
+            }
         );
     }
 }
@@ -545,6 +597,8 @@ fn main() -> Result<()> {
         ("qemu_microvm_boot_to_ready", "us"),
         ("qemu_microvm_boot_to_marker", "us"),
         ("firecracker_boot_to_marker", "us"),
+        ("linux_boot_guest_to_marker", "us"),
+        ("firecracker_boot_guest_to_marker", "us"),
         ("linux_exec_roundtrip", "us"),
         ("linux_file_write_mbps", "MB/s"),
         ("linux_file_read_mbps", "MB/s"),
@@ -581,9 +635,11 @@ fn main() -> Result<()> {
     metrics.print(&[
         ("linux_pause", "us"),
         ("linux_resume_to_live", "us"),
+        ("linux_resume_guest_to_live", "us"),
         ("linux_resume_to_ready", "us"),
         ("firecracker_snapshot_create", "us"),
         ("firecracker_restore_to_live", "us"),
+        ("firecracker_restore_guest_to_live", "us"),
         ("qemu_microvm_snapshot_create", "us"),
         ("qemu_microvm_restore_to_ready", "us"),
         ("qemu_microvm_restore_to_live", "us"),
@@ -595,6 +651,7 @@ fn main() -> Result<()> {
     metrics.print(&[
         ("linux_template_spawn_to_ready", "us"),
         ("linux_template_spawn_to_live", "us"),
+        ("linux_template_spawn_guest_to_live", "us"),
         ("linux_fork_to_ready", "us"),
         ("linux_clone_rss_kib", "KiB"),
         ("linux_clone_pss_kib", "KiB"),
@@ -632,6 +689,24 @@ fn main() -> Result<()> {
         "firecracker_snapshot_create",
         0.25,
         Some("same guest, 512 MiB"),
+    );
+    metrics.floor(
+        "linux_boot_guest_to_marker",
+        "firecracker_boot_to_marker",
+        "linux_boot_to_marker",
+        0.5,
+    );
+    metrics.floor(
+        "linux_template_spawn_guest_to_live",
+        "firecracker_restore_to_live",
+        "linux_template_spawn_to_live",
+        0.1,
+    );
+    metrics.floor(
+        "linux_resume_guest_to_live",
+        "firecracker_restore_to_live",
+        "linux_resume_to_live",
+        0.1,
     );
     match metrics.summary("linux_clone_rss_kib") {
         Some(s) => println!(
@@ -747,6 +822,9 @@ fn capsule_boot(
     let took = t.elapsed();
     metrics.add_time("linux_boot_to_ready", took);
     metrics.add_starts("linux_boot_to_ready");
+    if let Some(clock) = console::marker_clock(&capsule.console_log()) {
+        metrics.add("linux_boot_guest_to_marker", clock * 1e6);
+    }
     let marker = marker_time(&capsule, t);
     match &marker {
         Ok((at, error)) => {
@@ -877,11 +955,14 @@ fn firecracker_boot(setup: &mut Setup, metrics: &mut Metrics, round: Option<usiz
         None => "warm-up: Firecracker boot".to_string(),
     });
     match fc.boot_to_marker(MEMORY_MB, LINUX_KERNEL_CMDLINE, BOOT_TIMEOUT) {
-        Ok(took) => {
+        Ok((took, guest_clock)) => {
             let ms = took.as_secs_f64() * 1e3;
             match round {
                 Some(i) => {
                     metrics.add_time("firecracker_boot_to_marker", took);
+                    if let Some(clock) = guest_clock {
+                        metrics.add("firecracker_boot_guest_to_marker", clock * 1e6);
+                    }
                     eprintln!(
                         "linux-report: boot {}: Firecracker marker {ms:.0} ms",
                         i + 1
@@ -1211,7 +1292,9 @@ fn capsule_pause_resume(capsule: &Capsule, setup: &Setup, metrics: &mut Metrics,
         Ok((resumed, at)) => {
             let took = at.duration_since(t);
             metrics.add_time("linux_resume_to_live", took);
-            metrics.add_starts("linux_resume_to_live");
+            if let Some(guest) = metrics.add_starts("linux_resume_to_live") {
+                metrics.add_time("linux_resume_guest_to_live", at.duration_since(guest));
+            }
             print_kvm_stats(
                 &format!("lifecycle {}: capsule resume to live", i + 1),
                 stats,
@@ -1338,9 +1421,13 @@ fn firecracker_round(setup: &mut Setup, metrics: &mut Metrics, i: usize) {
         Ok((created, loaded, live))
     })();
     match result {
-        Ok((created, _, live)) => {
+        Ok((created, loaded, live)) => {
             metrics.add_time("firecracker_snapshot_create", created);
             metrics.add_time("firecracker_restore_to_live", live);
+            metrics.add_time(
+                "firecracker_restore_guest_to_live",
+                live.saturating_sub(loaded),
+            );
         }
         Err(("snapshot", e)) | Err(("boot", e)) => {
             for m in FIRECRACKER_LIFECYCLE {
@@ -1586,6 +1673,7 @@ fn template_spawn_round(
     }
 
     phase(format!("template spawn {}: until a heartbeat", i + 1));
+    start_phases::take();
     let stats = kvm_stats::read();
     let t = Instant::now();
     let live = setup
@@ -1596,6 +1684,8 @@ fn template_spawn_round(
             let seen = wait_clone_heartbeat(&c, before, frozen, t + LIVE_TIMEOUT);
             // Before the destroy: debugfs sums the counters of the VMs that exist.
             print_kvm_stats(&format!("template spawn {} to live", i + 1), stats);
+            // The start's phases are logged once it is ready (after the heartbeat).
+            let _ = c.wait_ready(LIVE_TIMEOUT, Duration::from_millis(1));
             let _ = c.destroy();
             seen
         });
@@ -1603,6 +1693,12 @@ fn template_spawn_round(
         Ok((at, inherited)) => {
             let took = at.duration_since(t);
             metrics.add_time("linux_template_spawn_to_live", took);
+            if let Some(guest) = metrics.add_starts("linux_template_spawn_to_live") {
+                metrics.add_time(
+                    "linux_template_spawn_guest_to_live",
+                    at.duration_since(guest),
+                );
+            }
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             eprintln!(
                 "linux-report: template spawn {}: ready {}, live {:.1} ms (clone console {})",
