@@ -57,7 +57,13 @@
 //!   or connect past them is [`Error::ResourceExhausted`], as is running out of file
 //!   descriptors, threads or host memory (the engine raises `RLIMIT_NOFILE` at start).
 //! - A template is a self-contained snapshot; capsules started from it map its memory
-//!   copy-on-write, so a hundred clones share its pages in the page cache. Deleting a
+//!   copy-on-write, so a hundred clones share its pages in the page cache. Each clone maps
+//!   only the template pages its guest touches (the kernel's fault-around and whole-folio
+//!   mapping are turned off for it through a write-protect registration with the
+//!   template's userfaultfd, one descriptor per template opened with its first clone, that
+//!   never protects a page, and `MADV_NOHUGEPAGE`), so its RSS grows by what it uses; on
+//!   kernels that refuse that (regular files before Linux 6.7, shmem before 5.19, or a
+//!   seccomp policy without `userfaultfd`) clones work the same with a larger RSS. Deleting a
 //!   template that running capsules map is refused; paused capsules keep hard links to what
 //!   they need.
 //! - [`Capsule::fork`] starts n capsules in the exact state of a running or paused one,

@@ -276,6 +276,7 @@ fn restore_paused(engine: &EngineCore, capsule: &Arc<CapsuleCore>) -> Result<()>
         memory: state.memory,
         base: None,
         base_id: None,
+        touched_only: None,
     };
     let runtime = guest::restore(
         record.kind,

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use capsule_vmm::memory::TouchedOnly;
 
 use crate::error::{Error, Result};
 use crate::guest::MemoryImage;
@@ -29,6 +31,10 @@ pub(crate) struct Template {
     base_id: BackingId,
     /// A fork's template, with no name: its files go when the last capsule mapping it does.
     anonymous: bool,
+    /// The userfaultfd its clones' memory is registered with so that each maps only the
+    /// pages it touches (opened with the first clone; `None` where the kernel refuses).
+    /// Clones pin the template, so it outlives their registrations.
+    touched_only: OnceLock<Option<Arc<TouchedOnly>>>,
 }
 
 impl Template {
@@ -43,6 +49,7 @@ impl Template {
             base,
             base_id,
             anonymous,
+            touched_only: OnceLock::new(),
         })
     }
 
@@ -62,6 +69,19 @@ impl Template {
         &self.state.machine
     }
 
+    /// The userfaultfd for its clones' memory (see the field), opened on first use.
+    fn touched_only(&self) -> Option<Arc<TouchedOnly>> {
+        self.touched_only
+            .get_or_init(|| match TouchedOnly::new() {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "template clones keep the kernel's fault-around");
+                    None
+                }
+            })
+            .clone()
+    }
+
     /// The identity of its base layer file.
     pub(crate) fn base_id(&self) -> BackingId {
         self.base_id
@@ -79,6 +99,7 @@ impl Template {
             memory: self.state.memory.clone(),
             base: Some(base),
             base_id: Some(self.base_id),
+            touched_only: self.touched_only(),
         };
         let origin = MemoryOrigin::Chain {
             dir: self.dir.clone(),

@@ -1727,8 +1727,8 @@ impl Soak {
                 let _ = write!(out, "{n} stray thread(s) named {name:?}; ");
             }
         }
-        // Descriptors: what the baseline had, /dev/kvm, the store's two, KVM's, and template
-        // layers (each template's open base, the pool's copy, one per shell or clone).
+        // Descriptors: what the baseline had, /dev/kvm, the store's two, KVM's, a userfaultfd
+        // per template, and template layers (each template's open base, the pool's copy, one per shell or clone).
         let data = self.data_dir.to_string_lossy().into_owned();
         let mut fds = tally(r.fds.iter());
         for (name, n) in &baseline.fds {
@@ -1746,6 +1746,15 @@ impl Soak {
         let mut template_fds = 0;
         for (target, n) in fds {
             if n == 0 || target.starts_with("anon_inode:kvm-v") {
+                continue;
+            }
+            // A template's userfaultfd (its clones map only the pages they touch;
+            // capsule_vmm::memory::TouchedOnly), opened with its first clone.
+            if target == "anon_inode:[userfaultfd]" {
+                let templates = self.templates.len() + forks_allowed.len();
+                if n > templates {
+                    let _ = write!(out, "{n} userfaultfds for {templates} templates; ");
+                }
                 continue;
             }
             if target == "/dev/kvm"

@@ -4,10 +4,12 @@
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use capsule_snapshot::mapping::{overlay_layers, MAX_OVERLAY_MAPPINGS};
 use capsule_snapshot::stored::StoredMemory;
 use capsule_snapshot::PAGE_SIZE;
+use capsule_vmm::memory::TouchedOnly;
 use capsule_vmm::{memory, GuestMemory};
 
 use crate::error::{Error, Result};
@@ -23,6 +25,9 @@ pub(crate) struct MemoryImage {
     pub(crate) base: Option<File>,
     /// `base`'s identity, known in advance (a template's, taken when it was loaded).
     pub(crate) base_id: Option<BackingId>,
+    /// For a template's memory, shared by all its clones: the userfaultfd that makes each
+    /// clone map only the template pages it touches (`None`: the kernel's default).
+    pub(crate) touched_only: Option<Arc<TouchedOnly>>,
 }
 
 /// Makes `memory` hold `image`. `premapped`: `memory` already maps the image's base layer
@@ -52,6 +57,13 @@ pub(crate) unsafe fn restore(
     }
     for patch in &image.memory.inline {
         memory::write_flat(memory, patch.page * PAGE_SIZE, &patch.data)?;
+    }
+    if let Some(touched_only) = &image.touched_only {
+        // A template's pages are shared by all its clones: map each clone only the pages
+        // it touches, so its RSS says what it uses (the kernel would otherwise map page-cache
+        // neighbours of every fault, ~16x more). A resumed capsule keeps fault-around: its
+        // files are its own and fewer faults make the resume faster.
+        touched_only.register(memory)?;
     }
     Ok(())
 }
@@ -113,6 +125,7 @@ mod tests {
             memory: stored.clone(),
             base: None,
             base_id: None,
+            touched_only: None,
         };
         // SAFETY: a fresh memory with no VM and no other user.
         unsafe { restore(&memory, &image, false) }.unwrap();

@@ -52,9 +52,8 @@ struct UffdioRegister {
     ioctls: u64,
 }
 
-/// A userfaultfd for [`TouchedOnly::register`]: one serves any number of guest memories.
-/// The engine does not use it at present: Linux template clones registered with it ended
-/// with a shutdown exit in the nested harness (see the README), which is being looked into. A registration lasts while
+/// A userfaultfd for [`TouchedOnly::register`]: one serves any number of guest memories
+/// (an engine keeps one per template, shared by its clones). A registration lasts while
 /// both the mapping and this descriptor exist: keep it as long as the memory it registered.
 #[derive(Debug)]
 pub struct TouchedOnly {
