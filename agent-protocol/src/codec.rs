@@ -43,33 +43,53 @@ pub fn encode_into(message: &Message, id: u32, out: &mut Vec<u8>) -> Result<(), 
     Ok(())
 }
 
-/// Bytes in front of the data of a [`Message::FileData`] frame: the header and the data's
-/// length. See [`finish_file_data`].
-pub const FILE_DATA_PREFIX_LEN: usize = HEADER_LEN + 4;
+/// Bytes in front of the data of a `Stdout`, `Stderr` or `FileData` frame: the header and
+/// the data's length. See [`finish_output`] and [`finish_file_data`].
+pub const DATA_FRAME_PREFIX_LEN: usize = HEADER_LEN + 4;
 
-/// Turns `frame` into the [`Message::FileData`] frame of request `id`, in place: `frame` holds
-/// [`FILE_DATA_PREFIX_LEN`] bytes of any value (overwritten) and then the data; the `eof` flag
-/// is appended. The result is the same bytes as [`encode`] of that message, without copying
-/// the data (the agent reads a file straight into the frame it sends).
+/// Turns `frame` into the [`Message::Stdout`] (or, with `stderr`, [`Message::Stderr`]) frame
+/// of request `id`, in place: `frame` holds [`DATA_FRAME_PREFIX_LEN`] bytes of any value
+/// (overwritten) and then the data. The result is the same bytes as [`encode`] of that
+/// message, without copying the data (the agent reads a process's output straight into the
+/// frame it sends).
 ///
 /// Fails, leaving `frame` as it was, when `frame` is shorter than the prefix or its data is
 /// longer than a payload may be.
+pub fn finish_output(frame: &mut [u8], id: u32, stderr: bool) -> Result<(), EncodeError> {
+    let kind = if stderr { Kind::Stderr } else { Kind::Stdout };
+    write_data_prefix(frame, kind, id, 0)
+}
+
+/// Turns `frame` into the [`Message::FileData`] frame of request `id`, in place, as
+/// [`finish_output`] does; the `eof` flag is appended.
 pub fn finish_file_data(frame: &mut Vec<u8>, id: u32, eof: bool) -> Result<(), EncodeError> {
-    let Some(data_len) = frame.len().checked_sub(FILE_DATA_PREFIX_LEN) else {
+    write_data_prefix(frame, Kind::FileData, id, 1)?;
+    frame.push(u8::from(eof));
+    Ok(())
+}
+
+/// Writes the prefix of a frame of `kind` whose payload is the data after the prefix of
+/// `frame` followed by `trailer` more bytes (not in `frame` yet).
+fn write_data_prefix(
+    frame: &mut [u8],
+    kind: Kind,
+    id: u32,
+    trailer: usize,
+) -> Result<(), EncodeError> {
+    let Some(data_len) = frame.len().checked_sub(DATA_FRAME_PREFIX_LEN) else {
         return Err(EncodeError::NoPrefix { len: frame.len() });
     };
-    // The data, its length field and the flag.
-    let payload_len = data_len + 4 + 1;
+    // The data, its length field and the trailer.
+    let payload_len = data_len + 4 + trailer;
     if payload_len > MAX_PAYLOAD_LEN {
         return Err(EncodeError::TooLarge { len: payload_len });
     }
     // Both fit in u32: the payload is at most MAX_PAYLOAD_LEN.
     let frame_len = (payload_len + 5) as u32;
     frame[..4].copy_from_slice(&frame_len.to_le_bytes());
-    frame[4] = Kind::FileData as u8;
+    frame[4] = kind as u8;
     frame[5..HEADER_LEN].copy_from_slice(&id.to_le_bytes());
-    frame[HEADER_LEN..FILE_DATA_PREFIX_LEN].copy_from_slice(&(data_len as u32).to_le_bytes());
-    frame.push(u8::from(eof));
+    frame[HEADER_LEN..DATA_FRAME_PREFIX_LEN].copy_from_slice(&(data_len as u32).to_le_bytes());
     Ok(())
 }
 

@@ -286,8 +286,8 @@ mod decoder;
 mod message;
 
 pub use codec::{
-    decode_frame, decode_payload, encode, encode_into, finish_file_data, try_encode,
-    FILE_DATA_PREFIX_LEN,
+    decode_frame, decode_payload, encode, encode_into, finish_file_data, finish_output, try_encode,
+    DATA_FRAME_PREFIX_LEN,
 };
 pub use decoder::FrameDecoder;
 pub use message::{
@@ -472,9 +472,9 @@ pub enum EncodeError {
         /// The payload length that was produced.
         len: usize,
     },
-    /// A buffer given to [`finish_file_data`] is shorter than the [`FILE_DATA_PREFIX_LEN`]
-    /// bytes it must reserve for the header.
-    #[error("a FileData frame of {len} bytes has no room for its {prefix}-byte prefix", prefix = FILE_DATA_PREFIX_LEN)]
+    /// A buffer given to [`finish_output`] or [`finish_file_data`] is shorter than the
+    /// [`DATA_FRAME_PREFIX_LEN`] bytes it must reserve for the header.
+    #[error("a data frame of {len} bytes has no room for its {prefix}-byte prefix", prefix = DATA_FRAME_PREFIX_LEN)]
     NoPrefix {
         /// The buffer's length.
         len: usize,

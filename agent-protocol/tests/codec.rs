@@ -937,7 +937,7 @@ fn a_file_data_frame_finished_in_place_is_the_encoded_message() {
         (b"hello".to_vec(), false),
         ((0..=255u8).cycle().take(MAX_CHUNK_LEN).collect(), true),
     ] {
-        let mut frame = vec![0xee; FILE_DATA_PREFIX_LEN];
+        let mut frame = vec![0xee; DATA_FRAME_PREFIX_LEN];
         frame.extend_from_slice(&data);
         finish_file_data(&mut frame, 42, eof).unwrap();
         assert_eq!(frame, encode(&Message::FileData { data, eof }, 42));
@@ -945,19 +945,44 @@ fn a_file_data_frame_finished_in_place_is_the_encoded_message() {
 }
 
 #[test]
+fn an_output_frame_finished_in_place_is_the_encoded_message() {
+    for (data, stderr) in [
+        (Vec::new(), false),
+        (b"out".to_vec(), false),
+        ((0..=255u8).cycle().take(64 * 1024).collect(), true),
+    ] {
+        let mut frame = vec![0xee; DATA_FRAME_PREFIX_LEN];
+        frame.extend_from_slice(&data);
+        finish_output(&mut frame, 7, stderr).unwrap();
+        let message = if stderr {
+            Message::Stderr(data)
+        } else {
+            Message::Stdout(data)
+        };
+        assert_eq!(frame, encode(&message, 7));
+    }
+    let mut short = [3u8; 4];
+    assert_eq!(
+        finish_output(&mut short, 1, false),
+        Err(EncodeError::NoPrefix { len: 4 })
+    );
+    assert_eq!(short, [3u8; 4]);
+}
+
+#[test]
 fn a_file_data_frame_without_room_or_too_large_is_refused_and_left_alone() {
-    let mut short = vec![1; FILE_DATA_PREFIX_LEN - 1];
+    let mut short = vec![1; DATA_FRAME_PREFIX_LEN - 1];
     assert_eq!(
         finish_file_data(&mut short, 1, true),
         Err(EncodeError::NoPrefix {
-            len: FILE_DATA_PREFIX_LEN - 1
+            len: DATA_FRAME_PREFIX_LEN - 1
         })
     );
-    assert_eq!(short, vec![1; FILE_DATA_PREFIX_LEN - 1]);
-    let mut huge = vec![2; FILE_DATA_PREFIX_LEN + MAX_PAYLOAD_LEN];
+    assert_eq!(short, vec![1; DATA_FRAME_PREFIX_LEN - 1]);
+    let mut huge = vec![2; DATA_FRAME_PREFIX_LEN + MAX_PAYLOAD_LEN];
     assert!(matches!(
         finish_file_data(&mut huge, 1, true),
         Err(EncodeError::TooLarge { .. })
     ));
-    assert_eq!(huge.len(), FILE_DATA_PREFIX_LEN + MAX_PAYLOAD_LEN);
+    assert_eq!(huge.len(), DATA_FRAME_PREFIX_LEN + MAX_PAYLOAD_LEN);
 }

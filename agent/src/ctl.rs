@@ -108,6 +108,11 @@ impl Subscriber {
         self.link.send(self.id, message);
     }
 
+    /// Sends a frame of the request that is already encoded.
+    pub(crate) fn send_encoded(&self, frame: &[u8]) {
+        self.link.send_encoded(frame);
+    }
+
     /// Retires the request's id, then sends its last message.
     pub(crate) fn finish(&self, ctl: &Arc<CmdCtl>, message: &Message) {
         self.link.retire(self.id, ctl);

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capsule_agent_protocol::{
-    Command, ErrorCode, ExitInfo, ExitStatus, Message, RunRequest, MAX_BUFFERED_OUTPUT,
-    STREAM_WINDOW,
+    finish_output, Command, ErrorCode, ExitInfo, ExitStatus, Message, RunRequest,
+    DATA_FRAME_PREFIX_LEN, MAX_BUFFERED_OUTPUT, STREAM_WINDOW,
 };
 
 use crate::ctl::{CmdCtl, Subscriber};
@@ -35,7 +35,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// sets one.
 pub const DEFAULT_TERM: &str = "xterm-256color";
 
-const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes of output read at once: a full read's frame is 64 KiB, whole pages of the
+/// guest console's buffer (each partial page costs the guest one more transmit).
+const READ_CHUNK: usize = 64 * 1024 - DATA_FRAME_PREFIX_LEN;
 
 /// How the agent learns that a command's process exited.
 #[derive(Debug, Clone, Default)]
@@ -410,7 +412,7 @@ pub(crate) fn run_process(job: Job) {
         abandoned: false,
         unclaimed_noted: false,
         held: false,
-        buf: vec![0u8; READ_CHUNK],
+        frame: vec![0u8; DATA_FRAME_PREFIX_LEN + READ_CHUNK],
     };
     runner.serve();
     if let Some(h) = waiter {
@@ -459,7 +461,9 @@ struct Runner {
     /// Reports were held (`Hold`) when the inbox was last taken: read no
     /// output and send no exit until they are not.
     held: bool,
-    buf: Vec<u8>,
+    /// Where output is read to: a frame's prefix, then the bytes read, so that a streamed
+    /// chunk goes out as it was read, without a copy ([`finish_output`]).
+    frame: Vec<u8>,
 }
 
 impl Runner {
@@ -738,7 +742,8 @@ impl Runner {
             &mut self.stdout
         };
         let Some(p) = pipe else { return };
-        let n = match p.read(&mut self.buf[..max]) {
+        let data = &mut self.frame[DATA_FRAME_PREFIX_LEN..];
+        let n = match p.read(&mut data[..max]) {
             Ok(0) => {
                 *pipe = None;
                 return;
@@ -763,7 +768,8 @@ impl Runner {
         } else {
             &mut self.out_sink
         };
-        let kept = sink.admit(&self.buf[..n]);
+        let kept = sink.admit(&self.frame[DATA_FRAME_PREFIX_LEN..DATA_FRAME_PREFIX_LEN + n]);
+        let kept_len = kept.len();
         if kept.is_empty() {
             return;
         }
@@ -773,8 +779,13 @@ impl Runner {
             let gate = self.processes.gate().clone();
             let open = gate.open();
             if open.is_some() {
-                self.credit = self.credit.saturating_sub(kept.len() as u64);
-                subscriber.send(&sink.chunk(kept.to_vec()));
+                self.credit = self.credit.saturating_sub(kept_len as u64);
+                let frame = &mut self.frame[..DATA_FRAME_PREFIX_LEN + kept_len];
+                match finish_output(frame, subscriber.id, stderr) {
+                    Ok(()) => subscriber.send_encoded(frame),
+                    // Not reachable: a read is at most READ_CHUNK bytes.
+                    Err(_) => subscriber.send(&sink.chunk(frame[DATA_FRAME_PREFIX_LEN..].to_vec())),
+                }
             } else {
                 // Held since the pipe was polled: sent after the release.
                 self.pending.push_back((stderr, kept.to_vec()));

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use capsule_agent_protocol::{
     finish_file_data, DirEntry, ErrorCode, FileInfo, FileType, Message, SetAttr, WriteFile,
-    FILE_DATA_PREFIX_LEN, MAX_CHUNK_LEN, MAX_PAYLOAD_LEN,
+    DATA_FRAME_PREFIX_LEN, MAX_CHUNK_LEN, MAX_PAYLOAD_LEN,
 };
 
 /// Encoded bytes of entries after which a `Stat` listing sends an `Entries` frame and goes on
@@ -131,8 +131,8 @@ fn read_file(id: u32, path: &str, offset: u64, len: u32) -> Result<Vec<u8>, Fail
         .max(64 * 1024)
         .min(want);
     // Room for the prefix, the data and the end flag.
-    let mut frame = Vec::with_capacity(FILE_DATA_PREFIX_LEN + capacity + 1);
-    frame.resize(FILE_DATA_PREFIX_LEN, 0);
+    let mut frame = Vec::with_capacity(DATA_FRAME_PREFIX_LEN + capacity + 1);
+    frame.resize(DATA_FRAME_PREFIX_LEN, 0);
     let got = Read::by_ref(&mut f)
         .take(want as u64)
         .read_to_end(&mut frame)
