@@ -37,5 +37,5 @@ pub mod vm;
 pub use error::{Error, KvmUnavailable, Result};
 pub use hypervisor::{HostInfo, Hypervisor, Virtualization};
 pub use memory::GuestMemory;
-pub use vcpu::{Kicker, Vcpu, VcpuEvent, VcpuPosition, VcpuState};
+pub use vcpu::{Kicker, Vcpu, VcpuContext, VcpuEvent, VcpuPosition, VcpuState};
 pub use vm::{Vm, VmOptions, VmState};

@@ -6,6 +6,7 @@ mod common;
 use capsule_devices::Bus;
 use capsule_vmm::VcpuEvent;
 use common::{boot, reply, request};
+use vm_memory::Bytes;
 
 #[test]
 fn probe_boots_answers_and_crashes_cleanly() {
@@ -77,4 +78,43 @@ fn without_the_option_there_is_no_in_kernel_irqchip() {
     // KVM refuses an irqfd without an in-kernel irqchip.
     let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     assert!(vm.register_irqfd(&evt, 4).is_err());
+}
+
+#[test]
+fn a_vcpus_context_shows_the_code_and_stack_it_stopped_at() {
+    let Some((vm, mut vcpu, pio)) = boot() else {
+        return;
+    };
+    let mmio = Bus::new();
+    vcpu.run(&pio, &mmio).unwrap();
+    let context = vcpu.context(vm.memory()).unwrap();
+    let regs = vcpu.regs().unwrap();
+    assert_eq!((context.rip, context.rsp), (regs.rip, regs.rsp));
+    // The probe's page tables map its image and stacks one to one.
+    let (code_gpa, code) = context.code.clone().expect("the code is mapped");
+    assert_eq!(code_gpa, regs.rip);
+    assert!(
+        (probe_abi::IMAGE_ADDR..probe_abi::IMAGE_ADDR + probe_abi::IMAGE_MAX).contains(&code_gpa)
+    );
+    let mut expected = vec![0u8; code.len()];
+    vm.memory()
+        .read_slice(&mut expected, vm_memory::GuestAddress(code_gpa))
+        .unwrap();
+    assert_eq!(code, expected);
+    assert!(!code.is_empty() && code.len() <= 16);
+    let (stack_gpa, words) = context.stack.clone().expect("the stack is mapped");
+    assert_eq!(stack_gpa, regs.rsp);
+    assert!(!words.is_empty() && words.len() <= 8);
+    let shown = context.to_string();
+    assert!(shown.starts_with(&format!("code at rip (gpa {code_gpa:#x}): {:02x}", code[0])));
+
+    // An address the guest does not map is said so.
+    let mut lost = regs;
+    lost.rip = 0x7fff_dead_0000;
+    vcpu.set_regs(&lost).unwrap();
+    let context = vcpu.context(vm.memory()).unwrap();
+    assert_eq!(context.code, None);
+    assert!(context
+        .to_string()
+        .starts_with("code at rip: not mapped; stack (gpa "));
 }

@@ -307,7 +307,7 @@ impl LinuxRuntime {
             let worker = VcpuLoop {
                 id: ctx.id.clone(),
                 vcpu,
-                _vm: vm.clone(),
+                vm: vm.clone(),
                 pio: machine.pio().clone(),
                 mmio: machine.mmio().clone(),
                 stopping: vcpu_set.stop_flag(),
@@ -571,7 +571,8 @@ fn console_tail(log: &SerialLog) -> String {
 struct VcpuLoop {
     id: CapsuleId,
     vcpu: Vcpu,
-    _vm: Arc<Vm>,
+    /// Its VM: kept alive while the thread runs, and its memory read for reports.
+    vm: Arc<Vm>,
     pio: Bus,
     mmio: Bus,
     stopping: Arc<AtomicBool>,
@@ -677,11 +678,16 @@ impl VcpuLoop {
         }
     }
 
-    /// The vCPU's instruction pointer, stack pointer and multiprocessing state, in words.
+    /// The vCPU's instruction pointer, stack pointer and multiprocessing state, and the code
+    /// and stack there (what places a hang without symbols), in words.
     fn position(&self) -> String {
-        match self.vcpu.position() {
+        let position = match self.vcpu.position() {
             Ok(position) => position.to_string(),
-            Err(e) => format!("vCPU{}: position unreadable: {e}", self.vcpu.index()),
+            Err(e) => return format!("vCPU{}: position unreadable: {e}", self.vcpu.index()),
+        };
+        match self.vcpu.context(self.vm.memory()) {
+            Ok(context) => format!("{position}; {context}"),
+            Err(e) => format!("{position}; code and stack unreadable: {e}"),
         }
     }
 }

@@ -5,12 +5,14 @@
 //! `hlt`, or an error KVM reports end the run with a [`VcpuEvent`]. Another thread can make a
 //! running vCPU return promptly with its [`Kicker`].
 
+mod context;
 mod kick;
 pub mod state;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+pub use context::VcpuContext;
 pub use kick::{install_kick_handler, Kicker, KICK_SIGNAL_OFFSET};
 pub use state::VcpuState;
 
