@@ -614,6 +614,13 @@ impl VcpuLoop {
                     }
                 }
                 Ok(VcpuEvent::Shutdown) => {
+                    // A triple fault ends the same way as a reset: where the vCPU was tells
+                    // them apart.
+                    let position = self.position();
+                    let registers = self
+                        .vcpu
+                        .fault_registers()
+                        .unwrap_or_else(|e| format!("registers unreadable: {e}"));
                     let log = String::from_utf8_lossy(&self.console.console_log()).into_owned();
                     if log.contains("Kernel panic") {
                         self.events.crashed(format!(
@@ -621,13 +628,6 @@ impl VcpuLoop {
                             console_tail(&self.console)
                         ));
                     } else {
-                        // A triple fault ends the same way as a reset: where the vCPU was
-                        // tells them apart.
-                        let position = self.position();
-                        let registers = self
-                            .vcpu
-                            .fault_registers()
-                            .unwrap_or_else(|e| format!("registers unreadable: {e}"));
                         tracing::info!(
                             capsule = %self.id,
                             %position,
@@ -639,7 +639,10 @@ impl VcpuLoop {
                              {registers}"
                         ));
                     }
-                    return format!("vCPU{index}: ended by a shutdown exit");
+                    // Also in the reason of a start that this ends.
+                    return format!(
+                        "vCPU{index}: ended by a shutdown exit ({position}; {registers})"
+                    );
                 }
                 Ok(VcpuEvent::Failed(reason)) => {
                     let end = format!("vCPU{index}: failed: {reason}");
