@@ -4,9 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuFd};
 
-use crate::arch::x86_64::cpuid;
 use crate::error::{Error, KvmUnavailable, Result};
 
 /// The default KVM device node.
@@ -173,26 +172,18 @@ impl Hypervisor {
 
 impl Hypervisor {
     /// `KVM_GET_SUPPORTED_CPUID`: every CPUID leaf KVM can give a guest on this host, the
-    /// starting point of a guest's CPUID ([`crate::arch::x86_64::cpuid::normalize`]), plus
-    /// the TSC-deadline timer where `KVM_CAP_TSC_DEADLINE_TIMER` says the in-kernel LAPIC
-    /// emulates it (KVM does not list it; QEMU and Firecracker add it the same way; a guest
-    /// without it programs its timer through the LAPIC's count registers). Read once per
-    /// `Hypervisor` (and its clones).
+    /// starting point of a guest's CPUID ([`crate::arch::x86_64::cpuid::normalize`]). Read
+    /// once per `Hypervisor` (and its clones).
     pub fn supported_cpuid(&self) -> Result<&[kvm_cpuid_entry2]> {
         if let Some(entries) = self.cpuid.get() {
             return Ok(entries);
         }
-        let mut entries = self
+        let entries = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?
             .as_slice()
             .to_vec();
-        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
-            for e in entries.iter_mut().filter(|e| e.function == 0x1) {
-                e.ecx |= cpuid::ECX_TSC_DEADLINE;
-            }
-        }
         Ok(self.cpuid.get_or_init(|| entries))
     }
 }

@@ -7,8 +7,7 @@
 //! |---|---|---|
 //! | `0x1` | `EBX[31:24]` = APIC ID, `EBX[23:16]` = vCPU count, `EBX[15:8]` = 8 (64-byte `clflush`), `ECX.31` hypervisor = 1, `EDX.28` HTT = (vCPUs > 1) | KVM leaves the host's values or zeros |
 //! | `0x4` | `EAX[31:26]` = vCPUs − 1, `EAX[25:14]` = 0 (no cache shared between threads) | one core per vCPU, one package |
-//! | `0x1` | `ECX.24` TSC-deadline timer: kept as [`Hypervisor::supported_cpuid`](crate::Hypervisor::supported_cpuid) gives it | (KVM emulates it in the in-kernel LAPIC but reports it only as a capability) |
-//! | `0x6` | all but `EAX.2` (ARAT: the APIC timer runs in every C-state) zeroed | no thermal/power management in a VM; without ARAT Linux cannot stop its periodic tick (no oneshot timer, no tickless idle: a timer interrupt every 4 ms in an idle guest) |
+//! | `0x6` | zeroed | no thermal/power management in a VM |
 //! | `0xa` | zeroed | no virtual PMU (perf events would trap) |
 //! | `0xb`, `0x1f` | subleaf 0: SMT level (1 thread), subleaf 1: core level (vCPU count), `EDX` = x2APIC ID | the guest's topology, not the host's |
 //! | `0x4000_0000` | `EAX` ≥ `0x4000_0001`, signature `"KVMKVMKVM\0\0\0"` | the KVM paravirtual interface (kvmclock) |
@@ -24,11 +23,6 @@ use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 pub const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 `EDX` bit 28: more than one logical processor per package.
 pub const EDX_HTT: u32 = 1 << 28;
-/// Leaf 1 `ECX` bit 24: the LAPIC timer has a TSC-deadline mode.
-pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
-/// Leaf 6 `EAX` bit 2: the APIC timer keeps running in deep C-states (Always Running APIC
-/// Timer), so Linux may use it as a oneshot timer without a broadcast device.
-pub const EAX_ARAT: u32 = 1 << 2;
 /// The KVM paravirtual signature leaf.
 pub const KVM_SIGNATURE_LEAF: u32 = 0x4000_0000;
 /// The KVM paravirtual feature leaf.
@@ -68,11 +62,10 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, apic_id: u32, vcpu_count: 
     for e in entry_mut(entries, 0x4) {
         e.eax = (e.eax & 0x3fff) | ((count - 1) << 26);
     }
-    for e in entry_mut(entries, 0x6) {
-        (e.eax, e.ebx, e.ecx, e.edx) = (e.eax & EAX_ARAT, 0, 0, 0);
-    }
-    for e in entry_mut(entries, 0xa) {
-        (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+    for leaf in [0x6, 0xa] {
+        for e in entry_mut(entries, leaf) {
+            (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
+        }
     }
     let core_shift = id_bits(count);
     for leaf in [0xb, 0x1f] {
@@ -204,27 +197,6 @@ mod tests {
         normalize(&mut t, 0, 1);
         let pmu = find(&t, 0xa, 0).unwrap();
         assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
-    }
-
-    #[test]
-    fn power_management_keeps_only_the_always_running_apic_timer() {
-        for offered in [0xffff_ffff, 0] {
-            let mut t = synthetic();
-            t.push(kvm_cpuid_entry2 {
-                function: 0x6,
-                eax: offered,
-                ebx: 1,
-                ecx: 1,
-                edx: 1,
-                ..Default::default()
-            });
-            normalize(&mut t, 0, 1);
-            let pm = find(&t, 0x6, 0).unwrap();
-            assert_eq!(
-                (pm.eax, pm.ebx, pm.ecx, pm.edx),
-                (offered & EAX_ARAT, 0, 0, 0)
-            );
-        }
     }
 
     #[test]
