@@ -16,6 +16,16 @@
 //! | `0x8000_001e` | `EAX` = APIC ID, `EBX` = core ID, `ECX` = node 0 | AMD extended APIC ID |
 //!
 //! Everything else is KVM's.
+//!
+//! Open: with this CPUID a Linux guest keeps a periodic tick. Leaf 6 is zeroed, ARAT with it
+//! (KVM offers `EAX.2`), and KVM does not list the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`
+//! says it emulates one; QEMU and Firecracker set leaf 1 `ECX.24` themselves), so the kernel
+//! finds no oneshot timer it may keep through idle: in the nested harness `/proc/timer_list`
+//! shows the LAPIC in periodic mode (`tick_handle_periodic`), 250 timer interrupts a second
+//! even when idle, and no high-resolution timers. Giving both was tried (2026-12-02) and
+//! withdrawn: in the next full nested run three guests died (a boot reset 1.6 s in, two
+//! capsules stopped mid-test), where the run before had none. Whether that is TCG's nested
+//! timer emulation or a real fault needs a hardware-virtualization host to tell.
 
 use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
