@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use capsule::testing::AutoPausePoint;
-use capsule::{Capsule, Engine, RunOptions, Status};
+use capsule::{Capsule, Engine, Error, RunOptions, Status};
 use common::kinds::{for_both_kinds, wait_for_status, Kind};
 
 for_both_kinds!(
@@ -21,6 +21,7 @@ for_both_kinds!(
     a_command_sent_while_the_snapshot_is_written_cancels_the_pause_and_runs,
     the_idle_clock_starts_when_the_capsule_is_running,
     deleting_a_template_waits_for_a_clone_being_paused_to_release_it,
+    a_clone_frozen_for_its_auto_pause_is_one_user_of_its_template,
 );
 
 /// An engine whose watcher looks every 5 ms.
@@ -211,6 +212,38 @@ fn deleting_a_template_waits_for_a_clone_being_paused_to_release_it(kind: Kind) 
     drop(hold);
     // A paused capsule never blocks deletion.
     deleting.join().unwrap().unwrap();
+    clone.resume().unwrap();
+    assert_eq!(kind.out(&clone, &kind.echo("on")), "on\n");
+}
+
+/// A clone whose auto-pause has frozen it (and holds the snapshot in progress) still counts
+/// as one capsule using its template, not two (the soak saw `used by 2 running capsule(s)`
+/// with one clone: the snapshot's copy of the memory origin pinned the template too).
+fn a_clone_frozen_for_its_auto_pause_is_one_user_of_its_template(kind: Kind) {
+    let Some((engine, _dir)) = engine(kind) else {
+        return;
+    };
+    let source = engine.create(kind.config()).unwrap();
+    source.snapshot("frozen-clone").unwrap();
+    source.destroy().unwrap();
+    let hold = engine.hold_auto_pause(AutoPausePoint::Frozen);
+    let clone = engine
+        .create(capsule::CapsuleConfig::builder("frozen-clone").timeout(Duration::from_millis(100)))
+        .unwrap();
+    assert!(hold.wait_reached(watcher_patience(kind)));
+    assert_eq!(clone.status(), Status::Running);
+    match engine.delete_template("frozen-clone") {
+        Err(Error::TemplateInUse { capsules, .. }) => assert_eq!(capsules, 1),
+        other => panic!("expected TemplateInUse, got {other:?}"),
+    }
+    drop(hold);
+    let paused = wait_for_status(
+        &clone,
+        Status::Paused,
+        std::time::Instant::now() + watcher_patience(kind),
+    );
+    assert_eq!(paused, Status::Paused);
+    engine.delete_template("frozen-clone").unwrap();
     clone.resume().unwrap();
     assert_eq!(kind.out(&clone, &kind.echo("on")), "on\n");
 }

@@ -749,7 +749,7 @@ impl Runtime for LinuxRuntime {
             machine: MachineState { vm, vcpus, guest },
             vm: self.vm.clone(),
             dirty,
-            origin: self.origin.clone(),
+            origin: self.origin.for_snapshot(),
             _thaw: thaw,
             // Dropped in this order after the vCPUs thaw: the release is written once the
             // link's writes are no longer held.

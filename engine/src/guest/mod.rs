@@ -94,6 +94,22 @@ pub(crate) enum MemoryOrigin {
     },
 }
 
+impl MemoryOrigin {
+    /// The origin as a snapshot of the running guest (a [`Frozen`]) needs it: without the
+    /// pin, which the guest's own origin holds for as long as the snapshot can exist, so that
+    /// a template's count of users counts running guests, not their snapshots in progress.
+    pub(crate) fn for_snapshot(&self) -> MemoryOrigin {
+        match self {
+            MemoryOrigin::Fresh => MemoryOrigin::Fresh,
+            MemoryOrigin::Chain { dir, chain, .. } => MemoryOrigin::Chain {
+                dir: dir.clone(),
+                chain: chain.clone(),
+                _pin: None,
+            },
+        }
+    }
+}
+
 /// All state of a frozen machine except memory: what a snapshot's state file holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct MachineState {

@@ -332,7 +332,7 @@ impl Runtime for ProbeRuntime {
             machine,
             vm: self.vm.clone(),
             dirty,
-            origin: self.origin.clone(),
+            origin: self.origin.for_snapshot(),
             _thaw: thaw_tx,
             _hold: None,
         })
