@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use capsule::testing::AutoPausePoint;
+use capsule::testing::{AutoPauseHold, AutoPausePoint};
 use capsule::{Capsule, Engine, Error, RunOptions, Status};
 use common::kinds::{for_both_kinds, wait_for_status, Kind};
 
@@ -185,20 +185,32 @@ fn the_idle_clock_starts_when_the_capsule_is_running(kind: Kind) {
     assert_eq!(capsule.status(), Status::Running);
 }
 
+/// A clone of a new template `name` (its source destroyed) with a 100 ms timeout, once the
+/// watcher's auto-pause of it has reached `point` and is held there.
+fn idle_clone_held_at(
+    engine: &Engine,
+    kind: Kind,
+    name: &str,
+    point: AutoPausePoint,
+) -> (Capsule, AutoPauseHold) {
+    let source = engine.create(kind.config()).unwrap();
+    source.snapshot(name).unwrap();
+    source.destroy().unwrap();
+    let hold = engine.hold_auto_pause(point);
+    let clone = engine
+        .create(capsule::CapsuleConfig::builder(name).timeout(Duration::from_millis(100)))
+        .unwrap();
+    assert!(hold.wait_reached(watcher_patience(kind)));
+    (clone, hold)
+}
+
 fn deleting_a_template_waits_for_a_clone_being_paused_to_release_it(kind: Kind) {
     let Some((engine, _dir)) = engine(kind) else {
         return;
     };
-    let source = engine.create(kind.config()).unwrap();
-    source.snapshot("released").unwrap();
-    source.destroy().unwrap();
     // Hold the watcher after its pause of the clone is committed, before the clone's VM,
     // which maps the template, is released.
-    let hold = engine.hold_auto_pause(AutoPausePoint::Committed);
-    let clone = engine
-        .create(capsule::CapsuleConfig::builder("released").timeout(Duration::from_millis(100)))
-        .unwrap();
-    assert!(hold.wait_reached(watcher_patience(kind)));
+    let (clone, hold) = idle_clone_held_at(&engine, kind, "released", AutoPausePoint::Committed);
     assert_eq!(clone.status(), Status::Paused);
     let deleting = {
         let engine = engine.clone();
@@ -223,14 +235,7 @@ fn a_clone_frozen_for_its_auto_pause_is_one_user_of_its_template(kind: Kind) {
     let Some((engine, _dir)) = engine(kind) else {
         return;
     };
-    let source = engine.create(kind.config()).unwrap();
-    source.snapshot("frozen-clone").unwrap();
-    source.destroy().unwrap();
-    let hold = engine.hold_auto_pause(AutoPausePoint::Frozen);
-    let clone = engine
-        .create(capsule::CapsuleConfig::builder("frozen-clone").timeout(Duration::from_millis(100)))
-        .unwrap();
-    assert!(hold.wait_reached(watcher_patience(kind)));
+    let (clone, hold) = idle_clone_held_at(&engine, kind, "frozen-clone", AutoPausePoint::Frozen);
     assert_eq!(clone.status(), Status::Running);
     match engine.delete_template("frozen-clone") {
         Err(Error::TemplateInUse { capsules, .. }) => assert_eq!(capsules, 1),
