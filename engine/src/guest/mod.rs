@@ -77,7 +77,8 @@ pub(crate) fn restore(
 pub(crate) type Pin = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Where a running guest's memory came from, which decides what a snapshot of it writes.
-#[derive(Clone)]
+/// Not `Clone`: a copy would carry the pin and count as another user of the template; a
+/// snapshot takes [`MemoryOrigin::for_snapshot`].
 pub(crate) enum MemoryOrigin {
     /// Fresh anonymous memory: a snapshot writes every page written since boot.
     Fresh,
