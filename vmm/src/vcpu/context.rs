@@ -7,15 +7,12 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::Vcpu;
 use crate::error::{Error, Result};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PAGE_SIZE};
 
 /// Bytes of code read from the instruction pointer on.
 const CODE_BYTES: u64 = 16;
 /// Words read from the stack pointer on.
 const STACK_WORDS: u64 = 8;
-/// Guest page size: a read stops at the end of the page its address is in (the next page
-/// may map elsewhere).
-const PAGE: u64 = 4096;
 
 /// What a vCPU was executing ([`Vcpu::context`]). Displays as
 /// `code at rip (gpa 0x..): 0f 1f 44 ..; stack (gpa 0x..): 0x.. 0x..`, saying `not mapped`
@@ -90,7 +87,9 @@ impl Vcpu {
             return Ok(None);
         }
         let gpa = translation.physical_address;
-        let len = len.min(PAGE - gpa % PAGE);
+        // To the end of the page: the next one may map elsewhere.
+        let page = PAGE_SIZE as u64;
+        let len = len.min(page - gpa % page);
         let mut bytes = vec![0u8; len as usize];
         match memory.read_slice(&mut bytes, GuestAddress(gpa)) {
             Ok(()) => Ok(Some((gpa, bytes))),
