@@ -381,6 +381,12 @@ impl Metrics {
         }
     }
 
+    /// The summaries of `a` and `b`, or why the first missing one is missing.
+    fn summaries(&self, a: &str, b: &str) -> std::result::Result<(Summary, Summary), String> {
+        let get = |m: &str| self.summary(m).ok_or_else(|| self.why_missing(m));
+        Ok((get(a)?, get(b)?))
+    }
+
     /// Why `metric` has no samples, for a ratio that needs it.
     fn why_missing(&self, metric: &str) -> String {
         match self.failed.get(metric) {
@@ -391,26 +397,14 @@ impl Metrics {
 
     /// `{"metric": "A_over_B", "unit": "x", ...}` (p50/p50, p99/p99) and a target line.
     fn ratio(&self, a: &str, b: &str, target: f64, note: Option<&str>) {
-        let name = format!("{a}_over_{b}");
-        let (sa, sb) = match (self.summary(a), self.summary(b)) {
-            (Some(sa), Some(sb)) => (sa, sb),
-            (None, _) => {
-                println!(
-                    "linux-report: target: {a} / {b} <= {target} not computed: {}",
-                    self.why_missing(a)
-                );
-                return;
-            }
-            (_, None) => {
-                println!(
-                    "linux-report: target: {a} / {b} <= {target} not computed: {}",
-                    self.why_missing(b)
-                );
+        let (sa, sb) = match self.summaries(a, b) {
+            Ok(pair) => pair,
+            Err(why) => {
+                println!("linux-report: target: {a} / {b} <= {target} not computed: {why}");
                 return;
             }
         };
-        let line = ratio_line(&name, sa, sb);
-        println!("{line}");
+        println!("{}", ratio_line(&format!("{a}_over_{b}"), sa, sb));
         let p50 = sa.p50 / sb.p50;
         println!(
             "linux-report: target: {a} / {b} = {p50:.3} (p50), target <= {target}: {}{}",
@@ -424,16 +418,12 @@ impl Metrics {
     /// (the same kernel under every system), which no engine work can remove. Prints the
     /// ratio line and `linux-report: floor: ...`, saying whether the target lies below it.
     fn floor(&self, guest_part: &str, b: &str, ratio_of: &str, target: f64) {
-        let (Some(sa), Some(sb)) = (self.summary(guest_part), self.summary(b)) else {
-            println!(
-                "linux-report: floor: {guest_part} / {b} not computed: {}",
-                if self.summary(guest_part).is_none() {
-                    self.why_missing(guest_part)
-                } else {
-                    self.why_missing(b)
-                }
-            );
-            return;
+        let (sa, sb) = match self.summaries(guest_part, b) {
+            Ok(pair) => pair,
+            Err(why) => {
+                println!("linux-report: floor: {guest_part} / {b} not computed: {why}");
+                return;
+            }
         };
         println!("{}", ratio_line(&format!("{guest_part}_over_{b}"), sa, sb));
         let p50 = sa.p50 / sb.p50;
