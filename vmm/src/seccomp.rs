@@ -33,7 +33,7 @@ use std::sync::OnceLock;
 
 use kvm_bindings::{
     kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_sregs, kvm_translation, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -226,6 +226,10 @@ pub const VCPU_IOCTLS: &[(u32, &str)] = &[
         "KVM_SET_REGS: restarting a probe vCPU whose command was killed",
     ),
     (ior::<kvm_sregs>(0x83), "KVM_GET_SREGS: saving the vCPU"),
+    (
+        iowr::<kvm_translation>(0x85),
+        "KVM_TRANSLATE: the code and stack where a stopped vCPU is (VcpuContext)",
+    ),
     (iowr::<kvm_msrs>(0x88), "KVM_GET_MSRS: saving the vCPU"),
     (ior::<kvm_fpu>(0x8c), "KVM_GET_FPU: saving the vCPU"),
     (

@@ -47,7 +47,7 @@ fn open_dev_null() -> i32 {
 
 #[test]
 fn the_vcpu_ioctl_list_is_the_one_documented() {
-    assert_eq!(VCPU_IOCTLS.len(), 15);
+    assert_eq!(VCPU_IOCTLS.len(), 16);
     let mut numbers: Vec<u32> = VCPU_IOCTLS.iter().map(|(n, _)| *n).collect();
     numbers.sort_unstable();
     numbers.dedup();
@@ -81,12 +81,14 @@ fn a_confined_vcpu_thread_does_its_job_and_nothing_else() {
         common::request(&p.vm, 2, "spin 100000000000");
         started_tx.send(()).unwrap();
         assert_eq!(p.vcpu.run(&p.pio, &p.mmio).unwrap(), VcpuEvent::Kicked);
-        // Allowed: saving the vCPU (every KVM_GET_* of a freeze), restarting it, its position.
+        // Allowed: saving the vCPU (every KVM_GET_* of a freeze), restarting it, its position
+        // and the code and stack there.
         p.vcpu.complete_pending_exit().unwrap();
         let state = p.vcpu.save_state(&msrs).unwrap();
         assert!(state.lapic.is_some());
         probe::restart(&p.vcpu, common::MEM as u64).unwrap();
         p.vcpu.position().unwrap();
+        assert!(p.vcpu.context(p.vm.memory()).unwrap().code.is_some());
         p.start();
         assert_eq!(p.command(3, "echo again"), "again");
 
